@@ -1,0 +1,119 @@
+"""`sfumato <stage> --config FILE [key.sub=value ...]`: the entry points the jobs call too.
+
+Each stage parses, loads the config (overrides applied, validated) and calls one library
+function; knobs live in the config tree, not in flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sfumato.config import ConfigError, dump_yaml, load_config
+
+STAGES = ("ingest", "shards", "dataloader", "pipeline")
+
+
+def _with_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/pilot.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: data.shards.resolutions_px=[32,64]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfumato", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    config = sub.add_parser("config", help="show or validate a config")
+    config.add_argument("action", choices=["show", "validate"])
+    _with_config(config)
+    helps = {
+        "ingest": "sources -> manifest.parquet + rejects.parquet (Ray Data)",
+        "shards": "manifest -> WebDataset shards per resolution (Ray Data)",
+        "dataloader": "stream batches from the shards and report samples/s",
+        "pipeline": "the whole pipeline on one config (today: ingest, then shards)",
+    }
+    for stage in STAGES:
+        _with_config(sub.add_parser(stage, help=helps[stage]))
+    train = sub.add_parser("train", help="Ray Train + DeepSpeed diffusion training (resumes its run folder)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML config with a train section")
+    source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
+    bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
+    bench.add_argument("what", choices=["ingest", "train"])
+    bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's)")
+    bench.add_argument("--out", default=None, help="write the figures as JSON here")
+    bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size")
+    bench.add_argument("--memory-scale", type=int, default=10, help="ingest: also run at this multiple (0: skip)")
+    bench.add_argument("--datasets", default="../shared/datasets", help="ingest: folder holding flowers-val.tar")
+    bench.add_argument("--model", default="unet-s", help="train: a registered model")
+    bench.add_argument("--resolution", type=int, default=32, help="train: image size")
+    bench.add_argument("--steps", type=int, default=40, help="train: optimizer steps per side")
+    bench.add_argument("--micro-batch", type=int, default=16, help="train: samples per worker per step")
+    return parser
+
+
+def run_stage(stage: str, cfg) -> dict:
+    from sfumato.data.ingest import run_ingest
+    from sfumato.data.loader import smoke
+    from sfumato.data.shards import run_shards
+
+    if stage == "ingest":
+        return {"ingest": run_ingest(cfg).__dict__}
+    if stage == "shards":
+        return {"shards": run_shards(cfg).__dict__}
+    if stage == "dataloader":
+        return {"dataloader": smoke(cfg)}
+    if stage == "train":
+        from sfumato.train.loop import run_training
+
+        return {"train": run_training(cfg)}
+    if stage == "pipeline":
+        ingest = run_ingest(cfg)
+        print(ingest.line(), flush=True)
+        shards = run_shards(cfg)
+        print(shards.line(), flush=True)
+        return {"ingest": ingest.__dict__, "shards": shards.__dict__}
+    raise ValueError(stage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = build_parser()
+    # Overrides may come before or after --config; anything else unknown is an error.
+    args, rest = parser.parse_known_args(argv)
+    stray = [item for item in rest if "=" not in item or item.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.stage == "bench":
+        import importlib
+
+        importlib.import_module(f"sfumato.bench.{args.what}").main(args)
+        return 0
+    try:
+        if getattr(args, "resume", None):
+            cfg = load_config(Path(args.resume) / "config.yaml", args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"sfumato: {err}", file=sys.stderr)
+        return 2
+    if args.stage == "config":
+        print(dump_yaml(cfg) if args.action == "show" else f"{args.config}: valid", end="\n")
+        return 0
+    if args.stage == "train" and cfg.train is None:
+        print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)
+        return 2
+    result = run_stage(args.stage, cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
