@@ -1,0 +1,1 @@
+"""Data stages: ingest (manifest + rejects), shards (WebDataset per resolution), loader."""

@@ -1,0 +1,198 @@
+"""Shards: the manifest's accepted rows -> WebDataset tars per resolution + shard_manifest.csv.
+
+Samples are assigned to shards by their order in the manifest, so a shard's content is a pure
+function of the manifest and the render settings; that function's hash is stored beside each
+finished tar. A re-run skips shards whose tar and sidecar are complete with the same hash, and a
+tar is only ever renamed into place once fully written, so a killed run resumes without
+duplicating or losing samples and a half-written tar is never read as whole.
+
+Per sample the tar holds `<key>.<png|jpg|webp>`, `<key>.txt` (caption), `<key>.json` (id,
+caption, tags, licence, source, class, allow_hflip, size) and, when the row has tags,
+`<key>.cls` (class index from classes.json). Keys are the sample's position in the manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+
+from sfumato.config import Config, content_hash, write_resolved
+from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, render
+from sfumato.data.ingest import MANIFEST
+from sfumato.runtime import cluster_cpus, init_ray
+
+log = logging.getLogger(__name__)
+
+SHARD_MANIFEST = "shard_manifest.csv"
+CLASSES = "classes.json"
+_COLUMNS = ["id", "filepath", "caption", "tags", "license", "source", "sha256", "width", "height"]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata makes a re-written shard byte-identical.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Ray Data stage: one shard spec per row -> the shard's tars, one per resolution."""
+
+    def __init__(self, shards_cfg, limits: DecodeLimits, shards_dir: str):
+        self.cfg = shards_cfg
+        self.limits = limits
+        self.dir = Path(shards_dir)
+
+    def __call__(self, spec: dict) -> dict:
+        rows, index, spec_hash = json.loads(spec["rows_json"]), spec["index"], spec["spec_hash"]
+        name = shard_name(index)
+        ext = EXTENSIONS[self.cfg.image_format]
+        tmp = {res: self.dir / str(res) / f".{name}.tar.tmp" for res in self.cfg.resolutions_px}
+        tars = {res: tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) for res, path in tmp.items()}
+        counts = {res: 0 for res in tmp}
+        failed = []
+        for row in rows:
+            try:
+                with open(row["filepath"], "rb") as fh:
+                    data = fh.read()
+                decoded = decode_image(data, self.limits, draft_px=max(self.cfg.resolutions_px))
+            except (OSError, Rejected) as exc:
+                # The file changed or vanished since ingest: recorded, never silently dropped.
+                failed.append({"id": row["id"], "error": str(exc)})
+                continue
+            for res, tar in tars.items():
+                meta = {k: row[k] for k in ("id", "caption", "tags", "license", "source", "class")}
+                meta.update(allow_hflip=self.cfg.allow_hflip, resolution_px=res,
+                            orig_width=decoded.width, orig_height=decoded.height)
+                key = row["key"]
+                _tar_add(tar, f"{key}.{ext}", encode(render(decoded.image, res, self.cfg.resize_mode),
+                                                     self.cfg.image_format, self.cfg.jpeg_quality))
+                _tar_add(tar, f"{key}.txt", (row["caption"] or "").encode())
+                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                if row["class"] is not None:
+                    _tar_add(tar, f"{key}.cls", str(row["class"]).encode())
+                counts[res] += 1
+        for res, tar in tars.items():
+            tar.close()
+            final = self.dir / str(res) / f"{name}.tar"
+            _fsync_replace(tmp[res], final)
+            digest = hashlib.sha256(final.read_bytes()).hexdigest()
+            sidecar = {"shard": f"{res}/{name}.tar", "resolution_px": res, "sample_count": counts[res],
+                       "bytes": final.stat().st_size, "sha256": digest, "spec_hash": spec_hash, "failed": failed}
+            side_tmp = final.with_suffix(".json.tmp")
+            side_tmp.write_text(json.dumps(sidecar))
+            _fsync_replace(side_tmp, final.with_suffix(".json"))  # the completion marker, last
+        return {"index": index, "failed": len(failed)}
+
+
+def _complete(shards_dir: Path, res: int, index: int, spec_hash: str) -> dict | None:
+    tar = shards_dir / str(res) / f"{shard_name(index)}.tar"
+    side = tar.with_suffix(".json")
+    if not (tar.exists() and side.exists()):
+        return None
+    info = json.loads(side.read_text())
+    return info if info["spec_hash"] == spec_hash and info["bytes"] == tar.stat().st_size else None
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    shards: int
+    written: int
+    skipped: int
+    samples: int
+    failed: int
+    shards_dir: str
+
+    def line(self) -> str:
+        return (f"shards: {self.samples} samples in {self.shards} shards per resolution "
+                f"({self.written} written, {self.skipped} already complete, {self.failed} failed) -> {self.shards_dir}")
+
+
+def run_shards(cfg: Config) -> ShardSummary:
+    out, scfg = cfg.data.output_dir, cfg.data.shards
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} does not exist: run `sfumato ingest` first")
+    table = pq.read_table(manifest_path, columns=_COLUMNS + ["status"])
+    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    shards_dir = out / "shards"
+    for res in scfg.resolutions_px:
+        (shards_dir / str(res)).mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, shards_dir / "shards.config.yaml")
+    # The class of a sample is its innermost tag (a folder source's class folder).
+    classes = {tag: i for i, tag in enumerate(sorted({r["tags"][-1] for r in rows if r["tags"]}))}
+    (shards_dir / CLASSES).write_text(json.dumps(classes, indent=1))
+    for key, row in enumerate(rows):
+        row["key"] = f"{key:09d}"
+        row["class"] = classes[row["tags"][-1]] if row["tags"] else None
+    render_params = {**scfg.model_dump(mode="json", exclude={"num_workers"}), "limits": DecodeLimits.from_config(cfg.data.ingest).__dict__}
+    specs = []
+    per = scfg.samples_per_shard
+    for index, start in enumerate(range(0, len(rows), per)):
+        chunk = rows[start:start + per]
+        spec_hash = content_hash(render_params, [(r["key"], r["id"], r["sha256"], r["caption"], r["class"]) for r in chunk])
+        specs.append({"index": index, "spec_hash": spec_hash, "rows": chunk})
+    pending = [s for s in specs if any(_complete(shards_dir, res, s["index"], s["spec_hash"]) is None
+                                       for res in scfg.resolutions_px)]
+    _remove_stale(shards_dir, scfg.resolutions_px, len(specs))
+    if pending:
+        init_ray(cfg.ray)
+        workers = min(len(pending), scfg.num_workers or cluster_cpus())
+        limits = DecodeLimits.from_config(cfg.data.ingest)
+        # One row per shard; its sample list travels as JSON (plain Arrow, no nested inference).
+        items = [{"index": s["index"], "spec_hash": s["spec_hash"], "rows_json": json.dumps(s["rows"])} for s in pending]
+        done = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            ShardWriter, fn_constructor_args=(scfg, limits, str(shards_dir)), compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+        )
+        for _ in done.iter_rows():
+            pass
+    sidecars = [_complete(shards_dir, res, s["index"], s["spec_hash"]) for res in scfg.resolutions_px for s in specs]
+    if any(info is None for info in sidecars):
+        raise RuntimeError(f"some shards in {shards_dir} did not complete; re-run `sfumato shards` to resume")
+    _write_shard_manifest(shards_dir, sidecars)
+    failed = sum(len(i["failed"]) for i in sidecars[: len(specs)])
+    summary = ShardSummary(len(specs), len(pending), len(specs) - len(pending),
+                           sum(i["sample_count"] for i in sidecars[: len(specs)]), failed, str(shards_dir))
+    log.info(summary.line())
+    return summary
+
+
+def _remove_stale(shards_dir: Path, resolutions: list[int], count: int) -> None:
+    """Shards past the current count (left by a run over a larger manifest) and temp files of a
+    killed run are removed, so the folder holds exactly the current set."""
+    for res in resolutions:
+        for path in (shards_dir / str(res)).iterdir():
+            stem = path.name.split(".")[0]
+            stale_index = stem.startswith("shard-") and stem[6:].isdigit() and int(stem[6:]) >= count
+            if path.name.endswith(".tmp") or stale_index:
+                path.unlink()
+
+
+def _write_shard_manifest(shards_dir: Path, sidecars: list[dict]) -> None:
+    tmp = shards_dir / f"{SHARD_MANIFEST}.tmp"
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["shard", "resolution_px", "sample_count", "bytes", "sha256"])
+        writer.writeheader()
+        for info in sidecars:
+            writer.writerow({k: info[k] for k in writer.fieldnames})
+    os.replace(tmp, shards_dir / SHARD_MANIFEST)
