@@ -1,0 +1,1 @@
+"""Noise schedules, losses (epsilon / v-prediction, Min-SNR-gamma) and samplers."""

@@ -1,0 +1,67 @@
+"""The diffusion training loss, in the paper's notation.
+
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,     t ~ U{0..T-1},  eps ~ N(0, I) (+ offset)
+    L   = E_t [ w(t) * || f(x_t, t, c) - target ||^2 ]
+
+Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+Strategy") gives each timestep the weight min(SNR_t, gamma) on the x_0-space error. The network
+predicts eps or v instead, whose errors relate to x_0's by
+    ||eps - eps^||^2 = SNR ||x_0 - x_0^||^2,      ||v - v^||^2 = (SNR + 1) ||x_0 - x_0^||^2,
+so the same weighting is min(SNR, gamma) / SNR for epsilon- and min(SNR, gamma) / (SNR + 1)
+for v-prediction.
+Noise offset (Guttenberg 2023) adds a per-channel constant to eps so the model learns to change
+an image's mean brightness.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sfumato.diffusion.schedule import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weight for the predicted quantity; all ones without gamma."""
+    if gamma is None:
+        return torch.ones_like(snr)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    return clipped / (snr + 1)
+
+
+def sample_noise(x0: torch.Tensor, noise_offset: float, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if noise_offset > 0:
+        offset = torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def drop_conditions(keep_shape: int, probability: float, generator: torch.Generator | None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean mask of samples whose condition is dropped (classifier-free guidance training,
+    Ho & Salimans 2022): the model learns the unconditional score from the same batches."""
+    if probability <= 0:
+        return torch.zeros(keep_shape, dtype=torch.bool, device=device)
+    return torch.rand(keep_shape, generator=generator, device=device) < probability
+
+
+def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, cfg,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean weighted MSE over a batch; `cfg` is the config's `diffusion` section.
+    Returns (loss, stats) with stats detached for logging."""
+    batch = x0.shape[0]
+    t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator, device=x0.device)
+    noise = sample_noise(x0, cfg.noise_offset, generator)
+    x_t = schedule.add_noise(x0, noise, t)
+    prediction = denoise(x_t, t, cond)
+    target = schedule.target(x0, noise, t, cfg.prediction_type)
+    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    weight = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, cfg.prediction_type).to(per_sample)
+    loss = (weight * per_sample).mean()
+    return loss, {"loss_unweighted": per_sample.mean().detach(), "t_mean": t.float().mean()}
