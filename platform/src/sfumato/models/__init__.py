@@ -1,0 +1,1 @@
+"""Named denoisers (UNet sizes, DiT) and loaders for pretrained parts."""

@@ -1,0 +1,1 @@
+"""Training: EMA, the step, checkpoints, the Ray Train loop."""

@@ -1,0 +1,270 @@
+"""Ray Train (V2 `TorchTrainer`) + DeepSpeed around the plain `train_step`.
+
+`train_loop_per_worker` only adapts: it builds the model and the DeepSpeed engine from the
+config, feeds each rank its slice of the shards, and handles resume, EMA, metrics, sample grids
+and checkpoints. The driver side, `run_training`, writes the resolved config into the run
+folder and maps a stop on NaN/Inf to an error that Ray does not retry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from sfumato.config import Config, write_resolved
+from sfumato.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+STOPPED = "STOPPED.json"  # written when the run stops on non-finite values
+
+
+def deepspeed_config(cfg: Config, micro_batch_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip_norm or 0.0,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def effective_batch(cfg: Config, stage) -> int:
+    """Images per optimizer step: micro batch x accumulation x data-parallel workers."""
+    return stage.micro_batch_size * cfg.train.grad_accum_steps * cfg.train.num_workers
+
+
+def _stage_at(cfg: Config, step: int) -> tuple[int, int]:
+    """(stage index, first step of that stage) for a global optimizer step."""
+    start = 0
+    for i, stage in enumerate(cfg.train.stages):
+        if step < start + stage.steps:
+            return i, start
+        start += stage.steps
+    return len(cfg.train.stages) - 1, start - cfg.train.stages[-1].steps
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from sfumato.data.loader import iter_training_batches, shard_paths
+    from sfumato.diffusion.sample import sample, to_grid
+    from sfumato.diffusion.schedule import NoiseSchedule
+    from sfumato.models.registry import build_denoiser
+    from sfumato.train.ema import EMA, ema_beta
+    from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step
+
+    cfg = Config.model_validate(loop_config["config"])
+    t = cfg.train
+    run_dir, shards_dir = t.output_dir, cfg.data.output_dir / "shards"
+    checkpoints = run_dir / "checkpoints"
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+
+    num_classes = None
+    if t.conditioning == "class":
+        num_classes = len(json.loads((shards_dir / "classes.json").read_text())) or None
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_denoiser(t.model, t.stages[0].resolution_px, 3, num_classes)
+    ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, effective_batch(cfg, t.stages[0])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
+                                  eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    state = TrainState(
+        engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
+        generator=generator, device=device, dtype=dtype,
+        null_class=engine.module.null_class if num_classes else None, watch=GradientWatch(engine.module),
+        all_ranks_any=lambda flag: _all_reduce_any(flag, device),
+    )
+
+    # Resume from the newest committed checkpoint of this run folder, if any.
+    position = None
+    if rank == 0:
+        ckpt.clean_partials(checkpoints)
+    dist.barrier()
+    latest = ckpt.latest(checkpoints)
+    if latest is not None:
+        engine.load_checkpoint(str(latest / "deepspeed"), tag=ckpt.DEEPSPEED_TAG)
+        ema.load_state_dict(engine.module, ckpt.load_ema(latest))
+        ckpt.load_rng(latest, rank, generator)
+        position = ckpt.load_loader_position(latest, rank)
+        state.step = json.loads((latest / "meta.json").read_text())["step"]
+        if rank == 0:
+            print(f"resumed from {latest} at step {state.step}", flush=True)
+    if rank == 0:  # one line per start of the worker group: restarts are visible in the run folder
+        with (run_dir / "attempts.jsonl").open("a") as fh:
+            fh.write(json.dumps({"time": time.time(), "resumed_from": latest and latest.name, "world_size": world}) + "\n")
+
+    metrics_file = run_dir / "metrics.jsonl"
+    wandb_run = _wandb(cfg) if rank == 0 and t.wandb else None
+    loss_ema, window_start, window_samples = None, time.perf_counter(), 0
+    fail_at = loop_config.get("inject_failure_at_step")
+    nan_at = loop_config.get("inject_nan_at_step")
+    try:
+        while state.step < t.total_steps:
+            stage_index, stage_start = _stage_at(cfg, state.step)
+            stage = t.stages[stage_index]
+            if position is not None and position.get("stage") != stage_index:
+                position = None  # the checkpoint was taken in an earlier stage
+            batches = iter_training_batches(shard_paths(shards_dir, stage.resolution_px), stage.micro_batch_size,
+                                            stage.resolution_px, rank, world, cfg.seed + stage_index, position)
+            while state.step < stage_start + stage.steps:
+                lr = lr_at(state.step, t.optimizer, t.total_steps)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                if nan_at is not None and state.step == nan_at and rank == world - 1:
+                    with torch.no_grad():  # poison one rank's weights: only it sees NaN
+                        next(engine.module.parameters()).mul_(float("nan"))
+                batch, position = next(batches)
+                position = {**position, "stage": stage_index}
+                out = train_step(state, batch)
+                window_samples += len(batch["id"]) * world
+                if not out["optimizer_step"]:
+                    continue
+                ema.update(engine.module)
+                loss_ema = out["loss"] if loss_ema is None else 0.98 * loss_ema + 0.02 * out["loss"]
+                step = state.step
+                if fail_at is not None and step == fail_at and rank == world - 1 and not (run_dir / ".injected").exists():
+                    (run_dir / ".injected").write_text(str(step))
+                    os._exit(1)  # a worker dies without warning; Ray restarts the group
+                if step % t.log_every_steps == 0 or step == t.total_steps:
+                    seconds = time.perf_counter() - window_start
+                    grad_norm = engine.get_global_grad_norm()
+                    metrics = {
+                        "step": step, "stage": stage_index, "resolution_px": stage.resolution_px,
+                        "loss": out["loss"], "loss_ema": loss_ema, "lr": lr,
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "samples_per_s": window_samples / seconds, "step_time_s": seconds / t.log_every_steps,
+                        "effective_batch": effective_batch(cfg, stage), "memory_mb": _memory_mb(device),
+                    }
+                    window_start, window_samples = time.perf_counter(), 0
+                    if rank == 0:
+                        with metrics_file.open("a") as fh:
+                            fh.write(json.dumps(metrics) + "\n")
+                        if wandb_run:
+                            wandb_run.log(metrics, step=step)
+                        print(f"step {step}/{t.total_steps} | {stage.resolution_px}px | loss {out['loss']:.4f} "
+                              f"(ema {loss_ema:.4f}) | lr {lr:.2e} | {metrics['samples_per_s']:.1f} samples/s", flush=True)
+                    ray.train.report(metrics)
+                if step % t.sample_every_steps == 0 or step == t.total_steps:
+                    if rank == 0:
+                        _sample_grid(cfg, engine.module, ema, num_classes, stage.resolution_px, step, device, sample, to_grid)
+                    dist.barrier()
+                if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
+                    _checkpoint(cfg, engine, ema, state, position, rank, dist)
+    except NonFiniteError as err:
+        # Every rank saw the same all-reduced flag, so every rank stops here, cleanly.
+        if rank == 0:
+            (run_dir / STOPPED).write_text(json.dumps({"error": str(err), "step": state.step}))
+        return
+    finally:
+        if wandb_run:
+            wandb_run.finish()
+
+
+def _all_reduce_any(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    value = flag.to(device=device, dtype=torch.int32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.bool().cpu()[0]
+
+
+def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist) -> None:
+    checkpoints = cfg.train.output_dir / "checkpoints"
+    work = ckpt.partial_dir(checkpoints, state.step)
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(work / "deepspeed"), tag=ckpt.DEEPSPEED_TAG)
+    ckpt.save_rng(work, rank, state.generator)
+    ckpt.save_loader_position(work, rank, position)
+    dist.barrier()  # every rank's part is on disk before rank 0 commits
+    if rank == 0:
+        meta = {"step": state.step, "micro_step": state.micro_step, "model": cfg.train.model, "time": time.time()}
+        ckpt.commit(checkpoints, state.step, ema.state_dict(engine.module), meta, cfg.train.num_to_keep)
+    dist.barrier()
+
+
+def _sample_grid(cfg, module, ema, num_classes, resolution_px, step, device, sample, to_grid) -> None:
+    """A grid from the EMA weights on fixed noise (and fixed classes, cycled)."""
+    import copy
+
+    model = copy.deepcopy(module).float().eval()
+    ema.copy_to(model)
+    labels = None
+    if num_classes:
+        labels = torch.arange(cfg.train.sample.num_images, device=device) % num_classes
+    images = sample(model, cfg.diffusion, cfg.train.sample, resolution_px, class_labels=labels, device=device)
+    folder = cfg.train.output_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    to_grid(images).save(folder / f"step-{step:08d}.png")
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _wandb(cfg: Config):
+    import wandb
+
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project="sfumato", name=cfg.name, dir=str(cfg.train.output_dir), mode=mode,
+                      config=cfg.model_dump(mode="json"))
+
+
+def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_nan_at_step: int | None = None) -> dict:
+    """Train (or continue) the run in cfg.train.output_dir on Ray; returns the last metrics.
+    The inject_* arguments are fault injection for tests: the last rank's process dies, or its
+    weights turn NaN, at that optimizer step (once per run folder)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sfumato.runtime import init_ray
+    from sfumato.train.step import NonFiniteError
+
+    t = cfg.train
+    if t is None:
+        raise ValueError("the config has no `train` section")
+    t.output_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, t.output_dir / "config.yaml")
+    (t.output_dir / STOPPED).unlink(missing_ok=True)
+    init_ray(cfg.ray)
+    for stage in t.stages:
+        log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",
+                 stage.resolution_px, stage.steps, effective_batch(cfg, stage), stage.micro_batch_size,
+                 t.grad_accum_steps, t.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "inject_failure_at_step": inject_failure_at_step,
+                           "inject_nan_at_step": inject_nan_at_step},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.name, storage_path=str(t.output_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
+    )
+    trainer.fit()
+    stopped = t.output_dir / STOPPED
+    if stopped.exists():
+        raise NonFiniteError(f"training stopped: {json.loads(stopped.read_text())['error']} "
+                             f"(the run folder keeps the last good checkpoint: {ckpt.latest(t.output_dir / 'checkpoints')})")
+    lines = (t.output_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}

@@ -1,0 +1,153 @@
+"""The training step, in plain PyTorch: `train_step(state, batch)` and `loss_fn(model, ...)`.
+
+The engine is anything with DeepSpeed's four calls (forward, `backward`, `step`,
+`is_gradient_accumulation_boundary`): the DeepSpeed engine in a Ray worker, or `PlainEngine`
+(model + AdamW + LR schedule) in unit tests and in the benchmark's baseline. Ray, DeepSpeed and
+logging wrap this; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sfumato.diffusion.loss import diffusion_loss, drop_conditions
+from sfumato.diffusion.schedule import NoiseSchedule
+
+
+class NonFiniteError(RuntimeError):
+    """NaN/Inf in the loss or the gradients: retrying would replay it, so the run stops."""
+
+
+def lr_at(step: int, opt_cfg, total_steps: int) -> float:
+    """Linear warmup to lr, then constant or cosine decay to lr * min_lr_ratio."""
+    if opt_cfg.warmup_steps and step < opt_cfg.warmup_steps:
+        return opt_cfg.lr * (step + 1) / opt_cfg.warmup_steps
+    if opt_cfg.lr_schedule == "constant":
+        return opt_cfg.lr
+    span = max(1, total_steps - opt_cfg.warmup_steps)
+    progress = min(1.0, (step - opt_cfg.warmup_steps) / span)
+    floor = opt_cfg.lr * opt_cfg.min_lr_ratio
+    return floor + (opt_cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class PlainEngine:
+    """Model + AdamW with DeepSpeed's calling convention (single process, no ZeRO)."""
+
+    def __init__(self, model: torch.nn.Module, opt_cfg, grad_accum_steps: int = 1, grad_clip_norm: float | None = None):
+        self.module = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
+                                           eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+        self.grad_accum_steps = grad_accum_steps
+        self.grad_clip_norm = grad_clip_norm
+        self.micro_steps = 0
+        self.grad_norm: float | None = None
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum_steps).backward()
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm or float("inf"))
+            self.grad_norm = float(norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps += 1
+
+    def get_global_grad_norm(self) -> float | None:
+        return self.grad_norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class GradientWatch:
+    """Flags a non-finite gradient as it is produced (a hook per parameter), so the check runs
+    before the optimizer step under every ZeRO stage, where .grad may already be partitioned."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.bad: torch.Tensor | None = None
+        self.handles = [p.register_hook(self._check) for p in model.parameters() if p.requires_grad]
+
+    def _check(self, grad: torch.Tensor) -> None:
+        # Stays on the gradient's device: no host sync per parameter (one per step, in `flag`).
+        bad = ~torch.isfinite(grad).all()
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def flag(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.bool) if self.bad is None else self.bad.cpu()
+
+    def reset(self) -> None:
+        self.bad = None
+
+
+@dataclass
+class TrainState:
+    engine: object
+    schedule: NoiseSchedule
+    diffusion_cfg: object
+    generator: torch.Generator
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    null_class: int | None = None
+    watch: GradientWatch | None = None
+    all_ranks_any: object = None
+    """Callable(bool tensor) -> bool tensor OR-ed over ranks (None: single process)."""
+    step: int = 0
+    """Optimizer steps taken."""
+    micro_step: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC images in [0, 255] -> float NCHW in [-1, 1]; class indices (-1: none)."""
+    images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+    x0 = images.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+    classes = torch.from_numpy(np.asarray(batch["class"], dtype=np.int64)).to(device)
+    return x0, classes
+
+
+def loss_fn(model, x0: torch.Tensor, classes: torch.Tensor | None, state: TrainState) -> tuple[torch.Tensor, dict]:
+    """The diffusion loss of one micro-batch, with caption/class dropout for CFG."""
+    cond = None
+    if state.null_class is not None and classes is not None:
+        # Drawn on the generator's device (CUDA on GPUs), then used where the classes live.
+        dropped = drop_conditions(classes.shape[0], state.diffusion_cfg.condition_dropout, state.generator,
+                                  state.generator.device).to(classes.device)
+        cond = torch.where(dropped | (classes < 0), torch.full_like(classes, state.null_class), classes)
+    return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator)
+
+
+def _any_rank(state: TrainState, flag: torch.Tensor) -> bool:
+    return bool(state.all_ranks_any(flag) if state.all_ranks_any else flag)
+
+
+def train_step(state: TrainState, batch: dict) -> dict:
+    """One micro-batch: forward, finite checks on all ranks, backward, (optimizer) step.
+    Returns the micro-batch's loss and, at an accumulation boundary, `optimizer_step: True`."""
+    x0, classes = batch_to_tensors(batch, state.device, state.dtype)
+    loss, stats = loss_fn(state.engine, x0, classes, state)
+    if _any_rank(state, ~torch.isfinite(loss.detach()).cpu()):
+        raise NonFiniteError(f"non-finite loss at step {state.step} (micro-step {state.micro_step})")
+    if state.watch is not None:
+        state.watch.reset()
+    state.engine.backward(loss)
+    if state.watch is not None and _any_rank(state, state.watch.flag()):
+        raise NonFiniteError(f"non-finite gradient at step {state.step} (micro-step {state.micro_step})")
+    boundary = state.engine.is_gradient_accumulation_boundary()
+    state.engine.step()
+    state.micro_step += 1
+    if boundary:
+        state.step += 1
+    return {"loss": float(loss.detach()), "optimizer_step": boundary, **{k: float(v) for k, v in stats.items()}}

@@ -1,0 +1,94 @@
+"""The plain training step without Ray: it learns on real images, refuses non-finite values
+before the optimizer step, and checkpoints are only read once committed."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from sfumato.config import DiffusionConfig, OptimizerConfig  # noqa: E402
+from sfumato.diffusion.schedule import NoiseSchedule  # noqa: E402
+from sfumato.models.registry import build_denoiser  # noqa: E402
+from sfumato.train import checkpoint as ckpt  # noqa: E402
+from sfumato.train.step import GradientWatch, NonFiniteError, PlainEngine, TrainState, lr_at, train_step  # noqa: E402
+
+
+def _state(model, lr=2e-3, **kw):
+    cfg = DiffusionConfig(condition_dropout=0.1)
+    return TrainState(engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
+                      schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
+                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                      watch=GradientWatch(model), **kw)
+
+
+@pytest.fixture(scope="module")
+def cifar_batch(cifar_dir):
+    paths = sorted(cifar_dir.rglob("*.jpg"))[:32]
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16))) for p in paths])
+    classes = sorted({p.parent.name for p in paths})
+    return {"image": images, "class": np.array([classes.index(p.parent.name) for p in paths]), "id": [str(p) for p in paths]}
+
+
+def test_loss_decreases_on_real_images(cifar_batch):
+    torch.manual_seed(0)
+    model = build_denoiser("unet-tiny", 16, 3, num_classes=10)
+    state = _state(model, null_class=10)
+    losses = [train_step(state, cifar_batch)["loss"] for _ in range(60)]
+    assert state.step == 60
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(cifar_batch):
+    model = build_denoiser("unet-tiny", 16, 3)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = _state(model)
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
+        train_step(state, cifar_batch)
+    after = list(model.parameters())
+    assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(before, after))
+    assert state.step == 0
+
+
+def test_non_finite_gradient_is_caught_by_the_watch(cifar_batch):
+    model = build_denoiser("unet-tiny", 16, 3)
+    param = next(model.parameters())
+    param.register_hook(lambda g: g * float("inf"))  # a finite loss whose gradient overflows
+    state = _state(model)
+    start = param.detach().clone()
+    with pytest.raises(NonFiniteError, match="non-finite gradient"):
+        train_step(state, cifar_batch)
+    assert torch.equal(param.detach(), start), "no optimizer step was taken"
+
+
+def test_warmup_then_cosine():
+    opt = OptimizerConfig(lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, opt, 110) == pytest.approx(0.1)
+    assert lr_at(9, opt, 110) == pytest.approx(1.0)
+    assert lr_at(60, opt, 110) == pytest.approx(0.55)
+    assert lr_at(110, opt, 110) == pytest.approx(0.1)
+
+
+def test_half_written_checkpoint_is_never_loaded_and_retention_keeps_the_last(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    state = {"w": torch.ones(3)}
+    for step in (5, 10, 15):
+        ckpt.partial_dir(checkpoints, step).mkdir(parents=True)
+        ckpt.commit(checkpoints, step, state, {"step": step}, num_to_keep=2)
+    assert [p.name for p in ckpt.committed(checkpoints)] == ["step-00000010", "step-00000015"]
+    # A crash mid-write: a folder without the marker, and a .partial one.
+    (checkpoints / "step-00000020").mkdir()
+    (checkpoints / "step-00000020" / "ema.safetensors").write_bytes(b"half")
+    ckpt.partial_dir(checkpoints, 25).mkdir()
+    assert ckpt.latest(checkpoints).name == "step-00000015"
+    assert json.loads((ckpt.latest(checkpoints) / "meta.json").read_text())["step"] == 15
+    ckpt.clean_partials(checkpoints)
+    assert not ckpt.partial_dir(checkpoints, 25).exists()
+    ckpt.partial_dir(checkpoints, 30).mkdir()
+    ckpt.commit(checkpoints, 30, state, {"step": 30}, num_to_keep=1)
+    assert [p.name for p in ckpt.committed(checkpoints)] == ["step-00000030"]
