@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray per test session, real data from ../shared/datasets."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (stages reuse it instead of starting their own)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _extract(archive: Path, dest: Path, limit_per_class: int) -> Path:
+    """Extract up to `limit_per_class` files of every class folder of a tar(.gz)."""
+    if not archive.exists():
+        pytest.skip(f"{archive} is not there (../shared/datasets)")
+    taken: dict[str, int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            cls = str(Path(member.name).parent)
+            if taken.get(cls, 0) >= limit_per_class:
+                continue
+            taken[cls] = taken.get(cls, 0) + 1
+            target = dest / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def flowers_dir(tmp_path_factory) -> Path:
+    """12 real flower photos of each of the 5 classes: val/<class>/*.jpg."""
+    return _extract(DATASETS / "flowers-val.tar", tmp_path_factory.mktemp("flowers"), 12) / "val"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """8 real CIFAR-10 JPEGs (32x32) of each of the 10 classes: train/<class>/*.jpg."""
+    return _extract(DATASETS / "cifar10-train.tar.gz", tmp_path_factory.mktemp("cifar"), 8) / "train"
+
+
+def debug_config(tmp_path: Path, sources: list[dict], *overrides: str):
+    """configs/debug.yaml with the test's sources and output folder."""
+    from sfumato.config import load_config
+
+    return load_config(
+        REPO / "configs" / "debug.yaml",
+        [f"data.output_dir={tmp_path / 'data'}", f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}", *overrides],
+    )

@@ -1,0 +1,84 @@
+"""The config tree: unknown keys and bad values fail at load, naming the dotted key."""
+
+from pathlib import Path
+
+import pytest
+
+from sfumato.config import ConfigError, apply_override, dump_yaml, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+PILOT = REPO / "configs" / "pilot.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    assert load_config(path).name
+
+
+def test_unknown_key_is_named_by_dotted_path():
+    with pytest.raises(ConfigError, match=r"data\.ingest\.min_sid_px: unknown key"):
+        load_config(PILOT, ["data.ingest.min_sid_px=3"])
+
+
+def test_unknown_key_inside_a_source_is_named_without_the_union_tag():
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.colour: unknown key"):
+        load_config(PILOT, ["data.sources.0.colour=red"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.ingest.min_side_px=0", "data.ingest.min_side_px"),
+        ("data.ingest.max_aspect_ratio=0.5", "data.ingest.max_aspect_ratio"),
+        ("data.shards.resize_mode=stretch", "data.shards.resize_mode"),
+        ("data.shards.resolutions_px=[32,32]", "data.shards.resolutions_px"),
+        ("data.ingest.allowed_formats=[JPEG,XCF]", "data.ingest.allowed_formats.1"),
+        ("data.ingest.download.timeout_s=0", "data.ingest.download.timeout_s"),
+        ("data.loader.resolution_px=48", "data"),
+        ("name=has space", "name"),
+    ],
+)
+def test_bad_values_fail_at_load_with_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(PILOT, [override])
+    assert f"  {key}" in str(err.value)
+
+
+def test_missing_source_folder_is_reported_with_its_key(tmp_path):
+    sources = f"[{{kind: folder, name: photos, path: {tmp_path / 'nope'}, license: CC0-1.0}}]"
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.path: .*does not exist"):
+        load_config(PILOT, [f"data.sources={sources}"])
+
+
+def test_source_names_must_be_unique(tmp_path):
+    sources = "[{kind: demo, name: a}, {kind: demo, name: a}]"
+    with pytest.raises(ConfigError, match="source names must be unique"):
+        load_config(PILOT, [f"data.sources={sources}"])
+
+
+def test_overrides_parse_yaml_values_and_address_list_items():
+    cfg = load_config(PILOT, ["data.shards.resolutions_px=[128,32]", "data.sources.0.num_images=7", "seed=3"])
+    assert cfg.data.shards.resolutions_px == [32, 128]
+    assert cfg.data.sources[0].num_images == 7
+    assert cfg.seed == 3
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_override({"name": "x"}, "name.sub", 1)
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(PILOT, ["seed"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(PILOT, ["seed=5"])
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(dump_yaml(cfg))
+    assert load_config(resolved) == cfg
+    assert cfg.data.output_dir.is_absolute()
+
+
+def test_config_is_frozen():
+    cfg = load_config(PILOT)
+    with pytest.raises(Exception):
+        cfg.seed = 1
