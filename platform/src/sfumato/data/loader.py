@@ -81,12 +81,29 @@ def iter_batches_from(samples: Iterator[dict], batch_size: int, resolution_px: i
         yield {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
 
 
+def balancing_weights(class_counts: dict[str, int], classes: dict[str, int]) -> dict[int, float]:
+    """Acceptance probability per class index: rarest class 1, others rarest/count, so every
+    class is drawn equally often in expectation (frequent classes are subsampled)."""
+    present = {classes[tag]: n for tag, n in class_counts.items() if n > 0}
+    rarest = min(present.values())
+    return {index: rarest / n for index, n in present.items()}
+
+
+def _balanced(samples: Iterator[dict], weights: dict[int, float], rng: np.random.Generator) -> Iterator[dict]:
+    for sample in samples:
+        cls = int(sample["cls"]) if "cls" in sample else -1
+        if cls < 0 or rng.random() < weights.get(cls, 1.0):
+            yield sample
+
+
 def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int,
-                          seed: int, position: dict | None = None) -> Iterator[tuple[dict, dict]]:
+                          seed: int, position: dict | None = None,
+                          class_weights: dict[int, float] | None = None) -> Iterator[tuple[dict, dict]]:
     """Endless batches for one rank, epoch after epoch: the shard order is reshuffled per epoch
     from (seed, epoch), then dealt round-robin to ranks. Yields (batch, position after it);
     given a saved position, it resumes at exactly the next batch (skipped samples are not
-    decoded)."""
+    decoded). With `class_weights`, samples are kept with their class's probability, drawn
+    from (seed, epoch, rank), so a resumed run keeps exactly the same ones."""
     if len(paths) < world_size:
         raise ValueError(f"{len(paths)} shards at {resolution_px}px cannot feed {world_size} workers: "
                          "lower data.shards.samples_per_shard")
@@ -96,12 +113,17 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
         order = np.random.default_rng([seed, epoch]).permutation(len(paths))
         mine = [paths[i] for i in order][rank::world_size]
         samples = iter_samples(mine)
+        if class_weights is not None:
+            samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1]))
         for _ in range(skip * batch_size):
             next(samples, None)
         done = skip
         for batch in iter_batches_from(samples, batch_size, resolution_px):
             done += 1
             yield batch, {"epoch": epoch, "batches": done}
+        if done == 0:
+            raise ValueError(f"rank {rank} got no full batch of {batch_size} from its shards at {resolution_px}px: "
+                             "lower the micro batch or data.shards.samples_per_shard")
         epoch, skip = epoch + 1, 0
 
 

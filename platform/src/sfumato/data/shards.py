@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SHARD_MANIFEST = "shard_manifest.csv"
 CLASSES = "classes.json"
+CLASS_COUNTS = "class_counts.json"
 _COLUMNS = ["id", "filepath", "caption", "tags", "license", "source", "sha256", "width", "height"]
 
 
@@ -142,6 +144,8 @@ def run_shards(cfg: Config) -> ShardSummary:
     # The class of a sample is its innermost tag (a folder source's class folder).
     classes = {tag: i for i, tag in enumerate(sorted({r["tags"][-1] for r in rows if r["tags"]}))}
     (shards_dir / CLASSES).write_text(json.dumps(classes, indent=1))
+    counts = Counter(r["tags"][-1] for r in rows if r["tags"])
+    (shards_dir / CLASS_COUNTS).write_text(json.dumps({t: counts[t] for t in classes}, indent=1))
     for key, row in enumerate(rows):
         row["key"] = f"{key:09d}"
         row["class"] = classes[row["tags"][-1]] if row["tags"] else None
@@ -161,8 +165,10 @@ def run_shards(cfg: Config) -> ShardSummary:
         limits = DecodeLimits.from_config(cfg.data.ingest)
         # One row per shard; its sample list travels as JSON (plain Arrow, no nested inference).
         items = [{"index": s["index"], "spec_hash": s["spec_hash"], "rows_json": json.dumps(s["rows"])} for s in pending]
+        # Tasks, not an actor pool: the writer holds no state worth keeping, and Ray's
+        # already-started workers run tasks without the seconds an actor pool spends starting up.
         done = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            ShardWriter, fn_constructor_args=(scfg, limits, str(shards_dir)), compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+            ShardWriter(scfg, limits, str(shards_dir)), num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
         )
         for _ in done.iter_rows():
             pass
