@@ -78,6 +78,12 @@ def loader_alone(cfg: Config, batches_wanted: int = 50) -> float:
 
 
 def main(args) -> dict:
+    if args.gpu:
+        result = gpu_step(args.model, args.resolution, args.micro_batch, args.zero_stage, "bf16", steps=args.steps)
+        print(json.dumps(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return result
     from sfumato.bench.ingest import machine
     from sfumato.data.ingest import run_ingest
     from sfumato.data.shards import run_shards
