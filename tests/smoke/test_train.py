@@ -70,3 +70,24 @@ def test_nan_on_one_rank_stops_every_rank_without_retry(cifar_shards):
     assert ckpt.latest(cfg.train.output_dir / "checkpoints") is None, "nothing after the NaN was saved"
     attempts = (cfg.train.output_dir / "attempts.jsonl").read_text().splitlines()
     assert len(attempts) == 1, "a NaN stop is not retried"
+
+
+def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(cifar_shards):
+    cfg = _cfg(cifar_shards, "text", "train.model=unet-text-tiny", "train.conditioning=text",
+               "train.text.vocab_size=400", "train.text.hidden_size=32", "train.text.num_heads=2",
+               "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true")
+    run_training(cfg)
+    run = cfg.train.output_dir
+    prompts = json.loads((run / "text" / "sample_prompts.json").read_text())
+    assert len(prompts) == 4 and all(p.startswith("a photo of a ") for p in prompts), prompts
+    from sfumato.models.text import load_run_tokenizer, tokenize
+
+    tokenizer = load_run_tokenizer(run)
+    ids = tokenize(tokenizer, ["a photo of a frog"], 12)[0].tolist()
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a frog"
+    assert len(ids[1: ids.index(tokenizer.eos_token_id)]) == 5, "the manifest's caption words became whole tokens"
+    ema = ckpt.load_ema(ckpt.latest(run / "checkpoints"))
+    assert any(k.startswith("text_encoder.") for k in ema), "the text encoder is part of the averaged model"
+    assert (run / "samples" / "step-00000010.png").exists()
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 10 and all(m["loss"] == m["loss"] for m in metrics)

@@ -261,6 +261,35 @@ class DiffusionConfig(Frozen):
 
 
 # ------------------------------------------------------------------------------------- train
+class TextConfig(Frozen):
+    """The caption encoder of text-conditional models (train.conditioning: text)."""
+
+    pretrained: str | None = None
+    """Hub id or local folder of a CLIP text encoder and its tokenizer (safetensors weights),
+    e.g. openai/clip-vit-large-patch14. None: from scratch, a BPE tokenizer trained on the
+    manifest's captions and a randomly initialised CLIPTextModel of the size below."""
+    encoder_subfolder: str | None = None
+    """Where the encoder sits inside `pretrained` (e.g. text_encoder in a Stable Diffusion repo)."""
+    tokenizer_subfolder: str | None = None
+    train_encoder: bool = True
+    """Train the encoder jointly (always, from scratch); False freezes a pretrained one."""
+    max_length: int = Field(32, ge=4, le=512)
+    """Tokens per caption, start and end tokens included; longer captions are truncated."""
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    """From scratch: the BPE vocabulary, of which the 256 byte tokens and 3 special tokens come first."""
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TextConfig":
+        if self.pretrained is None and not self.train_encoder:
+            raise ValueError("train_encoder: false needs a pretrained encoder (a random one would stay random)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
 class StageConfig(Frozen):
     """One resolution of the curriculum; it continues from the previous stage's weights."""
 
@@ -299,6 +328,9 @@ class SampleConfig(Frozen):
     seed: int = 0
     steps: int = Field(50, ge=1, le=1000)
     sampler: Literal["ddpm", "ddim"] = "ddim"
+    prompts: list[str] | None = Field(None, min_length=1)
+    """Text-conditional runs: the grid's captions, cycled. None: the manifest's most frequent
+    captions, chosen at the run's first start and kept in text/sample_prompts.json."""
 
 
 class TrainConfig(Frozen):
@@ -306,7 +338,11 @@ class TrainConfig(Frozen):
     """The run folder: config.yaml, checkpoints/, samples/, metrics.jsonl."""
     model: str = "unet-tiny"
     """A name from sfumato.models.registry.MODELS."""
-    conditioning: Literal["none", "class"] = "class"
+    conditioning: Literal["none", "class", "text"] = "class"
+    """class: the innermost tag of each sample; text: its caption (needs a *-text-* model)."""
+    text: TextConfig = TextConfig()
+    class_balanced: bool = False
+    """Draw every class (a sample's innermost tag) equally often by subsampling frequent ones."""
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -348,6 +384,9 @@ class TrainConfig(Frozen):
         res = [s.resolution_px for s in self.stages]
         if res != sorted(res):
             raise ValueError(f"curriculum stages must go from low to high resolution, got {res}")
+        if (self.conditioning == "text") != ("-text-" in self.model):
+            raise ValueError(f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
+                             "text conditioning needs a *-text-* model and those need text conditioning")
         if self.model.startswith("dit") and len(set(res)) > 1:
             raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
         return self

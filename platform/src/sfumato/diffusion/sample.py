@@ -13,7 +13,7 @@ from sfumato.diffusion.schedule import make_scheduler
 
 @torch.no_grad()
 def sample(model, diffusion_cfg, sample_cfg, resolution_px: int, in_channels: int = 3,
-           class_labels: torch.Tensor | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+           cond: torch.Tensor | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """Images in [-1, 1], NCHW, from `sample_cfg.num_images` seeded noise tensors."""
     from diffusers import DDIMScheduler
 
@@ -26,7 +26,7 @@ def sample(model, diffusion_cfg, sample_cfg, resolution_px: int, in_channels: in
     x = torch.randn(shape, generator=generator).to(device)
     for t in scheduler.timesteps:
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-        prediction = model(x, t_batch, class_labels)
+        prediction = model(x, t_batch, cond)
         x = scheduler.step(prediction, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1)
 

@@ -1,9 +1,11 @@
 """Named denoiser sizes, each a one-line constructor (as DiT's `DiT_models` dict does).
 
-Every model is wrapped in `Denoiser`, whose forward is `(x_t, t, class_labels) -> prediction`
+Every model is wrapped in `Denoiser`, whose forward is `(x_t, t, cond) -> prediction`
 whatever the family, so the loss, the EMA, DeepSpeed and the samplers never branch on it.
-Class-conditional models reserve the last class index as the "no class" label that
-classifier-free guidance trains with and samples against.
+`cond` is class indices for class-conditional models, which reserve the last index as the
+"no class" label that classifier-free guidance trains with and samples against; for
+text-conditional models (`*-text-*`, diffusers `UNet2DConditionModel`) it is token ids, and the
+text encoder is a submodule of the Denoiser, so it trains, averages and checkpoints with it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 
 def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32) -> Callable:
@@ -27,6 +29,25 @@ def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], h
             attention_head_dim=heads_dim,
             norm_num_groups=min(32, channels[0]),
             num_class_embeds=None if num_classes is None else num_classes + 1,
+        )
+    return build
+
+
+def _unet_text(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32) -> Callable:
+    """Stable Diffusion's UNet layout: cross-attention to the caption's token states."""
+    def build(resolution_px: int, in_channels: int, cross_attention_dim: int) -> torch.nn.Module:
+        return UNet2DConditionModel(
+            sample_size=resolution_px,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=channels,
+            layers_per_block=layers,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            attention_head_dim=heads_dim,
+            norm_num_groups=min(32, channels[0]),
+            cross_attention_dim=cross_attention_dim,
         )
     return build
 
@@ -53,6 +74,8 @@ MODELS: dict[str, Callable] = {
     "unet-s": _unet((64, 128, 256), 2, (False, True, True)),  # 16 M: pilot, 32-64 px
     "unet-b": _unet((128, 256, 256, 512), 2, (False, True, True, True)),  # 75 M
     "unet-l": _unet((224, 448, 672, 896), 2, (False, True, True, True)),  # 274 M
+    "unet-text-tiny": _unet_text((32, 64), 1, (False, True), heads_dim=16),  # 1.0 M + text encoder: tests
+    "unet-text-s": _unet_text((64, 128, 256), 2, (False, True, True)),  # 24 M + text encoder
     "dit-tiny": _dit(depth=2, hidden=64, heads=2, patch=4),  # 0.2 M: tests
     "dit-s": _dit(depth=12, hidden=384, heads=6, patch=2),  # DiT-S/2, 35 M
     "dit-b": _dit(depth=12, hidden=768, heads=12, patch=2),  # DiT-B/2, 138 M
@@ -60,34 +83,50 @@ MODELS: dict[str, Callable] = {
 }
 
 
-class Denoiser(torch.nn.Module):
-    """(x_t, t, class_labels) -> the network's prediction, for any registered family."""
+TEXT_MODELS = frozenset(name for name in MODELS if "-text-" in name)
 
-    def __init__(self, net: torch.nn.Module, num_classes: int | None):
+
+class Denoiser(torch.nn.Module):
+    """(x_t, t, cond) -> the network's prediction, for any registered family."""
+
+    def __init__(self, net: torch.nn.Module, num_classes: int | None, text_encoder: torch.nn.Module | None = None):
         super().__init__()
         self.net = net
         self.num_classes = num_classes
+        self.text_encoder = text_encoder
         self.is_dit = isinstance(net, DiTTransformer2DModel)
 
     @property
     def null_class(self) -> int:
         return self.num_classes or 0
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.text_encoder is not None:
+            if cond is None:
+                raise ValueError("a text-conditional model needs token ids (the empty caption's for 'no text')")
+            states = self.text_encoder(input_ids=cond).last_hidden_state
+            return self.net(x_t, t, encoder_hidden_states=states.to(x_t.dtype)).sample
         if self.is_dit:
-            if class_labels is None:
-                class_labels = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
-            return self.net(x_t, timestep=t, class_labels=class_labels).sample
+            if cond is None:
+                cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
+            return self.net(x_t, timestep=t, class_labels=cond).sample
         if self.num_classes is None:
             return self.net(x_t, t).sample
-        if class_labels is None:
-            class_labels = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
-        return self.net(x_t, t, class_labels=class_labels).sample
+        if cond is None:
+            cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
+        return self.net(x_t, t, class_labels=cond).sample
 
 
-def build_denoiser(name: str, resolution_px: int, in_channels: int = 3, num_classes: int | None = None) -> Denoiser:
+def build_denoiser(name: str, resolution_px: int, in_channels: int = 3, num_classes: int | None = None,
+                   text_encoder: torch.nn.Module | None = None) -> Denoiser:
     if name not in MODELS:
         raise KeyError(f"model {name!r} is not registered; choose one of {sorted(MODELS)}")
+    if (name in TEXT_MODELS) != (text_encoder is not None):
+        raise ValueError(f"model {name!r} {'needs' if name in TEXT_MODELS else 'takes no'} text encoder: "
+                         f"text-conditional models are {sorted(TEXT_MODELS)}")
+    if text_encoder is not None:
+        net = MODELS[name](resolution_px, in_channels, text_encoder.config.hidden_size)
+        return Denoiser(net, None, text_encoder)
     return Denoiser(MODELS[name](resolution_px, in_channels, num_classes), num_classes)
 
 

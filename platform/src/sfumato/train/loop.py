@@ -23,6 +23,7 @@ from sfumato.train import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 STOPPED = "STOPPED.json"  # written when the run stops on non-finite values
+SAMPLE_PROMPTS = Path("text") / "sample_prompts.json"
 
 
 def deepspeed_config(cfg: Config, micro_batch_size: int) -> dict:
@@ -59,10 +60,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from sfumato.data.loader import iter_training_batches, shard_paths
+    from sfumato.data.loader import balancing_weights, iter_training_batches, shard_paths
+    from sfumato.data.shards import CLASS_COUNTS, CLASSES
     from sfumato.diffusion.sample import sample, to_grid
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.registry import build_denoiser
+    from sfumato.models.text import build_text_encoder, load_run_tokenizer, tokenize
     from sfumato.train.ema import EMA, ema_beta
     from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step
 
@@ -75,13 +78,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
 
-    num_classes = None
-    if t.conditioning == "class":
-        num_classes = len(json.loads((shards_dir / "classes.json").read_text())) or None
+    classes = json.loads((shards_dir / CLASSES).read_text())
+    num_classes = (len(classes) or None) if t.conditioning == "class" else None
+    class_weights = None
+    if t.class_balanced:
+        if not classes:
+            raise ValueError("train.class_balanced needs classes (tags) in the shards, and they have none")
+        class_weights = balancing_weights(json.loads((shards_dir / CLASS_COUNTS).read_text()), classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_denoiser(t.model, t.stages[0].resolution_px, 3, num_classes)
+    tokenizer, cond_for_grid = None, None
+    if t.conditioning == "text":
+        tokenizer = load_run_tokenizer(run_dir)
+        text_encoder = build_text_encoder(t.text, tokenizer)
+        model = build_denoiser(t.model, t.stages[0].resolution_px, 3, text_encoder=text_encoder)
+        prompts = json.loads((run_dir / SAMPLE_PROMPTS).read_text())
+        cond_for_grid = tokenize(tokenizer, [prompts[i % len(prompts)] for i in range(t.sample.num_images)],
+                                 t.text.max_length).to(device)
+    else:
+        model = build_denoiser(t.model, t.stages[0].resolution_px, 3, num_classes)
+        if num_classes:
+            cond_for_grid = torch.arange(t.sample.num_images, device=device) % num_classes
     ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, effective_batch(cfg, t.stages[0])))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
                                   eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
@@ -89,7 +108,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainState(
         engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
         generator=generator, device=device, dtype=dtype,
-        null_class=engine.module.null_class if num_classes else None, watch=GradientWatch(engine.module),
+        null_class=engine.module.null_class if num_classes else None, tokenizer=tokenizer,
+        max_length=t.text.max_length, watch=GradientWatch(engine.module),
         all_ranks_any=lambda flag: _all_reduce_any(flag, device),
     )
 
@@ -123,7 +143,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if position is not None and position.get("stage") != stage_index:
                 position = None  # the checkpoint was taken in an earlier stage
             batches = iter_training_batches(shard_paths(shards_dir, stage.resolution_px), stage.micro_batch_size,
-                                            stage.resolution_px, rank, world, cfg.seed + stage_index, position)
+                                            stage.resolution_px, rank, world, cfg.seed + stage_index, position,
+                                            class_weights)
             while state.step < stage_start + stage.steps:
                 lr = lr_at(state.step, t.optimizer, t.total_steps)
                 for group in engine.optimizer.param_groups:
@@ -164,7 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(metrics)
                 if step % t.sample_every_steps == 0 or step == t.total_steps:
                     if rank == 0:
-                        _sample_grid(cfg, engine.module, ema, num_classes, stage.resolution_px, step, device, sample, to_grid)
+                        _sample_grid(cfg, engine.module, ema, cond_for_grid, stage.resolution_px, step, device, sample, to_grid)
                     dist.barrier()
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
                     _checkpoint(cfg, engine, ema, state, position, rank, dist)
@@ -202,16 +223,13 @@ def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist
     dist.barrier()
 
 
-def _sample_grid(cfg, module, ema, num_classes, resolution_px, step, device, sample, to_grid) -> None:
-    """A grid from the EMA weights on fixed noise (and fixed classes, cycled)."""
+def _sample_grid(cfg, module, ema, cond, resolution_px, step, device, sample, to_grid) -> None:
+    """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled)."""
     import copy
 
     model = copy.deepcopy(module).float().eval()
     ema.copy_to(model)
-    labels = None
-    if num_classes:
-        labels = torch.arange(cfg.train.sample.num_images, device=device) % num_classes
-    images = sample(model, cfg.diffusion, cfg.train.sample, resolution_px, class_labels=labels, device=device)
+    images = sample(model, cfg.diffusion, cfg.train.sample, resolution_px, cond=cond, device=device)
     folder = cfg.train.output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     to_grid(images).save(folder / f"step-{step:08d}.png")
@@ -231,6 +249,27 @@ def _wandb(cfg: Config):
                       config=cfg.model_dump(mode="json"))
 
 
+def _prepare_text(cfg: Config) -> None:
+    """Once per run, before any worker starts: the tokenizer (trained on the manifest's
+    captions or copied from the pretrained source) and the sample grid's prompts."""
+    from collections import Counter
+
+    from sfumato.data.ingest import MANIFEST
+    from sfumato.models.text import manifest_captions, prepare_tokenizer
+
+    t = cfg.train
+    manifest = cfg.data.output_dir / MANIFEST
+    prepare_tokenizer(t.text, manifest, t.output_dir)
+    prompts_file = t.output_dir / SAMPLE_PROMPTS
+    if prompts_file.exists():
+        return
+    prompts = t.sample.prompts
+    if prompts is None:
+        counts = Counter(manifest_captions(manifest))
+        prompts = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: t.sample.num_images]]
+    prompts_file.write_text(json.dumps(prompts, indent=1))
+
+
 def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_nan_at_step: int | None = None) -> dict:
     """Train (or continue) the run in cfg.train.output_dir on Ray; returns the last metrics.
     The inject_* arguments are fault injection for tests: the last rank's process dies, or its
@@ -247,6 +286,8 @@ def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_
     t.output_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, t.output_dir / "config.yaml")
     (t.output_dir / STOPPED).unlink(missing_ok=True)
+    if t.conditioning == "text":
+        _prepare_text(cfg)
     init_ray(cfg.ray)
     for stage in t.stages:
         log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",

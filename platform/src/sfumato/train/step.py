@@ -101,6 +101,10 @@ class TrainState:
     device: torch.device
     dtype: torch.dtype = torch.float32
     null_class: int | None = None
+    """Class conditioning: the "no class" label that dropped samples get."""
+    tokenizer: object = None
+    """Text conditioning: captions -> token ids; dropped samples get the empty caption's."""
+    max_length: int = 32
     watch: GradientWatch | None = None
     all_ranks_any: object = None
     """Callable(bool tensor) -> bool tensor OR-ed over ranks (None: single process)."""
@@ -118,14 +122,24 @@ def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> t
     return x0, classes
 
 
-def loss_fn(model, x0: torch.Tensor, classes: torch.Tensor | None, state: TrainState) -> tuple[torch.Tensor, dict]:
-    """The diffusion loss of one micro-batch, with caption/class dropout for CFG."""
-    cond = None
-    if state.null_class is not None and classes is not None:
-        # Drawn on the generator's device (CUDA on GPUs), then used where the classes live.
-        dropped = drop_conditions(classes.shape[0], state.diffusion_cfg.condition_dropout, state.generator,
-                                  state.generator.device).to(classes.device)
-        cond = torch.where(dropped | (classes < 0), torch.full_like(classes, state.null_class), classes)
+def conditions(batch: dict, classes: torch.Tensor, state: TrainState) -> torch.Tensor | None:
+    """The micro-batch's conditioning with classifier-free-guidance dropout applied: class
+    indices or token ids, the "no class" / empty-caption value where dropped or missing."""
+    if state.tokenizer is None and state.null_class is None:
+        return None
+    # Drawn on the generator's device (CUDA on GPUs), then used where the batch lives.
+    dropped = drop_conditions(len(classes), state.diffusion_cfg.condition_dropout, state.generator,
+                              state.generator.device).to(classes.device)
+    if state.tokenizer is not None:
+        from sfumato.models.text import tokenize
+
+        ids = tokenize(state.tokenizer, list(batch["caption"]) + [""], state.max_length).to(classes.device)
+        return torch.where(dropped[:, None], ids[-1:], ids[:-1])
+    return torch.where(dropped | (classes < 0), torch.full_like(classes, state.null_class), classes)
+
+
+def loss_fn(model, x0: torch.Tensor, cond: torch.Tensor | None, state: TrainState) -> tuple[torch.Tensor, dict]:
+    """The diffusion loss of one micro-batch."""
     return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator)
 
 
@@ -137,7 +151,7 @@ def train_step(state: TrainState, batch: dict) -> dict:
     """One micro-batch: forward, finite checks on all ranks, backward, (optimizer) step.
     Returns the micro-batch's loss and, at an accumulation boundary, `optimizer_step: True`."""
     x0, classes = batch_to_tensors(batch, state.device, state.dtype)
-    loss, stats = loss_fn(state.engine, x0, classes, state)
+    loss, stats = loss_fn(state.engine, x0, conditions(batch, classes, state), state)
     if _any_rank(state, ~torch.isfinite(loss.detach()).cpu()):
         raise NonFiniteError(f"non-finite loss at step {state.step} (micro-step {state.micro_step})")
     if state.watch is not None:
