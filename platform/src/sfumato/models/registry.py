@@ -16,39 +16,28 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 
-def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32) -> Callable:
-    def build(resolution_px: int, in_channels: int, num_classes: int | None) -> torch.nn.Module:
-        return UNet2DModel(
+def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32,
+          text: bool = False) -> Callable:
+    """A pixel-space UNet; `text=True` gives Stable Diffusion's layout, cross-attending to the
+    caption's token states (`cond` is then the text encoder's width, else the class count)."""
+    down = ("CrossAttnDownBlock2D" if text else "AttnDownBlock2D", "DownBlock2D")
+    up = ("CrossAttnUpBlock2D" if text else "AttnUpBlock2D", "UpBlock2D")
+
+    def build(resolution_px: int, in_channels: int, cond: int | None) -> torch.nn.Module:
+        common = dict(
             sample_size=resolution_px,
             in_channels=in_channels,
             out_channels=in_channels,
             block_out_channels=channels,
             layers_per_block=layers,
-            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+            down_block_types=tuple(down[0] if a else down[1] for a in attention),
+            up_block_types=tuple(up[0] if a else up[1] for a in reversed(attention)),
             attention_head_dim=heads_dim,
             norm_num_groups=min(32, channels[0]),
-            num_class_embeds=None if num_classes is None else num_classes + 1,
         )
-    return build
-
-
-def _unet_text(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32) -> Callable:
-    """Stable Diffusion's UNet layout: cross-attention to the caption's token states."""
-    def build(resolution_px: int, in_channels: int, cross_attention_dim: int) -> torch.nn.Module:
-        return UNet2DConditionModel(
-            sample_size=resolution_px,
-            in_channels=in_channels,
-            out_channels=in_channels,
-            block_out_channels=channels,
-            layers_per_block=layers,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            attention_head_dim=heads_dim,
-            norm_num_groups=min(32, channels[0]),
-            cross_attention_dim=cross_attention_dim,
-        )
+        if text:
+            return UNet2DConditionModel(**common, mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cond)
+        return UNet2DModel(**common, num_class_embeds=None if cond is None else cond + 1)
     return build
 
 
@@ -74,8 +63,8 @@ MODELS: dict[str, Callable] = {
     "unet-s": _unet((64, 128, 256), 2, (False, True, True)),  # 16 M: pilot, 32-64 px
     "unet-b": _unet((128, 256, 256, 512), 2, (False, True, True, True)),  # 75 M
     "unet-l": _unet((224, 448, 672, 896), 2, (False, True, True, True)),  # 274 M
-    "unet-text-tiny": _unet_text((32, 64), 1, (False, True), heads_dim=16),  # 1.0 M + text encoder: tests
-    "unet-text-s": _unet_text((64, 128, 256), 2, (False, True, True)),  # 24 M + text encoder
+    "unet-text-tiny": _unet((32, 64), 1, (False, True), heads_dim=16, text=True),  # 1.0 M + text encoder: tests
+    "unet-text-s": _unet((64, 128, 256), 2, (False, True, True), text=True),  # 24 M + text encoder
     "dit-tiny": _dit(depth=2, hidden=64, heads=2, patch=4),  # 0.2 M: tests
     "dit-s": _dit(depth=12, hidden=384, heads=6, patch=2),  # DiT-S/2, 35 M
     "dit-b": _dit(depth=12, hidden=768, heads=12, patch=2),  # DiT-B/2, 138 M
