@@ -61,3 +61,16 @@ def debug_config(tmp_path: Path, sources: list[dict], *overrides: str):
         REPO / "configs" / "debug.yaml",
         [f"data.output_dir={tmp_path / 'data'}", f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}", *overrides],
     )
+
+
+def save_tiny_vae(folder: Path):
+    """A tiny random AutoencoderKL of the real class, saved as a pretrained one (folder/vae, safetensors)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        scaling_factor=0.5)
+    vae.save_pretrained(folder / "vae")
+    return vae

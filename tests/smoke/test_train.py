@@ -13,7 +13,7 @@ pytest.importorskip("deepspeed")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import debug_config  # noqa: E402
+from conftest import debug_config, save_tiny_vae  # noqa: E402
 from sfumato.data.ingest import run_ingest  # noqa: E402
 from sfumato.data.shards import run_shards  # noqa: E402
 from sfumato.train import checkpoint as ckpt  # noqa: E402
@@ -91,3 +91,22 @@ def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(cifar_shards)
     assert (run / "samples" / "step-00000010.png").exists()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 10 and all(m["loss"] == m["loss"] for m in metrics)
+
+
+def test_latent_run_trains_through_a_local_pretrained_vae(cifar_shards):
+    save_tiny_vae(cifar_shards / "pretrained")
+    bad = _cfg(cifar_shards, "latent-bad", f"train.vae.pretrained={cifar_shards / 'nowhere'}")
+    with pytest.raises(ValueError, match="train.vae.pretrained=.*has no readable AutoencoderKL config"):
+        run_training(bad)
+    cfg = _cfg(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}", "train.vae.subfolder=vae")
+    run_training(cfg)
+    run = cfg.train.output_dir
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 10 and all(m["loss"] == m["loss"] for m in metrics)
+    # The 32 px stage's grid: 16x16 latents sampled, decoded back to 32 px images (2x2 grid).
+    from PIL import Image
+
+    assert Image.open(run / "samples" / "step-00000010.png").size == (64, 64)
+    ema = ckpt.load_ema(ckpt.latest(run / "checkpoints"))
+    assert ema["net.conv_in.weight"].shape[1] == 4, "the denoiser sees the VAE's 4 latent channels"
+    assert not any(k.startswith("vae") for k in ema), "the frozen VAE is not part of the trained state"

@@ -261,6 +261,19 @@ class DiffusionConfig(Frozen):
 
 
 # ------------------------------------------------------------------------------------- train
+class VAEConfig(Frozen):
+    """Latent mode: the denoiser trains on the latents of this frozen AutoencoderKL."""
+
+    pretrained: str
+    """Hub id or local folder (safetensors weights), e.g. stabilityai/sd-vae-ft-mse."""
+    subfolder: str | None = None
+    """Where the VAE sits inside `pretrained` (vae in a Stable Diffusion repo)."""
+    scaling_factor: float | None = Field(None, gt=0)
+    """Latents are multiplied by this to reach about unit variance; None: the VAE config's."""
+    shift_factor: float | None = None
+    """Subtracted before scaling (SD3/Flux VAEs); None: the VAE config's, else 0."""
+
+
 class TextConfig(Frozen):
     """The caption encoder of text-conditional models (train.conditioning: text)."""
 
@@ -341,6 +354,9 @@ class TrainConfig(Frozen):
     conditioning: Literal["none", "class", "text"] = "class"
     """class: the innermost tag of each sample; text: its caption (needs a *-text-* model)."""
     text: TextConfig = TextConfig()
+    vae: VAEConfig | None = None
+    """Set: latent diffusion through this VAE (stage resolutions are pixels; the denoiser sees
+    resolution / the VAE's downsampling factor). None: pixel space."""
     class_balanced: bool = False
     """Draw every class (a sample's innermost tag) equally often by subsampling frequent ones."""
     num_workers: int = Field(2, ge=1)

@@ -66,6 +66,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.registry import build_denoiser
     from sfumato.models.text import build_text_encoder, load_run_tokenizer, tokenize
+    from sfumato.models.vae import LatentCodec
     from sfumato.train.ema import EMA, ema_beta
     from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step
 
@@ -87,15 +88,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         class_weights = balancing_weights(json.loads((shards_dir / CLASS_COUNTS).read_text()), classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer, cond_for_grid = None, None
+    codec = LatentCodec.load(t.vae, device) if t.vae is not None else None
+    model_px, channels = t.stages[0].resolution_px, 3
+    if codec is not None:
+        model_px, channels = codec.latent_size(model_px, "train.stages.0.resolution_px"), codec.channels
     if t.conditioning == "text":
         tokenizer = load_run_tokenizer(run_dir)
         text_encoder = build_text_encoder(t.text, tokenizer)
-        model = build_denoiser(t.model, t.stages[0].resolution_px, 3, text_encoder=text_encoder)
+        model = build_denoiser(t.model, model_px, channels, text_encoder=text_encoder)
         prompts = json.loads((run_dir / SAMPLE_PROMPTS).read_text())
         cond_for_grid = tokenize(tokenizer, [prompts[i % len(prompts)] for i in range(t.sample.num_images)],
                                  t.text.max_length).to(device)
     else:
-        model = build_denoiser(t.model, t.stages[0].resolution_px, 3, num_classes)
+        model = build_denoiser(t.model, model_px, channels, num_classes)
         if num_classes:
             cond_for_grid = torch.arange(t.sample.num_images, device=device) % num_classes
     ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, effective_batch(cfg, t.stages[0])))
@@ -109,7 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
         generator=generator, device=device, dtype=dtype,
         null_class=engine.module.null_class if num_classes else None, tokenizer=tokenizer,
-        max_length=t.text.max_length, watch=GradientWatch(engine.module),
+        max_length=t.text.max_length, codec=codec, watch=GradientWatch(engine.module),
         all_ranks_any=lambda flag: _all_reduce_any(flag, device),
     )
 
@@ -185,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(metrics)
                 if step % t.sample_every_steps == 0 or step == t.total_steps:
                     if rank == 0:
-                        _sample_grid(cfg, engine.module, ema, cond_for_grid, stage.resolution_px, step, device, sample, to_grid)
+                        _sample_grid(cfg, engine.module, ema, cond_for_grid, codec, stage.resolution_px, step, device, sample, to_grid)
                     dist.barrier()
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
                     _checkpoint(cfg, engine, ema, state, position, rank, dist)
@@ -223,13 +228,19 @@ def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist
     dist.barrier()
 
 
-def _sample_grid(cfg, module, ema, cond, resolution_px, step, device, sample, to_grid) -> None:
-    """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled)."""
+def _sample_grid(cfg, module, ema, cond, codec, resolution_px, step, device, sample, to_grid) -> None:
+    """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled);
+    in latent mode the latents are sampled, then decoded by the VAE."""
     import copy
 
     model = copy.deepcopy(module).float().eval()
     ema.copy_to(model)
-    images = sample(model, cfg.diffusion, cfg.train.sample, resolution_px, cond=cond, device=device)
+    size, channels = resolution_px, 3
+    if codec is not None:
+        size, channels = codec.latent_size(resolution_px), codec.channels
+    images = sample(model, cfg.diffusion, cfg.train.sample, size, in_channels=channels, cond=cond, device=device)
+    if codec is not None:
+        images = codec.decode(images)
     folder = cfg.train.output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     to_grid(images).save(folder / f"step-{step:08d}.png")
@@ -247,6 +258,24 @@ def _wandb(cfg: Config):
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return wandb.init(project="sfumato", name=cfg.name, dir=str(cfg.train.output_dir), mode=mode,
                       config=cfg.model_dump(mode="json"))
+
+
+def _check_vae(cfg: Config) -> None:
+    """Before any worker starts: the VAE's config is readable and every stage's resolution
+    divides into latents."""
+    from diffusers import AutoencoderKL
+
+    vae = cfg.train.vae
+    try:
+        vae_config = AutoencoderKL.load_config(vae.pretrained, subfolder=vae.subfolder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"train.vae.pretrained={vae.pretrained!r} (subfolder {vae.subfolder!r}) has no "
+                         f"readable AutoencoderKL config: {err}") from None
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    for i, stage in enumerate(cfg.train.stages):
+        if stage.resolution_px % factor:
+            raise ValueError(f"train.stages.{i}.resolution_px={stage.resolution_px} is not a multiple of the "
+                             f"VAE's downsampling factor {factor}")
 
 
 def _prepare_text(cfg: Config) -> None:
@@ -288,6 +317,8 @@ def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_
     (t.output_dir / STOPPED).unlink(missing_ok=True)
     if t.conditioning == "text":
         _prepare_text(cfg)
+    if t.vae is not None:
+        _check_vae(cfg)
     init_ray(cfg.ray)
     for stage in t.stages:
         log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",

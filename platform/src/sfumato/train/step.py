@@ -105,6 +105,8 @@ class TrainState:
     tokenizer: object = None
     """Text conditioning: captions -> token ids; dropped samples get the empty caption's."""
     max_length: int = 32
+    codec: object = None
+    """Latent mode: the frozen VAE (sfumato.models.vae.LatentCodec) the images pass through."""
     watch: GradientWatch | None = None
     all_ranks_any: object = None
     """Callable(bool tensor) -> bool tensor OR-ed over ranks (None: single process)."""
@@ -151,6 +153,8 @@ def train_step(state: TrainState, batch: dict) -> dict:
     """One micro-batch: forward, finite checks on all ranks, backward, (optimizer) step.
     Returns the micro-batch's loss and, at an accumulation boundary, `optimizer_step: True`."""
     x0, classes = batch_to_tensors(batch, state.device, state.dtype)
+    if state.codec is not None:
+        x0 = state.codec.encode(x0, state.generator)
     loss, stats = loss_fn(state.engine, x0, conditions(batch, classes, state), state)
     if _any_rank(state, ~torch.isfinite(loss.detach()).cpu()):
         raise NonFiniteError(f"non-finite loss at step {state.step} (micro-step {state.micro_step})")
