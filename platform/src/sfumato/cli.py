@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batch", type=int, default=16, help="train: samples per worker per step")
     bench.add_argument("--gpu", action="store_true",
                        help="train: time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU")
-    bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2], help="train --gpu: ZeRO stage")
+    bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="train --gpu: ZeRO stage")
     return parser
 
 

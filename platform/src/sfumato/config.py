@@ -362,9 +362,9 @@ class TrainConfig(Frozen):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = Field(2, ge=0, le=2)
-    """ZeRO 0-2. Stage 3 partitions the parameters themselves, and the EMA and sample grids do
-    not gather them yet, so it is refused here rather than silently averaging shards."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """ZeRO 0-3: 1 partitions optimizer state, 2 also gradients, 3 also the weights (and the EMA
+    with them) across the data-parallel workers."""
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip_norm: float | None = Field(1.0, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig()

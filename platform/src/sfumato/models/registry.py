@@ -119,5 +119,13 @@ def build_denoiser(name: str, resolution_px: int, in_channels: int = 3, num_clas
     return Denoiser(MODELS[name](resolution_px, in_channels, num_classes), num_classes)
 
 
+def empty_like(denoiser: Denoiser) -> Denoiser:
+    """The same architecture with fresh, unpartitioned weights: what EMA weights are copied into
+    for sampling, whatever ZeRO stage holds the trained model."""
+    net = type(denoiser.net).from_config(denoiser.net.config)
+    text = None if denoiser.text_encoder is None else type(denoiser.text_encoder)(denoiser.text_encoder.config)
+    return Denoiser(net, denoiser.num_classes, text)
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

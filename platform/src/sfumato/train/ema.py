@@ -21,29 +21,61 @@ def ema_beta(decay: float | None, halflife_samples: float | None, samples_per_st
     return 0.5 ** (samples_per_step / halflife_samples)
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: under ZeRO-3 its flat partition (`ds_tensor`),
+    otherwise the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
 class EMA:
+    """The average of each parameter, in fp32. Under ZeRO-3 every rank averages only its own
+    partition (memory falls with the worker count, as the weights' does); `state_dict` gathers
+    the full tensors and `load_state_dict` takes each rank's slice back, so both are collective
+    calls there and must run on every rank."""
+
     def __init__(self, model: torch.nn.Module, beta: float):
         self.beta = beta
-        self.params = [p.detach().clone().float() for p in model.parameters()]
+        self.params = [_local(p).detach().clone().float() for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        current = [p.detach().float() for p in model.parameters()]
+        current = [_local(p).detach().float() for p in model.parameters()]
         torch._foreach_lerp_(self.params, current, 1.0 - self.beta)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
+        """Into an unpartitioned model of the same architecture."""
         for target, source in zip(model.parameters(), self.params):
             target.copy_(source.to(target.dtype))
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Named tensors (for safetensors): the model's parameter names, EMA values."""
-        names = [name for name, _ in model.named_parameters()]
-        return {name: p.contiguous() for name, p in zip(names, self.params)}
+        """Named full tensors (for safetensors): the model's parameter names, EMA values."""
+        return {name: _gather(p, shard).contiguous() for (name, p), shard in zip(model.named_parameters(), self.params)}
 
     def load_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        names = [name for name, _ in model.named_parameters()]
-        missing = [n for n in names if n not in state]
+        named = list(model.named_parameters())
+        missing = [n for n, _ in named if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        self.params = [state[n].detach().clone().float() for n in names]
+        self.params = [_scatter(p, state[n]).detach().clone().float().to(_local(p).device) for n, p in named]
+
+
+def _gather(p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    if not hasattr(p, "ds_tensor"):
+        return shard
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, shard)
+    return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+
+
+def _scatter(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    if not hasattr(p, "ds_tensor"):
+        return full
+    import torch.distributed as dist
+
+    size = p.ds_tensor.numel()  # DeepSpeed: rank r holds elements [r*size, (r+1)*size), zero-padded
+    flat = full.flatten()
+    flat = torch.cat([flat, flat.new_zeros(size * dist.get_world_size() - flat.numel())])
+    return flat[dist.get_rank() * size: (dist.get_rank() + 1) * size]

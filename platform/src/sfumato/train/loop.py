@@ -103,12 +103,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = build_denoiser(t.model, model_px, channels, num_classes)
         if num_classes:
             cond_for_grid = torch.arange(t.sample.num_images, device=device) % num_classes
-    ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, effective_batch(cfg, t.stages[0])))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
                                   eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
+    # After initialize: under ZeRO-3 the EMA keeps only this rank's partition of each weight.
+    ema = EMA(engine.module, ema_beta(t.ema.decay, t.ema.halflife_samples, effective_batch(cfg, t.stages[0])))
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     state = TrainState(
         engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
@@ -189,8 +190,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               f"(ema {loss_ema:.4f}) | lr {lr:.2e} | {metrics['samples_per_s']:.1f} samples/s", flush=True)
                     ray.train.report(metrics)
                 if step % t.sample_every_steps == 0 or step == t.total_steps:
+                    ema_weights = ema.state_dict(engine.module)  # collective under ZeRO-3
                     if rank == 0:
-                        _sample_grid(cfg, engine.module, ema, cond_for_grid, codec, stage.resolution_px, step, device, sample, to_grid)
+                        _sample_grid(cfg, engine.module, ema_weights, cond_for_grid, codec, stage.resolution_px, step,
+                                     device, sample, to_grid)
                     dist.barrier()
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
                     _checkpoint(cfg, engine, ema, state, position, rank, dist)
@@ -222,19 +225,25 @@ def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist
     ckpt.save_rng(work, rank, state.generator)
     ckpt.save_loader_position(work, rank, position)
     dist.barrier()  # every rank's part is on disk before rank 0 commits
+    ema_weights = ema.state_dict(engine.module)  # collective under ZeRO-3
     if rank == 0:
         meta = {"step": state.step, "micro_step": state.micro_step, "model": cfg.train.model, "time": time.time()}
-        ckpt.commit(checkpoints, state.step, ema.state_dict(engine.module), meta, cfg.train.num_to_keep)
+        ckpt.commit(checkpoints, state.step, ema_weights, meta, cfg.train.num_to_keep)
     dist.barrier()
 
 
-def _sample_grid(cfg, module, ema, cond, codec, resolution_px, step, device, sample, to_grid) -> None:
+def _sample_grid(cfg, module, ema_weights, cond, codec, resolution_px, step, device, sample, to_grid) -> None:
     """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled);
     in latent mode the latents are sampled, then decoded by the VAE."""
-    import copy
+    from sfumato.models.registry import empty_like
 
-    model = copy.deepcopy(module).float().eval()
-    ema.copy_to(model)
+    model = empty_like(module).to(device).eval()
+    params = dict(model.named_parameters())
+    if params.keys() != ema_weights.keys():
+        raise RuntimeError("the EMA weights do not match the model's parameters")
+    with torch.no_grad():
+        for name, value in ema_weights.items():
+            params[name].copy_(value)
     size, channels = resolution_px, 3
     if codec is not None:
         size, channels = codec.latent_size(resolution_px), codec.channels
