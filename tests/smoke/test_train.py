@@ -81,9 +81,13 @@ def test_nan_on_one_rank_stops_every_rank_without_retry(cifar_shards):
 def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(cifar_shards):
     cfg = _cfg(cifar_shards, "text", "train.model=unet-text-tiny", "train.conditioning=text",
                "train.text.vocab_size=400", "train.text.hidden_size=32", "train.text.num_heads=2",
-               "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true")
+               "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true",
+               "train.wandb=true")
     run_training(cfg)
     run = cfg.train.output_dir
+    # No WANDB_API_KEY here: wandb logs offline into the run folder, metrics included.
+    (wandb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"loss_ema" in wandb_file.read_bytes() and b"samples_per_s" in wandb_file.read_bytes()
     prompts = json.loads((run / "text" / "sample_prompts.json").read_text())
     assert len(prompts) == 4 and all(p.startswith("a photo of a ") for p in prompts), prompts
     from sfumato.models.text import load_run_tokenizer, tokenize
