@@ -170,6 +170,7 @@ def run_shards(cfg: Config) -> ShardSummary:
         done = ray.data.from_items(items, override_num_blocks=len(items)).map(
             ShardWriter(scfg, limits, str(shards_dir)), num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
         )
+        done.context.op_resource_reservation_enabled = False  # one operator: see ingest
         for _ in done.iter_rows():
             pass
     sidecars = [_complete(shards_dir, res, s["index"], s["spec_hash"]) for res in scfg.resolutions_px for s in specs]
