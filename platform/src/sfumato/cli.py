@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sfumato.config import ConfigError, dump_yaml, load_config
 
-STAGES = ("ingest", "shards", "dataloader", "pipeline")
+STAGES = ("ingest", "embed", "dedup", "caption", "shards", "dataloader", "pipeline")
 
 
 def _with_config(parser: argparse.ArgumentParser) -> None:
@@ -30,41 +30,62 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(config)
     helps = {
         "ingest": "sources -> manifest.parquet + rejects.parquet (Ray Data)",
+        "embed": "manifest -> CLIP image and caption embeddings under embeddings/ (Ray Data actors)",
+        "dedup": "embeddings -> FAISS near-duplicate clusters, dedup_report.json, manifest marks",
+        "caption": "manifest captions kept, filled or replaced by an image-to-text model (Ray Data actors)",
         "shards": "manifest -> WebDataset shards per resolution (Ray Data)",
         "dataloader": "stream batches from the shards and report samples/s",
-        "pipeline": "the whole pipeline on one config (today: ingest, then shards)",
+        "pipeline": "the whole pipeline on one config (today: ingest, dedup and captions when configured, shards)",
     }
     for stage in STAGES:
-        _with_config(sub.add_parser(stage, help=helps[stage]))
+        stage_parser = sub.add_parser(stage, help=helps[stage])
+        _with_config(stage_parser)
+        if stage == "dedup":
+            stage_parser.add_argument("--review", type=int, default=0, metavar="N",
+                                      help="also write dedup_review.png: the N clusters nearest the threshold")
     train = sub.add_parser("train", help="Ray Train + DeepSpeed diffusion training (resumes its run folder)")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config with a train section")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train"])
+    bench.add_argument("what", choices=["ingest", "train", "dedup"])
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's)")
     bench.add_argument("--out", default=None, help="write the figures as JSON here")
-    bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size")
+    bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded")
     bench.add_argument("--memory-scale", type=int, default=10, help="ingest: also run at this multiple (0: skip)")
     bench.add_argument("--datasets", default="../shared/datasets", help="ingest: folder holding flowers-val.tar")
     bench.add_argument("--model", default="unet-s", help="train: a registered model")
     bench.add_argument("--resolution", type=int, default=32, help="train: image size")
     bench.add_argument("--steps", type=int, default=40, help="train: optimizer steps per side")
     bench.add_argument("--micro-batch", type=int, default=16, help="train: samples per worker per step")
+    bench.add_argument("--vectors", type=int, default=1_000_000, help="dedup: synthetic embeddings, approximate search")
+    bench.add_argument("--exact-vectors", type=int, default=50_000, help="dedup: the subset searched exactly too")
     bench.add_argument("--gpu", action="store_true",
                        help="train: time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU")
     bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="train --gpu: ZeRO stage")
     return parser
 
 
-def run_stage(stage: str, cfg) -> dict:
+def run_stage(stage: str, cfg, review: int = 0) -> dict:
     from sfumato.data.ingest import run_ingest
     from sfumato.data.loader import smoke
     from sfumato.data.shards import run_shards
 
     if stage == "ingest":
         return {"ingest": run_ingest(cfg).__dict__}
+    if stage == "embed":
+        from sfumato.data.embed import run_embed
+
+        return {"embed": run_embed(cfg)}
+    if stage == "dedup":
+        from sfumato.data.dedup import run_dedup
+
+        return {"dedup": run_dedup(cfg, review)}
+    if stage == "caption":
+        from sfumato.data.caption import run_caption
+
+        return {"caption": run_caption(cfg)}
     if stage == "shards":
         return {"shards": run_shards(cfg).__dict__}
     if stage == "dataloader":
@@ -76,9 +97,20 @@ def run_stage(stage: str, cfg) -> dict:
     if stage == "pipeline":
         ingest = run_ingest(cfg)
         print(ingest.line(), flush=True)
+        result = {"ingest": ingest.__dict__}
+        if cfg.data.curate.clip.model is not None:  # near-duplicate removal needs a CLIP model
+            from sfumato.data.dedup import run_dedup
+
+            result["dedup"] = run_dedup(cfg)
+            print(f"dedup: {result['dedup']['dropped']} near-duplicates dropped", flush=True)
+        if cfg.data.curate.caption.mode != "keep" or cfg.data.curate.caption.trigger:
+            from sfumato.data.caption import run_caption
+
+            result["caption"] = run_caption(cfg)
+            print(f"caption: {result['caption']['generated']} captions generated", flush=True)
         shards = run_shards(cfg)
         print(shards.line(), flush=True)
-        return {"ingest": ingest.__dict__, "shards": shards.__dict__}
+        return {**result, "shards": shards.__dict__}
     raise ValueError(stage)
 
 
@@ -113,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "train" and cfg.train is None:
         print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)
         return 2
-    result = run_stage(args.stage, cfg)
+    result = run_stage(args.stage, cfg, getattr(args, "review", 0))
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -209,6 +209,51 @@ class LoaderConfig(Frozen):
     """Batches that `sfumato dataloader` streams to measure samples/s."""
 
 
+class ClipConfig(Frozen):
+    model: str | None = None
+    """Hub id or local folder of a transformers CLIPModel with its processor and tokenizer
+    (OpenAI CLIP, or LAION OpenCLIP weights in transformers format), safetensors only, e.g.
+    openai/clip-vit-base-patch32. None: no embeddings (and so no near-duplicate removal)."""
+    batch_size: int = Field(32, ge=1)
+    num_workers: int | None = Field(None, ge=1)
+    """Actors, each holding one copy of the model; None: one per CPU (or GPU with num_gpus)."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per actor on a cluster (0: CPU actors)."""
+
+
+class DedupConfig(Frozen):
+    threshold: float = Field(0.95, gt=0, le=1)
+    """Cosine similarity at or above which two images are near-duplicates."""
+    exact_max: int = Field(50_000, ge=0)
+    """Up to this many images the search is exact (FAISS IndexFlatIP); above, IVF."""
+    nlist: int | None = Field(None, ge=1)
+    nprobe: int = Field(16, ge=1)
+    license_preference: list[str] = []
+    """Keeper rule: most pixels, then the licence listed first here (unlisted last), then id."""
+
+
+class CaptionConfig(Frozen):
+    mode: Literal["keep", "fill", "replace"] = "keep"
+    """keep: the sources' captions; fill: caption rows without one; replace: caption every row."""
+    model: str | None = None
+    """Hub id or local folder of a transformers image-to-text model (safetensors), e.g.
+    Salesforce/blip-image-captioning-base (BLIP) or a VLM; needed by fill and replace."""
+    prompt: str | None = None
+    """Conditional captioning: the text the caption continues (e.g. "a photograph of")."""
+    trigger: str | None = None
+    """A token prepended to every final caption (e.g. a style or subject trigger word)."""
+    max_new_tokens: int = Field(30, ge=1, le=512)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int | None = Field(None, ge=1)
+    num_gpus: float = Field(0, ge=0)
+
+
+class CurateConfig(Frozen):
+    clip: ClipConfig = ClipConfig()
+    dedup: DedupConfig = DedupConfig()
+    caption: CaptionConfig = CaptionConfig()
+
+
 class DataConfig(Frozen):
     output_dir: Path
     """Holds manifest.parquet, rejects.parquet, blobs/ and shards/<res>/."""
@@ -216,6 +261,7 @@ class DataConfig(Frozen):
     ingest: IngestConfig
     shards: ShardsConfig = ShardsConfig()
     loader: LoaderConfig = LoaderConfig()
+    curate: CurateConfig = CurateConfig()
 
     @field_validator("output_dir")
     @classmethod

@@ -211,6 +211,22 @@ class IngestSummary:
         return f"ingest: {self.inputs} inputs -> {self.accepted} in manifest, {self.rejected} rejected ({top or 'none'})"
 
 
+# Columns later stages add to the manifest (curation), with their types.
+CURATION_FIELDS = [
+    pa.field("near_dup_cluster", pa.int64()), pa.field("near_dup_of", _TEXT),
+    pa.field("caption_source", _TEXT), pa.field("caption_origin", _TEXT),
+]
+
+
+def write_manifest(df: pd.DataFrame, path: Path) -> None:
+    """The manifest's columns plus whichever curation columns `df` has, written atomically."""
+    schema = MANIFEST_SCHEMA
+    for field in CURATION_FIELDS:
+        if field.name in df:
+            schema = schema.append(field)
+    _write_parquet(df, schema, path)
+
+
 def _write_parquet(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
     tmp = path.with_name(path.name + ".tmp")

@@ -1,0 +1,135 @@
+"""`sfumato dedup` end to end on local Ray: real flower photos plus near-duplicates made from them,
+a tiny randomly initialised CLIPModel saved as a local pretrained folder (the real loading code).
+
+A random CLIP is not semantic (distinct photos reach cosine 0.998 under it), so what this checks
+is the stage's contract, not CLIP's judgement: every accepted row is embedded once, every copy
+lands in its original's cluster, the keeper rule holds in every cluster, the manifest marks match
+the report, shards skip dropped rows, and a re-run changes nothing. Search quality is tested on
+embeddings with known structure in tests/unit/test_neardup.py."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("faiss")
+
+from conftest import debug_config  # noqa: E402
+from sfumato.bench.tiny import save_tiny_clip  # noqa: E402
+from sfumato.cli import main  # noqa: E402
+from sfumato.data.embed import load_embeddings  # noqa: E402
+from sfumato.data.ingest import run_ingest  # noqa: E402
+from sfumato.data.shards import run_shards  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, flowers_dir, ray_local):
+    tmp = tmp_path_factory.mktemp("curate")
+    save_tiny_clip(tmp / "clip")
+    copies = tmp / "copies"
+    originals = sorted(flowers_dir.rglob("*.jpg"))[::6]  # 10 photos, 2 of each class
+    for n, path in enumerate(originals):
+        img = Image.open(path).convert("RGB")
+        if n % 2:  # an upscaled copy: more pixels, so the copy must be the keeper
+            img = img.resize((int(img.width * 1.25), int(img.height * 1.25)))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=70)
+        target = copies / path.parent.name / f"copy-{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(buf.getvalue())
+    sources = [{"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
+               {"kind": "folder", "name": "copies", "path": str(copies), "license": "CC-BY-4.0"}]
+    overrides = [f"data.curate.clip.model={tmp / 'clip'}", "data.curate.clip.batch_size=16"]
+    cfg = debug_config(tmp, sources, *overrides)
+    run_ingest(cfg)
+    args = ["dedup", "--config", "configs/debug.yaml", f"data.output_dir={tmp / 'data'}",
+            f"data.sources={json.dumps(sources)}", *overrides, "--review", "3"]
+    assert main(args) == 0
+    return cfg, originals, args
+
+
+def test_dedup_marks_the_manifest_as_its_report_says(curated):
+    cfg, originals, _ = curated
+    out = cfg.data.output_dir
+    manifest = pq.read_table(out / "manifest.parquet").to_pandas()
+    report = json.loads((out / "dedup_report.json").read_text())
+    ids, emb = load_embeddings(out)
+    assert sorted(ids) == sorted(manifest["id"]) and len(ids) == 70, "every accepted row embedded once"
+    assert emb.dtype.name == "float16"
+    assert abs(float((emb.astype("float32") ** 2).sum(1).mean()) - 1) < 1e-2, "L2-normalised"
+    by_path = manifest.set_index("filepath")
+    for path in originals:
+        copy = next(p for p in by_path.index if p.endswith(f"copy-{path.name}"))
+        assert by_path.loc[copy, "near_dup_cluster"] == by_path.loc[str(path), "near_dup_cluster"], path.name
+    dropped = manifest[manifest["status"] == "near_duplicate"]
+    assert len(dropped) == report["dropped"] > 0
+    for cluster in report["cluster_list"]:
+        members = manifest.set_index("id").loc[[m["id"] for m in cluster["members"]]]
+        pixels = members["width"] * members["height"]
+        assert pixels[cluster["keeper"]] == pixels.max(), "the keeper has the most pixels"
+        assert (members.drop(index=cluster["keeper"])["near_dup_of"] == cluster["keeper"]).all()
+        assert members.loc[cluster["keeper"], "status"] == "ok"
+        assert (members["near_dup_cluster"] == cluster["cluster"]).all()
+    assert (out / "dedup_review.png").exists()
+    assert run_shards(cfg).samples == 70 - len(dropped), "shards skip the dropped rows"
+
+
+def test_rerun_skips_embedding_and_changes_nothing(curated):
+    cfg, _, args = curated
+    out = cfg.data.output_dir
+    meta = (out / "embeddings" / "meta.json").stat().st_mtime_ns
+    before = pq.read_table(out / "manifest.parquet").to_pandas()
+    report = (out / "dedup_report.json").read_text()
+    assert main(args) == 0
+    assert (out / "embeddings" / "meta.json").stat().st_mtime_ns == meta, "embeddings were complete: not redone"
+    assert (out / "dedup_report.json").read_text() == report
+    after = pq.read_table(out / "manifest.parquet").to_pandas()
+    assert after.drop(columns="date_collected").equals(before.drop(columns="date_collected"))
+
+
+def test_caption_modes_record_origin_and_keep_the_source_caption(tmp_path, flowers_dir, ray_local):
+    from sfumato.bench.tiny import save_tiny_blip
+    from sfumato.data.caption import run_caption
+
+    save_tiny_blip(tmp_path / "blip")
+    photos = sorted(flowers_dir.rglob("*.jpg"))
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    for path in photos[:6]:
+        (uncaptioned / f"u-{path.name}").write_bytes(path.read_bytes())
+    sources = [{"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
+               {"kind": "folder", "name": "bare", "path": str(uncaptioned), "license": "CC-BY-2.0", "caption_template": None}]
+    model = [f"data.curate.caption.model={tmp_path / 'blip'}", "data.curate.caption.max_new_tokens=6"]
+    run_ingest(debug_config(tmp_path, sources))
+
+    def manifest():
+        return pq.read_table(tmp_path / "data" / "manifest.parquet").to_pandas().set_index("id")
+
+    before = manifest()
+    bare = before["source"] == "bare"
+    assert before.loc[bare, "caption"].isna().all() and before.loc[~bare, "caption"].notna().all()
+
+    fill = debug_config(tmp_path, sources, *model, "data.curate.caption.mode=fill", "data.curate.caption.trigger=sfm")
+    assert run_caption(fill)["generated"] == bare.sum()
+    after = manifest()
+    assert (after.loc[bare, "caption_origin"] == f"model:{tmp_path / 'blip'}").all()
+    assert (after.loc[~bare, "caption_origin"] == "source").all()
+    assert (after.loc[~bare, "caption"] == "sfm " + before.loc[~bare, "caption"]).all(), "given captions kept"
+    assert after["caption"].str.startswith("sfm ").all()
+    assert (after.loc[bare, "caption_source"].isna()).all()
+    run_caption(fill)  # again: the trigger is not prepended twice, the greedy captions are the same
+    assert manifest()["caption"].equals(after["caption"])
+
+    keep = debug_config(tmp_path, sources, "data.curate.caption.mode=keep")
+    assert run_caption(keep)["generated"] == 0
+    kept = manifest()
+    assert kept["caption"].equals(before["caption"]), "keep restores exactly what the sources said"
+    assert (kept.loc[bare, "caption_origin"] == "none").all()
+
+    replace = debug_config(tmp_path, sources, *model, "data.curate.caption.mode=replace")
+    assert run_caption(replace)["generated"] == len(before)
+    assert (manifest()["caption_origin"] == f"model:{tmp_path / 'blip'}").all()
