@@ -133,3 +133,56 @@ def test_caption_modes_record_origin_and_keep_the_source_caption(tmp_path, flowe
     replace = debug_config(tmp_path, sources, *model, "data.curate.caption.mode=replace")
     assert run_caption(replace)["generated"] == len(before)
     assert (manifest()["caption_origin"] == f"model:{tmp_path / 'blip'}").all()
+
+
+def test_safety_scores_flags_and_filters_from_the_embeddings(tmp_path, flowers_dir, ray_local):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from sfumato.data.embed import load_embeddings
+    from sfumato.data.safety import run_safety
+
+    save_tiny_clip(tmp_path / "clip")
+    sources = [{"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"}]
+    clip = f"data.curate.clip.model={tmp_path / 'clip'}"
+    run_ingest(debug_config(tmp_path, sources))
+
+    def manifest():
+        return pq.read_table(tmp_path / "data" / "manifest.parquet").to_pandas().set_index("id")
+
+    # Identical unsafe and safe prompt sets: by symmetry every image scores exactly 0.5.
+    same = ["a photo of a flower", "a garden"]
+    run_safety(debug_config(tmp_path, sources, clip, f"data.curate.safety.unsafe_prompts={same}",
+                            f"data.curate.safety.safe_prompts={same}", "data.curate.safety.nsfw_threshold=0.6"))
+    m = manifest()
+    np.testing.assert_allclose(m["nsfw_score"], 0.5, atol=1e-6)
+    assert not m["nsfw_flag"].any() and (m["status"] == "ok").all()
+
+    # Default prompts: scores are probabilities; the flag is exactly score >= threshold.
+    rng = np.random.default_rng(0)
+    head = {"layers.0.weight": rng.standard_normal((8, 16)).astype(np.float32), "layers.0.bias": np.zeros(8, np.float32),
+            "layers.1.weight": rng.standard_normal((1, 8)).astype(np.float32), "layers.1.bias": np.ones(1, np.float32)}
+    save_file(head, str(tmp_path / "aesthetic.safetensors"))
+    threshold = float(np.median(m["nsfw_score"]))  # whatever the random model says: half flagged
+    cfg = debug_config(tmp_path, sources, clip, f"data.curate.safety.nsfw_threshold={threshold}",
+                       f"data.curate.safety.aesthetic_weights={tmp_path / 'aesthetic.safetensors'}")
+    summary = run_safety(cfg)
+    m = manifest()
+    assert m["nsfw_score"].between(0, 1).all()
+    assert (m["nsfw_flag"] == (m["nsfw_score"] >= threshold)).all()
+    assert ((m["status"] == "unsafe") == m["nsfw_flag"]).all() and summary["unsafe_dropped"] == m["nsfw_flag"].sum() > 0
+    ids, emb = load_embeddings(tmp_path / "data")
+    x = emb.astype(np.float32)
+    expected = np.maximum(x @ head["layers.0.weight"].T, 0) @ head["layers.1.weight"].T[:, 0] + 1
+    np.testing.assert_allclose(m.loc[ids, "aesthetic_score"], expected, rtol=1e-4, atol=1e-4)
+
+    # A minimum aesthetic score drops the rest below it; a re-run without filters restores every row.
+    floor = float(np.median(expected))
+    run_safety(debug_config(tmp_path, sources, clip, "data.curate.safety.drop_nsfw=false",
+                            f"data.curate.safety.aesthetic_weights={tmp_path / 'aesthetic.safetensors'}",
+                            f"data.curate.safety.min_aesthetic={floor}"))
+    m = manifest()
+    assert ((m["status"] == "low_aesthetic") == (m["aesthetic_score"] < floor)).all()
+    run_safety(debug_config(tmp_path, sources, clip, "data.curate.safety.drop_nsfw=false"))
+    m = manifest()
+    assert (m["status"] == "ok").all() and m["aesthetic_score"].isna().all()

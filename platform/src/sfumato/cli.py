@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sfumato.config import ConfigError, dump_yaml, load_config
 
-STAGES = ("ingest", "embed", "dedup", "caption", "shards", "dataloader", "pipeline")
+STAGES = ("ingest", "embed", "dedup", "safety", "caption", "shards", "dataloader", "pipeline")
 
 
 def _with_config(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest": "sources -> manifest.parquet + rejects.parquet (Ray Data)",
         "embed": "manifest -> CLIP image and caption embeddings under embeddings/ (Ray Data actors)",
         "dedup": "embeddings -> FAISS near-duplicate clusters, dedup_report.json, manifest marks",
+        "safety": "NSFW (CLIP zero-shot) and aesthetic scores from the embeddings; filters by threshold",
         "caption": "manifest captions kept, filled or replaced by an image-to-text model (Ray Data actors)",
         "shards": "manifest -> WebDataset shards per resolution (Ray Data)",
         "dataloader": "stream batches from the shards and report samples/s",
@@ -82,6 +83,10 @@ def run_stage(stage: str, cfg, review: int = 0) -> dict:
         from sfumato.data.dedup import run_dedup
 
         return {"dedup": run_dedup(cfg, review)}
+    if stage == "safety":
+        from sfumato.data.safety import run_safety
+
+        return {"safety": run_safety(cfg)}
     if stage == "caption":
         from sfumato.data.caption import run_caption
 
@@ -101,6 +106,10 @@ def run_stage(stage: str, cfg, review: int = 0) -> dict:
         if cfg.data.curate.clip.model is not None:  # near-duplicate removal needs a CLIP model
             from sfumato.data.dedup import run_dedup
 
+            from sfumato.data.safety import run_safety
+
+            result["safety"] = run_safety(cfg)
+            print(f"safety: {result['safety']['unsafe_dropped']} unsafe rows dropped", flush=True)
             result["dedup"] = run_dedup(cfg)
             print(f"dedup: {result['dedup']['dropped']} near-duplicates dropped", flush=True)
         if cfg.data.curate.caption.mode != "keep" or cfg.data.curate.caption.trigger:

@@ -248,10 +248,32 @@ class CaptionConfig(Frozen):
     num_gpus: float = Field(0, ge=0)
 
 
+class SafetyConfig(Frozen):
+    nsfw_threshold: float = Field(0.5, ge=0, le=1)
+    """Zero-shot NSFW probability (unsafe prompts' share) at or above which nsfw_flag is set."""
+    drop_nsfw: bool = True
+    """Flagged rows get status `unsafe` and stay out of the shards."""
+    unsafe_prompts: list[str] = Field(["an explicit nude photo", "pornographic content", "a sexually explicit image",
+                                       "graphic violence and gore"], min_length=1)
+    safe_prompts: list[str] = Field(["a photo", "a safe for work image", "a landscape", "an everyday scene"],
+                                    min_length=1)
+    aesthetic_weights: Path | None = None
+    """A safetensors file of an MLP head on the CLIP embedding (layers.<k>.weight/bias, ReLU
+    between); None: no aesthetic score."""
+    min_aesthetic: float | None = None
+    """Rows scoring below get status `low_aesthetic` (needs aesthetic_weights)."""
+
+    @field_validator("aesthetic_weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        return _existing(value, "file")
+
+
 class CurateConfig(Frozen):
     clip: ClipConfig = ClipConfig()
     dedup: DedupConfig = DedupConfig()
     caption: CaptionConfig = CaptionConfig()
+    safety: SafetyConfig = SafetyConfig()
 
 
 class DataConfig(Frozen):

@@ -41,9 +41,12 @@ def run_dedup(cfg: Config, review: int = 0) -> dict:
     if "near_dup_cluster" in manifest:  # a previous dedup: start again from its input
         manifest.loc[manifest["status"] == NEAR_DUPLICATE, "status"] = "ok"
         manifest = manifest.drop(columns=["near_dup_cluster", "near_dup_of"])
-    rows = manifest.set_index("id").loc[ids]
-    if len(rows) != int((manifest["status"] == "ok").sum()):
+    candidates = set(manifest.loc[manifest["status"] == "ok", "id"])  # not rows safety dropped
+    keep = [k for k, rid in enumerate(ids) if rid in candidates]
+    ids, emb = [ids[k] for k in keep], emb[keep]
+    if len(ids) != len(candidates):
         raise RuntimeError("the embeddings do not cover the manifest's accepted rows; re-run `sfumato dedup`")
+    rows = manifest.set_index("id").loc[ids]
     settings = SearchSettings(threshold=dcfg.threshold, exact_max=dcfg.exact_max, nlist=dcfg.nlist,
                               nprobe=dcfg.nprobe, seed=cfg.seed)
     i, j, score, method = candidate_pairs(emb, settings)

@@ -73,8 +73,8 @@ def _normalised(features) -> np.ndarray:
     return (features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy().astype(np.float16)
 
 
-EMBEDDED_STATUSES = ("ok", "near_duplicate")
-"""Rows that get embeddings: accepted ones, including those a previous dedup marked."""
+EMBEDDED_STATUSES = ("ok", "near_duplicate", "unsafe", "low_aesthetic")
+"""Rows that get embeddings: accepted ones, including those curation has since marked."""
 
 
 def _embeddable(manifest: Path, columns: list[str]) -> pa.Table:

@@ -215,6 +215,7 @@ class IngestSummary:
 CURATION_FIELDS = [
     pa.field("near_dup_cluster", pa.int64()), pa.field("near_dup_of", _TEXT),
     pa.field("caption_source", _TEXT), pa.field("caption_origin", _TEXT),
+    pa.field("nsfw_score", pa.float64()), pa.field("aesthetic_score", pa.float64()),
 ]
 
 
