@@ -76,6 +76,11 @@ def test_dedup_marks_the_manifest_as_its_report_says(curated):
         assert (members["near_dup_cluster"] == cluster["cluster"]).all()
     assert (out / "dedup_review.png").exists()
     assert run_shards(cfg).samples == 70 - len(dropped), "shards skip the dropped rows"
+    counts = json.loads((out / "shards" / "class_counts.json").read_text())
+    weights = json.loads((out / "shards" / "class_weights.json").read_text())
+    kept_tags = manifest.loc[manifest["status"] == "ok", "tags"].map(lambda t: t[-1]).value_counts().to_dict()
+    assert counts == kept_tags, "class counts are of the rows that reach the shards"
+    assert weights == {t: pytest.approx(min(counts.values()) / n) for t, n in counts.items()}
 
 
 def test_rerun_skips_embedding_and_changes_nothing(curated):

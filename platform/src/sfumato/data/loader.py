@@ -81,14 +81,6 @@ def iter_batches_from(samples: Iterator[dict], batch_size: int, resolution_px: i
         yield {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
 
 
-def balancing_weights(class_counts: dict[str, int], classes: dict[str, int]) -> dict[int, float]:
-    """Acceptance probability per class index: rarest class 1, others rarest/count, so every
-    class is drawn equally often in expectation (frequent classes are subsampled)."""
-    present = {classes[tag]: n for tag, n in class_counts.items() if n > 0}
-    rarest = min(present.values())
-    return {index: rarest / n for index, n in present.items()}
-
-
 def _balanced(samples: Iterator[dict], weights: dict[int, float], rng: np.random.Generator) -> Iterator[dict]:
     for sample in samples:
         cls = int(sample["cls"]) if "cls" in sample else -1

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SHARD_MANIFEST = "shard_manifest.csv"
 CLASSES = "classes.json"
 CLASS_COUNTS = "class_counts.json"
+CLASS_WEIGHTS = "class_weights.json"
 _COLUMNS = ["id", "filepath", "caption", "tags", "license", "source", "sha256", "width", "height"]
 
 
@@ -146,6 +147,8 @@ def run_shards(cfg: Config) -> ShardSummary:
     (shards_dir / CLASSES).write_text(json.dumps(classes, indent=1))
     counts = Counter(r["tags"][-1] for r in rows if r["tags"])
     (shards_dir / CLASS_COUNTS).write_text(json.dumps({t: counts[t] for t in classes}, indent=1))
+    # What `train.class_balanced` samples with: the rarest class always, the others rarest/count.
+    (shards_dir / CLASS_WEIGHTS).write_text(json.dumps(balancing_weights({t: counts[t] for t in classes}), indent=1))
     for key, row in enumerate(rows):
         row["key"] = f"{key:09d}"
         row["class"] = classes[row["tags"][-1]] if row["tags"] else None
@@ -182,6 +185,14 @@ def run_shards(cfg: Config) -> ShardSummary:
                            sum(i["sample_count"] for i in sidecars[: len(specs)]), failed, str(shards_dir))
     log.info(summary.line())
     return summary
+
+
+def balancing_weights(class_counts: dict[str, int]) -> dict[str, float]:
+    """Acceptance probability per class (tag): rarest class 1, others rarest/count, so every
+    class is drawn equally often in expectation (frequent classes are subsampled)."""
+    present = {tag: n for tag, n in class_counts.items() if n > 0}
+    rarest = min(present.values(), default=1)
+    return {tag: rarest / n for tag, n in present.items()}
 
 
 def _remove_stale(shards_dir: Path, resolutions: list[int], count: int) -> None:

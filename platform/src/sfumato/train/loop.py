@@ -60,8 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from sfumato.data.loader import balancing_weights, iter_training_batches, shard_paths
-    from sfumato.data.shards import CLASS_COUNTS, CLASSES
+    from sfumato.data.loader import iter_training_batches, shard_paths
+    from sfumato.data.shards import CLASS_WEIGHTS, CLASSES
     from sfumato.diffusion.sample import sample, to_grid
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.registry import build_denoiser
@@ -85,7 +85,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if t.class_balanced:
         if not classes:
             raise ValueError("train.class_balanced needs classes (tags) in the shards, and they have none")
-        class_weights = balancing_weights(json.loads((shards_dir / CLASS_COUNTS).read_text()), classes)
+        weights = json.loads((shards_dir / CLASS_WEIGHTS).read_text())
+        class_weights = {classes[tag]: weight for tag, weight in weights.items()}
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer, cond_for_grid = None, None
     codec = LatentCodec.load(t.vae, device) if t.vae is not None else None
