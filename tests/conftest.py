@@ -74,3 +74,19 @@ def save_tiny_vae(folder: Path):
                         scaling_factor=0.5)
     vae.save_pretrained(folder / "vae")
     return vae
+
+
+def plain_state(model, lr: float = 2e-3, condition_dropout: float = 0.1, **state_fields):
+    """A TrainState around `model` without Ray or DeepSpeed (PlainEngine: AdamW, clipping at 1),
+    seeded, on the CPU: what the unit tests call `train_step` with."""
+    import torch
+
+    from sfumato.config import DiffusionConfig, OptimizerConfig
+    from sfumato.diffusion.schedule import NoiseSchedule
+    from sfumato.train.step import GradientWatch, PlainEngine, TrainState
+
+    cfg = DiffusionConfig(condition_dropout=condition_dropout)
+    return TrainState(engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
+                      schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
+                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                      watch=GradientWatch(model), **state_fields)

@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from safetensors.torch import load_file  # noqa: E402
 
 from conftest import debug_config, save_tiny_vae  # noqa: E402
 from sfumato.data.ingest import run_ingest  # noqa: E402

@@ -9,13 +9,12 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from sfumato.config import DiffusionConfig, OptimizerConfig, VAEConfig  # noqa: E402
-from sfumato.diffusion.schedule import NoiseSchedule  # noqa: E402
+from sfumato.config import VAEConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
 from sfumato.models.vae import LatentCodec  # noqa: E402
-from sfumato.train.step import GradientWatch, PlainEngine, TrainState, train_step  # noqa: E402
+from sfumato.train.step import train_step  # noqa: E402
 
-from conftest import save_tiny_vae  # noqa: E402
+from conftest import plain_state, save_tiny_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +35,7 @@ def test_latent_training_step_learns_and_leaves_the_vae_alone(tmp_path, cifar_ba
 
     torch.manual_seed(0)
     model = build_denoiser("unet-tiny", 8, codec.channels)
-    cfg = DiffusionConfig()
-    state = TrainState(engine=PlainEngine(model, OptimizerConfig(lr=2e-3), grad_clip_norm=1.0),
-                       schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
-                       generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                       watch=GradientWatch(model), codec=codec)
+    state = plain_state(model, codec=codec)
     losses = [train_step(state, cifar_batch)["loss"] for _ in range(40)]
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), (losses[:8], losses[-8:])
     assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), codec.vae.state_dict().values())), \

@@ -1,7 +1,6 @@
 """The training loader on real CIFAR-10 JPEGs in WebDataset tars: ranks see disjoint slices,
 a saved position resumes at exactly the next batch, and class balancing evens out a skewed set."""
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -10,13 +9,7 @@ import numpy as np
 import pytest
 
 from sfumato.data.loader import iter_training_batches
-from sfumato.data.shards import balancing_weights
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from sfumato.data.shards import balancing_weights, tar_add
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +26,9 @@ def skewed_shards(cifar_dir, tmp_path_factory):
         with tarfile.open(path, "w") as tar:
             for key in range(shard * 50, shard * 50 + 50):
                 image, cls = samples[key]
-                _add(tar, f"{key:09d}.jpg", image.read_bytes())
-                _add(tar, f"{key:09d}.json", json.dumps({"id": f"s{key}", "caption": ""}).encode())
-                _add(tar, f"{key:09d}.cls", str(cls).encode())
+                tar_add(tar, f"{key:09d}.jpg", image.read_bytes())
+                tar_add(tar, f"{key:09d}.json", json.dumps({"id": f"s{key}", "caption": ""}).encode())
+                tar_add(tar, f"{key:09d}.cls", str(cls).encode())
         paths.append(path)
     return paths
 

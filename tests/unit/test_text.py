@@ -9,11 +9,11 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from sfumato.config import DiffusionConfig, OptimizerConfig, TextConfig  # noqa: E402
-from sfumato.diffusion.schedule import NoiseSchedule  # noqa: E402
+from conftest import plain_state  # noqa: E402
+from sfumato.config import TextConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
 from sfumato.models.text import build_text_encoder, prepare_tokenizer, tokenize, train_tokenizer  # noqa: E402
-from sfumato.train.step import GradientWatch, PlainEngine, TrainState, conditions, train_step  # noqa: E402
+from sfumato.train.step import conditions, train_step  # noqa: E402
 
 TINY = TextConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, max_length=12)
 
@@ -48,12 +48,8 @@ def test_trained_tokenizer_round_trips_and_frames_every_caption(tokenizer):
     assert tokenizer.decode(tokenize(tokenizer, ["ZEBRA"], TINY.max_length)[0], skip_special_tokens=True) == "zebra"
 
 
-def _text_state(model, tok, dropout=0.1, lr=2e-3):
-    cfg = DiffusionConfig(condition_dropout=dropout)
-    return TrainState(engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
-                      schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
-                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                      watch=GradientWatch(model), tokenizer=tok, max_length=TINY.max_length)
+def _text_state(model, tok, dropout=0.1):
+    return plain_state(model, condition_dropout=dropout, tokenizer=tok, max_length=TINY.max_length)
 
 
 def test_text_encoder_trains_jointly_and_the_loss_falls(tokenizer, cifar_text_batch):

@@ -10,19 +10,11 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from sfumato.config import DiffusionConfig, OptimizerConfig  # noqa: E402
-from sfumato.diffusion.schedule import NoiseSchedule  # noqa: E402
+from conftest import plain_state  # noqa: E402
+from sfumato.config import OptimizerConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
 from sfumato.train import checkpoint as ckpt  # noqa: E402
-from sfumato.train.step import GradientWatch, NonFiniteError, PlainEngine, TrainState, lr_at, train_step  # noqa: E402
-
-
-def _state(model, lr=2e-3, **kw):
-    cfg = DiffusionConfig(condition_dropout=0.1)
-    return TrainState(engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
-                      schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
-                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                      watch=GradientWatch(model), **kw)
+from sfumato.train.step import NonFiniteError, lr_at, train_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +28,7 @@ def cifar_batch(cifar_dir):
 def test_loss_decreases_on_real_images(cifar_batch):
     torch.manual_seed(0)
     model = build_denoiser("unet-tiny", 16, 3, num_classes=10)
-    state = _state(model, null_class=10)
+    state = plain_state(model, null_class=10)
     losses = [train_step(state, cifar_batch)["loss"] for _ in range(60)]
     assert state.step == 60
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), (losses[:10], losses[-10:])
@@ -47,7 +39,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(cifar_batch):
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     before = [p.detach().clone() for p in model.parameters()]
-    state = _state(model)
+    state = plain_state(model)
     with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
         train_step(state, cifar_batch)
     after = list(model.parameters())
@@ -59,7 +51,7 @@ def test_non_finite_gradient_is_caught_by_the_watch(cifar_batch):
     model = build_denoiser("unet-tiny", 16, 3)
     param = next(model.parameters())
     param.register_hook(lambda g: g * float("inf"))  # a finite loss whose gradient overflows
-    state = _state(model)
+    state = plain_state(model)
     start = param.detach().clone()
     with pytest.raises(NonFiniteError, match="non-finite gradient"):
         train_step(state, cifar_batch)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import psutil
 
 from sfumato.config import Config
 from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, render
+from sfumato.data.shards import tar_add
 
 RESOLUTIONS_PX = [64, 128]
 # 20 shards at 5,000 images: a shard is the unit of parallelism of the second pass on both
@@ -127,12 +127,6 @@ def _validate(limits: DecodeLimits, path: str) -> tuple[str, str] | None:
     return path, sha
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(limits: DecodeLimits, scfg, job: tuple[int, int, list[tuple[str, str, int]], str]) -> int:
     """Shards' per-shard work: decode once, render + encode per resolution, the same members
     under the same keys (the sample's position in the accepted list)."""
@@ -142,11 +136,11 @@ def _write_shard(limits: DecodeLimits, scfg, job: tuple[int, int, list[tuple[str
         image = decode_image(Path(path).read_bytes(), limits, draft_px=max(scfg.resolutions_px)).image
         key = f"{first_key + offset:09d}"
         for res, tar in tars.items():
-            _tar_add(tar, f"{key}.{EXTENSIONS[scfg.image_format]}",
+            tar_add(tar, f"{key}.{EXTENSIONS[scfg.image_format]}",
                      encode(render(image, res, scfg.resize_mode), scfg.image_format, scfg.jpeg_quality))
-            _tar_add(tar, f"{key}.txt", caption.encode())
-            _tar_add(tar, f"{key}.json", json.dumps({"caption": caption, "class": cls, "resolution_px": res}).encode())
-            _tar_add(tar, f"{key}.cls", str(cls).encode())
+            tar_add(tar, f"{key}.txt", caption.encode())
+            tar_add(tar, f"{key}.json", json.dumps({"caption": caption, "class": cls, "resolution_px": res}).encode())
+            tar_add(tar, f"{key}.cls", str(cls).encode())
     for tar in tars.values():
         tar.close()
     return len(samples)

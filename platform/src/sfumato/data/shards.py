@@ -45,7 +45,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata makes a re-written shard byte-identical.
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -88,12 +88,12 @@ class ShardWriter:
                 meta.update(allow_hflip=self.cfg.allow_hflip, resolution_px=res,
                             orig_width=decoded.width, orig_height=decoded.height)
                 key = row["key"]
-                _tar_add(tar, f"{key}.{ext}", encode(render(decoded.image, res, self.cfg.resize_mode),
+                tar_add(tar, f"{key}.{ext}", encode(render(decoded.image, res, self.cfg.resize_mode),
                                                      self.cfg.image_format, self.cfg.jpeg_quality))
-                _tar_add(tar, f"{key}.txt", (row["caption"] or "").encode())
-                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                tar_add(tar, f"{key}.txt", (row["caption"] or "").encode())
+                tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 if row["class"] is not None:
-                    _tar_add(tar, f"{key}.cls", str(row["class"]).encode())
+                    tar_add(tar, f"{key}.cls", str(row["class"]).encode())
                 counts[res] += 1
         for res, tar in tars.items():
             tar.close()
