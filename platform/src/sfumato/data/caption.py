@@ -18,8 +18,7 @@ import ray
 
 from sfumato.config import Config
 from sfumato.data.decode import DecodeLimits, decode_image
-from sfumato.data.embed import EMBEDDED_STATUSES
-from sfumato.data.ingest import MANIFEST, write_manifest
+from sfumato.data.ingest import ACCEPTED_STATUSES, MANIFEST, write_manifest
 from sfumato.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def run_caption(cfg: Config) -> dict:
     if "caption_source" not in manifest:  # first curation run: what the sources said
         manifest["caption_source"] = manifest["caption"]
     given = manifest["caption_source"].fillna("").str.strip()
-    eligible = manifest["status"].isin(EMBEDDED_STATUSES)
+    eligible = manifest["status"].isin(ACCEPTED_STATUSES)
     wanted = eligible & ({"keep": False, "fill": True, "replace": True}[ccfg.mode])
     if ccfg.mode == "fill":
         wanted &= given == ""

@@ -21,14 +21,13 @@ import pyarrow.parquet as pq
 
 from sfumato.config import Config
 from sfumato.data.embed import load_embeddings, run_embed
-from sfumato.data.ingest import MANIFEST, write_manifest
+from sfumato.data.ingest import MANIFEST, NEAR_DUPLICATE, OK, write_manifest
 from sfumato.data.neardup import SearchSettings, candidate_pairs, choose_keepers, clusters
 
 log = logging.getLogger(__name__)
 
 REPORT = "dedup_report.json"
 REVIEW = "dedup_review.png"
-NEAR_DUPLICATE = "near_duplicate"
 
 
 def run_dedup(cfg: Config, review: int = 0) -> dict:
@@ -39,9 +38,9 @@ def run_dedup(cfg: Config, review: int = 0) -> dict:
     ids, emb = [ids[k] for k in order], emb[order]
     manifest = pq.read_table(out / MANIFEST).to_pandas()
     if "near_dup_cluster" in manifest:  # a previous dedup: start again from its input
-        manifest.loc[manifest["status"] == NEAR_DUPLICATE, "status"] = "ok"
+        manifest.loc[manifest["status"] == NEAR_DUPLICATE, "status"] = OK
         manifest = manifest.drop(columns=["near_dup_cluster", "near_dup_of"])
-    candidates = set(manifest.loc[manifest["status"] == "ok", "id"])  # not rows safety dropped
+    candidates = set(manifest.loc[manifest["status"] == OK, "id"])  # not rows safety dropped
     keep = [k for k, rid in enumerate(ids) if rid in candidates]
     ids, emb = [ids[k] for k in keep], emb[keep]
     if len(ids) != len(candidates):

@@ -25,7 +25,7 @@ import ray
 
 from sfumato.config import Config
 from sfumato.data.decode import DecodeLimits, decode_image
-from sfumato.data.ingest import MANIFEST
+from sfumato.data.ingest import ACCEPTED_STATUSES, MANIFEST
 from sfumato.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
@@ -58,28 +58,28 @@ class ClipEmbedder:
         captions = [c or "" for c in batch["caption"]]
         with self.torch.no_grad():
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-            image_emb = _normalised(self.model.get_image_features(pixel_values=pixels))
-            tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt").to(self.device)
-            text_emb = _normalised(self.model.get_text_features(**tokens))
-        return {"id": batch["id"], "image": image_emb, "text": text_emb,
+            image_emb = _normalised(self.model.get_image_features(pixel_values=pixels)).astype(np.float16)
+        return {"id": batch["id"], "image": image_emb, "text": self.embed_texts(captions).astype(np.float16),
                 "has_caption": np.array([bool(c) for c in captions])}
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 text embeddings (captions here, zero-shot prompts in safety)."""
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        with self.torch.no_grad():
+            return _normalised(self.model.get_text_features(**tokens))
 
 
 def _normalised(features) -> np.ndarray:
     if not hasattr(features, "norm"):  # transformers 5 may return an output object
         features = features.pooler_output
     features = features.float()
-    return (features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy().astype(np.float16)
-
-
-EMBEDDED_STATUSES = ("ok", "near_duplicate", "unsafe", "low_aesthetic")
-"""Rows that get embeddings: accepted ones, including those curation has since marked."""
+    return (features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
 
 
 def _embeddable(manifest: Path, columns: list[str]) -> pa.Table:
     table = pq.read_table(manifest, columns=[*columns, "status"])
-    keep = pa.compute.is_in(table.column("status"), value_set=pa.array(EMBEDDED_STATUSES))
+    keep = pa.compute.is_in(table.column("status"), value_set=pa.array(ACCEPTED_STATUSES))
     return table.filter(keep).drop_columns(["status"])
 
 

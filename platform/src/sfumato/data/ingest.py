@@ -57,6 +57,11 @@ RESULT_SCHEMA = pa.schema(
        ("width", pa.int32()), ("height", pa.int32()), ("format", _TEXT), ("source_mode", _TEXT),
        ("bytes", pa.int64())]
 )
+# A manifest row's status: only `ok` rows reach the shards; the curation stages set the others
+# (and reset their own on a re-run). Every row ingest accepted keeps one of these.
+OK, NEAR_DUPLICATE, UNSAFE, LOW_AESTHETIC = "ok", "near_duplicate", "unsafe", "low_aesthetic"
+ACCEPTED_STATUSES = (OK, NEAR_DUPLICATE, UNSAFE, LOW_AESTHETIC)
+
 MANIFEST_SCHEMA = pa.schema([
     ("id", _TEXT), ("filepath", _TEXT), ("caption", _TEXT), ("license", _TEXT), ("source", _TEXT),
     ("origin", _TEXT), ("uri", _TEXT), ("sha256", _TEXT), ("nsfw_flag", pa.bool_()),

@@ -20,28 +20,21 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sfumato.config import Config
-from sfumato.data.embed import load_embeddings, run_embed
-from sfumato.data.ingest import MANIFEST, write_manifest
+from sfumato.data.decode import DecodeLimits
+from sfumato.data.embed import ClipEmbedder, load_embeddings, run_embed
+from sfumato.data.ingest import LOW_AESTHETIC, MANIFEST, OK, UNSAFE, write_manifest
 
 log = logging.getLogger(__name__)
 
-UNSAFE, LOW_AESTHETIC = "unsafe", "low_aesthetic"
 
-
-def nsfw_scores(image_emb: np.ndarray, model_source: str, unsafe: list[str], safe: list[str]) -> np.ndarray:
-    import torch
-    from transformers import AutoTokenizer, CLIPModel
-
-    model = CLIPModel.from_pretrained(model_source, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_source)
-    tokens = tokenizer(unsafe + safe, padding=True, truncation=True,
-                       max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
-    with torch.no_grad():
-        text = model.get_text_features(**tokens)
-        text = text if hasattr(text, "norm") else text.pooler_output
-        text = torch.nn.functional.normalize(text.float(), dim=-1)
-        logits = model.logit_scale.exp() * torch.from_numpy(image_emb.astype(np.float32)) @ text.T
-    return logits.softmax(dim=-1)[:, : len(unsafe)].sum(dim=-1).numpy()
+def nsfw_scores(image_emb: np.ndarray, clip: ClipEmbedder, unsafe: list[str], safe: list[str]) -> np.ndarray:
+    """CLIP zero-shot: the unsafe prompts' share of the softmax over all prompts, the cosines
+    scaled by the model's own logit scale (as CLIP's zero-shot classifier does)."""
+    prompts = clip.embed_texts(unsafe + safe)
+    logits = float(clip.model.logit_scale.exp()) * image_emb.astype(np.float32) @ prompts.T
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    return probs[:, : len(unsafe)].sum(axis=1) / probs.sum(axis=1)
 
 
 class AestheticHead:
@@ -75,25 +68,26 @@ def run_safety(cfg: Config) -> dict:
     run_embed(cfg)
     ids, emb = load_embeddings(out, "image")
     manifest = pq.read_table(out / MANIFEST).to_pandas()
-    manifest.loc[manifest["status"].isin([UNSAFE, LOW_AESTHETIC]), "status"] = "ok"  # start again
+    manifest.loc[manifest["status"].isin([UNSAFE, LOW_AESTHETIC]), "status"] = OK  # start again
     position = {rid: k for k, rid in enumerate(ids)}
     at = manifest["id"].map(position)
     scored = at.notna().to_numpy()
     rows = at[scored].astype(int).to_numpy()
 
     nsfw = np.full(len(manifest), np.nan)
-    nsfw[scored] = nsfw_scores(emb[rows], cfg.data.curate.clip.model, scfg.unsafe_prompts, scfg.safe_prompts)
+    clip = ClipEmbedder(cfg.data.curate.clip.model, DecodeLimits.from_config(cfg.data.ingest))
+    nsfw[scored] = nsfw_scores(emb[rows], clip, scfg.unsafe_prompts, scfg.safe_prompts)
     manifest["nsfw_score"] = nsfw
     manifest["nsfw_flag"] = [None if np.isnan(s) else bool(s >= scfg.nsfw_threshold) for s in nsfw]
     aesthetic = np.full(len(manifest), np.nan)
     if scfg.aesthetic_weights is not None:
         aesthetic[scored] = AestheticHead(scfg.aesthetic_weights)(emb[rows])
     manifest["aesthetic_score"] = aesthetic
-    ok = manifest["status"] == "ok"
+    ok = manifest["status"] == OK
     if scfg.drop_nsfw:
         manifest.loc[ok & (manifest["nsfw_flag"] == True), "status"] = UNSAFE  # noqa: E712 (nullable)
     if scfg.min_aesthetic is not None and scfg.aesthetic_weights is not None:
-        manifest.loc[(manifest["status"] == "ok") & (manifest["aesthetic_score"] < scfg.min_aesthetic), "status"] = LOW_AESTHETIC
+        manifest.loc[(manifest["status"] == OK) & (manifest["aesthetic_score"] < scfg.min_aesthetic), "status"] = LOW_AESTHETIC
     write_manifest(manifest, out / MANIFEST)
     summary = {"scored": int(scored.sum()), "nsfw_flagged": int((manifest["nsfw_flag"] == True).sum()),  # noqa: E712
                "unsafe_dropped": int((manifest["status"] == UNSAFE).sum()),
