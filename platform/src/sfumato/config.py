@@ -162,10 +162,9 @@ class IngestConfig(Frozen):
     license_allowlist: list[str] = Field(min_length=1)
     """Accepted licences, compared case-insensitively."""
     batch_size: int = Field(256, ge=1)
-    """Rows per call of an ingest worker: large batches amortise Ray's per-task overhead (measured:
-    1,000-row blocks ran at the in-process rate, 128-row blocks at about half of it)."""
+    """Rows per call of an ingest task: larger batches amortise Ray's per-task overhead."""
     num_workers: int | None = Field(None, ge=1)
-    """Decode actors (None: one per CPU of the cluster)."""
+    """Concurrent ingest tasks (None: one per CPU of the cluster)."""
     download: DownloadConfig = DownloadConfig()
 
     @field_validator("allowed_formats")

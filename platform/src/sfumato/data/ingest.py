@@ -253,8 +253,8 @@ def run_ingest(cfg: Config) -> IngestSummary:
     rows_per_block = max(1, min(4 * cfg.data.ingest.batch_size, math.ceil(len(records) / (4 * workers))))
     blocks = [pa.Table.from_pylist(records[i:i + rows_per_block], schema=INPUT_SCHEMA)
               for i in range(0, len(records), rows_per_block)]
-    # Tasks on Ray's already-started workers, not an actor pool: actors cost seconds to start,
-    # a fixed cost that dominated small and medium ingests.
+    # Tasks on Ray's already-started workers, not an actor pool: no actor start-up, and no pool
+    # holding every CPU while an upstream operator waits for one (BENCHMARKS.md, ingest).
     dataset = ray.data.from_arrow(blocks).map_batches(
         ingest_batch,
         fn_kwargs={"ingest_cfg": cfg.data.ingest, "blobs_dir": str(out / "blobs")},
@@ -264,7 +264,8 @@ def run_ingest(cfg: Config) -> IngestSummary:
         num_cpus=1,
     )
     # One operator fed from memory: there is no downstream operator to reserve CPUs for, and
-    # the reservation held every task but one back for the first seconds (measured).
+    # the reservation held every task but one back for the first seconds (a task trace:
+    # BENCHMARKS.md, ingest).
     dataset.context.op_resource_reservation_enabled = False
     parts = [batch for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
     results = pa.concat_tables(parts).to_pandas() if parts else RESULT_SCHEMA.empty_table().to_pandas()

@@ -18,8 +18,8 @@ import numpy as np
 class SearchSettings:
     threshold: float = 0.95
     exact_max: int = 50_000
-    """Up to this many vectors the search is exact (IndexFlatIP, n² work: 200k took 7 min on 2
-    cores); above it, IVF."""
+    """Up to this many vectors the search is exact (IndexFlatIP, n² work: times in BENCHMARKS.md);
+    above it, IVF."""
     nlist: int | None = None
     """IVF cells; None: about 4 * sqrt(n), at most 65536."""
     nprobe: int = 16
@@ -48,7 +48,8 @@ def candidate_pairs(emb: np.ndarray, settings: SearchSettings = SearchSettings()
     else:
         nlist = settings.nlist or int(min(65536, 4 * np.sqrt(n)))
         quantizer = faiss.IndexFlatIP(d)
-        # fp16 codes: half the memory of IVFFlat, cosine error ~1e-3, far below any useful margin.
+        # fp16 codes: half the memory of IVFFlat (1 GB instead of 2 at 1M x 512); their score
+        # error is measured by `sfumato bench dedup` (BENCHMARKS.md).
         index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(settings.seed)
