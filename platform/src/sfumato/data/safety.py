@@ -31,7 +31,7 @@ def nsfw_scores(image_emb: np.ndarray, clip: ClipEmbedder, unsafe: list[str], sa
     """CLIP zero-shot: the unsafe prompts' share of the softmax over all prompts, the cosines
     scaled by the model's own logit scale (as CLIP's zero-shot classifier does)."""
     prompts = clip.embed_texts(unsafe + safe)
-    logits = float(clip.model.logit_scale.exp()) * image_emb.astype(np.float32) @ prompts.T
+    logits = clip.model.logit_scale.detach().exp().item() * image_emb.astype(np.float32) @ prompts.T
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     return probs[:, : len(unsafe)].sum(axis=1) / probs.sum(axis=1)
