@@ -90,3 +90,61 @@ def plain_state(model, lr: float = 2e-3, condition_dropout: float = 0.1, **state
                       schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
                       generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
                       watch=GradientWatch(model), **state_fields)
+
+
+# ------------------------------------------------------------------ trained runs (session-wide)
+# Training tests and the evaluation/export tests share these: each debug run costs about a
+# minute on two cores.
+def run_config(tmp: Path, run: str, *overrides: str):
+    """configs/debug.yaml on the CIFAR shards in `tmp`, with its run folder at tmp/run."""
+    sources = [{"kind": "folder", "name": "cifar", "path": "/", "license": "research-only"}]
+    return debug_config(tmp, sources, f"train.output_dir={tmp / run}", *overrides)
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory, cifar_dir, ray_local) -> Path:
+    """A data folder: 80 real CIFAR-10 images ingested and sharded at 16 and 32 px."""
+    from sfumato.data.ingest import run_ingest
+    from sfumato.data.shards import run_shards
+
+    tmp = tmp_path_factory.mktemp("train")
+    sources = [{"kind": "folder", "name": "cifar", "path": str(cifar_dir), "license": "research-only"}]
+    cfg = debug_config(tmp, sources)
+    run_ingest(cfg)
+    run_shards(cfg)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def straight(cifar_shards):
+    """An uninterrupted class-conditional ZeRO-2 run of configs/debug.yaml."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "straight")
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def text_run(cifar_shards):
+    """A text-conditional run with its own BPE tokenizer and CLIP text encoder (wandb offline)."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "text", "train.model=unet-text-tiny", "train.conditioning=text",
+                     "train.text.vocab_size=400", "train.text.hidden_size=32", "train.text.num_heads=2",
+                     "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true",
+                     "train.wandb=true")
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def latent_run(cifar_shards):
+    """A latent-diffusion run through a tiny random AutoencoderKL saved as a local 'pretrained' VAE."""
+    from sfumato.train.loop import run_training
+
+    save_tiny_vae(cifar_shards / "pretrained")
+    cfg = run_config(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}",
+                     "train.vae.subfolder=vae")
+    run_training(cfg)
+    return cfg

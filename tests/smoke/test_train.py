@@ -12,35 +12,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 
-from conftest import debug_config, save_tiny_vae  # noqa: E402
-from sfumato.data.ingest import run_ingest  # noqa: E402
-from sfumato.data.shards import run_shards  # noqa: E402
+from conftest import run_config as _cfg  # noqa: E402
 from sfumato.train import checkpoint as ckpt  # noqa: E402
 from sfumato.train.loop import run_training  # noqa: E402
 from sfumato.train.step import NonFiniteError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def cifar_shards(tmp_path_factory, cifar_dir, ray_local):
-    tmp = tmp_path_factory.mktemp("train")
-    sources = [{"kind": "folder", "name": "cifar", "path": str(cifar_dir), "license": "research-only"}]
-    cfg = debug_config(tmp, sources)
-    run_ingest(cfg)
-    run_shards(cfg)
-    return tmp
-
-
-def _cfg(tmp, run, *overrides):
-    sources = [{"kind": "folder", "name": "cifar", "path": "/", "license": "research-only"}]
-    return debug_config(tmp, sources, f"train.output_dir={tmp / run}", *overrides)
-
-
-@pytest.fixture(scope="module")
-def straight(cifar_shards):
-    """An uninterrupted ZeRO-2 run of configs/debug.yaml: the reference the others compare to."""
-    cfg = _cfg(cifar_shards, "straight")
-    run_training(cfg)
-    return cfg
 
 
 def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
@@ -77,12 +52,8 @@ def test_nan_on_one_rank_stops_every_rank_without_retry(cifar_shards):
     assert len(attempts) == 1, "a NaN stop is not retried"
 
 
-def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(cifar_shards):
-    cfg = _cfg(cifar_shards, "text", "train.model=unet-text-tiny", "train.conditioning=text",
-               "train.text.vocab_size=400", "train.text.hidden_size=32", "train.text.num_heads=2",
-               "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true",
-               "train.wandb=true")
-    run_training(cfg)
+def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(text_run):
+    cfg = text_run
     run = cfg.train.output_dir
     # No WANDB_API_KEY here: wandb logs offline into the run folder, metrics included.
     (wandb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
@@ -102,13 +73,11 @@ def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(cifar_shards)
     assert metrics[-1]["step"] == 10 and all(m["loss"] == m["loss"] for m in metrics)
 
 
-def test_latent_run_trains_through_a_local_pretrained_vae(cifar_shards):
-    save_tiny_vae(cifar_shards / "pretrained")
+def test_latent_run_trains_through_a_local_pretrained_vae(cifar_shards, latent_run):
     bad = _cfg(cifar_shards, "latent-bad", f"train.vae.pretrained={cifar_shards / 'nowhere'}")
     with pytest.raises(ValueError, match="train.vae.pretrained=.*has no readable AutoencoderKL config"):
         run_training(bad)
-    cfg = _cfg(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}", "train.vae.subfolder=vae")
-    run_training(cfg)
+    cfg = latent_run
     run = cfg.train.output_dir
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 10 and all(m["loss"] == m["loss"] for m in metrics)

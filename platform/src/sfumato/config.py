@@ -403,11 +403,21 @@ class EMAConfig(Frozen):
         return self
 
 
+Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
+"""diffusers' DDPMScheduler, DDIMScheduler (eta 0) and DPMSolverMultistepScheduler (DPM-Solver++,
+Lu et al. 2022, order 2) on the run's noise schedule: sfumato.diffusion.sample.SAMPLERS."""
+
+
 class SampleConfig(Frozen):
+    """The fixed-seed grids written while training (EMA weights): image i always starts from
+    seed + i, so grids of two steps differ only by the weights."""
+
     num_images: int = Field(16, ge=1, le=256)
     seed: int = 0
     steps: int = Field(50, ge=1, le=1000)
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Sampler = "ddim"
+    guidance_scale: float = Field(1.0, ge=0, le=50)
+    """Classifier-free guidance (1: none) for class- and text-conditional models."""
     prompts: list[str] | None = Field(None, min_length=1)
     """Text-conditional runs: the grid's captions, cycled. None: the manifest's most frequent
     captions, chosen at the run's first start and kept in text/sample_prompts.json."""
@@ -479,6 +489,48 @@ class TrainConfig(Frozen):
         return sum(s.steps for s in self.stages)
 
 
+# ---------------------------------------------------------------------- evaluate / export
+class EvaluateConfig(Frozen):
+    """`sfumato evaluate RUN_DIR`: generated images against the training shards."""
+
+    num_samples: int = Field(1000, ge=2, le=1_000_000)
+    """Images generated per evaluation: 1,000 for a quick number, 10,000 for a robust one
+    (FID is biased upwards at small counts; compare runs at equal counts only)."""
+    batch_size: int = Field(50, ge=1)
+    sampler: Sampler = "dpm-solver++"
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(1.0, ge=0, le=50)
+    seed: int = 0
+    """Image i starts from noise seeded seed + i, for every checkpoint evaluated."""
+    inception_weights: str | None = None
+    """Hub id, folder or .safetensors file of pytorch-fid's Inception-v3 weights
+    (pt_inception-2015-12-05): the standard FID. None: FD on CLIP image features (FD-CLIP),
+    whose numbers are not comparable with FID's."""
+    clip_model: str | None = None
+    """transformers CLIPModel (hub id or folder) for FD-CLIP and CLIPScore; None:
+    data.curate.clip.model. Without any CLIP model CLIPScore is skipped."""
+    reference_max_images: int | None = Field(10_000, ge=2)
+    """Training images in the reference statistics (None: all of the last stage's shards)."""
+    captions: list[str] | None = Field(None, min_length=1)
+    """Text-conditional runs: prompts for the generated images and CLIPScore, cycled; give
+    captions held out from training here. None: the manifest's distinct captions, which the model
+    trained on (the report says which were used)."""
+    device: str = "cpu"
+
+
+class ExportConfig(Frozen):
+    """`sfumato export RUN_DIR`: diffusers folder, ONNX and INT8 of the EMA weights."""
+
+    sampler: Sampler = "ddim"
+    """The scheduler the diffusers folder ships with (users may swap it, the diffusers way)."""
+    onnx: bool = True
+    int8: bool = True
+    """Also an INT8 copy (onnxruntime dynamic quantisation of the weights)."""
+    onnx_opset: int = Field(18, ge=14, le=23)
+    check_batch_size: int = Field(2, ge=1, le=64)
+    """Batch of fixed inputs on which ONNX is compared with PyTorch."""
+
+
 class Config(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = 0
@@ -487,6 +539,8 @@ class Config(Frozen):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig | None = None
     """None: a data-only config (ingest and shards)."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _train_resolutions_have_shards(self) -> "Config":

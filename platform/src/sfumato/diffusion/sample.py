@@ -1,6 +1,11 @@
-"""Fixed-seed sampling for training-time grids: the same noise for every checkpoint, so two
-grids differ only by the weights. DDPM or DDIM steps from diffusers' schedulers, configured from
-the same `diffusion` section the model was trained with."""
+"""Fixed-seed sampling: image i always starts from the noise of seed + i, so two checkpoints (or a
+run and its export) are compared on identical noise, whatever the batch size.
+
+Samplers are diffusers' schedulers configured from the same `diffusion` section the model was
+trained with, so sampling and training share one definition of the noise schedule. Timesteps
+are spaced "trailing" (Lin et al. 2023, table 2): the first step starts at the last trained
+timestep, which matters for few-step sampling.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +15,57 @@ from PIL import Image
 
 from sfumato.diffusion.schedule import make_scheduler
 
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
-@torch.no_grad()
-def sample(model, diffusion_cfg, sample_cfg, resolution_px: int, in_channels: int = 3,
-           cond: torch.Tensor | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Images in [-1, 1], NCHW, from `sample_cfg.num_images` seeded noise tensors."""
-    from diffusers import DDIMScheduler
 
-    scheduler = make_scheduler(diffusion_cfg)
-    if sample_cfg.sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
-    scheduler.set_timesteps(sample_cfg.steps)
-    generator = torch.Generator("cpu").manual_seed(sample_cfg.seed)
-    shape = (sample_cfg.num_images, in_channels, resolution_px, resolution_px)
-    x = torch.randn(shape, generator=generator).to(device)
-    for t in scheduler.timesteps:
-        t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-        prediction = model(x, t_batch, cond)
-        x = scheduler.step(prediction, t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+def make_sampler(diffusion_cfg, name: str):
+    """A diffusers scheduler on the run's noise schedule: ddpm (ancestral, Ho et al. 2020),
+    ddim (deterministic, eta 0; Song et al. 2021) or dpm-solver++ (2nd order multistep; Lu et
+    al. 2022), the last two good at 20-50 steps."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    base = make_scheduler(diffusion_cfg)
+    if name == "ddpm":
+        return base
+    if name == "ddim":
+        return DDIMScheduler.from_config(base.config, timestep_spacing="trailing")
+    if name == "dpm-solver++":
+        # final_sigmas_type "zero" is what a zero-terminal-SNR schedule needs; harmless otherwise.
+        return DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing", final_sigmas_type="zero")
+    raise KeyError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+
+
+def generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image (CPU so the noise is the same on every device)."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(first_index, first_index + count)]
+
+
+def sample(pipe, num_images: int, seed: int, steps: int, guidance_scale: float = 1.0, conditions=None,
+           first_index: int = 0, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """Images in [0, 1], NCHW, from a SfumatoPipeline: images first_index .. first_index+num_images
+    of the seed's sequence. `conditions` (one per image): prompts or token ids for a text model,
+    class indices or names for a class model, None for an unconditional one (or "no condition").
+    height, width: pixels (None: the model's training size)."""
+    kwargs = {}
+    if conditions is not None and pipe.text_encoder is not None:
+        kwargs = {"prompt_ids": conditions} if torch.is_tensor(conditions) else {"prompt": list(conditions)}
+    elif conditions is not None:
+        kwargs = {"class_labels": [c if isinstance(c, str) else int(c) for c in conditions]}
+    elif pipe.text_encoder is not None:
+        kwargs = {"prompt": [""] * num_images}
+    guidance = guidance_scale if pipe.is_conditional else 1.0
+    return pipe(**kwargs, batch_size=num_images, height=height, width=width, num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators(seed, first_index, num_images), output_type="pt").images
 
 
 def to_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
-    """NCHW in [-1, 1] -> one PNG-ready RGB grid."""
+    """NCHW in [0, 1] -> one PNG-ready RGB grid."""
     n, _, h, w = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
-    pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = (images.float().cpu() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
     for i, img in enumerate(pixels):
         r, c = divmod(i, columns)

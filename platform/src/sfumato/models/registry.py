@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
+from sfumato.diffusion.pipeline import predict
+
 
 def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32,
           text: bool = False) -> Callable:
@@ -83,27 +85,13 @@ class Denoiser(torch.nn.Module):
         self.net = net
         self.num_classes = num_classes
         self.text_encoder = text_encoder
-        self.is_dit = isinstance(net, DiTTransformer2DModel)
 
     @property
     def null_class(self) -> int:
         return self.num_classes or 0
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if self.text_encoder is not None:
-            if cond is None:
-                raise ValueError("a text-conditional model needs token ids (the empty caption's for 'no text')")
-            states = self.text_encoder(input_ids=cond).last_hidden_state
-            return self.net(x_t, t, encoder_hidden_states=states.to(x_t.dtype)).sample
-        if self.is_dit:
-            if cond is None:
-                cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
-            return self.net(x_t, timestep=t, class_labels=cond).sample
-        if self.num_classes is None:
-            return self.net(x_t, t).sample
-        if cond is None:
-            cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
-        return self.net(x_t, t, class_labels=cond).sample
+        return predict(self.net, x_t, t, cond, self.text_encoder)
 
 
 def build_denoiser(name: str, resolution_px: int, in_channels: int = 3, num_classes: int | None = None,

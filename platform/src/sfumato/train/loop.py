@@ -62,11 +62,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from sfumato.data.loader import iter_training_batches, shard_paths
     from sfumato.data.shards import CLASS_WEIGHTS, CLASSES
-    from sfumato.diffusion.sample import sample, to_grid
     from sfumato.diffusion.schedule import NoiseSchedule
-    from sfumato.models.registry import build_denoiser
-    from sfumato.models.text import build_text_encoder, load_run_tokenizer, tokenize
-    from sfumato.models.vae import LatentCodec
+    from sfumato.models.run import build_run_model
     from sfumato.train.ema import EMA, ema_beta
     from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step
 
@@ -80,7 +77,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
 
     classes = json.loads((shards_dir / CLASSES).read_text())
-    num_classes = (len(classes) or None) if t.conditioning == "class" else None
     class_weights = None
     if t.class_balanced:
         if not classes:
@@ -88,22 +84,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         weights = json.loads((shards_dir / CLASS_WEIGHTS).read_text())
         class_weights = {classes[tag]: weight for tag, weight in weights.items()}
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    tokenizer, cond_for_grid = None, None
-    codec = LatentCodec.load(t.vae, device) if t.vae is not None else None
-    model_px, channels = t.stages[0].resolution_px, 3
-    if codec is not None:
-        model_px, channels = codec.latent_size(model_px, "train.stages.0.resolution_px"), codec.channels
-    if t.conditioning == "text":
-        tokenizer = load_run_tokenizer(run_dir)
-        text_encoder = build_text_encoder(t.text, tokenizer)
-        model = build_denoiser(t.model, model_px, channels, text_encoder=text_encoder)
+    run_model = build_run_model(cfg, device)
+    model, codec, tokenizer = run_model.denoiser, run_model.codec, run_model.tokenizer
+    num_classes = len(run_model.class_names) or None
+    # The grid's conditions, cycled: the sample prompts, or the classes in index order.
+    cond_for_grid = None
+    if tokenizer is not None:
         prompts = json.loads((run_dir / SAMPLE_PROMPTS).read_text())
-        cond_for_grid = tokenize(tokenizer, [prompts[i % len(prompts)] for i in range(t.sample.num_images)],
-                                 t.text.max_length).to(device)
-    else:
-        model = build_denoiser(t.model, model_px, channels, num_classes)
-        if num_classes:
-            cond_for_grid = torch.arange(t.sample.num_images, device=device) % num_classes
+        cond_for_grid = [prompts[i % len(prompts)] for i in range(t.sample.num_images)]
+    elif num_classes:
+        cond_for_grid = [i % num_classes for i in range(t.sample.num_images)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
                                   eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay)
@@ -175,7 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     seconds = time.perf_counter() - window_start
                     grad_norm = engine.get_global_grad_norm()
                     metrics = {
-                        "step": step, "stage": stage_index, "resolution_px": stage.resolution_px,
+                        "step": step, "time": time.time(), "world_size": world, "stage": stage_index, "resolution_px": stage.resolution_px,
                         "loss": out["loss"], "loss_ema": loss_ema, "lr": lr,
                         "grad_norm": None if grad_norm is None else float(grad_norm),
                         "samples_per_s": window_samples / seconds, "step_time_s": seconds / t.log_every_steps,
@@ -193,8 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step % t.sample_every_steps == 0 or step == t.total_steps:
                     ema_weights = ema.state_dict(engine.module)  # collective under ZeRO-3
                     if rank == 0:
-                        _sample_grid(cfg, engine.module, ema_weights, cond_for_grid, codec, stage.resolution_px, step,
-                                     device, sample, to_grid)
+                        _sample_grid(cfg, run_model, ema_weights, cond_for_grid, stage.resolution_px, step, device)
                     dist.barrier()
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
                     _checkpoint(cfg, engine, ema, state, position, rank, dist)
@@ -233,24 +222,26 @@ def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist
     dist.barrier()
 
 
-def _sample_grid(cfg, module, ema_weights, cond, codec, resolution_px, step, device, sample, to_grid) -> None:
-    """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled);
-    in latent mode the latents are sampled, then decoded by the VAE."""
-    from sfumato.models.registry import empty_like
+def _sample_grid(cfg, run_model, ema_weights, conditions, resolution_px, step, device) -> None:
+    """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled), at the
+    current stage's resolution; in latent mode the latents are sampled, then decoded by the VAE."""
+    from dataclasses import replace
 
-    model = empty_like(module).to(device).eval()
+    from sfumato.diffusion.sample import sample, to_grid
+    from sfumato.models.registry import empty_like
+    from sfumato.models.run import pipeline
+
+    model = empty_like(run_model.denoiser).to(device).eval()
     params = dict(model.named_parameters())
     if params.keys() != ema_weights.keys():
         raise RuntimeError("the EMA weights do not match the model's parameters")
     with torch.no_grad():
         for name, value in ema_weights.items():
             params[name].copy_(value)
-    size, channels = resolution_px, 3
-    if codec is not None:
-        size, channels = codec.latent_size(resolution_px), codec.channels
-    images = sample(model, cfg.diffusion, cfg.train.sample, size, in_channels=channels, cond=cond, device=device)
-    if codec is not None:
-        images = codec.decode(images)
+    s = cfg.train.sample
+    pipe = pipeline(cfg, replace(run_model, denoiser=model), s.sampler)
+    images = sample(pipe, s.num_images, s.seed, s.steps, s.guidance_scale, conditions,
+                    height=resolution_px, width=resolution_px)
     folder = cfg.train.output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     to_grid(images).save(folder / f"step-{step:08d}.png")
@@ -286,6 +277,22 @@ def _check_vae(cfg: Config) -> None:
         if stage.resolution_px % factor:
             raise ValueError(f"train.stages.{i}.resolution_px={stage.resolution_px} is not a multiple of the "
                              f"VAE's downsampling factor {factor}")
+
+
+def _keep_classes(cfg: Config) -> None:
+    """The run keeps the class index -> name map it trains with (evaluation and export read it),
+    taken from the shards at its first start."""
+    from sfumato.data.shards import CLASSES
+    from sfumato.models.run import RUN_CLASSES
+
+    target = cfg.train.output_dir / RUN_CLASSES
+    if not target.exists():
+        source = cfg.data.output_dir / "shards" / CLASSES
+        if not source.exists():
+            raise FileNotFoundError(f"{source} does not exist: run `sfumato shards` before training")
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(source.read_text())
+        os.replace(tmp, target)
 
 
 def _prepare_text(cfg: Config) -> None:
@@ -325,6 +332,7 @@ def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_
     t.output_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, t.output_dir / "config.yaml")
     (t.output_dir / STOPPED).unlink(missing_ok=True)
+    _keep_classes(cfg)
     if t.conditioning == "text":
         _prepare_text(cfg)
     if t.vae is not None:

@@ -1,0 +1,198 @@
+"""SfumatoPipeline: one diffusers `DiffusionPipeline` for every model sfumato trains.
+
+Pixel or latent space (a VAE), unconditional, class-conditional (UNet2DModel / DiT with class
+labels, the last label meaning "no class") or text-conditional (UNet2DConditionModel with a
+CLIP text encoder), with classifier-free guidance (Ho & Salimans 2022) for the conditional ones.
+
+This file imports only torch and diffusers, on purpose: `sfumato export` copies it verbatim into
+the export folder as `sfumato_pipeline.py` and names it in model_index.json, so
+
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+loads and samples without sfumato installed. sfumato's own sampling (training grids,
+evaluation, serving) runs this same class, so an export generates exactly what the run did.
+
+Noise is drawn per image: `generator` may be a list with one seeded generator per image, and
+then image i depends on its own seed only, not on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def null_class(unet) -> int | None:
+    """The "no class" label (the last class embedding), or None for a net without labels.
+    Unconditional DiTs still take a label (adaLN-Zero needs one): their only one, 0."""
+    key = "num_embeds_ada_norm" if isinstance(unet, DiTTransformer2DModel) else "num_class_embeds"
+    count = unet.config.get(key)
+    return None if count is None else count - 1
+
+
+def predict(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+            text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+    """The network's prediction for (x_t, t, cond), whatever the family: `cond` is token ids for
+    a text-conditional net, class labels otherwise (None: the "no class" label)."""
+    if text_encoder is not None:
+        if cond is None:
+            raise ValueError("a text-conditional model needs token ids (the empty caption's for 'no text')")
+        states = text_encoder(input_ids=cond).last_hidden_state
+        return unet(x_t, t, encoder_hidden_states=states.to(x_t.dtype)).sample
+    null = null_class(unet)
+    if null is not None and cond is None:
+        cond = torch.full((x_t.shape[0],), null, device=x_t.device, dtype=torch.long)
+    if isinstance(unet, DiTTransformer2DModel):
+        return unet(x_t, timestep=t, class_labels=cond).sample
+    if null is None:
+        return unet(x_t, t).sample
+    return unet(x_t, t, class_labels=cond).sample
+
+
+class SfumatoPipeline(DiffusionPipeline):
+    _optional_components = ["text_encoder", "tokenizer", "vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None,
+                 class_names: list[str] | None = None, text_max_length: int | None = None,
+                 latent_scale: float = 1.0, latent_shift: float = 0.0):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.register_to_config(class_names=class_names, text_max_length=text_max_length,
+                                latent_scale=latent_scale, latent_shift=latent_shift)
+
+    # ----------------------------------------------------------------------------- facts
+    @property
+    def num_classes(self) -> int:
+        """Class labels the model was trained on (0: none)."""
+        null = null_class(self.unet)
+        return 0 if null is None or self.text_encoder is not None else null
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.text_encoder is not None or self.num_classes > 0
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size_px(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raises ValueError unless the model can generate height x width pixels."""
+        factor = self.vae_scale_factor
+        if isinstance(self.unet, DiTTransformer2DModel):
+            if (height, width) != (self.default_size_px, self.default_size_px):
+                raise ValueError(f"this DiT generates {self.default_size_px}x{self.default_size_px} only "
+                                 f"(its position embedding is fixed), not {height}x{width}")
+            return
+        multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {multiple} px, got {height}x{width}")
+
+    # ----------------------------------------------------------------------- conditions
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        max_length = self.config.text_max_length or self.tokenizer.model_max_length
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                              return_tensors="pt").input_ids
+
+    def _class_ids(self, class_labels) -> torch.Tensor:
+        names = self.config.class_names or []
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str):
+                if label not in names:
+                    raise ValueError(f"unknown class {label!r}; the model knows {names}")
+                label = names.index(label)
+            if not 0 <= int(label) < self.num_classes:
+                raise ValueError(f"class label {label} is outside 0..{self.num_classes - 1}")
+            ids.append(int(label))
+        return torch.tensor(ids, dtype=torch.long)
+
+    def conditions(self, prompt=None, negative_prompt=None, class_labels=None, prompt_ids=None,
+                   batch_size: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(cond, uncond, batch size): token ids or class labels for the conditional and the
+        guidance pass; None for an unconditional model."""
+        if self.text_encoder is not None:
+            if prompt_ids is None:
+                prompts = [prompt] * batch_size if isinstance(prompt, str) or prompt is None else list(prompt)
+                prompt_ids = self.tokenize([p or "" for p in prompts])
+            n = len(prompt_ids)
+            negatives = [negative_prompt or ""] * n if not isinstance(negative_prompt, list) else negative_prompt
+            if len(negatives) != n:
+                raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
+            return prompt_ids, self.tokenize(negatives), n
+        if prompt is not None or negative_prompt is not None:
+            raise ValueError("this model is not text-conditional: it takes class_labels, not prompts")
+        if self.num_classes:
+            if class_labels is None:
+                ids = torch.full((batch_size,), null_class(self.unet), dtype=torch.long)
+            else:
+                ids = self._class_ids([class_labels] if isinstance(class_labels, (int, str)) else class_labels)
+            return ids, torch.full_like(ids, null_class(self.unet)), len(ids)
+        if class_labels is not None:
+            raise ValueError("this model is unconditional: it takes no class_labels")
+        return None, None, batch_size
+
+    # ---------------------------------------------------------------------------- sample
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 class_labels=None, prompt_ids: torch.Tensor | None = None, batch_size: int = 1,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 1.0, generator=None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True,
+                 callback: Callable[[int, torch.Tensor], None] | None = None):
+        """Images for the prompts / class labels (or `batch_size` unconditional ones).
+        `latents`: the starting noise (else drawn from `generator`, one per image when a list).
+        `callback(step_index, t)` runs before every denoising step; raising there cancels.
+        output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]) or "latent"."""
+        device = self._execution_device
+        height, width = height or self.default_size_px, width or self.default_size_px
+        self.check_size(height, width)
+        cond, uncond, n = self.conditions(prompt, negative_prompt, class_labels, prompt_ids, batch_size)
+        guided = guidance_scale != 1.0
+        if guided and cond is None:
+            raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
+        if cond is not None:
+            cond = torch.cat([uncond, cond]) if guided else cond
+            cond = cond.to(device)
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} images")
+
+        factor = self.vae_scale_factor
+        shape = (n, self.unet.config.in_channels, height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        x = latents.to(device, self.unet.dtype) if latents is not None else \
+            randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        x = x * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if callback is not None:
+                callback(i, t)
+            model_input = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            t_batch = torch.full((model_input.shape[0],), int(t), device=device, dtype=torch.long)
+            prediction = predict(self.unet, model_input, t_batch, cond, self.text_encoder)
+            if guided:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            x = self.scheduler.step(prediction, t, x, generator=generator).prev_sample
+
+        if output_type == "latent":
+            images = x
+        else:
+            if self.vae is not None:
+                latents = x.to(self.vae.dtype) / self.config.latent_scale + self.config.latent_shift
+                x = self.vae.decode(latents).sample
+            images = (x.float() / 2 + 0.5).clamp(0, 1)
+            if output_type in ("np", "pil"):
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

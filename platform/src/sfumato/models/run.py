@@ -1,0 +1,128 @@
+"""The model of a run folder, built once from its config the way training builds it.
+
+Training calls `build_run_model` for fresh weights; evaluation, export and serving call
+`load_trained`, which fills the same architecture from a committed checkpoint's EMA weights
+(safetensors, written by this run) and wraps it as a `SfumatoPipeline`. The run folder keeps what
+the weights were trained against: classes.json (class index -> name, copied from the shards at
+the run's start) and, for text models, its tokenizer, so a rebuilt data folder cannot silently
+change what a label or a token means.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sfumato.config import Config, load_config
+from sfumato.train import checkpoint as ckpt
+
+RUN_CLASSES = "classes.json"
+
+
+@dataclass
+class RunModel:
+    denoiser: torch.nn.Module
+    """sfumato.models.registry.Denoiser: (x_t, t, cond) -> prediction."""
+    codec: object | None
+    """Latent mode: the frozen VAE (sfumato.models.vae.LatentCodec); None in pixel space."""
+    tokenizer: object | None
+    class_names: list[str]
+    """Class index -> tag, empty for unconditional and text models."""
+    model_px: int
+    """The denoiser's input size at the first stage (latent cells in latent mode)."""
+    channels: int
+
+
+def run_classes(cfg: Config) -> list[str]:
+    """Class names by index: the run folder's copy, else (a run not started yet) the shards'."""
+    from sfumato.data.shards import CLASSES
+
+    for path in (cfg.train.output_dir / RUN_CLASSES, cfg.data.output_dir / "shards" / CLASSES):
+        if path.exists():
+            classes = json.loads(path.read_text())
+            return [name for name, _ in sorted(classes.items(), key=lambda kv: kv[1])]
+    raise FileNotFoundError(f"neither {cfg.train.output_dir / RUN_CLASSES} nor the shards' {CLASSES} exists: "
+                            "run `sfumato shards` first")
+
+
+def build_run_model(cfg: Config, device: torch.device | str = "cpu") -> RunModel:
+    """The run's denoiser with fresh weights (seeded by the caller), its VAE and tokenizer."""
+    from sfumato.models.registry import build_denoiser
+    from sfumato.models.text import build_text_encoder, load_run_tokenizer
+    from sfumato.models.vae import LatentCodec
+
+    t = cfg.train
+    codec = LatentCodec.load(t.vae, device) if t.vae is not None else None
+    model_px, channels = t.stages[0].resolution_px, 3
+    if codec is not None:
+        model_px, channels = codec.latent_size(model_px, "train.stages.0.resolution_px"), codec.channels
+    if t.conditioning == "text":
+        tokenizer = load_run_tokenizer(t.output_dir)
+        model = build_denoiser(t.model, model_px, channels, text_encoder=build_text_encoder(t.text, tokenizer))
+        return RunModel(model, codec, tokenizer, [], model_px, channels)
+    names = run_classes(cfg) if t.conditioning == "class" else []
+    model = build_denoiser(t.model, model_px, channels, len(names) or None)
+    return RunModel(model, codec, None, names, model_px, channels)
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
+    """A committed checkpoint folder of the run: by name (step-00000010) or the newest."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    done = ckpt.committed(checkpoints)
+    if not done:
+        raise FileNotFoundError(f"{checkpoints} holds no committed checkpoint: train the run first")
+    if checkpoint is None:
+        return done[-1]
+    for path in done:
+        if path.name == checkpoint:
+            return path
+    raise FileNotFoundError(f"no committed checkpoint {checkpoint!r} in {checkpoints}; "
+                            f"have {[p.name for p in done]}")
+
+
+def load_trained(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
+                 device: torch.device | str = "cpu") -> tuple[Config, RunModel, Path]:
+    """(config, model with the checkpoint's EMA weights, checkpoint folder), eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    if cfg.train is None:
+        raise ValueError(f"{run_dir / 'config.yaml'} has no train section")
+    folder = resolve_checkpoint(run_dir, checkpoint)
+    run = build_run_model(cfg, device)
+    weights = ckpt.load_ema(folder)
+    params = dict(run.denoiser.named_parameters())
+    if params.keys() != weights.keys():
+        missing, extra = params.keys() - weights.keys(), weights.keys() - params.keys()
+        raise ValueError(f"{folder / 'ema.safetensors'} does not fit model {cfg.train.model!r}: "
+                         f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{folder / 'ema.safetensors'}: {name} has shape {tuple(value.shape)}, "
+                                 f"the model wants {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    run.denoiser.to(device).eval()
+    return cfg, run, folder
+
+
+def pipeline(cfg: Config, run: RunModel, sampler: str):
+    """The run's model as a SfumatoPipeline with the given sampler on its noise schedule."""
+    from sfumato.diffusion.pipeline import SfumatoPipeline
+    from sfumato.diffusion.sample import make_sampler
+
+    codec = run.codec
+    # Generate at the curriculum's last resolution by default (the net was built at the first).
+    run.denoiser.net.register_to_config(sample_size=cfg.train.stages[-1].resolution_px // (codec.downsample if codec else 1))
+    pipe = SfumatoPipeline(
+        unet=run.denoiser.net, scheduler=make_sampler(cfg.diffusion, sampler),
+        text_encoder=run.denoiser.text_encoder, tokenizer=run.tokenizer, vae=None if codec is None else codec.vae,
+        class_names=run.class_names or None,
+        text_max_length=cfg.train.text.max_length if run.tokenizer is not None else None,
+        latent_scale=1.0 if codec is None else codec.scale, latent_shift=0.0 if codec is None else codec.shift)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,78 @@
+"""Sampling: every sampler runs on the run's schedule, an image depends only on its own seed,
+classifier-free guidance combines the two passes, and bad conditions fail before any work."""
+
+import typing
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from sfumato.config import DiffusionConfig, Sampler  # noqa: E402
+from sfumato.diffusion.pipeline import SfumatoPipeline  # noqa: E402
+from sfumato.diffusion.sample import SAMPLERS, make_sampler, sample  # noqa: E402
+from sfumato.models.registry import build_denoiser  # noqa: E402
+
+
+def _pipe(sampler="ddim", classes=3):
+    torch.manual_seed(0)
+    denoiser = build_denoiser("unet-tiny", 16, 3, classes).eval()
+    # v-prediction keeps an untrained net's x0 estimate bounded (epsilon's is divided by
+    # sqrt(abar_T) ~ 0), so the images are not all clipped to 0 and 1 and samplers can differ.
+    diffusion = DiffusionConfig(prediction_type="v_prediction")
+    pipe = SfumatoPipeline(unet=denoiser.net, scheduler=make_sampler(diffusion, sampler),
+                           class_names=[f"class{i}" for i in range(classes)] if classes else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_config_offers_exactly_the_registered_samplers():
+    assert set(typing.get_args(Sampler)) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_image_depends_on_its_seed_only_not_on_its_batch(sampler):
+    pipe = _pipe(sampler)
+    four = sample(pipe, 4, seed=7, steps=6, guidance_scale=2.0, conditions=[0, 1, 2, 0])
+    assert four.shape == (4, 3, 16, 16) and 0 <= float(four.min()) and float(four.max()) <= 1
+    last_two = sample(pipe, 2, seed=7, steps=6, guidance_scale=2.0, conditions=[2, 0], first_index=2)
+    assert torch.equal(four[2:], last_two), "image i starts from seed + i whatever batch it is in"
+    other_seed = sample(pipe, 4, seed=8, steps=6, guidance_scale=2.0, conditions=[0, 1, 2, 0])
+    assert not torch.equal(four, other_seed)
+
+
+def test_samplers_differ_and_names_resolve_to_their_classes():
+    images = {name: sample(_pipe(name), 2, 0, 6, conditions=[0, 1]) for name in SAMPLERS}
+    assert not torch.equal(images["ddpm"], images["ddim"])
+    assert not torch.equal(images["ddim"], images["dpm-solver++"])
+    assert type(make_sampler(DiffusionConfig(), "dpm-solver++")).__name__ == "DPMSolverMultistepScheduler"
+    with pytest.raises(KeyError, match="unknown sampler 'euler'"):
+        make_sampler(DiffusionConfig(), "euler")
+
+
+def test_guidance_extrapolates_from_the_unconditional_to_the_conditional_prediction():
+    pipe = _pipe()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    one_step = dict(num_inference_steps=1, output_type="latent", latents=x)
+    cond = pipe(class_labels=[0, 1], guidance_scale=1.0, **one_step).images
+    uncond = pipe(class_labels=None, batch_size=2, guidance_scale=1.0, **one_step).images
+    guided = pipe(class_labels=[0, 1], guidance_scale=3.0, **one_step).images
+    # DDIM's update is affine in the prediction, so the guided step is the same extrapolation.
+    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-4)
+    assert torch.equal(pipe(class_labels=["class0", "class1"], guidance_scale=1.0, **one_step).images, cond)
+
+
+def test_bad_conditions_fail_naming_what_is_wrong():
+    pipe = _pipe()
+    with pytest.raises(ValueError, match="outside 0..2"):
+        pipe(class_labels=[3], num_inference_steps=1)
+    with pytest.raises(ValueError, match="unknown class 'dog'"):
+        pipe(class_labels=["dog"], num_inference_steps=1)
+    with pytest.raises(ValueError, match="not text-conditional"):
+        pipe(prompt="a dog", num_inference_steps=1)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe(class_labels=[0], height=15, width=16, num_inference_steps=1)
+    unconditional = _pipe(classes=None)
+    with pytest.raises(ValueError, match="guidance_scale needs a conditional model"):
+        unconditional(batch_size=1, guidance_scale=2.0, num_inference_steps=1)
+    assert unconditional(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 3, 16, 16)
