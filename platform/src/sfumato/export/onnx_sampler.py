@@ -1,0 +1,147 @@
+"""Generate images with the exported ONNX denoiser and nothing but numpy and onnxruntime.
+
+This file is standalone on purpose: `sfumato export` copies it into the export's onnx/ folder
+next to denoiser.onnx (or denoiser.int8.onnx), sampler.json (the noise schedule and how the
+model is conditioned), the tokenizer (text models; read with the `tokenizers` library) and
+vae_decoder.onnx (latent models). From that folder:
+
+    python sample_onnx.py --out grid.png --seed 0 --steps 30 --class 3     # class model
+    python sample_onnx.py --out grid.png --prompt "a red circle" --guidance 3
+
+The sampler is DDIM with eta 0 and "trailing" timesteps (Song et al. 2021; Lin et al. 2023),
+the same arithmetic as diffusers' DDIMScheduler, so given the same starting noise it follows the
+PyTorch pipeline's DDIM trajectory. Its own noise comes from numpy (seed + i for image i), not
+torch's generator, so its images are not the torch pipeline's for the same seed unless the
+noise is passed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+SAMPLER_JSON = "sampler.json"
+
+
+class OnnxSampler:
+    def __init__(self, folder: str | Path, model_file: str = "denoiser.onnx", threads: int | None = None):
+        folder = Path(folder)
+        self.spec = json.loads((folder / SAMPLER_JSON).read_text())
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(folder / model_file), options, providers=providers)
+        self.decoder = None
+        if self.spec["latent"]:
+            self.decoder = ort.InferenceSession(str(folder / "vae_decoder.onnx"), options, providers=providers)
+        self.tokenizer = None
+        if self.spec["conditioning"] == "text":
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            length = self.spec["text_max_length"]
+            self.tokenizer.enable_truncation(length)
+            self.tokenizer.enable_padding(length=length, pad_id=self.spec["pad_token_id"])
+        self.alphas_cumprod = np.asarray(self.spec["alphas_cumprod"], dtype=np.float64)
+
+    # ---------------------------------------------------------------------- conditions
+    def _conditions(self, prompts, class_labels, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        kind = self.spec["conditioning"]
+        if kind == "text":
+            prompts = [""] * count if prompts is None else list(prompts)
+            ids = [e.ids for e in self.tokenizer.encode_batch(prompts + [""])]
+            ids = np.asarray(ids, dtype=np.int64)
+            return ids[:-1], np.repeat(ids[-1:], len(prompts), axis=0)
+        if kind == "class":
+            names = self.spec["class_names"]
+            null = self.spec["null_class"]
+            labels = [null] * count if class_labels is None else [
+                names.index(c) if isinstance(c, str) else int(c) for c in class_labels]
+            cond = np.asarray(labels, dtype=np.int64)
+            return cond, np.full_like(cond, null)
+        return None, None
+
+    def _predict(self, x: np.ndarray, t: int, cond: np.ndarray | None) -> np.ndarray:
+        feed = {"sample": x.astype(np.float32), "timestep": np.full((x.shape[0],), t, dtype=np.int64)}
+        if cond is not None:
+            feed["cond"] = cond
+        return self.session.run(None, feed)[0].astype(np.float64)
+
+    # -------------------------------------------------------------------------- sample
+    def timesteps(self, steps: int) -> np.ndarray:
+        total = self.spec["num_train_timesteps"]
+        return (np.round(np.arange(total, 0, -total / steps)).astype(np.int64) - 1)
+
+    def __call__(self, prompts: list[str] | None = None, class_labels=None, num_images: int = 1, seed: int = 0,
+                 steps: int = 30, guidance_scale: float = 1.0, noise: np.ndarray | None = None,
+                 callback=None, raw: bool = False) -> np.ndarray:
+        """Images as float NHWC in [0, 1]; raw=True: the final sample before any decoding or
+        clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every step."""
+        cond, uncond = self._conditions(prompts, class_labels, num_images)
+        count = num_images if cond is None else len(cond)
+        guided = guidance_scale != 1.0
+        if guided and cond is None:
+            raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
+        if noise is None:
+            shape = (self.spec["in_channels"], self.spec["sample_size"], self.spec["sample_size"])
+            noise = np.stack([np.random.default_rng(seed + i).standard_normal(shape) for i in range(count)])
+        x = noise.astype(np.float64)
+        abar = self.alphas_cumprod
+        total = self.spec["num_train_timesteps"]
+        for i, t in enumerate(self.timesteps(steps)):
+            if callback is not None:
+                callback(i, int(t))
+            if guided:
+                both = self._predict(np.concatenate([x, x]), int(t), np.concatenate([uncond, cond]))
+                unconditional, conditional = np.split(both, 2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            else:
+                prediction = self._predict(x, int(t), cond)
+            a, prev = abar[t], t - total // steps
+            a_prev = abar[prev] if prev >= 0 else 1.0  # DDIM's final alpha: set_alpha_to_one
+            if self.spec["prediction_type"] == "v_prediction":
+                x0 = np.sqrt(a) * x - np.sqrt(1 - a) * prediction
+                eps = np.sqrt(a) * prediction + np.sqrt(1 - a) * x
+            else:
+                eps = prediction
+                x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+            x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+        if raw:
+            return x
+        if self.decoder is not None:
+            latents = x / self.spec["latent_scale"] + self.spec["latent_shift"]
+            x = self.decoder.run(None, {"latents": latents.astype(np.float32)})[0].astype(np.float64)
+        return np.clip(x / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="sample with the exported ONNX denoiser")
+    parser.add_argument("--folder", default=str(Path(__file__).parent))
+    parser.add_argument("--model", default="denoiser.onnx", help="or denoiser.int8.onnx")
+    parser.add_argument("--out", required=True, help="PNG grid to write")
+    parser.add_argument("--prompt", action="append", help="text models (repeat for several images)")
+    parser.add_argument("--class", dest="classes", action="append", help="class models: index or name")
+    parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    args = parser.parse_args()
+    from PIL import Image
+
+    labels = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
+    images = to_uint8(OnnxSampler(args.folder, args.model)(args.prompt, labels, args.num_images, args.seed,
+                                                           args.steps, args.guidance))
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
+
+
+if __name__ == "__main__":
+    main()
