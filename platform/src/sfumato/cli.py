@@ -49,8 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="YAML config with a train section")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
+    run_helps = {
+        "evaluate": "FID (or FD-CLIP) and CLIPScore of a checkpoint's EMA weights; writes report.md and the cards",
+        "export": "a checkpoint's EMA weights as a diffusers folder, ONNX and INT8 under RUN_DIR/export",
+        "report": "rewrite RUN_DIR/report.md, model_card.md and the data folder's dataset_card.md",
+    }
+    for stage, text in run_helps.items():
+        run_parser = sub.add_parser(stage, help=text)
+        run_parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder (train.output_dir)")
+        if stage != "report":
+            run_parser.add_argument("--checkpoint", default=None, help="e.g. step-00000500 (default: the newest)")
+        run_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.num_samples=10000")
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train", "dedup"])
+    bench.add_argument("what", choices=["ingest", "train", "dedup", "export"])
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's)")
     bench.add_argument("--out", default=None, help="write the figures as JSON here")
     bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded")
@@ -65,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpu", action="store_true",
                        help="train: time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU")
     bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="train --gpu: ZeRO stage")
+    bench.add_argument("--repeats", type=int, default=20, help="export: timed denoiser calls per setting")
     return parser
 
 
@@ -140,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
         importlib.import_module(f"sfumato.bench.{args.what}").main(args)
         return 0
+    if args.stage in ("evaluate", "export", "report"):
+        return _run_folder_stage(args)
     try:
         if getattr(args, "resume", None):
             cfg = load_config(Path(args.resume) / "config.yaml", args.overrides)
@@ -155,6 +169,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)
         return 2
     result = run_stage(args.stage, cfg, getattr(args, "review", 0))
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _run_folder_stage(args) -> int:
+    """evaluate / export / report: the run folder's own config.yaml, plus overrides."""
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        print(f"sfumato: {run_dir} is not a run folder (no config.yaml)", file=sys.stderr)
+        return 2
+    try:
+        load_config(run_dir / "config.yaml", args.overrides)
+    except ConfigError as err:
+        print(f"sfumato: {err}", file=sys.stderr)
+        return 2
+    if args.stage == "evaluate":
+        from sfumato.evaluate.evaluate import run_evaluate
+
+        result = run_evaluate(run_dir, args.checkpoint, args.overrides)
+    elif args.stage == "export":
+        from sfumato.export.export_run import run_export
+
+        result = run_export(run_dir, args.checkpoint, args.overrides)
+    else:
+        from sfumato.evaluate.cards import write_dataset_card, write_model_card
+        from sfumato.evaluate.report import write_report
+
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        data_card = write_dataset_card(cfg.data.output_dir)
+        result = {"report": write_report(run_dir), "dataset_card": data_card,
+                  "model_card": write_model_card(run_dir, data_card)}
     print(json.dumps(result, indent=2, default=str))
     return 0
 

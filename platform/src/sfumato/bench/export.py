@@ -2,8 +2,8 @@
 
 The model is a registered denoiser (default unet-s, class-conditional, 10 classes) at
 `--resolution`, randomly initialised with a fixed seed: latency does not depend on the weights'
-values. Each setting gets warm-up calls, then `--repeats` timed calls on the same fixed inputs;
-the figures are the median latency and images/s at batch 1 and 8. PyTorch runs under
+values. Each runtime gets warm-up calls, then `--repeats` timed calls on the same fixed inputs, after
+the machine has gone quiet; the figures are the median latency and images/s at batch 1 and 8. PyTorch runs under
 `inference_mode` with its default threads, onnxruntime with its default session options
 (graph optimisations on, one intra-op thread per core): what a user of either gets.
 """
@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfumato.bench.ingest import machine
+from sfumato.bench.ingest import machine, wait_for_quiet_cpu
 
 BATCHES = (1, 8)
 
 
-def _time(call, repeats: int, warmup: int = 3) -> float:
+def _median_s(call, repeats: int, warmup: int = 3) -> float:
+    """Median seconds per call. Runtimes are timed one after the other, not interleaved:
+    onnxruntime's idle threads spin for a while after a run and would slow a torch call
+    that follows at once."""
     for _ in range(warmup):
         call()
     times = []
@@ -37,12 +40,11 @@ def _time(call, repeats: int, warmup: int = 3) -> float:
 
 def main(args) -> dict:
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from sfumato.config import DiffusionConfig
     from sfumato.diffusion.pipeline import SfumatoPipeline
     from sfumato.diffusion.sample import make_sampler
-    from sfumato.export.onnx_export import _Denoiser, _export, example_inputs
+    from sfumato.export.onnx_export import _Denoiser, _export, example_inputs, quantize_int8
     from sfumato.models.registry import build_denoiser, parameter_count
 
     torch.manual_seed(0)
@@ -55,7 +57,7 @@ def main(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-export-") as tmp:
         fp32, int8 = Path(tmp) / "denoiser.onnx", Path(tmp) / "denoiser.int8.onnx"
         _export(module, example_inputs(pipe, 2, 0), fp32, "prediction", 18)
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        quantize_int8(fp32, int8)
         sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                     for name, path in (("onnx_fp32", fp32), ("onnx_int8", int8))}
         for batch in BATCHES:
@@ -63,9 +65,11 @@ def main(args) -> dict:
             feed = {k: v.numpy() for k, v in inputs.items()}
             with torch.inference_mode():
                 reference = module(**inputs).numpy()
-                seconds = {"torch_eager": _time(lambda: module(**inputs), args.repeats)}
+                wait_for_quiet_cpu()
+                seconds = {"torch_eager": _median_s(lambda: module(**inputs), args.repeats)}
             for name, session in sessions.items():
-                seconds[name] = _time(lambda: session.run(None, feed), args.repeats)
+                seconds[name] = _median_s(lambda: session.run(None, feed), args.repeats)
+            for name, session in sessions.items():
                 error = np.abs(session.run(None, feed)[0] - reference).max() / np.abs(reference).max()
                 result["settings"][f"{name}_b{batch}_max_rel_error"] = float(error)
             for name, s in seconds.items():

@@ -1,0 +1,1 @@
+"""Evaluation: FID / FD-CLIP, CLIPScore, sample grids, reports, dataset and model cards."""

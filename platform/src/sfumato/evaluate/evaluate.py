@@ -1,0 +1,129 @@
+"""`sfumato evaluate RUN_DIR`: FID (or FD-CLIP) and CLIPScore of a checkpoint's EMA weights.
+
+`evaluate.num_samples` images are generated on fixed noise (image i from seed + i) with fixed
+conditions, a batch at a time, and only their features are kept, so memory does not grow with
+the count. Class models cycle through their classes, text models through the evaluation
+captions. The reference statistics are the training shards' at the curriculum's last resolution,
+computed once and cached under the data folder by content hash. Each call appends one line to
+RUN_DIR/evaluation/metrics.jsonl and rewrites report.md and the cards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+EVALUATION = "evaluation"
+FID_CACHE = "fid_cache"
+
+
+def class_captions(manifest: Path, class_names: list[str]) -> list[str | None]:
+    """Per class, the manifest's most frequent caption among that class's rows (a class-
+    conditional model is asked for a class; CLIPScore needs words for it)."""
+    table = pq.read_table(manifest, columns=["tags", "caption", "status"]).to_pylist()
+    counts: dict[str, Counter] = {name: Counter() for name in class_names}
+    for row in table:
+        if row["tags"] and row["caption"] and row["tags"][-1] in counts:
+            counts[row["tags"][-1]][row["caption"]] += 1
+    return [min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] if c else None for c in counts.values()]
+
+
+def manifest_prompts(manifest: Path) -> list[str]:
+    """The manifest's accepted captions, distinct, most frequent first."""
+    from sfumato.models.text import manifest_captions
+
+    counts = Counter(manifest_captions(manifest))
+    return [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _plan(cfg, run) -> tuple[list | None, list[str] | None, str]:
+    """(conditions per image, CLIPScore caption per image, where the captions came from)."""
+    from sfumato.data.ingest import MANIFEST
+
+    n, manifest = cfg.evaluate.num_samples, cfg.data.output_dir / MANIFEST
+    if run.tokenizer is not None:
+        prompts, origin = cfg.evaluate.captions, "evaluate.captions"
+        if prompts is None:
+            prompts, origin = manifest_prompts(manifest), "training manifest (seen in training)"
+        if not prompts:
+            raise ValueError(f"no captions to evaluate a text model with: set evaluate.captions ({manifest} has none)")
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        return chosen, chosen, origin
+    if run.class_names:
+        labels = [i % len(run.class_names) for i in range(n)]
+        captions = class_captions(manifest, run.class_names) if manifest.exists() else [None] * len(run.class_names)
+        if any(c is None for c in captions):
+            return labels, None, "none: some classes have no caption in the manifest"
+        return labels, [captions[i] for i in labels], "the manifest's most frequent caption per class"
+    return None, None, "none: unconditional model"
+
+
+def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None) -> dict:
+    from sfumato.config import load_config
+    from sfumato.diffusion.sample import sample, to_grid
+    from sfumato.evaluate.cards import write_dataset_card, write_model_card
+    from sfumato.evaluate.clipscore import clip_scores
+    from sfumato.evaluate.features import Clip, ClipFeatures, load_extractor
+    from sfumato.evaluate.fid import RunningStatistics, frechet_distance, reference_statistics
+    from sfumato.evaluate.report import write_report
+    from sfumato.models.run import load_trained, pipeline
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+    device = load_config(run_dir / "config.yaml", overrides).evaluate.device
+    cfg, run, folder = load_trained(run_dir, checkpoint, overrides, device)
+    e = cfg.evaluate
+    clip_source = e.clip_model or cfg.data.curate.clip.model
+    extractor = load_extractor(e.inception_weights, clip_source, e.device, e.batch_size)
+    resolution_px = cfg.train.stages[-1].resolution_px
+    reference = reference_statistics(cfg.data.output_dir / "shards", resolution_px, extractor, e.reference_max_images,
+                                     cfg.data.output_dir / FID_CACHE, e.batch_size)
+    pipe = pipeline(cfg, run, e.sampler)
+    conditions, captions, caption_origin = _plan(cfg, run)
+    clip = None  # one CLIP model for FD-CLIP and CLIPScore when they are the same
+    if captions is not None and clip_source is not None:
+        same = isinstance(extractor, ClipFeatures) and extractor.clip.source == clip_source
+        clip = extractor.clip if same else Clip(clip_source, e.device)
+    started = time.perf_counter()
+    generated, scores, grid = RunningStatistics(extractor.name), [], None
+    for first in range(0, e.num_samples, e.batch_size):
+        count = min(e.batch_size, e.num_samples - first)
+        batch_conditions = None if conditions is None else conditions[first:first + count]
+        images = sample(pipe, count, e.seed, e.steps, e.guidance_scale, batch_conditions, first_index=first,
+                        height=resolution_px, width=resolution_px)
+        if grid is None:
+            grid = images[:16]
+        generated.add(extractor(images * 2 - 1))
+        if clip is not None:
+            scores.append(clip_scores(images * 2 - 1, captions[first:first + count], clip, e.device, e.batch_size))
+        log.info("evaluate: %d/%d images", first + count, e.num_samples)
+    generated = generated.result()
+    seconds = time.perf_counter() - started
+    step = json.loads((folder / "meta.json").read_text())["step"]
+    out = run_dir / EVALUATION
+    out.mkdir(exist_ok=True)
+    to_grid(grid).save(out / f"samples-{folder.name}.png")
+    record = {
+        "time": time.time(), "checkpoint": folder.name, "step": step, "features": extractor.name,
+        "metric": extractor.metric, "fd": frechet_distance(generated, reference),
+        "clip_score": float(np.concatenate(scores).mean()) if scores else None,
+        "clip_score_model": clip_source if scores else None, "captions": caption_origin,
+        "num_samples": e.num_samples, "sampler": e.sampler, "steps": e.steps, "guidance_scale": e.guidance_scale,
+        "seed": e.seed, "resolution_px": resolution_px, "generation_s": round(seconds, 2),
+        "reference": {"count": reference.count, "resolution_px": resolution_px, "shards": str(cfg.data.output_dir / "shards")},
+    }
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    write_report(run_dir)
+    data_card = write_dataset_card(cfg.data.output_dir)
+    write_model_card(run_dir, data_card)
+    return record

@@ -1,0 +1,345 @@
+"""A run's report: runs/<name>/report.md plus its plots in runs/<name>/report/.
+
+A person checking a run wants, on one page, what was trained (the resolved config), how it went
+(loss, lr, gradient norm, throughput against step, with the curriculum's stage boundaries), what
+the fixed-seed sample grids look like over time, what the evaluations measured, and what the
+run cost in device-hours. Everything is read from the run folder; only config.yaml is required,
+every other file is optional and its absence is said in the report, so a report can be written
+for a run that has just started, crashed, or was never evaluated.
+
+Plots use matplotlib's object API (`Figure` + the Agg canvas), so writing a report never
+changes pyplot's global backend for the program that calls it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sfumato.config import Config, load_config
+
+METRICS = "metrics.jsonl"
+ATTEMPTS = "attempts.jsonl"
+EVALUATIONS = Path("evaluation") / "metrics.jsonl"
+STOPPED = "STOPPED.json"
+REPORT = "report.md"
+PLOTS = "report"
+SAMPLES_FIGURE = "samples_over_steps.png"
+MAX_SAMPLES_IN_FIGURE = 6
+
+# (file, title, y label, metrics.jsonl columns, log y)
+CURVES = [
+    ("loss.png", "Loss", "loss", ["loss", "loss_ema"], False),
+    ("lr.png", "Learning rate", "lr", ["lr"], False),
+    ("grad_norm.png", "Gradient norm", "grad norm", ["grad_norm"], True),
+    ("throughput.png", "Throughput", "samples / s", ["samples_per_s"], False),
+]
+
+
+# ------------------------------------------------------------------------------ reading a run
+def load_run_config(run_dir: Path) -> Config:
+    """The run's resolved config; a folder without config.yaml is not a run folder."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml "
+                                "(a run folder is the train.output_dir that `sfumato train` writes)")
+    cfg = load_config(path)
+    if cfg.train is None:
+        raise ValueError(f"{path} has no `train` section: it is not a training run's config")
+    return cfg
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line; [] when the file is absent. A cut-off last line (a crash
+    mid-write) is skipped; a bad line anywhere else is an error naming file and line."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON: {err}") from None
+    return records
+
+
+def by_step(metrics: list[dict]) -> list[dict]:
+    """One record per step, the last written: steps repeated after a resume are replaced by
+    the attempt that carried on from them."""
+    latest = {record["step"]: record for record in metrics}
+    return [latest[step] for step in sorted(latest)]
+
+
+def read_evaluations(run_dir: Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / EVALUATIONS)
+
+
+# --------------------------------------------------------------------------------- compute
+def training_compute(run_dir: Path) -> dict:
+    """Wall time and device-hours of the run's training, from metrics.jsonl.
+
+    Each log line closes a window of `train.log_every_steps` optimizer steps and records
+    `step_time_s` = window seconds / log_every_steps, so a window lasted step_time_s x
+    log_every_steps seconds. With `time` on the lines, an attempt (one start of the worker group,
+    found from attempts.jsonl, else from the step going back) lasted from its first line's time
+    minus that line's window to its last line's time; without `time`, the windows are summed.
+    Either way idle gaps between a crash and the restart are not counted, and neither are each
+    attempt's start-up (model build, checkpoint load) and the work after its last log line, so
+    the figure slightly understates the cost. Device-hours = seconds x world size (the lines'
+    `world_size`, else train.num_workers) / 3600, summed over attempts.
+    """
+    cfg = load_run_config(run_dir)
+    metrics = read_jsonl(Path(run_dir) / METRICS)
+    starts = [a["time"] for a in read_jsonl(Path(run_dir) / ATTEMPTS) if "time" in a]
+    timed = bool(metrics) and all("time" in m for m in metrics)
+    window_steps = cfg.train.log_every_steps
+    wall_s = device_s = 0.0
+    segments = _attempt_segments(metrics, starts if timed else [])
+    for segment in segments:
+        seconds = (segment[0].get("step_time_s") or 0.0) * window_steps
+        if timed:
+            seconds += segment[-1]["time"] - segment[0]["time"]
+        else:
+            seconds += sum((m.get("step_time_s") or 0.0) * window_steps for m in segment[1:])
+        wall_s += seconds
+        device_s += seconds * (segment[-1].get("world_size") or cfg.train.num_workers)
+    elapsed_s = metrics[-1]["time"] - min(starts) if timed and starts else None
+    return {
+        "wall_s": wall_s, "wall_hours": wall_s / 3600, "device_hours": device_s / 3600,
+        "device": "GPU" if cfg.train.use_gpu else "CPU worker",
+        "world_size": max([m.get("world_size") or cfg.train.num_workers for m in metrics], default=cfg.train.num_workers),
+        "attempts": len(segments), "elapsed_s": elapsed_s,
+        "method": ("timestamps" if timed else "step_time_s") if metrics else "no metrics.jsonl lines",
+    }
+
+
+def _attempt_segments(metrics: list[dict], attempt_starts: list[float]) -> list[list[dict]]:
+    """metrics.jsonl lines grouped by attempt: by the attempts' start times when given, else a
+    new attempt wherever the step does not increase (a resume repeats steps)."""
+    groups: dict[int, list[dict]] = {}
+    starts = sorted(attempt_starts)
+    attempt, previous_step = 0, None
+    for record in metrics:
+        if starts:
+            attempt = bisect.bisect_right(starts, record["time"])
+        elif previous_step is not None and record["step"] <= previous_step:
+            attempt += 1
+        previous_step = record["step"]
+        groups.setdefault(attempt, []).append(record)
+    return [groups[k] for k in sorted(groups)]
+
+
+def format_duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+# ---------------------------------------------------------------------------- markdown bits
+def cell(value) -> str:
+    """A markdown table cell: None as a dash, floats short, pipes escaped."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""]
+
+
+def evaluation_lines(evaluations: list[dict]) -> list[str]:
+    """The evaluations as a table, with what each Fréchet distance was measured on."""
+    header = ["checkpoint", "step", "metric", "features", "FD ↓", "CLIPScore ↑", "samples", "sampler (steps)",
+              "guidance", "seed", "reference images"]
+    rows = [[e.get("checkpoint"), e.get("step"), e.get("metric"), e.get("features"), e.get("fd"), e.get("clip_score"),
+             e.get("num_samples"), f"{e.get('sampler')} ({e.get('steps')})", e.get("guidance_scale"), e.get("seed"),
+             (e.get("reference") or {}).get("count")] for e in evaluations]
+    features = sorted({f"{e.get('metric')}: `{e.get('features')}`" for e in evaluations})
+    clip_models = sorted({e["clip_score_model"] for e in evaluations if e.get("clip_score") is not None
+                          and e.get("clip_score_model")})
+    notes = [
+        "FD is the Fréchet distance between generated and reference images in the named feature space "
+        f"(lower is better). Features used: {'; '.join(features)}.",
+        "FID (Inception-v3 features) and FD-CLIP (CLIP image features) are distances in different spaces: "
+        "their numbers are not comparable with each other. FID is comparable with published FID only when "
+        "computed with the standard Inception weights on the same reference set and sample count.",
+    ]
+    if clip_models:
+        notes.append(f"CLIPScore measured with {', '.join(f'`{m}`' for m in clip_models)}.")
+    return table(header, rows) + [f"- {note}" for note in notes] + [""]
+
+
+# ------------------------------------------------------------------------------------ plots
+def new_figure(width_in: float = 7.0, height_in: float = 3.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(records: list[dict], column: str, positive: bool) -> tuple[list[int], list[float]]:
+    points = [(r["step"], float(r[column])) for r in records
+              if isinstance(r.get(column), (int, float)) and math.isfinite(r[column]) and (r[column] > 0 or not positive)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def stage_boundaries(cfg: Config) -> list[tuple[int, int]]:
+    """(first step, resolution_px) of every curriculum stage after the first."""
+    bounds, start = [], 0
+    for stage in cfg.train.stages:
+        if start:
+            bounds.append((start, stage.resolution_px))
+        start += stage.steps
+    return bounds
+
+
+def plot_curve(path: Path, records: list[dict], title: str, ylabel: str, columns: list[str], log_y: bool,
+               boundaries: list[tuple[int, int]]) -> bool:
+    """One metric (or a raw/averaged pair) against step; False, and no file, without data."""
+    series = {c: _series(records, c, positive=log_y) for c in columns}
+    if not any(steps for steps, _ in series.values()):
+        return False
+    fig = new_figure()
+    ax = fig.add_subplot()
+    for number, (column, (steps, values)) in enumerate(series.items()):
+        raw = len(columns) > 1 and number == 0  # the raw loss, faint under its average
+        ax.plot(steps, values, label=column, linewidth=0.8 if raw else 1.5, alpha=0.45 if raw else 1.0)
+    last_step = max(max(steps, default=0) for steps, _ in series.values())
+    for step, resolution_px in boundaries:
+        if step <= last_step:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(step, 0.98, f" {resolution_px} px", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    if len(columns) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def sample_grids(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of samples/step-NNNNNNNN.png, by step."""
+    found = [(int(p.stem[5:]), p) for p in (Path(run_dir) / "samples").glob("step-*.png") if p.stem[5:].isdigit()]
+    return sorted(found)
+
+
+def evenly_spread(items: list, count: int) -> list:
+    """Up to `count` items at evenly spaced positions, the first and the last included."""
+    count = min(count, len(items))
+    return [items[round(k * (len(items) - 1) / max(1, count - 1))] for k in range(count)]
+
+
+def plot_samples_over_steps(path: Path, grids: list[tuple[int, Path]]) -> None:
+    """Up to MAX_SAMPLES_IN_FIGURE grids side by side, evenly spread, first and last included."""
+    import numpy as np
+    from PIL import Image
+
+    chosen = evenly_spread(grids, MAX_SAMPLES_IN_FIGURE)
+    count = len(chosen)
+    fig = new_figure(2.2 * count, 2.6)
+    for k, (step, grid_path) in enumerate(chosen):
+        ax = fig.add_subplot(1, count, k + 1)
+        with Image.open(grid_path) as img:
+            ax.imshow(np.asarray(img.convert("RGB")), interpolation="nearest")
+        ax.set_title(f"step {step:,}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------------- report
+def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> list[str]:
+    from sfumato.train import checkpoint as ckpt
+    from sfumato.train.loop import effective_batch
+
+    t = cfg.train
+    attempts = read_jsonl(run_dir / ATTEMPTS)
+    resumed = [a["resumed_from"] for a in attempts if a.get("resumed_from")]
+    latest = ckpt.latest(run_dir / "checkpoints")
+    rows = [
+        ["name", cfg.name], ["model", f"`{t.model}`" + (" (latent, VAE)" if t.vae else " (pixel space)")],
+        ["conditioning", t.conditioning],
+        ["resolution curriculum", " → ".join(f"{s.resolution_px} px × {s.steps:,} steps" for s in t.stages)],
+        ["steps done / configured", f"{metrics[-1]['step'] if metrics else 0:,} / {t.total_steps:,}"],
+        ["effective batch", ", ".join(f"{effective_batch(cfg, s)} at {s.resolution_px} px" for s in t.stages)
+         + f" (micro batch × {t.grad_accum_steps} accumulation × {t.num_workers} workers)"],
+        ["precision", t.precision], ["ZeRO stage", t.zero_stage],
+        ["training wall time", format_duration(compute["wall_s"]) + f" ({compute['method']})"],
+        [f"{compute['device']}-hours", f"{compute['device_hours']:.3g} ({compute['world_size']} × wall time)"],
+        ["attempts", f"{len(attempts)} start(s), {max(0, len(attempts) - 1)} restart(s)"
+         + (f", resumed from {', '.join(resumed)}" if resumed else "")],
+        ["final loss_ema", metrics[-1].get("loss_ema") if metrics else None],
+        ["latest committed checkpoint", latest.name if latest else None],
+    ]
+    if compute["elapsed_s"] is not None:
+        rows.insert(9, ["elapsed (first start to last log)", format_duration(compute["elapsed_s"])])
+    stopped = run_dir / STOPPED
+    if stopped.is_file():
+        info = json.loads(stopped.read_text())
+        rows.append(["STOPPED", f"at step {info.get('step')}: {info.get('error')}"])
+    return ["## Summary", ""] + table(["", ""], rows)
+
+
+def _curves(cfg: Config, run_dir: Path, metrics: list[dict]) -> list[str]:
+    lines = ["## Training curves", ""]
+    if not metrics:
+        return lines + [f"No {METRICS} lines yet: nothing to plot.", ""]
+    plots = run_dir / PLOTS
+    bounds = stage_boundaries(cfg)
+    for filename, title, ylabel, columns, log_y in CURVES:
+        if plot_curve(plots / filename, metrics, title, ylabel, columns, log_y, bounds):
+            lines += [f"![{title}]({PLOTS}/{filename})", ""]
+        else:
+            lines += [f"*{title}: not plotted, {METRICS} has no values of {', '.join(f'`{c}`' for c in columns)}.*", ""]
+    if bounds:
+        lines += ["Dashed lines: curriculum stage boundaries (the new stage's resolution).", ""]
+    return lines
+
+
+def _samples(run_dir: Path) -> list[str]:
+    lines = ["## Samples over training (EMA weights, fixed seed)", ""]
+    grids = sample_grids(run_dir)
+    if not grids:
+        return lines + ["No sample grids in samples/ yet.", ""]
+    plot_samples_over_steps(run_dir / PLOTS / SAMPLES_FIGURE, grids)
+    links = [f"[step {step:,}](samples/{path.name})" for step, path in grids]
+    return lines + [f"![samples over steps]({PLOTS}/{SAMPLES_FIGURE})", "", "All grids: " + " · ".join(links), ""]
+
+
+def _evaluation(run_dir: Path) -> list[str]:
+    evaluations = read_evaluations(run_dir)
+    if not evaluations:
+        return ["## Evaluation", "", f"Not evaluated yet: run `sfumato evaluate {run_dir}`.", ""]
+    grids = sorted((run_dir / EVALUATIONS.parent).glob("samples-*.png"))  # what `sfumato evaluate` generated
+    links = [f"[{p.stem[8:]}]({EVALUATIONS.parent}/{p.name})" for p in grids]
+    return ["## Evaluation", ""] + evaluation_lines(evaluations) + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
+
+
+def write_report(run_dir: Path) -> Path:
+    """run_dir/report.md and its plots in run_dir/report/; returns the report's path."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    metrics = by_step(read_jsonl(run_dir / METRICS))
+    (run_dir / PLOTS).mkdir(exist_ok=True)
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Run report: {cfg.name}", "", f"Generated {generated} from `{run_dir}`.", ""]
+    lines += _summary(cfg, run_dir, metrics, training_compute(run_dir))
+    lines += _curves(cfg, run_dir, metrics) + _samples(run_dir) + _evaluation(run_dir)
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,139 @@
+"""Evaluation and export of real (tiny, debug) trained runs.
+
+The diffusers export loads in a process where sfumato cannot be imported and generates exactly
+the images the run generates for the same seeds; the ONNX export agrees with PyTorch and samples
+on its own with numpy and onnxruntime; evaluation writes its metrics, report and cards with the
+real counts of the run and its data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+pytest.importorskip("onnxruntime")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from sfumato.diffusion.sample import sample  # noqa: E402
+from sfumato.export.export_run import run_export  # noqa: E402
+from sfumato.models.run import load_trained, pipeline  # noqa: E402
+
+# Runs in a fresh interpreter in which `import sfumato` fails: only torch and diffusers.
+WITHOUT_SFUMATO = """
+import sys
+sys.modules["sfumato"] = None
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+folder, reference, kwargs = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+count = kwargs.pop("count")
+generators = [torch.Generator().manual_seed(3 + i) for i in range(count)]
+images = pipe(**kwargs, num_inference_steps=6, generator=generators, output_type="pt").images
+expected = load_file(reference)["images"]
+print(type(pipe).__name__, type(pipe.scheduler).__name__, torch.equal(images, expected),
+      float((images - expected).abs().max()))
+"""
+
+
+def _export_and_compare(run_cfg, conditions, pipe_kwargs, guidance_scale: float) -> dict:
+    run_dir = run_cfg.train.output_dir
+    report = run_export(run_dir)
+    cfg, run, _ = load_trained(run_dir)
+    reference = sample(pipeline(cfg, run, cfg.export.sampler), len(conditions or [0, 0]), seed=3, steps=6,
+                       guidance_scale=guidance_scale, conditions=conditions)
+    save_file({"images": reference.contiguous()}, str(run_dir / "reference.safetensors"))
+    kwargs = {**pipe_kwargs, "count": len(reference), "guidance_scale": guidance_scale}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_SFUMATO, str(run_dir / "export" / "diffusers"),
+                           str(run_dir / "reference.safetensors"), repr(kwargs)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name, scheduler, equal, max_diff = done.stdout.split()
+    assert name == "SfumatoPipeline" and scheduler == "DDIMScheduler"
+    assert equal == "True", f"the export generates other images than the run (max diff {max_diff})"
+    assert float(reference.std()) > 0.01, "the images are not blank"
+    return report
+
+
+def _check_onnx(report: dict, run_dir) -> None:
+    onnx = report["onnx"]
+    for check in ("batch_1", "batch_3"):
+        assert onnx["fp32"][check]["max_rel"] <= 1e-4, onnx["fp32"]
+        assert 0 < onnx["int8"][check]["rel_l2"] < 1, "INT8 error is measured (and it is not zero)"
+    assert onnx["fp32"]["sampling"]["max_pixel_error"] < 1.0, "a whole ONNX DDIM run matches PyTorch's"
+    text = (run_dir / "export" / "export_report.md").read_text()
+    assert "int8" in text and f"{onnx['int8']['batch_1']['rel_l2']:.2e}" in text
+    files = {p.name for p in (run_dir / "export").rglob("*")}
+    assert not files & {"pytorch_model.bin", "diffusion_pytorch_model.bin"}, "weights are safetensors only"
+
+
+def test_class_run_exports_to_diffusers_and_onnx(straight, tmp_path):
+    report = _export_and_compare(straight, [0, 1, 2, 9], {"class_labels": [0, 1, 2, 9]}, guidance_scale=2.0)
+    run_dir = straight.train.output_dir
+    assert report["checkpoint"] == "step-00000010" and report["parameters"] > 0
+    _check_onnx(report, run_dir)
+    # The standalone ONNX sampler, run as a script from the export folder, without sfumato.
+    onnx_dir = run_dir / "export" / "onnx"
+    done = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['sfumato'] = None; "
+                           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                           str(onnx_dir / "sample_onnx.py"), "--out", str(tmp_path / "grid.png"), "--class", "3",
+                           "--class", "airplane", "--steps", "4", "--guidance", "2", "--model", "denoiser.int8.onnx"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (64, 32), "two 32 px images side by side (the last stage's size)"
+
+
+def test_text_run_exports_its_encoder_and_tokenizer(text_run):
+    prompts = ["a photo of a frog", "a photo of a ship"]
+    report = _export_and_compare(text_run, prompts, {"prompt": prompts}, guidance_scale=3.0)
+    _check_onnx(report, text_run.train.output_dir)
+    exported = text_run.train.output_dir / "export" / "diffusers"
+    assert (exported / "text_encoder" / "model.safetensors").exists() and (exported / "tokenizer").is_dir()
+
+
+def test_latent_run_exports_its_vae(latent_run):
+    report = _export_and_compare(latent_run, [4, 5], {"class_labels": [4, 5]}, guidance_scale=1.0)
+    _check_onnx(report, latent_run.train.output_dir)
+    assert (latent_run.train.output_dir / "export" / "onnx" / "vae_decoder.onnx").exists()
+
+
+def test_evaluate_writes_metrics_report_and_cards_with_real_counts(straight, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sfumato.bench.tiny import save_tiny_clip
+    from sfumato.cli import main
+    from sfumato.models.registry import parameter_count
+
+    save_tiny_clip(tmp_path / "clip")
+    run_dir = straight.train.output_dir
+    overrides = ["evaluate.num_samples=24", "evaluate.batch_size=10", "evaluate.steps=4",
+                 f"evaluate.clip_model={tmp_path / 'clip'}", "evaluate.reference_max_images=40"]
+    assert main(["evaluate", str(run_dir), *overrides]) == 0
+    cache = sorted((straight.data.output_dir / "fid_cache").iterdir())
+    assert main(["evaluate", str(run_dir), *overrides, "evaluate.guidance_scale=3"]) == 0
+    assert sorted((straight.data.output_dir / "fid_cache").iterdir()) == cache, "reference statistics were cached"
+
+    first, second = [json.loads(x) for x in (run_dir / "evaluation" / "metrics.jsonl").read_text().splitlines()]
+    assert first["metric"] == second["metric"] == "FD-CLIP" and first["features"].startswith("clip:")
+    assert first["num_samples"] == 24 and first["reference"]["count"] == 40 and first["step"] == 10
+    assert first["fd"] > 0 and 0 <= first["clip_score"] <= 100
+    assert first["fd"] != second["fd"], "guidance changes the images and so the distance"
+    assert (run_dir / "evaluation" / "samples-step-00000010.png").exists()
+
+    report = (run_dir / "report.md").read_text()
+    assert "FD-CLIP" in report and f"{first['fd']:.3f}" in report
+    manifest = pq.read_table(straight.data.output_dir / "manifest.parquet")
+    rejects = pq.read_table(straight.data.output_dir / "rejects.parquet")
+    card = json.loads((straight.data.output_dir / "dataset_card.json").read_text())
+    assert json.dumps(card).count(str(manifest.num_rows)) >= 1
+    data_card = (straight.data.output_dir / "dataset_card.md").read_text()
+    assert str(manifest.num_rows + rejects.num_rows) in data_card and "research-only" in data_card
+    _, run, _ = load_trained(run_dir)
+    model_card = (run_dir / "model_card.md").read_text()
+    assert f"{parameter_count(run.denoiser):,}" in model_card and "unet-tiny" in model_card
+    assert f"{first['fd']:.3f}" in model_card
