@@ -6,7 +6,9 @@ import sys
 
 import sfumato
 
-NEEDS_TRAIN_EXTRA = ("sfumato.diffusion", "sfumato.train", "sfumato.models", "sfumato.bench.train")
+# Modules of the train and eval extras (torch, diffusers, onnx); everything else is the default install.
+NEEDS_TRAIN_EXTRA = ("sfumato.diffusion", "sfumato.train", "sfumato.models", "sfumato.bench.train",
+                     "sfumato.evaluate", "sfumato.export", "sfumato.bench.export")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
