@@ -6,9 +6,11 @@ import sys
 
 import sfumato
 
-# Modules of the train and eval extras (torch, diffusers, onnx); everything else is the default install.
+# Modules of the train, eval and serve extras (torch, diffusers, onnx, Ray Serve); everything else
+# is the default install.
 NEEDS_TRAIN_EXTRA = ("sfumato.diffusion", "sfumato.train", "sfumato.models", "sfumato.bench.train",
-                     "sfumato.evaluate", "sfumato.export", "sfumato.bench.export")
+                     "sfumato.evaluate", "sfumato.export", "sfumato.bench.export", "sfumato.serve",
+                     "sfumato.bench.serve")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         if stage != "report":
             run_parser.add_argument("--checkpoint", default=None, help="e.g. step-00000500 (default: the newest)")
         run_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.num_samples=10000")
+    serve_parser = sub.add_parser("serve", help="the Ray Serve HTTP endpoint for an export (POST /v1/generate)")
+    serve_parser.add_argument("--model", required=True, metavar="EXPORT_DIR", help="`sfumato export` output folder")
+    serve_parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--token-env", default=None, metavar="VAR",
+                              help="require the bearer token held in this environment variable")
+    serve_parser.add_argument("--max-batch-size", type=int, default=8, help="requests per denoising loop (1: off)")
+    serve_parser.add_argument("--request-timeout-s", type=float, default=60.0)
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
     bench.add_argument("what", choices=["ingest", "train", "dedup", "export"])
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's)")
@@ -151,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         importlib.import_module(f"sfumato.bench.{args.what}").main(args)
+        return 0
+    if args.stage == "serve":
+        from sfumato.serve.app import ServeSettings, run_server
+
+        run_server(ServeSettings(model=args.model, backend=args.backend, token_env=args.token_env,
+                                 max_batch_size=args.max_batch_size, request_timeout_s=args.request_timeout_s),
+                   args.host, args.port)
         return 0
     if args.stage in ("evaluate", "export", "report"):
         return _run_folder_stage(args)

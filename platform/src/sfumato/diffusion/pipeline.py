@@ -105,6 +105,9 @@ class SfumatoPipeline(DiffusionPipeline):
         names = self.config.class_names or []
         ids = []
         for label in class_labels:
+            if label is None:  # "no class": what guidance's unconditional pass uses
+                ids.append(null_class(self.unet))
+                continue
             if isinstance(label, str):
                 if label not in names:
                     raise ValueError(f"unknown class {label!r}; the model knows {names}")

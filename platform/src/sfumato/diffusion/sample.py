@@ -22,16 +22,21 @@ def make_sampler(diffusion_cfg, name: str):
     """A diffusers scheduler on the run's noise schedule: ddpm (ancestral, Ho et al. 2020),
     ddim (deterministic, eta 0; Song et al. 2021) or dpm-solver++ (2nd order multistep; Lu et
     al. 2022), the last two good at 20-50 steps."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    return sampler_from(make_scheduler(diffusion_cfg).config, name)
 
-    base = make_scheduler(diffusion_cfg)
+
+def sampler_from(scheduler_config, name: str):
+    """The named sampler on the noise schedule of any of these schedulers' configs (an exported
+    pipeline's, for one)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
     if name == "ddpm":
-        return base
+        return DDPMScheduler.from_config(scheduler_config, timestep_spacing="leading")  # diffusers' DDPM default
     if name == "ddim":
-        return DDIMScheduler.from_config(base.config, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
     if name == "dpm-solver++":
         # final_sigmas_type "zero" is what a zero-terminal-SNR schedule needs; harmless otherwise.
-        return DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++", solver_order=2,
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        timestep_spacing="trailing", final_sigmas_type="zero")
     raise KeyError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 

@@ -130,7 +130,7 @@ def sampler_spec(pipe, alphas_cumprod: torch.Tensor, prediction_type: str) -> di
         "class_names": pipe.config.class_names or [], "null_class": null_class(pipe.unet),
         "text_max_length": pipe.config.text_max_length or (tokenizer.model_max_length if tokenizer else None),
         "pad_token_id": tokenizer.pad_token_id if tokenizer is not None else None,
-        "latent": pipe.vae is not None, "latent_scale": pipe.config.latent_scale, "latent_shift": pipe.config.latent_shift,
+        "latent": pipe.vae is not None, "vae_scale_factor": pipe.vae_scale_factor, "latent_scale": pipe.config.latent_scale, "latent_shift": pipe.config.latent_shift,
     }
 
 

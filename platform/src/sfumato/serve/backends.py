@@ -1,0 +1,173 @@
+"""What the model deployment runs: an exported model behind one `generate(jobs, should_stop)`.
+
+`torch` loads the diffusers export (`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
+safetensors only) and offers every sampler; `onnx` runs the standalone onnxruntime DDIM sampler
+of the ONNX export at the model's own size. Both take a group of compatible jobs (same sampler,
+steps, guidance and size), generate all their images in one batched denoising loop, and call
+`should_stop()` before every step: when it says so, the loop stops with `Cancelled` and the
+replica is free again. Image k of a job with seed s always starts from the noise of seed s + k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class Cancelled(Exception):
+    """Every job of the group was cancelled (timeout or client gone) mid-denoise."""
+
+
+@dataclass
+class Job:
+    id: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    num_images: int
+    sampler: str
+    width: int
+    height: int
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    class_label: int | str | None = None
+    deadline: float = float("inf")
+    """time.time() after which nobody waits for the result any more."""
+    extra: dict = field(default_factory=dict)
+
+    def group_key(self) -> tuple:
+        """Jobs with equal keys share one denoising loop."""
+        return self.sampler, self.steps, self.guidance_scale, self.width, self.height
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    backend: str
+    conditioning: str
+    """none | class | text"""
+    class_names: list[str]
+    samplers: list[str]
+    default_size_px: int
+    size_multiple_px: int
+    """Sizes are multiples of this; 0: only default_size_px."""
+
+
+def _stepper(should_stop):
+    def callback(step_index, t):
+        if should_stop():
+            raise Cancelled(f"cancelled before step {step_index}")
+    return callback
+
+
+class TorchBackend:
+    def __init__(self, export_dir: Path, device: str = "cpu"):
+        import torch
+        from diffusers import DiffusionPipeline
+
+        self.torch = torch
+        folder = Path(export_dir) / "diffusers"
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(f"{folder} holds no diffusers export (model_index.json): run `sfumato export` first")
+        self.pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.meta = _meta(folder / "sfumato_export.json")
+        self._pipes = {}
+
+    def info(self) -> ModelInfo:
+        from sfumato.diffusion.sample import SAMPLERS
+
+        p = self.pipe
+        conditioning = "text" if p.text_encoder is not None else ("class" if p.num_classes else "none")
+        dit = "DiT" in type(p.unet).__name__
+        multiple = 0 if dit else p.vae_scale_factor * 2 ** (len(p.unet.config.block_out_channels) - 1)
+        return ModelInfo(self.meta.get("run", "model"), "torch", conditioning, list(p.config.class_names or []),
+                         list(SAMPLERS), p.default_size_px, multiple)
+
+    def _pipe_for(self, sampler: str):
+        from sfumato.diffusion.sample import sampler_from
+
+        if sampler not in self._pipes:
+            self._pipes[sampler] = type(self.pipe)(**{**self.pipe.components,
+                                                      "scheduler": sampler_from(self.pipe.scheduler.config, sampler)},
+                                                   **{k: self.pipe.config[k] for k in ("class_names", "text_max_length",
+                                                                                        "latent_scale", "latent_shift")})
+            self._pipes[sampler].set_progress_bar_config(disable=True)
+        return self._pipes[sampler]
+
+    def generate(self, jobs: list[Job], should_stop=lambda: False) -> list[list[np.ndarray]]:
+        """uint8 HWC images per job."""
+        first = jobs[0]
+        pipe = self._pipe_for(first.sampler)
+        kwargs: dict = {}
+        if pipe.text_encoder is not None:
+            kwargs["prompt"] = [j.prompt or "" for j in jobs for _ in range(j.num_images)]
+            kwargs["negative_prompt"] = [j.negative_prompt or "" for j in jobs for _ in range(j.num_images)]
+        elif pipe.num_classes:
+            labels = [j.class_label for j in jobs for _ in range(j.num_images)]
+            kwargs["class_labels"] = labels
+        generators = [self.torch.Generator("cpu").manual_seed(j.seed + k) for j in jobs for k in range(j.num_images)]
+        images = pipe(**kwargs, batch_size=len(generators), height=first.height, width=first.width,
+                      num_inference_steps=first.steps, guidance_scale=first.guidance_scale if pipe.is_conditional else 1.0,
+                      generator=generators, output_type="np", callback=_stepper(should_stop)).images
+        return _split(_to_uint8(images), jobs)
+
+
+class OnnxBackend:
+    def __init__(self, export_dir: Path, model_file: str = "denoiser.onnx"):
+        from sfumato.export.onnx_sampler import SAMPLER_JSON, OnnxSampler
+
+        folder = Path(export_dir) / "onnx"
+        if not (folder / SAMPLER_JSON).exists():
+            raise FileNotFoundError(f"{folder} holds no ONNX export ({SAMPLER_JSON}): run `sfumato export` first")
+        self.sampler = OnnxSampler(folder, model_file)
+        self.meta = _meta(Path(export_dir) / "diffusers" / "sfumato_export.json")
+
+    def info(self) -> ModelInfo:
+        spec = self.sampler.spec
+        factor = spec.get("vae_scale_factor", 1)
+        return ModelInfo(self.meta.get("run", "model"), "onnx", spec["conditioning"], list(spec["class_names"]),
+                         ["ddim"], spec["sample_size"] * factor, 0)
+
+    def generate(self, jobs: list[Job], should_stop=lambda: False) -> list[list[np.ndarray]]:
+        first = jobs[0]
+        spec = self.sampler.spec
+        shape = (spec["in_channels"], spec["sample_size"], spec["sample_size"])
+        noise = np.stack([np.random.default_rng(j.seed + k).standard_normal(shape) for j in jobs for k in range(j.num_images)])
+        prompts = labels = None
+        if spec["conditioning"] == "text":
+            prompts = [j.prompt or "" for j in jobs for _ in range(j.num_images)]
+        elif spec["conditioning"] == "class":
+            labels = [spec["null_class"] if j.class_label is None else j.class_label for j in jobs for _ in range(j.num_images)]
+        guidance = first.guidance_scale if spec["conditioning"] != "none" else 1.0
+        images = self.sampler(prompts, labels, len(noise), steps=first.steps, guidance_scale=guidance, noise=noise,
+                              callback=_stepper(should_stop))
+        return _split(_to_uint8(images), jobs)
+
+
+def _meta(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _split(images: np.ndarray, jobs: list[Job]) -> list[list[np.ndarray]]:
+    out, start = [], 0
+    for job in jobs:
+        out.append(list(images[start:start + job.num_images]))
+        start += job.num_images
+    return out
+
+
+def load_backend(export_dir: Path, backend: str, device: str = "cpu"):
+    if backend == "torch":
+        return TorchBackend(export_dir, device)
+    if backend == "onnx":
+        return OnnxBackend(export_dir)
+    raise ValueError(f"serve backend {backend!r} is not one of torch, onnx")

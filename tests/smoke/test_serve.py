@@ -1,0 +1,136 @@
+"""The Serve endpoint, started for real on 127.0.0.1 around the exported debug run, spoken to over
+HTTP: images, validation, auth, overload, timeouts, and the ONNX backend."""
+
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("fastapi")
+requests = pytest.importorskip("requests")
+
+from PIL import Image  # noqa: E402
+
+TOKEN = "test-token-123"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(straight, monkeypatch_module):
+    from ray import serve
+
+    from sfumato.export.export_run import run_export
+    from sfumato.serve.app import ServeSettings, run_server
+
+    export = straight.train.output_dir / "export"
+    if not (export / "diffusers" / "sfumato_pipeline.py").exists() or not (export / "onnx").exists():
+        run_export(straight.train.output_dir)
+    monkeypatch_module.setenv("SFUMATO_TEST_TOKEN", TOKEN)
+    port = _free_port()
+    # Capacity 2 running + 2 queued: small enough that a test can exceed it.
+    common = dict(model=str(export), token_env="SFUMATO_TEST_TOKEN", request_timeout_s=120.0, max_steps=1000,
+                  max_images=8, max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)
+    run_server(ServeSettings(**common), port=port, blocking=False)
+    run_server(ServeSettings(**common, backend="onnx"), port=port, blocking=False, name="onnx", route_prefix="/onnx")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _generate(url, body, headers=HEADERS, route="", **kwargs):
+    return requests.post(f"{url}{route}/v1/generate", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def test_a_request_returns_a_png_of_the_asked_size_and_a_seed_repeats_it(server):
+    first = _generate(server, {"seed": 7, "steps": 4, "class_label": "airplane", "width": 64, "height": 64})
+    assert first.status_code == 200, first.text
+    assert first.headers["content-type"] == "image/png" and first.headers["x-seed"] == "7"
+    assert Image.open(io.BytesIO(first.content)).size == (64, 64)
+    again = _generate(server, {"seed": 7, "steps": 4, "class_label": 0, "width": 64, "height": 64})
+    assert again.content == first.content, "same seed, same class (by name or index): the same bytes"
+    other = _generate(server, {"seed": 8, "steps": 4, "class_label": 0, "width": 64, "height": 64})
+    assert other.content != first.content
+
+    several = _generate(server, {"seed": 7, "steps": 4, "class_label": 0, "num_images": 3, "width": 64, "height": 64},
+                        headers={**HEADERS, "Accept": "application/json"})
+    assert several.status_code == 200 and several.headers["content-type"] == "application/json", several.text
+    body = several.json()
+    assert body["seeds"] == [7, 8, 9]
+    images = [base64.b64decode(x) for x in body["images"]]
+    assert images[0] == first.content and images[1] == other.content, "image k of seed s is seed s + k's image"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 1001), ("steps", 0), ("num_images", 9), ("width", 33), ("height", 1024), ("sampler", "euler"),
+    ("seed", -1), ("guidance_scale", 100), ("class_label", "unicorn"), ("class_label", 10), ("prompt", "a dog"),
+    ("colour", "red"), ("timeout_s", 121),
+])
+def test_each_invalid_field_is_a_422_naming_it(server, field, value):
+    response = _generate(server, {"steps": 2, field: value})
+    assert response.status_code == 422, response.text
+    assert field in json.dumps(response.json()["detail"]), response.text
+
+
+def test_the_token_is_required_and_checked_before_validation(server):
+    assert _generate(server, {"steps": 2}, headers={}).status_code == 401
+    assert _generate(server, {"steps": 99999}, headers={}).status_code == 401, "no token: 401 before any 422"
+    assert _generate(server, {"steps": 2}, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    info = requests.get(f"{server}/v1/model", headers=HEADERS, timeout=30).json()
+    assert info["conditioning"] == "class" and info["default_size_px"] == 32 and "dpm-solver++" in info["samplers"]
+    assert info["limits"]["max_steps"] == 1000
+    schema = requests.get(f"{server}/openapi.json", headers=HEADERS, timeout=30).json()
+    assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["steps"]["maximum"] == 1000
+
+
+def test_a_deadline_stops_the_denoising_loop_mid_way(server):
+    before = requests.get(f"{server}/v1/model", headers=HEADERS, timeout=30).json()["stats"]
+    slow = _generate(server, {"seed": 1, "steps": 1000, "num_images": 8, "width": 64, "height": 64, "timeout_s": 2})
+    assert slow.status_code == 408, slow.text
+    for _ in range(60):  # the replica notices the deadline at its next step
+        stats = requests.get(f"{server}/v1/model", headers=HEADERS, timeout=30).json()["stats"]
+        if stats["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.5)
+    assert stats["cancelled"] == before["cancelled"] + 1, stats
+    assert stats["completed"] == before["completed"], "the timed-out job never ran to its end"
+    assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200, "the replica is free again"
+
+
+def test_a_burst_beyond_capacity_is_refused_with_retry_after_and_nothing_breaks(server):
+    body = {"steps": 300, "num_images": 4, "width": 64, "height": 64, "timeout_s": 2}
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(lambda i: _generate(server, {**body, "seed": i}), range(12)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 408, 503}, statuses
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(refused) >= 12 - 4, f"at most 2 running + 2 queued are accepted: {statuses}"
+    assert all(r.headers.get("retry-after") == "2" for r in refused)
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+    assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200
+
+
+def test_the_onnx_backend_serves_too(server):
+    first = _generate(server, {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 2}, route="/onnx")
+    assert first.status_code == 200, first.text
+    assert Image.open(io.BytesIO(first.content)).size == (32, 32)
+    assert _generate(server, {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 2}, route="/onnx").content == first.content
+    wrong = _generate(server, {"seed": 3, "steps": 4, "sampler": "ddpm"}, route="/onnx")
+    assert wrong.status_code == 422 and "sampler" in wrong.text, "the ONNX sampler is DDIM only"
