@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-batch-size", type=int, default=8, help="requests per denoising loop (1: off)")
     serve_parser.add_argument("--request-timeout-s", type=float, default=60.0)
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train", "dedup", "export"])
+    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve"])
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's)")
     bench.add_argument("--out", default=None, help="write the figures as JSON here")
     bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded")
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU")
     bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="train --gpu: ZeRO stage")
     bench.add_argument("--repeats", type=int, default=20, help="export: timed denoiser calls per setting")
+    bench.add_argument("--duration", type=float, default=20.0, help="serve: seconds of load per cell")
+    bench.add_argument("--serve-steps", type=int, default=10, help="serve: denoising steps per request")
     return parser
 
 
