@@ -50,6 +50,22 @@ def test_missing_source_folder_is_reported_with_its_key(tmp_path):
         load_config(PILOT, [f"data.sources={sources}"])
 
 
+def test_a_run_folder_config_loads_for_its_outputs_after_its_sources_are_gone(tmp_path):
+    """evaluate / report / export read a run folder, not the data sources: a run copied off the
+    cluster whose source folders are not here still loads, and the next check is strict again."""
+    gone = tmp_path / "photos"
+    gone.mkdir()
+    sources = f"[{{kind: folder, name: photos, path: {gone}, license: CC0-1.0}}]"
+    from sfumato.config import write_resolved
+
+    write_resolved(load_config(PILOT, [f"data.sources={sources}"]), tmp_path / "config.yaml")
+    gone.rmdir()
+    cfg = load_config(tmp_path / "config.yaml", inputs=False)
+    assert cfg.data.sources[0].path == gone
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "config.yaml")
+
+
 def test_source_names_must_be_unique(tmp_path):
     sources = "[{kind: demo, name: a}, {kind: demo, name: a}]"
     with pytest.raises(ConfigError, match="source names must be unique"):

@@ -198,7 +198,7 @@ def _run_folder_stage(args) -> int:
         print(f"sfumato: {run_dir} is not a run folder (no config.yaml)", file=sys.stderr)
         return 2
     try:
-        load_config(run_dir / "config.yaml", args.overrides)
+        load_config(run_dir / "config.yaml", args.overrides, inputs=False)
     except ConfigError as err:
         print(f"sfumato: {err}", file=sys.stderr)
         return 2
@@ -214,7 +214,7 @@ def _run_folder_stage(args) -> int:
         from sfumato.evaluate.cards import write_dataset_card, write_model_card
         from sfumato.evaluate.report import write_report
 
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        cfg = load_config(run_dir / "config.yaml", args.overrides, inputs=False)
         data_card = write_dataset_card(cfg.data.output_dir)
         result = {"report": write_report(run_dir), "dataset_card": data_card,
                   "model_card": write_model_card(run_dir, data_card)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -30,11 +31,15 @@ def _absolute(path: Path | None) -> Path | None:
     return None if path is None else Path(os.path.abspath(os.path.expanduser(path)))
 
 
+_CHECK_INPUT_PATHS: ContextVar[bool] = ContextVar("check_input_paths", default=True)
+
+
 def _existing(path: Path | None, what: str) -> Path | None:
-    """Absolute `path`, checked to be an existing folder, file or either (`what`)."""
+    """Absolute `path`, checked to be an existing folder, file or either (`what`), unless the
+    config is a finished run's, loaded for its outputs (`load_config(..., inputs=False)`)."""
     path = _absolute(path)
     checks = {"folder": Path.is_dir, "file": Path.is_file, "path": Path.exists}
-    if path is not None and not checks[what](path):
+    if path is not None and _CHECK_INPUT_PATHS.get() and not checks[what](path):
         raise ValueError(f"{what} {path} does not exist")
     return path
 
@@ -608,7 +613,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path, overrides: list[str] | None = None, inputs: bool = True) -> Config:
+    """inputs=False: the stage reads no data source (evaluate, report, export of a run folder), so
+    source paths that no longer exist (a run folder copied off its cluster) are not errors."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -620,11 +627,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for key, value in parse_overrides(overrides or []):
         apply_override(tree, key, value)
+    token = _CHECK_INPUT_PATHS.set(inputs)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         origin = f"{path}" + (f" with overrides {overrides}" if overrides else "")
         raise ConfigError(_format_errors(err, origin)) from None
+    finally:
+        _CHECK_INPUT_PATHS.reset(token)
 
 
 def to_dict(config: BaseModel) -> dict:

@@ -79,7 +79,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    device = load_config(run_dir / "config.yaml", overrides).evaluate.device
+    device = load_config(run_dir / "config.yaml", overrides, inputs=False).evaluate.device
     cfg, run, folder = load_trained(run_dir, checkpoint, overrides, device)
     e = cfg.evaluate
     clip_source = e.clip_model or cfg.data.curate.clip.model

@@ -46,7 +46,7 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml "
                                 "(a run folder is the train.output_dir that `sfumato train` writes)")
-    cfg = load_config(path)
+    cfg = load_config(path, inputs=False)
     if cfg.train is None:
         raise ValueError(f"{path} has no `train` section: it is not a training run's config")
     return cfg

@@ -89,7 +89,7 @@ def load_trained(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / "config.yaml", overrides, inputs=False)
     if cfg.train is None:
         raise ValueError(f"{run_dir / 'config.yaml'} has no train section")
     folder = resolve_checkpoint(run_dir, checkpoint)
