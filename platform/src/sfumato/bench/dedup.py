@@ -17,7 +17,6 @@ CPU thread; both clocks include loading the model; images/s of each and the rati
 
 from __future__ import annotations
 
-import json
 import tarfile
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfumato.bench import publish
 from sfumato.bench.ingest import Monitor, machine, make_inputs
 from sfumato.data.neardup import SearchSettings, candidate_pairs
 
@@ -118,10 +118,7 @@ def main(args) -> dict:
     del emb
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-dedup-") as tmp:
         result["embedding"] = embedding_throughput(args, Path(tmp))
-    print(report(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return publish(result, report(result), args.out)
 
 
 def report(r: dict) -> str:

@@ -10,7 +10,6 @@ the machine has gone quiet; the figures are the median latency and images/s at b
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfumato.bench import publish
 from sfumato.bench.ingest import machine, wait_for_quiet_cpu
 
 BATCHES = (1, 8)
@@ -76,10 +76,7 @@ def main(args) -> dict:
                 result["settings"][f"{name}_b{batch}"] = {"latency_ms": round(s * 1000, 2),
                                                           "images_per_s": round(batch / s, 1),
                                                           "speedup_vs_torch": round(seconds["torch_eager"] / s, 2)}
-    print(report(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return publish(result, report(result), args.out)
 
 
 def report(r: dict) -> str:

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from sfumato.bench import publish
 from sfumato.bench.ingest import machine
 
 CONCURRENCY = (1, 8, 32)
@@ -145,10 +146,7 @@ def main(args) -> dict:
                     print(json.dumps(result["runs"][-1]), flush=True)
                 serve.delete("sfumato")
         serve.shutdown()
-    print(report(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return publish(result, report(result), args.out)
 
 
 def report(r: dict) -> str:

@@ -7,7 +7,8 @@ onnx.checker (full check), the ONNX output against PyTorch on fixed random input
 sizes (the batch axis really is dynamic), and a whole DDIM run of the standalone onnxruntime
 sampler against the PyTorch pipeline from the same starting noise. INT8 is onnxruntime's dynamic
 quantisation (weights to int8, activations quantised on the fly), measured against fp32 on the
-same inputs: it trades accuracy for size and, on CPUs with VNNI, speed.
+same inputs: it trades accuracy for size (0.27x); whether it is faster depends on the CPU
+(on this AVX2 machine it is not at batch 8: BENCHMARKS.md, `sfumato bench export`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ replica is free again. Image k of a job with seed s always starts from the noise
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ class Job:
     class_label: int | str | None = None
     deadline: float = float("inf")
     """time.time() after which nobody waits for the result any more."""
-    extra: dict = field(default_factory=dict)
 
     def group_key(self) -> tuple:
         """Jobs with equal keys share one denoising loop."""
