@@ -60,3 +60,30 @@ def test_class_balancing_evens_out_a_skewed_set(skewed_shards):
     # The subsampling is part of the position: resuming gives the same batches.
     resumed = iter_training_batches(skewed_shards, 8, 32, 0, 1, seed=0, position=batches[49][1], class_weights=weights)
     assert [b["id"] for b, _ in _take(resumed, 50)] == [b["id"] for b, _ in batches[50:]]
+
+
+def test_held_out_samples_never_reach_training_and_a_data_fraction_takes_a_stable_subset(skewed_shards):
+    from sfumato.data.loader import split_position, training_range, validation_batches
+
+    every_id = {f"s{key}" for key in range(400)}
+    held_out = {i for b in validation_batches(skewed_shards, 32, 0.1, 1000, 16) for i in b["id"]}
+    assert held_out == {i for i in every_id if split_position(i) < 0.1}
+    assert 20 <= len(held_out) <= 60, "about a tenth of the 400 samples"
+
+    def one_epoch(split, rank=0, world=1):
+        batches = iter_training_batches(skewed_shards, 5, 32, rank, world, seed=0, split=split)
+        seen = []
+        for batch, position in batches:
+            if position["epoch"] > 0:
+                break
+            seen += batch["id"]
+        return seen
+
+    full = one_epoch(training_range(0.1, 1.0))
+    assert not held_out & set(full), "training read a held-out sample"
+    assert len(full) >= len(every_id - held_out) - 8 * 5, "only each shard's incomplete last batch is dropped"
+    half = one_epoch(training_range(0.1, 0.5))
+    assert set(half) <= set(full) and 0.35 < len(half) / len(full) < 0.65
+    # The split follows the ids, not the reader: two ranks see the same subset between them.
+    two_ranks = one_epoch(training_range(0.1, 0.5), 0, 2) + one_epoch(training_range(0.1, 0.5), 1, 2)
+    assert set(two_ranks) <= {i for i in every_id if 0.1 <= split_position(i) < 0.1 + 0.9 * 0.5}

@@ -17,21 +17,45 @@ from sfumato.train import checkpoint as ckpt  # noqa: E402
 from sfumato.train.step import NonFiniteError, lr_at, train_step  # noqa: E402
 
 
+def _batch(paths, classes):
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16))) for p in paths])
+    labels = [classes.index(p.parent.name) if p.parent.name in classes else -1 for p in paths]  # -1: no class
+    return {"image": images, "class": np.array(labels), "id": [str(p) for p in paths]}
+
+
 @pytest.fixture(scope="module")
 def cifar_batch(cifar_dir):
     paths = sorted(cifar_dir.rglob("*.jpg"))[:32]
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16))) for p in paths])
-    classes = sorted({p.parent.name for p in paths})
-    return {"image": images, "class": np.array([classes.index(p.parent.name) for p in paths]), "id": [str(p) for p in paths]}
+    return _batch(paths, sorted({p.parent.name for p in paths}))
 
 
-def test_loss_decreases_on_real_images(cifar_batch):
+@pytest.fixture(scope="module")
+def held_out_batch(cifar_dir):
+    """16 other images (of classes cifar_batch does not have: they go in unconditioned)."""
+    paths = sorted(cifar_dir.rglob("*.jpg"))
+    return _batch(paths[32:48], sorted({p.parent.name for p in paths[:32]}))
+
+
+def test_loss_decreases_on_real_images_and_the_validation_loss_is_a_fixed_yardstick(cifar_batch, held_out_batch):
+    from dataclasses import replace
+
+    from sfumato.config import DiffusionConfig
+    from sfumato.train.step import validate
+
     torch.manual_seed(0)
     model = build_denoiser("unet-tiny", 16, 3, num_classes=10)
     state = plain_state(model, null_class=10)
+    val_before = validate(model, [held_out_batch], state, num_timesteps=8, seed=0)
+    # Fixed noise and timesteps, no dropout or weighting: the same number for the same weights,
+    # whatever the run's Min-SNR gamma or condition dropout (what a sweep varies).
+    other = replace(state, diffusion_cfg=DiffusionConfig(min_snr_gamma=None, condition_dropout=0.5),
+                    generator=torch.Generator().manual_seed(123))
+    assert validate(model, [held_out_batch], other, num_timesteps=8, seed=0) == val_before
     losses = [train_step(state, cifar_batch)["loss"] for _ in range(60)]
     assert state.step == 60
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    val_after = validate(model, [held_out_batch], state, num_timesteps=8, seed=0)
+    assert val_after < 0.8 * val_before, "the model also improves on images it never trained on"
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(cifar_batch):

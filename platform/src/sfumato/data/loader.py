@@ -8,7 +8,9 @@ batch, never a shard. `smoke()` is what `sfumato dataloader` runs to measure sam
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import tarfile
 import time
@@ -81,6 +83,36 @@ def iter_batches_from(samples: Iterator[dict], batch_size: int, resolution_px: i
         yield {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
 
 
+def split_position(sample_id: str) -> float:
+    """A sample's fixed place in [0, 1), from a hash of its id. Held-out samples are those below
+    the holdout fraction, so the split is the same whatever the shards' order, the resolution,
+    the worker count or the run; a data fraction takes the next slice above it."""
+    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def training_range(holdout_fraction: float = 0.0, data_fraction: float = 1.0) -> tuple[float, float]:
+    """The [low, high) range of split positions that training reads."""
+    return holdout_fraction, holdout_fraction + (1.0 - holdout_fraction) * data_fraction
+
+
+def _in_range(samples: Iterator[dict], low: float, high: float) -> Iterator[dict]:
+    for sample in samples:
+        if low <= split_position(json.loads(sample["json"])["id"]) < high:
+            yield sample
+
+
+def validation_batches(paths: list[Path], resolution_px: int, holdout_fraction: float, max_samples: int,
+                       batch_size: int) -> list[dict]:
+    """The held-out samples (split position below `holdout_fraction`) of these shards, in shard
+    order, up to `max_samples`, as batches (the last one may be smaller)."""
+    held_out = itertools.islice(_in_range(iter_samples(sorted(paths)), 0.0, holdout_fraction), max_samples)
+    batches = list(iter_batches_from(held_out, batch_size, resolution_px, drop_last=False))
+    if not batches:
+        raise ValueError(f"no held-out sample among the {len(paths)} shards at {resolution_px}px: raise "
+                         "train.validation.holdout_fraction")
+    return batches
+
+
 def _balanced(samples: Iterator[dict], weights: dict[int, float], rng: np.random.Generator) -> Iterator[dict]:
     for sample in samples:
         cls = int(sample["cls"]) if "cls" in sample else -1
@@ -90,12 +122,14 @@ def _balanced(samples: Iterator[dict], weights: dict[int, float], rng: np.random
 
 def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int,
                           seed: int, position: dict | None = None,
-                          class_weights: dict[int, float] | None = None) -> Iterator[tuple[dict, dict]]:
+                          class_weights: dict[int, float] | None = None,
+                          split: tuple[float, float] = (0.0, 1.0)) -> Iterator[tuple[dict, dict]]:
     """Endless batches for one rank, epoch after epoch: the shard order is reshuffled per epoch
     from (seed, epoch), then dealt round-robin to ranks. Yields (batch, position after it);
     given a saved position, it resumes at exactly the next batch (skipped samples are not
-    decoded). With `class_weights`, samples are kept with their class's probability, drawn
-    from (seed, epoch, rank), so a resumed run keeps exactly the same ones."""
+    decoded). Only samples whose split position is in `split` (`training_range`) are read. With
+    `class_weights`, samples are kept with their class's probability, drawn from
+    (seed, epoch, rank), so a resumed run keeps exactly the same ones."""
     if len(paths) < world_size:
         raise ValueError(f"{len(paths)} shards at {resolution_px}px cannot feed {world_size} workers: "
                          "lower data.shards.samples_per_shard")
@@ -105,6 +139,8 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
         order = np.random.default_rng([seed, epoch]).permutation(len(paths))
         mine = [paths[i] for i in order][rank::world_size]
         samples = iter_samples(mine)
+        if split != (0.0, 1.0):
+            samples = _in_range(samples, *split)
         if class_weights is not None:
             samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1]))
         for _ in range(skip * batch_size):

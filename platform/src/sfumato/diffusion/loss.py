@@ -65,3 +65,25 @@ def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSch
     weight = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, cfg.prediction_type).to(per_sample)
     loss = (weight * per_sample).mean()
     return loss, {"loss_unweighted": per_sample.mean().detach(), "t_mean": t.float().mean()}
+
+
+def validation_timesteps(num_train_timesteps: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`count` timesteps at the midpoints of equal bins of [0, T): the whole noise range, evenly."""
+    return ((torch.arange(count, device=device) + 0.5) * num_train_timesteps / count).long()
+
+
+@torch.no_grad()
+def validation_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, prediction_type: str,
+                    timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-image plain MSE of the prediction target, averaged over `timesteps`, with noise from
+    `generator` (seeded the same at every evaluation). Unweighted, without noise offset or
+    condition dropout: it stays one yardstick while Min-SNR-gamma, the offset or the dropout
+    are what a sweep varies."""
+    total = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
+    for t_value in timesteps.tolist():
+        t = torch.full((x0.shape[0],), t_value, device=x0.device, dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        prediction = denoise(schedule.add_noise(x0, noise, t), t, cond)
+        target = schedule.target(x0, noise, t, prediction_type)
+        total += (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    return total / len(timesteps)

@@ -33,6 +33,7 @@ MAX_SAMPLES_IN_FIGURE = 6
 # (file, title, y label, metrics.jsonl columns, log y)
 CURVES = [
     ("loss.png", "Loss", "loss", ["loss", "loss_ema"], False),
+    ("val_loss.png", "Validation loss (EMA weights, held-out images)", "val loss", ["val_loss"], False),
     ("lr.png", "Learning rate", "lr", ["lr"], False),
     ("grad_norm.png", "Gradient norm", "grad norm", ["grad_norm"], True),
     ("throughput.png", "Throughput", "samples / s", ["samples_per_s"], False),
@@ -283,7 +284,8 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
         [f"{compute['device']}-hours", f"{compute['device_hours']:.3g} ({compute['world_size']} × wall time)"],
         ["attempts", f"{len(attempts)} start(s), {max(0, len(attempts) - 1)} restart(s)"
          + (f", resumed from {', '.join(resumed)}" if resumed else "")],
-        ["final loss_ema", metrics[-1].get("loss_ema") if metrics else None],
+        ["final loss_ema", _last(metrics, "loss_ema")],
+        ["final val_loss", _last(metrics, "val_loss")],
         ["latest committed checkpoint", latest.name if latest else None],
     ]
     if compute["elapsed_s"] is not None:
@@ -295,6 +297,10 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
     return ["## Summary", ""] + table(["", ""], rows)
 
 
+def _last(metrics: list[dict], column: str):
+    return next((m[column] for m in reversed(metrics) if m.get(column) is not None), None)
+
+
 def _curves(cfg: Config, run_dir: Path, metrics: list[dict]) -> list[str]:
     lines = ["## Training curves", ""]
     if not metrics:
@@ -302,6 +308,8 @@ def _curves(cfg: Config, run_dir: Path, metrics: list[dict]) -> list[str]:
     plots = run_dir / PLOTS
     bounds = stage_boundaries(cfg)
     for filename, title, ylabel, columns, log_y in CURVES:
+        if columns == ["val_loss"] and cfg.train.validation is None:
+            continue
         if plot_curve(plots / filename, metrics, title, ylabel, columns, log_y, bounds):
             lines += [f"![{title}]({PLOTS}/{filename})", ""]
         else:

@@ -60,12 +60,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from sfumato.data.loader import iter_training_batches, shard_paths
+    from sfumato.data.loader import iter_training_batches, shard_paths, training_range, validation_batches
     from sfumato.data.shards import CLASS_WEIGHTS, CLASSES
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.run import build_run_model
     from sfumato.train.ema import EMA, ema_beta
-    from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step
+    from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step, validate
 
     cfg = Config.model_validate(loop_config["config"])
     t = cfg.train
@@ -128,6 +128,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with (run_dir / "attempts.jsonl").open("a") as fh:
             fh.write(json.dumps({"time": time.time(), "resumed_from": latest and latest.name, "world_size": world}) + "\n")
 
+    # Validation reads only held-out samples, training only the rest (a data fraction of it).
+    v = t.validation
+    split = training_range(v.holdout_fraction if v else 0.0, t.data_fraction)
+    validation_sets: dict[int, list[dict]] = {}  # resolution -> held-out batches (rank 0)
     metrics_file = run_dir / "metrics.jsonl"
     wandb_run = _wandb(cfg) if rank == 0 and t.wandb else None
     loss_ema, window_start, window_samples = None, time.perf_counter(), 0
@@ -141,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 position = None  # the checkpoint was taken in an earlier stage
             batches = iter_training_batches(shard_paths(shards_dir, stage.resolution_px), stage.micro_batch_size,
                                             stage.resolution_px, rank, world, cfg.seed + stage_index, position,
-                                            class_weights)
+                                            class_weights, split)
             while state.step < stage_start + stage.steps:
                 lr = lr_at(state.step, t.optimizer, t.total_steps)
                 for group in engine.optimizer.param_groups:
@@ -161,30 +165,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if fail_at is not None and step == fail_at and rank == world - 1 and not (run_dir / ".injected").exists():
                     (run_dir / ".injected").write_text(str(step))
                     os._exit(1)  # a worker dies without warning; Ray restarts the group
+                record = {}
                 if step % t.log_every_steps == 0 or step == t.total_steps:
                     seconds = time.perf_counter() - window_start
                     grad_norm = engine.get_global_grad_norm()
-                    metrics = {
-                        "step": step, "time": time.time(), "world_size": world, "stage": stage_index, "resolution_px": stage.resolution_px,
+                    record = {
+                        "stage": stage_index, "resolution_px": stage.resolution_px,
                         "loss": out["loss"], "loss_ema": loss_ema, "lr": lr,
                         "grad_norm": None if grad_norm is None else float(grad_norm),
                         "samples_per_s": window_samples / seconds, "step_time_s": seconds / t.log_every_steps,
                         "effective_batch": effective_batch(cfg, stage), "memory_mb": _memory_mb(device),
                     }
                     window_start, window_samples = time.perf_counter(), 0
-                    if rank == 0:
-                        with metrics_file.open("a") as fh:
-                            fh.write(json.dumps(metrics) + "\n")
-                        if wandb_run:
-                            wandb_run.log(metrics, step=step)
-                        print(f"step {step}/{t.total_steps} | {stage.resolution_px}px | loss {out['loss']:.4f} "
-                              f"(ema {loss_ema:.4f}) | lr {lr:.2e} | {metrics['samples_per_s']:.1f} samples/s", flush=True)
-                    ray.train.report(metrics)
-                if step % t.sample_every_steps == 0 or step == t.total_steps:
+                validate_now = v is not None and (step % v.every_steps == 0 or step == t.total_steps)
+                sample_now = step % t.sample_every_steps == 0 or step == t.total_steps
+                if validate_now or sample_now:
                     ema_weights = ema.state_dict(engine.module)  # collective under ZeRO-3
                     if rank == 0:
-                        _sample_grid(cfg, run_model, ema_weights, cond_for_grid, stage.resolution_px, step, device)
+                        ema_model = _ema_copy(run_model.denoiser, ema_weights, device)
+                        if validate_now:
+                            if stage.resolution_px not in validation_sets:
+                                validation_sets[stage.resolution_px] = validation_batches(
+                                    shard_paths(shards_dir, stage.resolution_px), stage.resolution_px,
+                                    v.holdout_fraction, v.max_samples, v.batch_size)
+                            record["val_loss"] = validate(ema_model, validation_sets[stage.resolution_px], state,
+                                                          v.num_timesteps, v.seed)
+                        if sample_now:
+                            _sample_grid(cfg, run_model, ema_model, cond_for_grid, stage.resolution_px, step, device)
                     dist.barrier()
+                if record or validate_now:
+                    record = {"step": step, "time": time.time(), "world_size": world, **record}
+                    if rank == 0:
+                        with metrics_file.open("a") as fh:
+                            fh.write(json.dumps(record) + "\n")
+                        if wandb_run:
+                            wandb_run.log(record, step=step)
+                        print(_progress_line(record, t.total_steps), flush=True)
+                    ray.train.report(record)  # every rank reports; Ray Train forwards rank 0's
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
                     _checkpoint(cfg, engine, ema, state, position, rank, dist)
     except NonFiniteError as err:
@@ -222,22 +239,39 @@ def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist
     dist.barrier()
 
 
-def _sample_grid(cfg, run_model, ema_weights, conditions, resolution_px, step, device) -> None:
-    """A grid from the EMA weights on fixed noise (and fixed classes or prompts, cycled), at the
-    current stage's resolution; in latent mode the latents are sampled, then decoded by the VAE."""
-    from dataclasses import replace
+def _progress_line(record: dict, total_steps: int) -> str:
+    parts = [f"step {record['step']}/{total_steps}"]
+    if "loss" in record:
+        parts += [f"{record['resolution_px']}px", f"loss {record['loss']:.4f} (ema {record['loss_ema']:.4f})",
+                  f"lr {record['lr']:.2e}", f"{record['samples_per_s']:.1f} samples/s"]
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+    return " | ".join(parts)
 
-    from sfumato.diffusion.sample import sample, to_grid
+
+def _ema_copy(denoiser, ema_weights: dict, device) -> torch.nn.Module:
+    """A copy of the denoiser holding the EMA weights, for grids and validation."""
     from sfumato.models.registry import empty_like
-    from sfumato.models.run import pipeline
 
-    model = empty_like(run_model.denoiser).to(device).eval()
+    model = empty_like(denoiser).to(device).eval()
     params = dict(model.named_parameters())
     if params.keys() != ema_weights.keys():
         raise RuntimeError("the EMA weights do not match the model's parameters")
     with torch.no_grad():
         for name, value in ema_weights.items():
             params[name].copy_(value)
+    return model
+
+
+def _sample_grid(cfg, run_model, model, conditions, resolution_px, step, device) -> None:
+    """A grid from the EMA weights (`model`) on fixed noise (and fixed classes or prompts,
+    cycled), at the current stage's resolution; in latent mode the latents are sampled, then
+    decoded by the VAE."""
+    from dataclasses import replace
+
+    from sfumato.diffusion.sample import sample, to_grid
+    from sfumato.models.run import pipeline
+
     s = cfg.train.sample
     pipe = pipeline(cfg, replace(run_model, denoiser=model), s.sampler)
     images = sample(pipe, s.num_images, s.seed, s.steps, s.guidance_scale, conditions,
@@ -316,16 +350,9 @@ def _prepare_text(cfg: Config) -> None:
     prompts_file.write_text(json.dumps(prompts, indent=1))
 
 
-def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_nan_at_step: int | None = None) -> dict:
-    """Train (or continue) the run in cfg.train.output_dir on Ray; returns the last metrics.
-    The inject_* arguments are fault injection for tests: the last rank's process dies, or its
-    weights turn NaN, at that optimizer step (once per run folder)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from sfumato.runtime import init_ray
-    from sfumato.train.step import NonFiniteError
-
+def prepare_run(cfg: Config) -> None:
+    """Before any worker starts: the run folder with its resolved config, its classes, its
+    tokenizer and prompts (text), the VAE checked (latent)."""
     t = cfg.train
     if t is None:
         raise ValueError("the config has no `train` section")
@@ -337,24 +364,52 @@ def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_
         _prepare_text(cfg)
     if t.vae is not None:
         _check_vae(cfg)
-    init_ray(cfg.ray)
-    for stage in t.stages:
-        log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",
-                 stage.resolution_px, stage.steps, effective_batch(cfg, stage), stage.micro_batch_size,
-                 t.grad_accum_steps, t.num_workers)
-    trainer = TorchTrainer(
+
+
+def make_trainer(cfg: Config, callbacks: list | None = None, **loop_options):
+    """The run's TorchTrainer (Ray Train V2): one worker per data-parallel rank, gloo on CPUs and
+    NCCL on GPUs, restarts up to train.max_failures. `loop_options` are the fault injections."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "inject_failure_at_step": inject_failure_at_step,
-                           "inject_nan_at_step": inject_nan_at_step},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        train_loop_config={"config": cfg.model_dump(mode="json"), **loop_options},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str(t.output_dir / "ray"),
+        run_config=RunConfig(name=cfg.name, storage_path=str(t.output_dir / "ray"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
-    trainer.fit()
+
+
+def finish_run(cfg: Config) -> dict:
+    """After the trainer: a stop on NaN/Inf becomes an error that names the last good checkpoint;
+    otherwise the last metrics line."""
+    from sfumato.train.step import NonFiniteError
+
+    t = cfg.train
     stopped = t.output_dir / STOPPED
     if stopped.exists():
         raise NonFiniteError(f"training stopped: {json.loads(stopped.read_text())['error']} "
                              f"(the run folder keeps the last good checkpoint: {ckpt.latest(t.output_dir / 'checkpoints')})")
     lines = (t.output_dir / "metrics.jsonl").read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
+
+
+def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_nan_at_step: int | None = None) -> dict:
+    """Train (or continue) the run in cfg.train.output_dir on Ray; returns the last metrics.
+    The inject_* arguments are fault injection for tests: the last rank's process dies, or its
+    weights turn NaN, at that optimizer step (once per run folder)."""
+    from sfumato.runtime import init_ray
+
+    prepare_run(cfg)
+    init_ray(cfg.ray)
+    t = cfg.train
+    for stage in t.stages:
+        log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",
+                 stage.resolution_px, stage.steps, effective_batch(cfg, stage), stage.micro_batch_size,
+                 t.grad_accum_steps, t.num_workers)
+    make_trainer(cfg, inject_failure_at_step=inject_failure_at_step, inject_nan_at_step=inject_nan_at_step).fit()
+    return finish_run(cfg)

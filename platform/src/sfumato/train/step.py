@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sfumato.diffusion.loss import diffusion_loss, drop_conditions
+from sfumato.diffusion.loss import diffusion_loss, drop_conditions, validation_loss, validation_timesteps
 from sfumato.diffusion.schedule import NoiseSchedule
 
 
@@ -124,14 +124,15 @@ def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> t
     return x0, classes
 
 
-def conditions(batch: dict, classes: torch.Tensor, state: TrainState) -> torch.Tensor | None:
-    """The micro-batch's conditioning with classifier-free-guidance dropout applied: class
-    indices or token ids, the "no class" / empty-caption value where dropped or missing."""
+def conditions(batch: dict, classes: torch.Tensor, state: TrainState, dropout: float | None = None) -> torch.Tensor | None:
+    """The micro-batch's conditioning with classifier-free-guidance dropout applied (the config's,
+    or `dropout`): class indices or token ids, the "no class" / empty-caption value where dropped
+    or missing."""
     if state.tokenizer is None and state.null_class is None:
         return None
+    probability = state.diffusion_cfg.condition_dropout if dropout is None else dropout
     # Drawn on the generator's device (CUDA on GPUs), then used where the batch lives.
-    dropped = drop_conditions(len(classes), state.diffusion_cfg.condition_dropout, state.generator,
-                              state.generator.device).to(classes.device)
+    dropped = drop_conditions(len(classes), probability, state.generator, state.generator.device).to(classes.device)
     if state.tokenizer is not None:
         from sfumato.models.text import tokenize
 
@@ -169,3 +170,24 @@ def train_step(state: TrainState, batch: dict) -> dict:
     if boundary:
         state.step += 1
     return {"loss": float(loss.detach()), "optimizer_step": boundary, **{k: float(v) for k, v in stats.items()}}
+
+
+@torch.no_grad()
+def validate(model, batches: list[dict], state: TrainState, num_timesteps: int, seed: int) -> float:
+    """The validation loss of `model` (the EMA weights) on held-out batches: the plain MSE of
+    `validation_loss` at `num_timesteps` evenly spaced timesteps, each batch noised from
+    (seed, batch index), so every evaluation of a run, and of every run, sees the same noise."""
+    timesteps = validation_timesteps(state.diffusion_cfg.num_train_timesteps, num_timesteps, state.device)
+    dtype = next(model.parameters()).dtype
+    total, count = 0.0, 0
+    for index, batch in enumerate(batches):
+        generator = torch.Generator(state.device).manual_seed(seed * 100_003 + index)
+        x0, classes = batch_to_tensors(batch, state.device, dtype)
+        if state.codec is not None:
+            x0 = state.codec.encode(x0, generator)
+        cond = conditions(batch, classes, state, dropout=0.0)
+        per_image = validation_loss(model, x0, cond, state.schedule, state.diffusion_cfg.prediction_type,
+                                    timesteps, generator)
+        total += float(per_image.sum())
+        count += len(per_image)
+    return total / count
