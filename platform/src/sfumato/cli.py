@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="YAML config with a train section")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
+    tune = sub.add_parser("tune", help="Ray Tune sweep of the trainer on a proxy run -> results, best_config.yaml")
+    _with_config(tune)
+    tune.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir (finished trials are kept)")
     run_helps = {
         "evaluate": "FID (or FD-CLIP) and CLIPScore of a checkpoint's EMA weights; writes report.md and the cards",
         "export": "a checkpoint's EMA weights as a diffusers folder, ONNX and INT8 under RUN_DIR/export",
@@ -70,15 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-batch-size", type=int, default=8, help="requests per denoising loop (1: off)")
     serve_parser.add_argument("--request-timeout-s", type=float, default=60.0)
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve"])
-    bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's)")
+    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune"])
+    bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's); tune: trials at once")
     bench.add_argument("--out", default=None, help="write the figures as JSON here")
-    bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded")
+    bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded; tune: CIFAR-10 images")
     bench.add_argument("--memory-scale", type=int, default=10, help="ingest: also run at this multiple (0: skip)")
-    bench.add_argument("--datasets", default="../shared/datasets", help="ingest: folder holding flowers-val.tar")
+    bench.add_argument("--datasets", default="../shared/datasets", help="ingest, tune: folder holding flowers-val.tar, cifar10-train.tar.gz")
     bench.add_argument("--model", default="unet-s", help="train: a registered model")
     bench.add_argument("--resolution", type=int, default=32, help="train: image size")
-    bench.add_argument("--steps", type=int, default=40, help="train: optimizer steps per side")
+    bench.add_argument("--steps", type=int, default=40, help="train: optimizer steps per side; tune: proxy steps per trial")
     bench.add_argument("--micro-batch", type=int, default=16, help="train: samples per worker per step")
     bench.add_argument("--vectors", type=int, default=1_000_000, help="dedup: synthetic embeddings, approximate search")
     bench.add_argument("--exact-vectors", type=int, default=50_000, help="dedup: the subset searched exactly too")
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=20, help="export: timed denoiser calls per setting")
     bench.add_argument("--duration", type=float, default=20.0, help="serve: seconds of load per cell")
     bench.add_argument("--serve-steps", type=int, default=10, help="serve: denoising steps per request")
+    bench.add_argument("--trials", type=int, default=12, help="tune: trials per sweep")
+    bench.add_argument("--reduction-factor", type=float, default=3.0, help="tune: ASHA's reduction factor")
     return parser
 
 
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("evaluate", "export", "report"):
         return _run_folder_stage(args)
     try:
-        if getattr(args, "resume", None):
+        if args.stage == "train" and args.resume:
             cfg = load_config(Path(args.resume) / "config.yaml", args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
@@ -182,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.stage == "config":
         print(dump_yaml(cfg) if args.action == "show" else f"{args.config}: valid", end="\n")
+        return 0
+    if args.stage == "tune":
+        from sfumato.tune.sweep import run_sweep
+
+        try:
+            result = run_sweep(cfg, resume=args.resume)
+        except ConfigError as err:
+            print(f"sfumato: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: v for k, v in result.items() if k != "trials_by_id"}, indent=2, default=str))
         return 0
     if args.stage == "train" and cfg.train is None:
         print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)

@@ -428,6 +428,22 @@ class SampleConfig(Frozen):
     captions, chosen at the run's first start and kept in text/sample_prompts.json."""
 
 
+class ValidationConfig(Frozen):
+    """A validation loss on images held out of training, chosen by a hash of their id: the same
+    split for every run, resolution, worker count and data fraction of the same shards."""
+
+    holdout_fraction: float = Field(0.05, gt=0, le=0.5)
+    """Share of the samples (by id hash) that training never sees."""
+    max_samples: int = Field(256, ge=1)
+    """Held-out images in the loss (the first ones found in the stage's shards)."""
+    every_steps: int = Field(100, ge=1)
+    """Also at the last step. Tune's early stopping compares trials on these points."""
+    num_timesteps: int = Field(8, ge=1, le=1000)
+    """Every image is noised at these many evenly spaced timesteps, with fixed noise."""
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
 class TrainConfig(Frozen):
     output_dir: Path
     """The run folder: config.yaml, checkpoints/, samples/, metrics.jsonl."""
@@ -441,8 +457,15 @@ class TrainConfig(Frozen):
     resolution / the VAE's downsampling factor). None: pixel space."""
     class_balanced: bool = False
     """Draw every class (a sample's innermost tag) equally often by subsampling frequent ones."""
+    data_fraction: float = Field(1.0, gt=0, le=1)
+    """Train on this share of the (not held-out) samples, chosen by id hash: a tuning proxy's
+    data subset."""
+    validation: ValidationConfig | None = None
+    """None: no validation loss (the training loss alone is logged)."""
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each training worker (with its GPU, when use_gpu)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = Field(2, ge=0, le=3)
     """ZeRO 0-3: 1 partitions optimizer state, 2 also gradients, 3 also the weights (and the EMA
@@ -536,6 +559,86 @@ class ExportConfig(Frozen):
     """Batch of fixed inputs on which ONNX is compared with PyTorch."""
 
 
+# -------------------------------------------------------------------------------------- tune
+class Distribution(Frozen):
+    """One axis of a search space: log_uniform / uniform over [low, high], or a choice of values."""
+
+    distribution: Literal["log_uniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Distribution":
+        if self.distribution == "choice":
+            if self.values is None or self.low is not None or self.high is not None:
+                raise ValueError("choice takes `values` (a list), not low/high")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"{self.distribution} takes `low` and `high`, not values")
+        if not self.low < self.high:
+            raise ValueError(f"low={self.low} must be below high={self.high}")
+        if self.distribution == "log_uniform" and self.low <= 0:
+            raise ValueError(f"log_uniform needs low > 0, got {self.low}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what a trial can get: checked against the config at load."""
+        return list(self.values) if self.distribution == "choice" else [self.low, self.high]
+
+
+class SearchConfig(Frozen):
+    algorithm: Literal["tpe", "random"] = "tpe"
+    """tpe: Optuna's Tree-structured Parzen Estimator (Bergstra et al. 2011) after
+    `random_trials` random ones; random: Optuna's random sampler. Both seeded."""
+    num_trials: int = Field(16, ge=1)
+    random_trials: int = Field(4, ge=1)
+    """TPE: trials sampled at random before the model guides the search."""
+    seed: int = 0
+    max_concurrent_trials: int = Field(2, ge=1)
+    """Trials at once; each takes the proxy's train.num_workers workers (x cpus_per_worker, GPUs)."""
+    max_failures: int = Field(1, ge=0)
+    """Times a trial whose trial process dies is restarted (it resumes from its checkpoint)."""
+
+
+class SchedulerConfig(Frozen):
+    kind: Literal["asha", "fifo"] = "asha"
+    """asha: asynchronous successive halving (Li et al. 2020) stops a trial whose val_loss at a
+    rung is worse than the best 1/reduction_factor of those recorded there; fifo: every trial
+    runs to the end."""
+    grace_period_steps: int = Field(10, ge=1)
+    """The first rung: no trial is stopped before this optimizer step."""
+    reduction_factor: float = Field(3.0, gt=1)
+    """Rungs at grace x factor^k steps; about 1/factor of the trials go on past each."""
+
+
+class TuneConfig(Frozen):
+    """`sfumato tune`: this config's full run, scaled down to a proxy by `proxy`, searched over
+    `search_space`; the best trial comes back as a full run config."""
+
+    output_dir: Path
+    """The sweep folder: trials/<id>/ (each a run folder), results.csv/.md, learning_curves.png,
+    best_config.yaml, the Tune experiment (for --resume)."""
+    proxy: dict[str, Any] = Field(min_length=1)
+    """Dotted overrides that make the proxy of the full run: lower resolution, fewer steps, a
+    smaller model, a data fraction, fewer workers. They are proxy-only: the best config keeps
+    the full run's values of these keys."""
+    search_space: dict[str, Distribution] = Field(min_length=1)
+    """Dotted config keys -> distribution; the best values carry over to the full run."""
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    """How the best train.optimizer.lr moves from the proxy's effective batch B_p to the full run's
+    B_f: lr x (B_f / B_p) (linear, Goyal et al. 2017), lr x sqrt(B_f / B_p) (sqrt, the rule for
+    Adam, Malladi et al. 2022), or unchanged. A tuned ema.decay is moved to the same half-life in
+    images: decay^(B_f / B_p)."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _abs(cls, value: Path) -> Path:
+        return _absolute(value)
+
+
 class Config(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = 0
@@ -546,6 +649,8 @@ class Config(Frozen):
     """None: a data-only config (ingest and shards)."""
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    tune: TuneConfig | None = None
+    """`sfumato tune`: the proxy and search space of a sweep over this run."""
 
     @model_validator(mode="after")
     def _train_resolutions_have_shards(self) -> "Config":
@@ -554,6 +659,14 @@ class Config(Frozen):
             if missing:
                 raise ValueError(f"train.stages use {missing} px, which data.shards.resolutions_px "
                                  f"{self.data.shards.resolutions_px} does not produce")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_proxy_and_space(self) -> "Config":
+        if self.tune is not None:
+            from sfumato.tune.space import check_sweep
+
+            check_sweep(self)
         return self
 
 
@@ -574,18 +687,35 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {_dotted(e['loc']) or '<root>'}: {msg}")
     return "\n".join(lines)
 
 
+def _split_key(node: Any, keys: list[str], depth: int) -> int:
+    """How many dotted parts the key at `node` takes: more than one where the mapping holds a key
+    with dots in it (tune.search_space.train.optimizer.lr names one entry)."""
+    if isinstance(node, dict):
+        for end in range(len(keys), depth + 1, -1):
+            if ".".join(keys[depth:end]) in node:
+                return end - depth
+    return 1
+
+
 def apply_override(tree: dict, dotted_key: str, value: Any) -> None:
-    """Set `a.b.c=value` in a nested dict; list items are addressed by index (`sources.0`)."""
+    """Set `a.b.c=value` in a nested dict; list items are addressed by index (`sources.0`), and
+    keys that hold dots themselves (search space entries) are matched whole."""
     keys = dotted_key.split(".")
     node: Any = tree
-    for depth, key in enumerate(keys[:-1]):
-        where = ".".join(keys[: depth + 1])
+    depth = 0
+    while True:
+        width = _split_key(node, keys, depth)
+        key, where = ".".join(keys[depth:depth + width]), ".".join(keys[:depth + width])
+        if depth + width == len(keys):
+            break
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(f"override {dotted_key}: {where} is not an item of the list")
@@ -594,13 +724,13 @@ def apply_override(tree: dict, dotted_key: str, value: Any) -> None:
             node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {dotted_key}: {where} is a value, not a section")
-    last = keys[-1]
+        depth += width
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"override {dotted_key}: no list item {last}")
-        node[int(last)] = value
+        if not key.isdigit() or int(key) >= len(node):
+            raise ConfigError(f"override {dotted_key}: no list item {key}")
+        node[int(key)] = value
     else:
-        node[last] = value
+        node[key] = value
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:

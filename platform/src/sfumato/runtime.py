@@ -12,8 +12,10 @@ import ray
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg) -> None:
-    """`cfg` is the config's `ray` section."""
+def init_ray(cfg, dashboard: bool = False) -> None:
+    """`cfg` is the config's `ray` section. `dashboard`: a local Ray also runs the dashboard, whose
+    state API Ray Train's placement-group cleaner needs to free the workers of a trainer whose
+    controller was killed (a Tune trial stopped early); clusters always have it."""
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -22,11 +24,28 @@ def init_ray(cfg) -> None:
 
         log.info("attaching to Ray cluster at %s", address)
         ray.init(address=address, runtime_env={"py_modules": [sfumato]}, log_to_driver=True)
+    elif dashboard:
+        # Ray's state API, called from inside the cluster (the cleaner), guesses which local Ray
+        # to ask and gives up when a machine runs two; a port chosen here lets every process of
+        # this Ray be told its dashboard's address.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # this driver's calls too
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_port=port,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                 log_to_driver=True)
     else:
         # address="local": never attach to a leftover cluster named in /tmp/ray.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cluster_cpus() -> int:
