@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=20.0, help="serve: seconds of load per cell")
     bench.add_argument("--serve-steps", type=int, default=10, help="serve: denoising steps per request")
     bench.add_argument("--trials", type=int, default=12, help="tune: trials per sweep")
-    bench.add_argument("--reduction-factor", type=float, default=3.0, help="tune: ASHA's reduction factor")
+    bench.add_argument("--reduction-factor", type=float, default=4.0, help="tune: ASHA's reduction factor")
     return parser
 
 

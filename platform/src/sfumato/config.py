@@ -608,7 +608,7 @@ class SchedulerConfig(Frozen):
     runs to the end."""
     grace_period_steps: int = Field(10, ge=1)
     """The first rung: no trial is stopped before this optimizer step."""
-    reduction_factor: float = Field(3.0, gt=1)
+    reduction_factor: float = Field(4.0, gt=1)
     """Rungs at grace x factor^k steps; about 1/factor of the trials go on past each."""
 
 

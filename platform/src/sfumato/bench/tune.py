@@ -55,6 +55,7 @@ def main(args) -> dict:
     from sfumato.config import load_config
     from sfumato.data.ingest import run_ingest
     from sfumato.data.shards import run_shards
+    from sfumato.runtime import init_ray
     from sfumato.tune.sweep import run_sweep
 
     repo = Path(__file__).resolve().parents[4]
@@ -72,6 +73,7 @@ def main(args) -> dict:
                   f"tune.scheduler.grace_period_steps={grace}", f"tune.scheduler.reduction_factor={args.reduction_factor}",
                   f"tune.proxy.train.checkpoint_every_steps={args.steps}"]
         cfg = load_config(repo / "configs" / "debug.yaml", common + [f"tune.output_dir={tmp / 'asha'}"])
+        init_ray(cfg.ray, dashboard=True)  # the sweeps need the dashboard; the data stages share this Ray
         run_ingest(cfg)
         run_shards(cfg)
         result["images"] = len(list(images.rglob("*.jpg")))
