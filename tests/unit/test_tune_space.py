@@ -76,3 +76,19 @@ def test_proxy_keys_only_touch_the_proxy():
     proxy = validated(proxy_tree(cfg), "proxy")
     assert proxy.train.data_fraction == 0.5 and cfg.train.data_fraction == 1.0
     assert proxy.train.validation is not None and cfg.train.validation is None
+
+
+def test_workers_validate_configs_whose_source_folder_is_only_on_the_driver(tmp_path):
+    """Trials and training workers read shards, not sources: a source folder that exists only on
+    the driver's machine is not an error on theirs, for the sweep's nested proxy checks too."""
+    from sfumato.config import to_dict, validate_config
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cfg = load_config(DEBUG, [f"data.sources=[{{kind: folder, name: photos, path: {photos}, license: CC0-1.0}}]"])
+    photos.rmdir()
+    with pytest.raises(ValueError, match="does not exist"):
+        validate_config(to_dict(cfg))
+    sweep = validate_config(to_dict(cfg), inputs=False)
+    trial = trial_config(sweep, {"train.optimizer.lr": 1e-3}, tmp_path / "t", "t", inputs=False)
+    assert trial.data.sources[0].path == photos

@@ -757,12 +757,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None, inputs: bo
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for key, value in parse_overrides(overrides or []):
         apply_override(tree, key, value)
-    token = _CHECK_INPUT_PATHS.set(inputs)
     try:
-        return Config.model_validate(tree)
+        return validate_config(tree, inputs)
     except ValidationError as err:
         origin = f"{path}" + (f" with overrides {overrides}" if overrides else "")
         raise ConfigError(_format_errors(err, origin)) from None
+
+
+def validate_config(tree: dict, inputs: bool | None = None) -> Config:
+    """A Config from a tree (pydantic's ValidationError on bad values). inputs=False: as in
+    load_config; what a Ray worker uses, since a source folder on the driver's machine need not
+    exist on the worker's (workers read shards and run folders only). None: as the enclosing
+    validation does (True outside any)."""
+    token = _CHECK_INPUT_PATHS.set(_CHECK_INPUT_PATHS.get() if inputs is None else inputs)
+    try:
+        return Config.model_validate(tree)
     finally:
         _CHECK_INPUT_PATHS.reset(token)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from sfumato.config import Config, write_resolved
+from sfumato.config import Config, validate_config, write_resolved
 from sfumato.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from sfumato.train.ema import EMA, ema_beta
     from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step, validate
 
-    cfg = Config.model_validate(loop_config["config"])
+    cfg = validate_config(loop_config["config"], inputs=False)
     t = cfg.train
     run_dir, shards_dir = t.output_dir, cfg.data.output_dir / "shards"
     checkpoints = run_dir / "checkpoints"

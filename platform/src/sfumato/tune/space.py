@@ -40,14 +40,14 @@ def apply(tree: dict, values: dict[str, Any]) -> dict:
     return tree
 
 
-def validated(tree: dict, what: str):
+def validated(tree: dict, what: str, inputs: bool | None = None):
     """A Config from `tree`; a problem becomes a ValueError naming `what` and the dotted keys."""
     from pydantic import ValidationError
 
-    from sfumato.config import Config, _format_errors
+    from sfumato.config import _format_errors, validate_config
 
     try:
-        return Config.model_validate(tree)
+        return validate_config(tree, inputs)
     except ValidationError as err:
         raise ValueError(_format_errors(err, what)) from None
 
@@ -56,10 +56,10 @@ def proxy_tree(cfg) -> dict:
     return apply(run_tree(cfg), cfg.tune.proxy)
 
 
-def trial_config(cfg, params: dict[str, Any], run_dir, name: str):
+def trial_config(cfg, params: dict[str, Any], run_dir, name: str, inputs: bool | None = None):
     """One trial's proxy run, in its own run folder."""
     tree = apply(proxy_tree(cfg), {**params, "train.output_dir": str(run_dir), "name": name})
-    return validated(tree, f"trial {name}")
+    return validated(tree, f"trial {name}", inputs)
 
 
 def check_sweep(cfg) -> None:

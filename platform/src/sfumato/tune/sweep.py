@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from sfumato.config import Config, ConfigError, dump_yaml, to_dict, write_resolved
+from sfumato.config import Config, ConfigError, dump_yaml, to_dict, validate_config, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ def run_trial(params: dict, sweep: dict) -> None:
     from sfumato.train.step import NonFiniteError
     from sfumato.tune.space import trial_config
 
-    cfg = Config.model_validate(sweep)
+    cfg = validate_config(sweep, inputs=False)  # trials read shards, not the sources
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = trial_dir(cfg, trial_id)
-    trial = trial_config(cfg, params, run_dir, f"{cfg.name}-{trial_id}")
+    trial = trial_config(cfg, params, run_dir, f"{cfg.name}-{trial_id}", inputs=False)
     latest = ckpt.latest(run_dir / "checkpoints")
     if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= trial.train.total_steps:
         # Finished before the sweep was killed: replay its validation losses, train nothing.
