@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sfumato.config import ConfigError, apply_override, load_config
-from sfumato.tune.space import best_run_config, mean_effective_batch, proxy_tree, trial_config, validated
+from sfumato.tune.space import best_run_config, proxy_tree, trial_config, validated
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
 
@@ -40,7 +40,7 @@ def test_a_trial_is_the_proxy_with_its_values_in_its_own_folder(tmp_path):
     assert trial.train.output_dir == tmp_path / "t1" and trial.name == "debug-t1"
     assert trial.train.num_workers == 1 and [s.resolution_px for s in trial.train.stages] == [16]
     assert trial.train.optimizer.lr == 3e-4 and trial.train.grad_accum_steps == 2
-    assert mean_effective_batch(trial) == 8 * 2 * 1
+    assert trial.train.mean_effective_batch == 8 * 2 * 1
     assert trial.tune is None
 
 

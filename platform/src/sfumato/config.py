@@ -516,6 +516,15 @@ class TrainConfig(Frozen):
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
 
+    def effective_batch(self, stage: StageConfig) -> int:
+        """Images per optimizer step: micro batch x accumulation x data-parallel workers."""
+        return stage.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+    @property
+    def mean_effective_batch(self) -> float:
+        """Images per optimizer step averaged over the run's steps (stages may differ)."""
+        return sum(self.effective_batch(s) * s.steps for s in self.stages) / self.total_steps
+
 
 # ---------------------------------------------------------------------- evaluate / export
 class EvaluateConfig(Frozen):

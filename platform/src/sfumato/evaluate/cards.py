@@ -268,13 +268,11 @@ def _architecture(cfg, run_dir: Path, data: dict | None) -> list[str]:
 
 
 def _training(cfg, run_dir: Path) -> list[str]:
-    from sfumato.train.loop import effective_batch
-
     t, compute = cfg.train, training_compute(run_dir)
     metrics = by_step(read_jsonl(run_dir / METRICS))
     ema = f"half-life {t.ema.halflife_samples:,g} images" if t.ema.halflife_samples else f"decay {t.ema.decay}"
     rows = [["steps done / configured", f"{metrics[-1]['step'] if metrics else 0:,} / {t.total_steps:,}"],
-            ["effective batch", ", ".join(f"{effective_batch(cfg, s)} at {s.resolution_px} px" for s in t.stages)],
+            ["effective batch", ", ".join(f"{cfg.train.effective_batch(s)} at {s.resolution_px} px" for s in t.stages)],
             ["optimizer", f"AdamW, lr {t.optimizer.lr:g} ({t.optimizer.lr_schedule}, {t.optimizer.warmup_steps} warm-up steps)"],
             ["EMA", ema], ["precision", t.precision], ["ZeRO stage", t.zero_stage],
             ["compute", f"{compute['device_hours']:.3g} {compute['device']}-hours ({compute['world_size']} × "

@@ -266,7 +266,6 @@ def plot_samples_over_steps(path: Path, grids: list[tuple[int, Path]]) -> None:
 # ----------------------------------------------------------------------------------- report
 def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> list[str]:
     from sfumato.train import checkpoint as ckpt
-    from sfumato.train.loop import effective_batch
 
     t = cfg.train
     attempts = read_jsonl(run_dir / ATTEMPTS)
@@ -277,7 +276,7 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
         ["conditioning", t.conditioning],
         ["resolution curriculum", " → ".join(f"{s.resolution_px} px × {s.steps:,} steps" for s in t.stages)],
         ["steps done / configured", f"{metrics[-1]['step'] if metrics else 0:,} / {t.total_steps:,}"],
-        ["effective batch", ", ".join(f"{effective_batch(cfg, s)} at {s.resolution_px} px" for s in t.stages)
+        ["effective batch", ", ".join(f"{cfg.train.effective_batch(s)} at {s.resolution_px} px" for s in t.stages)
          + f" (micro batch × {t.grad_accum_steps} accumulation × {t.num_workers} workers)"],
         ["precision", t.precision], ["ZeRO stage", t.zero_stage],
         ["training wall time", format_duration(compute["wall_s"]) + f" ({compute['method']})"],

@@ -40,11 +40,6 @@ def deepspeed_config(cfg: Config, micro_batch_size: int) -> dict:
     }
 
 
-def effective_batch(cfg: Config, stage) -> int:
-    """Images per optimizer step: micro batch x accumulation x data-parallel workers."""
-    return stage.micro_batch_size * cfg.train.grad_accum_steps * cfg.train.num_workers
-
-
 def _stage_at(cfg: Config, step: int) -> tuple[int, int]:
     """(stage index, first step of that stage) for a global optimizer step."""
     start = 0
@@ -100,7 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
     # After initialize: under ZeRO-3 the EMA keeps only this rank's partition of each weight.
-    ema = EMA(engine.module, ema_beta(t.ema.decay, t.ema.halflife_samples, effective_batch(cfg, t.stages[0])))
+    ema = EMA(engine.module, ema_beta(t.ema.decay, t.ema.halflife_samples, t.effective_batch(t.stages[0])))
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     state = TrainState(
         engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
@@ -174,7 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "loss": out["loss"], "loss_ema": loss_ema, "lr": lr,
                         "grad_norm": None if grad_norm is None else float(grad_norm),
                         "samples_per_s": window_samples / seconds, "step_time_s": seconds / t.log_every_steps,
-                        "effective_batch": effective_batch(cfg, stage), "memory_mb": _memory_mb(device),
+                        "effective_batch": t.effective_batch(stage), "memory_mb": _memory_mb(device),
                     }
                     window_start, window_samples = time.perf_counter(), 0
                 validate_now = v is not None and (step % v.every_steps == 0 or step == t.total_steps)
@@ -409,7 +404,7 @@ def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_
     t = cfg.train
     for stage in t.stages:
         log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",
-                 stage.resolution_px, stage.steps, effective_batch(cfg, stage), stage.micro_batch_size,
+                 stage.resolution_px, stage.steps, t.effective_batch(stage), stage.micro_batch_size,
                  t.grad_accum_steps, t.num_workers)
     make_trainer(cfg, inject_failure_at_step=inject_failure_at_step, inject_nan_at_step=inject_nan_at_step).fit()
     return finish_run(cfg)

@@ -36,7 +36,7 @@ class TrialRow:
 
 def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
     from sfumato.evaluate.report import STOPPED, by_step, read_jsonl
-    from sfumato.tune.space import mean_effective_batch, trial_config
+    from sfumato.tune.space import trial_config
     from sfumato.tune.sweep import METRIC, PARAMS, trial_dir
 
     rows = []
@@ -59,7 +59,7 @@ def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
         rows.append(TrialRow(
             trial_id=trial_id, params=params, status=status, steps=steps,
             final_val_loss=curve[-1][1] if curve else None, best_val_loss=min(v for _, v in curve) if curve else None,
-            effective_batch=mean_effective_batch(trial_config(cfg, params, run_dir, "x")),
+            effective_batch=trial_config(cfg, params, run_dir, trial_id).train.mean_effective_batch,
             wall_s=times[-1] - times[0] if len(times) > 1 else None, curve=curve,
             error=None if result.error is None else str(result.error).splitlines()[0][:200]))
     return sorted(rows, key=lambda r: r.trial_id)

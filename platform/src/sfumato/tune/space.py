@@ -92,13 +92,6 @@ def check_sweep(cfg) -> None:
             validated(apply(base, {key: value}), f"tune.search_space.{key} = {value!r} in the proxy")
 
 
-def mean_effective_batch(cfg) -> float:
-    """Images per optimizer step (micro batch x accumulation x workers), averaged over the run's
-    steps (stages may differ)."""
-    t = cfg.train
-    return sum(s.micro_batch_size * s.steps for s in t.stages) / t.total_steps * t.grad_accum_steps * t.num_workers
-
-
 def scale_to_full_run(cfg, params: dict[str, Any], trial_cfg) -> tuple[dict, dict]:
     """The best trial's values for the full run, and how they were moved there.
 
@@ -108,7 +101,7 @@ def scale_to_full_run(cfg, params: dict[str, Any], trial_cfg) -> tuple[dict, dic
     Min-SNR gamma, warmup steps, an EMA half-life in images) carries over unchanged.
     """
     full = validated(apply(run_tree(cfg), params), "the best trial's values in the full run")
-    batch_proxy, batch_full = mean_effective_batch(trial_cfg), mean_effective_batch(full)
+    batch_proxy, batch_full = trial_cfg.train.mean_effective_batch, full.train.mean_effective_batch
     ratio = batch_full / batch_proxy
     values = dict(params)
     rule = cfg.tune.lr_scaling
