@@ -94,20 +94,25 @@ def load_trained(run_dir: Path, checkpoint: str | None = None, overrides: list[s
         raise ValueError(f"{run_dir / 'config.yaml'} has no train section")
     folder = resolve_checkpoint(run_dir, checkpoint)
     run = build_run_model(cfg, device)
-    weights = ckpt.load_ema(folder)
-    params = dict(run.denoiser.named_parameters())
+    fill_parameters(run.denoiser, ckpt.load_ema(folder), f"{folder / 'ema.safetensors'} (model {cfg.train.model!r})")
+    run.denoiser.to(device).eval()
+    return cfg, run, folder
+
+
+def fill_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `weights` into the model's parameters by name; names and shapes must match exactly
+    (`source` names where the weights came from in the error)."""
+    params = dict(model.named_parameters())
     if params.keys() != weights.keys():
         missing, extra = params.keys() - weights.keys(), weights.keys() - params.keys()
-        raise ValueError(f"{folder / 'ema.safetensors'} does not fit model {cfg.train.model!r}: "
-                         f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        raise ValueError(f"{source} does not fit the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]}")
     with torch.no_grad():
         for name, value in weights.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{folder / 'ema.safetensors'}: {name} has shape {tuple(value.shape)}, "
+                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, "
                                  f"the model wants {tuple(params[name].shape)}")
             params[name].copy_(value)
-    run.denoiser.to(device).eval()
-    return cfg, run, folder
 
 
 def pipeline(cfg: Config, run: RunModel, sampler: str):

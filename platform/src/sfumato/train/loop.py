@@ -247,14 +247,10 @@ def _progress_line(record: dict, total_steps: int) -> str:
 def _ema_copy(denoiser, ema_weights: dict, device) -> torch.nn.Module:
     """A copy of the denoiser holding the EMA weights, for grids and validation."""
     from sfumato.models.registry import empty_like
+    from sfumato.models.run import fill_parameters
 
     model = empty_like(denoiser).to(device).eval()
-    params = dict(model.named_parameters())
-    if params.keys() != ema_weights.keys():
-        raise RuntimeError("the EMA weights do not match the model's parameters")
-    with torch.no_grad():
-        for name, value in ema_weights.items():
-            params[name].copy_(value)
+    fill_parameters(model, ema_weights, "the EMA weights")
     return model
 
 
