@@ -108,3 +108,17 @@ def test_half_written_checkpoint_is_never_loaded_and_retention_keeps_the_last(tm
     ckpt.partial_dir(checkpoints, 30).mkdir()
     ckpt.commit(checkpoints, 30, state, {"step": 30}, num_to_keep=1)
     assert [p.name for p in ckpt.committed(checkpoints)] == ["step-00000030"]
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_naming_the_source():
+    from sfumato.models.run import fill_parameters
+
+    model = build_denoiser("unet-tiny", 16, 3)
+    weights = {name: p.detach().clone() + 1 for name, p in model.named_parameters()}
+    fill_parameters(model, weights, "ema.safetensors")
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    first = next(iter(weights))
+    with pytest.raises(ValueError, match=r"ema\.safetensors does not fit the model: missing \['" + first):
+        fill_parameters(model, {k: v for k, v in weights.items() if k != first}, "ema.safetensors")
+    with pytest.raises(ValueError, match=r"ema\.safetensors: .* has shape \(1,\)"):
+        fill_parameters(model, {**weights, first: torch.zeros(1)}, "ema.safetensors")
