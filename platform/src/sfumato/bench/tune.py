@@ -33,9 +33,7 @@ def _cifar_folder(datasets: Path, dest: Path, per_class: int) -> Path:
             if not member.isfile() or taken.get(cls, 0) >= per_class:
                 continue
             taken[cls] = taken.get(cls, 0) + 1
-            target = dest / member.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
+            tar.extract(member, dest, filter="data")  # refuses members that would land outside dest
     return dest / "train"
 
 
@@ -44,7 +42,7 @@ def _key(params: dict) -> str:
 
 
 def _ranking(summary: dict) -> list[str]:
-    """Configs (as keys), best first: completed trials by final val_loss, then the rest."""
+    """The configs (as keys) of the trials that ran to the end, best final val_loss first."""
     trials = summary["trials_by_id"].values()
     done = sorted((t for t in trials if t["status"] == "completed" and t["final_val_loss"] is not None),
                   key=lambda t: t["final_val_loss"])

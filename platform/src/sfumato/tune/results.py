@@ -29,7 +29,8 @@ class TrialRow:
     final_val_loss: float | None
     best_val_loss: float | None
     effective_batch: float
-    wall_s: float | None
+    training_s: float | None
+    """Seconds from its first to its last logged step (its start-up, before the first, not included)."""
     curve: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
 
@@ -60,7 +61,7 @@ def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
             trial_id=trial_id, params=params, status=status, steps=steps,
             final_val_loss=curve[-1][1] if curve else None, best_val_loss=min(v for _, v in curve) if curve else None,
             effective_batch=trial_config(cfg, params, run_dir, trial_id).train.mean_effective_batch,
-            wall_s=times[-1] - times[0] if len(times) > 1 else None, curve=curve,
+            training_s=times[-1] - times[0] if len(times) > 1 else None, curve=curve,
             error=None if result.error is None else str(result.error).splitlines()[0][:200]))
     return sorted(rows, key=lambda r: r.trial_id)
 
@@ -81,7 +82,7 @@ def write_table(out: Path, cfg: Config, rows: list[TrialRow], best: TrialRow | N
     from sfumato.evaluate.report import table
 
     keys = list(cfg.tune.search_space)
-    header = ["trial", *keys, "effective_batch", "status", "steps", "final_val_loss", "best_val_loss", "wall_s"]
+    header = ["trial", *keys, "effective_batch", "status", "steps", "final_val_loss", "best_val_loss", "training_s"]
     ranked = sorted(rows, key=lambda r: (r.status != "completed", r.final_val_loss is None, r.final_val_loss or 0))
     tmp = out / (RESULTS_CSV + ".tmp")
     with tmp.open("w", newline="") as fh:
@@ -89,7 +90,7 @@ def write_table(out: Path, cfg: Config, rows: list[TrialRow], best: TrialRow | N
         writer.writerow(header)
         for r in ranked:
             writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.effective_batch, r.status, r.steps,
-                             r.final_val_loss, r.best_val_loss, r.wall_s])
+                             r.final_val_loss, r.best_val_loss, r.training_s])
     tmp.replace(out / RESULTS_CSV)
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped early", "diverged", "error")}
     spent = sum(r.steps for r in rows)
@@ -100,9 +101,9 @@ def write_table(out: Path, cfg: Config, rows: list[TrialRow], best: TrialRow | N
              f"search: {cfg.tune.search.algorithm}. Ranked by final validation loss (EMA weights, held-out "
              "images); completed trials first.", ""]
     lines += table(["trial", *(f"`{_short(k)}`" for k in keys), "eff. batch", "status", "steps", "final val_loss",
-                    "best val_loss", "wall s"],
+                    "best val_loss", "training s"],
                    [[("**" + r.trial_id + "**") if r is best else r.trial_id, *(r.params.get(k) for k in keys),
-                     r.effective_batch, r.status, r.steps, r.final_val_loss, r.best_val_loss, r.wall_s] for r in ranked])
+                     r.effective_batch, r.status, r.steps, r.final_val_loss, r.best_val_loss, r.training_s] for r in ranked])
     lines += [f"![learning curves]({CURVES_PNG})", ""]
     errors = [r for r in rows if r.error]
     if errors:
