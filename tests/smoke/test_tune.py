@@ -99,6 +99,13 @@ def test_resumed_sweep_keeps_finished_trials_and_stops_some_early(sweep):
         trial = sweep_dir / "trials" / trial_id
         assert (trial / "attempts.jsonl").read_text() == attempts, f"finished trial {trial_id} was trained again"
         assert (trial / "metrics.jsonl").read_text() == metrics
+    # Each trial trained its own sample of the search space, as a proxy of the debug run.
+    for row in rows:
+        trial = load_config(sweep_dir / "trials" / row["trial"] / "config.yaml", inputs=False)
+        assert trial.train.optimizer.lr == pytest.approx(float(row["train.optimizer.lr"]))
+        assert trial.train.grad_accum_steps == int(row["train.grad_accum_steps"])
+        assert trial.train.num_workers == 1 and trial.train.stages[0].steps == PROXY_STEPS
+    assert len({row["train.optimizer.lr"] for row in rows}) == len(rows), "every trial drew its own lr"
     statuses = {r["trial"]: r["status"] for r in rows}
     assert all(statuses[t] == "completed" for t in finished_before)
     early = [r for r in rows if r["status"] == "stopped early"]
