@@ -14,11 +14,12 @@ def _run(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_pipeline_job_then_dataloader(tmp_path):
+def test_data_only_pipeline_job_then_dataloader(tmp_path):
     out = tmp_path / "data"
-    done = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}")
+    done = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null", "tune=null")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ingest: 64 inputs -> 64 in manifest, 0 rejected" in done.stdout
+    assert "train: off (the config has no train section)" in done.stdout
     for path in ("manifest.parquet", "rejects.parquet", "ingest.config.yaml", "shards/shard_manifest.csv",
                  "shards/16/shard-000000.tar", "shards/32/shard-000001.tar", "shards/shards.config.yaml"):
         assert (out / path).exists(), path

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         "caption": "manifest captions kept, filled or replaced by an image-to-text model (Ray Data actors)",
         "shards": "manifest -> WebDataset shards per resolution (Ray Data)",
         "dataloader": "stream batches from the shards and report samples/s",
-        "pipeline": "the whole pipeline on one config (today: ingest, dedup and captions when configured, shards)",
+        "pipeline": "the whole job: ingest, safety, dedup, caption, shards, tune, train, evaluate, export "
+                    "(stages complete for the config are skipped)",
     }
     for stage in STAGES:
         stage_parser = sub.add_parser(stage, help=helps[stage])
@@ -127,27 +128,6 @@ def run_stage(stage: str, cfg, review: int = 0) -> dict:
         from sfumato.train.loop import run_training
 
         return {"train": run_training(cfg)}
-    if stage == "pipeline":
-        ingest = run_ingest(cfg)
-        print(ingest.line(), flush=True)
-        result = {"ingest": ingest.__dict__}
-        if cfg.data.curate.clip.model is not None:  # near-duplicate removal needs a CLIP model
-            from sfumato.data.dedup import run_dedup
-
-            from sfumato.data.safety import run_safety
-
-            result["safety"] = run_safety(cfg)
-            print(f"safety: {result['safety']['unsafe_dropped']} unsafe rows dropped", flush=True)
-            result["dedup"] = run_dedup(cfg)
-            print(f"dedup: {result['dedup']['dropped']} near-duplicates dropped", flush=True)
-        if cfg.data.curate.caption.mode != "keep" or cfg.data.curate.caption.trigger:
-            from sfumato.data.caption import run_caption
-
-            result["caption"] = run_caption(cfg)
-            print(f"caption: {result['caption']['generated']} captions generated", flush=True)
-        shards = run_shards(cfg)
-        print(shards.line(), flush=True)
-        return {**result, "shards": shards.__dict__}
     raise ValueError(stage)
 
 
@@ -197,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sfumato: {err}", file=sys.stderr)
             return 2
         print(json.dumps({k: v for k, v in result.items() if k != "trials_by_id"}, indent=2, default=str))
+        return 0
+    if args.stage == "pipeline":
+        from sfumato.pipeline import run_pipeline
+
+        try:
+            run_pipeline(cfg)
+        except ConfigError as err:
+            print(f"sfumato: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.stage == "train" and cfg.train is None:
         print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)

@@ -648,6 +648,18 @@ class TuneConfig(Frozen):
         return _absolute(value)
 
 
+class PipelineConfig(Frozen):
+    """`sfumato pipeline`: the optional stages of the whole job (the data stages always run, the
+    curation ones when their models are configured; train and later ones when `train` is set)."""
+
+    tune: bool = False
+    """Sweep the `tune` section's proxies first and train the full run on the best config."""
+    evaluate: bool = True
+    """FID / FD-CLIP and CLIPScore when a feature network is configured (evaluate.inception_weights,
+    evaluate.clip_model or data.curate.clip.model); the report and cards in any case."""
+    export: bool = True
+
+
 class Config(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = 0
@@ -660,6 +672,13 @@ class Config(Frozen):
     export: ExportConfig = ExportConfig()
     tune: TuneConfig | None = None
     """`sfumato tune`: the proxy and search space of a sweep over this run."""
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _pipeline_stages_have_sections(self) -> "Config":
+        if self.pipeline.tune and (self.tune is None or self.train is None):
+            raise ValueError("pipeline.tune needs a `tune` and a `train` section")
+        return self
 
     @model_validator(mode="after")
     def _train_resolutions_have_shards(self) -> "Config":

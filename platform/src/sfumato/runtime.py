@@ -23,7 +23,10 @@ def init_ray(cfg, dashboard: bool = False) -> None:
         import sfumato
 
         log.info("attaching to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"py_modules": [sfumato]}, log_to_driver=True)
+        # The package's folder, not the module object: under `ray job submit` Ray merges this with
+        # the job's runtime_env (its working_dir) by deep copy, which a module cannot survive.
+        package = os.path.dirname(os.path.abspath(sfumato.__file__))
+        ray.init(address=address, runtime_env={"py_modules": [package]}, log_to_driver=True)
     elif dashboard:
         # Ray's state API, called from inside the cluster (the cleaner), guesses which local Ray
         # to ask and gives up when a machine runs two; a port chosen here lets every process of

@@ -52,6 +52,7 @@ def _stage_at(cfg: Config, step: int) -> tuple[int, int]:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
+    import ray
     import ray.train
     import torch.distributed as dist
 
@@ -119,9 +120,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.step = json.loads((latest / "meta.json").read_text())["step"]
         if rank == 0:
             print(f"resumed from {latest} at step {state.step}", flush=True)
+    nodes = [None] * world  # the Ray node of every rank: where the worker group ran
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:  # one line per start of the worker group: restarts are visible in the run folder
         with (run_dir / "attempts.jsonl").open("a") as fh:
-            fh.write(json.dumps({"time": time.time(), "resumed_from": latest and latest.name, "world_size": world}) + "\n")
+            fh.write(json.dumps({"time": time.time(), "resumed_from": latest and latest.name, "world_size": world,
+                                "nodes": nodes}) + "\n")
 
     # Validation reads only held-out samples, training only the rest (a data fraction of it).
     v = t.validation
@@ -396,7 +400,7 @@ def run_training(cfg: Config, inject_failure_at_step: int | None = None, inject_
     from sfumato.runtime import init_ray
 
     prepare_run(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, dashboard=True)  # its state API lets Ray Train watch and clean up its controller
     t = cfg.train
     for stage in t.stages:
         log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",

@@ -20,11 +20,13 @@ LR_KEY, EMA_DECAY_KEY = "train.optimizer.lr", "train.ema.decay"
 
 
 def run_tree(cfg) -> dict:
-    """The config as a plain tree, without its `tune` section: what a run config holds."""
+    """The config as a plain tree, without its `tune` and `pipeline` sections: what a run config
+    holds."""
     from sfumato.config import to_dict
 
     tree = to_dict(cfg)
     tree.pop("tune", None)
+    tree.pop("pipeline", None)
     return tree
 
 
