@@ -164,11 +164,50 @@ def _run_evaluate(cfg):
     if _feature_network(cfg):
         record = run_evaluate(run_dir)
         score = "" if record["clip_score"] is None else f", CLIPScore {record['clip_score']:.2f}"
-        return f"evaluate: {record['metric']} {record['fd']:.2f} on {record['num_samples']} samples{score}", record
-    write_report(run_dir)
-    write_model_card(run_dir, write_dataset_card(cfg.data.output_dir))
-    return ("evaluate: no feature network configured (evaluate.inception_weights, evaluate.clip_model or "
-            "data.curate.clip.model), so no FID or CLIPScore; report and cards written"), {"fd": None}
+        line = f"evaluate: {record['metric']} {record['fd']:.2f} on {record['num_samples']} samples{score}"
+    else:
+        write_report(run_dir)
+        write_model_card(run_dir, write_dataset_card(cfg.data.output_dir))
+        record = {"fd": None}
+        line = ("evaluate: no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
+                "or data.curate.clip.model); report and cards written")
+    if all(src.kind == "demo" for src in cfg.data.sources):
+        record["demo_structure"] = demo_structure(cfg)
+        d = record["demo_structure"]
+        line += (f". Demo structure: {d['samples']:.2f} of the last grid's pixels are in its images' two palette "
+                 f"colours (training images: {d['training_images']:.2f}; noise: about 0.06)")
+    return line, record
+
+
+def demo_structure(cfg) -> dict:
+    """For the demo data, whose images are two flat palette colours: the share of pixels in their
+    two palette colours, for the last training grid (the EMA weights, fixed noise) and for the
+    training images at the same resolution (data.demo.two_colour_share)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from sfumato.data.demo import two_colour_share
+    from sfumato.data.loader import shard_paths
+
+    grid_path = _last_checkpoint(cfg)["last sample grid"]
+    res, n = cfg.train.stages[-1].resolution_px, cfg.train.sample.num_images
+    grid = np.asarray(Image.open(grid_path).convert("RGB"))
+    columns = grid.shape[1] // res
+    tiles = np.stack([grid[(i // columns) * res:(i // columns + 1) * res, (i % columns) * res:(i % columns + 1) * res]
+                      for i in range(n)])
+    real = []
+    for shard in shard_paths(cfg.data.output_dir / "shards", res):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.rsplit(".", 1)[-1] in ("png", "jpg", "webp") and len(real) < 256:
+                    real.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
+        if len(real) >= 256:
+            break
+    return {"samples": two_colour_share(tiles), "training_images": two_colour_share(np.stack(real)),
+            "grid": str(grid_path), "resolution_px": res}
 
 
 def _run_export(cfg):

@@ -79,3 +79,19 @@ def ensure_demo(src, folder: Path) -> Path:
     os.replace(tmp, table)
     marker.write_text(json.dumps(params))
     return table
+
+
+def two_colour_share(images: np.ndarray, tolerance: float = 48.0) -> float:
+    """How much a set of RGB images (N, H, W, 3 uint8) looks like the demo's: per image, the share
+    of pixels within `tolerance` (Euclidean, 0-255 levels) of the two palette colours it uses most
+    (a flat background and one shape), averaged. The demo's own images score near 1 (less only
+    where resizing blends an edge); noise, or a model that has not learnt the flat colours, near 0."""
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)  # (8, 3)
+    pixels = images.reshape(len(images), -1, 3).astype(np.float32)
+    distance = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)  # (N, P, 8)
+    nearest, close = distance.argmin(-1), distance.min(-1) <= tolerance
+    shares = []
+    for labels, ok in zip(nearest, close):
+        counts = np.bincount(labels[ok], minlength=len(palette))
+        shares.append(np.sort(counts)[-2:].sum() / labels.size)
+    return float(np.mean(shares))

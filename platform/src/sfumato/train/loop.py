@@ -64,6 +64,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step, validate
 
     cfg = validate_config(loop_config["config"], inputs=False)
+    _quiet_report_log()
     t = cfg.train
     run_dir, shards_dir = t.output_dir, cfg.data.output_dir / "shards"
     checkpoints = run_dir / "checkpoints"
@@ -119,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         position = ckpt.load_loader_position(latest, rank)
         state.step = json.loads((latest / "meta.json").read_text())["step"]
         if rank == 0:
-            print(f"resumed from {latest} at step {state.step}", flush=True)
+            _say(f"resumed from {latest} at step {state.step}")
     nodes = [None] * world  # the Ray node of every rank: where the worker group ran
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:  # one line per start of the worker group: restarts are visible in the run folder
@@ -199,7 +200,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             fh.write(json.dumps(record) + "\n")
                         if wandb_run:
                             wandb_run.log(record, step=step)
-                        print(_progress_line(record, t.total_steps), flush=True)
+                        _say(_progress_line(record, t.total_steps))
                     ray.train.report(record)  # every rank reports; Ray Train forwards rank 0's
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
                     _checkpoint(cfg, engine, ema, state, position, rank, dist)
@@ -211,6 +212,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if wandb_run:
             wandb_run.finish()
+
+
+def _say(line: str) -> None:
+    """One line to the driver's console. Not print(): Ray Train V2 patches print in its workers
+    to log and also echo each line, and the console would show every line twice."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every `ray.train.report` at INFO ("Reporting training result ...: ..."),
+    the whole metrics dict again after each progress line; rank 0's line says it once."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
 
 
 def _all_reduce_any(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
