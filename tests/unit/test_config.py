@@ -74,8 +74,8 @@ def test_source_names_must_be_unique(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_address_list_items():
-    cfg = load_config(PILOT, ["data.shards.resolutions_px=[128,32]", "data.sources.0.num_images=7", "seed=3"])
-    assert cfg.data.shards.resolutions_px == [32, 128]
+    cfg = load_config(PILOT, ["data.shards.resolutions_px=[128,32,16]", "data.sources.0.num_images=7", "seed=3"])
+    assert cfg.data.shards.resolutions_px == [16, 32, 128]
     assert cfg.data.sources[0].num_images == 7
     assert cfg.seed == 3
 

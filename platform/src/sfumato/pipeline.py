@@ -392,7 +392,7 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
             continue
         if stage.name == "train" and not (record and record["fingerprint"] == fp):
             _check_run_folder(cfg, record)
-        resumed = " (continuing the run in it)" if record and record["fingerprint"] == fp else ""
+        resumed = " (again: an earlier attempt did not finish)" if record and record["fingerprint"] == fp else ""
         print_fn(f"{tag}: running{resumed}, fingerprint {fp}")
         _write_record(stage, cfg, {"stage": stage.name, "state": "running", "fingerprint": fp, "started": time.time()})
         t0 = time.perf_counter()
