@@ -215,13 +215,10 @@ def _run_folder_stage(args) -> int:
 
         result = run_export(run_dir, args.checkpoint, args.overrides)
     else:
-        from sfumato.evaluate.cards import write_dataset_card, write_model_card
-        from sfumato.evaluate.report import write_report
+        from sfumato.evaluate.cards import write_run_documents
 
         cfg = load_config(run_dir / "config.yaml", args.overrides, inputs=False)
-        data_card = write_dataset_card(cfg.data.output_dir)
-        result = {"report": write_report(run_dir), "dataset_card": data_card,
-                  "model_card": write_model_card(run_dir, data_card)}
+        result = write_run_documents(run_dir, cfg.data.output_dir)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -41,7 +41,7 @@ class Outcome:
 
     stage: str
     status: str  # ran | skipped | off
-    why: str = ""
+    note: str = ""  # what it did, or why it was off or skipped
     seconds: float = 0.0
     artifacts: dict[str, str] = field(default_factory=dict)
     result: dict = field(default_factory=dict)
@@ -156,9 +156,8 @@ def _feature_network(cfg) -> str | None:
 
 
 def _run_evaluate(cfg):
-    from sfumato.evaluate.cards import write_dataset_card, write_model_card
+    from sfumato.evaluate.cards import write_run_documents
     from sfumato.evaluate.evaluate import run_evaluate
-    from sfumato.evaluate.report import write_report
 
     run_dir = _run_dir(cfg)
     if _feature_network(cfg):
@@ -166,8 +165,7 @@ def _run_evaluate(cfg):
         score = "" if record["clip_score"] is None else f", CLIPScore {record['clip_score']:.2f}"
         line = f"evaluate: {record['metric']} {record['fd']:.2f} on {record['num_samples']} samples{score}"
     else:
-        write_report(run_dir)
-        write_model_card(run_dir, write_dataset_card(cfg.data.output_dir))
+        write_run_documents(run_dir, cfg.data.output_dir)
         record = {"fd": None}
         line = ("evaluate: no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
                 "or data.curate.clip.model); report and cards written")
@@ -183,14 +181,11 @@ def demo_structure(cfg) -> dict:
     """For the demo data, whose images are two flat palette colours: the share of pixels in their
     two palette colours, for the last training grid (the EMA weights, fixed noise) and for the
     training images at the same resolution (data.demo.two_colour_share)."""
-    import io
-    import tarfile
-
     import numpy as np
     from PIL import Image
 
     from sfumato.data.demo import two_colour_share
-    from sfumato.data.loader import shard_paths
+    from sfumato.data.loader import iter_batches, shard_paths
 
     grid_path = _last_checkpoint(cfg)["last sample grid"]
     res, n = cfg.train.stages[-1].resolution_px, cfg.train.sample.num_images
@@ -198,15 +193,8 @@ def demo_structure(cfg) -> dict:
     columns = grid.shape[1] // res
     tiles = np.stack([grid[(i // columns) * res:(i // columns + 1) * res, (i % columns) * res:(i % columns + 1) * res]
                       for i in range(n)])
-    real = []
-    for shard in shard_paths(cfg.data.output_dir / "shards", res):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.rsplit(".", 1)[-1] in ("png", "jpg", "webp") and len(real) < 256:
-                    real.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
-        if len(real) >= 256:
-            break
-    return {"samples": two_colour_share(tiles), "training_images": two_colour_share(np.stack(real)),
+    real = next(iter_batches(shard_paths(cfg.data.output_dir / "shards", res), 256, res, drop_last=False))["image"]
+    return {"samples": two_colour_share(tiles), "training_images": two_colour_share(real),
             "grid": str(grid_path), "resolution_px": res}
 
 
@@ -462,7 +450,7 @@ def _summary_lines(summary: dict, markdown: bool = False) -> list[str]:
     lines = [f"# Pipeline {summary['name']}" if markdown else f"[pipeline] {summary['name']}: done",
              "", f"{ran} stages ran, {skipped} were already complete, in {summary['seconds']:.0f} s.", "",
              "| stage | status | seconds | note |", "| --- | --- | ---: | --- |"]
-    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {s['why']} |" for s in summary["stages"]]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {s['note']} |" for s in summary["stages"]]
     lines += ["", "Artifacts:", ""]
     for s in summary["stages"]:
         lines += [f"- {s['stage']}: {label}: `{_shown(path)}`" for label, path in s["artifacts"].items()]

@@ -346,3 +346,14 @@ def write_model_card(run_dir: Path, data_card: Path | None = None, out: Path | N
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def write_run_documents(run_dir: Path, data_dir: Path) -> dict[str, Path]:
+    """report.md, the data's dataset_card.md and model_card.md, rewritten from what the run
+    folder and the data folder hold now (after training, evaluation, `sfumato report`)."""
+    from sfumato.evaluate.report import write_report
+
+    data_card = write_dataset_card(data_dir)
+    return {"report": write_report(run_dir), "dataset_card": data_card,
+            "model_card": write_model_card(run_dir, data_card)}
+

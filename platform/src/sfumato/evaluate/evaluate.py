@@ -69,11 +69,10 @@ def _plan(cfg, run) -> tuple[list | None, list[str] | None, str]:
 def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None) -> dict:
     from sfumato.config import load_config
     from sfumato.diffusion.sample import sample, to_grid
-    from sfumato.evaluate.cards import write_dataset_card, write_model_card
+    from sfumato.evaluate.cards import write_run_documents
     from sfumato.evaluate.clipscore import clip_scores
     from sfumato.evaluate.features import Clip, ClipFeatures, load_extractor
     from sfumato.evaluate.fid import RunningStatistics, frechet_distance, reference_statistics
-    from sfumato.evaluate.report import write_report
     from sfumato.models.run import load_trained, pipeline
 
     run_dir = Path(run_dir)
@@ -123,7 +122,5 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     }
     with (out / "metrics.jsonl").open("a") as fh:
         fh.write(json.dumps(record) + "\n")
-    write_report(run_dir)
-    data_card = write_dataset_card(cfg.data.output_dir)
-    write_model_card(run_dir, data_card)
+    write_run_documents(run_dir, cfg.data.output_dir)
     return record
