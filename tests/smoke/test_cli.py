@@ -20,6 +20,12 @@ def test_data_only_pipeline_job_then_dataloader(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ingest: 64 inputs -> 64 in manifest, 0 rejected" in done.stdout
     assert "train: off (the config has no train section)" in done.stdout
+    # Again with a shards key changed: ingest is complete for this config, shards is not.
+    again = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null",
+                 "tune=null", "data.shards.samples_per_shard=16")
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = {s["stage"]: s["status"] for s in json.loads((out / "pipeline_summary.json").read_text())["stages"]}
+    assert stages["ingest"] == "skipped" and stages["shards"] == "ran", stages
     for path in ("manifest.parquet", "rejects.parquet", "ingest.config.yaml", "shards/shard_manifest.csv",
                  "shards/16/shard-000000.tar", "shards/32/shard-000001.tar", "shards/shards.config.yaml"):
         assert (out / path).exists(), path

@@ -168,6 +168,11 @@ def test_pipeline_job_on_a_two_node_cluster(cluster, tmp_path):
     attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
     assert attempts[0]["world_size"] == 2 and set(attempts[0]["nodes"]) == nodes, (attempts, nodes)
     assert "sfumato serve --model" in first.stdout
+    # The demo data's structure is measured on the last grid and on the training images.
+    evaluated = next(s for s in json.loads((run / "pipeline_summary.json").read_text())["stages"]
+                     if s["stage"] == "evaluate")
+    structure = evaluated["result"]["demo_structure"]
+    assert structure["training_images"] > 0.9 and 0 <= structure["samples"] <= 1, structure
 
     # The same job again with one export key changed: every stage before export is complete.
     trained = (run / "checkpoints" / "step-00000010" / "ema.safetensors").stat().st_mtime_ns

@@ -117,11 +117,23 @@ def test_scale_config_fills_the_gpus_both_clusters_provide(scale, cluster, rayjo
     assert t.checkpoint_every_steps < t.total_steps
 
 
-def test_readme_cost_table_matches_scale_yaml(scale):
-    """The README's estimate is computed for this config: its GPU count and its images."""
+def test_readme_cost_table_matches_scale_yaml_and_the_benchmark(scale):
+    """The README's estimate is computed for this config (its GPUs, its images) from the figure
+    BENCHMARKS.md measured for its model, micro-batch and ZeRO stage."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Scale"):]
     t = scale.train
-    images = t.total_steps * t.effective_batch(t.stages[0])
+    stage = t.stages[0]
+    images = t.total_steps * t.effective_batch(stage)
     assert f"{t.num_workers} GPUs" in section
     assert re.search(rf"{images / 1e6:.1f} ?M images", section), images
+    bench = (REPO / "BENCHMARKS.md").read_text()
+    row = re.search(rf"\| {t.model} \| [^|]+ \| \d+ \| {stage.micro_batch_size} \| {t.zero_stage} \| ([\d.]+) \|", bench)
+    assert row, f"BENCHMARKS.md has no {t.model} row at micro-batch {stage.micro_batch_size}, ZeRO {t.zero_stage}"
+    per_gpu = float(row.group(1))
+    assert f"{per_gpu} images/s" in section
+    efficiency = float(re.search(r"assumed (\d+)% data-parallel efficiency", section).group(1)) / 100
+    throughput = per_gpu * t.num_workers * efficiency
+    hours = images / throughput / 3600
+    table_row = next(line for line in section.splitlines() if "(scale.yaml)" in line)
+    assert f"| {throughput:,.0f} | {hours:.1f} h | {hours * t.num_workers:.0f} |" in table_row, table_row
