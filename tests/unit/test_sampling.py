@@ -19,7 +19,7 @@ def _pipe(sampler="ddim", classes=3):
     denoiser = build_denoiser("unet-tiny", 16, 3, classes).eval()
     # v-prediction keeps an untrained net's x0 estimate bounded (epsilon's is divided by
     # sqrt(abar_T) ~ 0), so the images are not all clipped to 0 and 1 and samplers can differ.
-    diffusion = DiffusionConfig(prediction_type="v_prediction")
+    diffusion = DiffusionConfig(prediction_type="v_prediction", objective="flow" if sampler.startswith("flow-") else "ddpm")
     pipe = SfumatoPipeline(unet=denoiser.net, scheduler=make_sampler(diffusion, sampler),
                            class_names=[f"class{i}" for i in range(classes)] if classes else None)
     pipe.set_progress_bar_config(disable=True)
@@ -36,7 +36,8 @@ def test_an_image_depends_on_its_seed_only_not_on_its_batch(sampler):
     four = sample(pipe, 4, seed=7, steps=6, guidance_scale=2.0, conditions=[0, 1, 2, 0])
     assert four.shape == (4, 3, 16, 16) and 0 <= float(four.min()) and float(four.max()) <= 1
     last_two = sample(pipe, 2, seed=7, steps=6, guidance_scale=2.0, conditions=[2, 0], first_index=2)
-    assert torch.equal(four[2:], last_two), "image i starts from seed + i whatever batch it is in"
+    # Equal up to float rounding: a batch of 4 and one of 2 may take different CPU kernels.
+    assert torch.allclose(four[2:], last_two, atol=1e-5), "image i starts from seed + i whatever batch it is in"
     other_seed = sample(pipe, 4, seed=8, steps=6, guidance_scale=2.0, conditions=[0, 1, 2, 0])
     assert not torch.equal(four, other_seed)
 
@@ -45,6 +46,12 @@ def test_samplers_differ_and_names_resolve_to_their_classes():
     images = {name: sample(_pipe(name), 2, 0, 6, conditions=[0, 1]) for name in SAMPLERS}
     assert not torch.equal(images["ddpm"], images["ddim"])
     assert not torch.equal(images["ddim"], images["dpm-solver++"])
+    assert not torch.equal(images["flow-euler"], images["flow-heun"])
+    assert type(make_sampler(DiffusionConfig(objective="flow"), "flow-heun")).__name__ == "FlowMatchHeunDiscreteScheduler"
+    with pytest.raises(ValueError, match="does not fit a flow-matching model"):
+        make_sampler(DiffusionConfig(objective="flow"), "ddim")
+    with pytest.raises(ValueError, match="does not fit a DDPM model"):
+        make_sampler(DiffusionConfig(), "flow-euler")
     assert type(make_sampler(DiffusionConfig(), "dpm-solver++")).__name__ == "DPMSolverMultistepScheduler"
     with pytest.raises(KeyError, match="unknown sampler 'euler'"):
         make_sampler(DiffusionConfig(), "euler")

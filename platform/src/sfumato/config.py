@@ -308,8 +308,37 @@ class DataConfig(Frozen):
 
 
 # --------------------------------------------------------------------------------- diffusion
+class FlowConfig(Frozen):
+    """Rectified flow (diffusion.objective: flow): x_t = (1 - t) x_0 + t eps, the network predicts
+    the velocity eps - x_0 (Liu et al. 2022; Lipman et al. 2022), as SD3 and Flux train."""
+
+    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    """How training draws t in (0, 1): uniform, or logit-normal (t = sigmoid(n), n ~ N(mean, std)),
+    which puts more of the training on the middle of the path (Esser et al. 2024, SD3, sec. 3.1:
+    rf/lognorm(0.00, 1.00) ranked best)."""
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    shift: float = Field(1.0, gt=0)
+    """Time shift t' = s t / (1 + (s - 1) t) applied to training times and sampling steps alike:
+    s > 1 spends more of both at high noise (SD3 uses 3.0 at 1024 px)."""
+    shift_base_px: int | None = Field(None, ge=8)
+    """Set: the shift is resolution-dependent, shift x resolution_px / shift_base_px (SD3,
+    sec. 5.3.2: sqrt(m / n) for m and n pixels), so a curriculum's larger stages see more noise.
+    None: `shift` at every resolution."""
+
+    def shift_at(self, resolution_px: int) -> float:
+        """The time shift at an image resolution (pixels, also for latent runs)."""
+        return self.shift if self.shift_base_px is None else self.shift * resolution_px / self.shift_base_px
+
+
 class DiffusionConfig(Frozen):
+    objective: Literal["ddpm", "flow"] = "ddpm"
+    """ddpm: discrete-time diffusion with the noise schedule and prediction type below (Min-SNR);
+    flow: rectified flow matching (`flow`), sampled with flow-euler or flow-heun."""
+    flow: FlowConfig = FlowConfig()
     num_train_timesteps: int = Field(1000, ge=2, le=100_000)
+    """DDPM: discrete timesteps; flow: the scale of the network's time input (t x this, as
+    diffusers' FlowMatchEulerDiscreteScheduler feeds it)."""
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
@@ -398,8 +427,11 @@ class OptimizerConfig(Frozen):
 
 class EMAConfig(Frozen):
     decay: float | None = Field(None, gt=0, lt=1)
+    """Per-step decay at the run's mean effective batch; a stage with another batch B gets
+    decay ** (B / mean batch), so every stage keeps the same half-life in images."""
     halflife_samples: float | None = Field(None, gt=0)
-    """EDM-style: the average forgets half its past every this many training images."""
+    """EDM-style: the average forgets half its past every this many training images (in every
+    stage: each stage's per-step beta comes from its own effective batch)."""
 
     @model_validator(mode="after")
     def _one(self) -> "EMAConfig":
@@ -408,9 +440,11 @@ class EMAConfig(Frozen):
         return self
 
 
-Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
-"""diffusers' DDPMScheduler, DDIMScheduler (eta 0) and DPMSolverMultistepScheduler (DPM-Solver++,
-Lu et al. 2022, order 2) on the run's noise schedule: sfumato.diffusion.sample.SAMPLERS."""
+Sampler = Literal["ddpm", "ddim", "dpm-solver++", "flow-euler", "flow-heun"]
+"""DDPM runs: diffusers' DDPMScheduler, DDIMScheduler (eta 0) and DPMSolverMultistepScheduler
+(DPM-Solver++, Lu et al. 2022, order 2) on the run's noise schedule. Flow runs: Euler or Heun
+(2nd order) along the learnt velocity, diffusers' FlowMatchEuler/HeunDiscreteScheduler.
+sfumato.diffusion.sample.SAMPLERS; a run's sampler must fit its objective."""
 
 
 class SampleConfig(Frozen):
@@ -527,6 +561,37 @@ class TrainConfig(Frozen):
 
 
 # ---------------------------------------------------------------------- evaluate / export
+class DomainConfig(Frozen):
+    """The offline yardstick (sfumato.evaluate.domain): a small CNN trained on the training shards'
+    classes at the run's last resolution, once per shard set and these settings, cached under
+    data.output_dir/domain_classifier/. Its penultimate features give FD-domain, its predictions the
+    class accuracy of generated images. Needs no downloaded weights; its numbers compare runs on the
+    same data and yardstick fingerprint only, never published FIDs."""
+
+    enabled: bool = True
+    """Off: no domain numbers. Needs classes in the data (the innermost tag, shards' classes.json)."""
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the shard images (by id hash) the classifier never trains on: its held-out accuracy
+    (the ceiling of class accuracy) and the reference statistics of FD-domain come from them."""
+    max_images: int | None = Field(10_000, ge=10)
+    """Shard images read (training and held-out alike, chosen by id hash, so every class keeps its
+    share). None: all of the last stage's shards."""
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(3e-3, gt=0, le=1)
+    """AdamW peak learning rate of a one-cycle schedule (warm-up, then cosine decay to ~0)."""
+    weight_decay: float = Field(0.05, ge=0)
+    width: int = Field(16, ge=4, le=512)
+    """Channels of the first of four conv blocks, doubled by each next one: 8 x width features
+(16: 128 features, 0.4 M parameters; 5,000 CIFAR-10 images train in about a minute on 2 CPU cores)."""
+    hflip: bool = True
+    """Mirror training images at random: off for data whose classes change under mirroring (digits, text)."""
+    noise_images: int = Field(500, ge=2)
+    """Gaussian noise images (clamped to [-1, 1], fixed seed) classified for the floor of class accuracy."""
+    seed: int = 0
+    """Weights' initialisation, data order, augmentation and the noise images."""
+
+
 class EvaluateConfig(Frozen):
     """`sfumato evaluate RUN_DIR`: generated images against the training shards."""
 
@@ -553,6 +618,8 @@ class EvaluateConfig(Frozen):
     captions held out from training here. None: the manifest's distinct captions, which the model
     trained on (the report says which were used)."""
     device: str = "cpu"
+    domain: DomainConfig = DomainConfig()
+    """The offline yardstick: FD-domain and class accuracy, computed whenever the data has classes."""
 
 
 class ExportConfig(Frozen):
@@ -673,6 +740,37 @@ class Config(Frozen):
     tune: TuneConfig | None = None
     """`sfumato tune`: the proxy and search space of a sweep over this run."""
     pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_samplers(cls, tree: Any) -> Any:
+        """Samplers left unset get the objective's default: a flow run samples with flow-euler."""
+        if not isinstance(tree, dict) or (tree.get("diffusion") or {}).get("objective") != "flow":
+            return tree
+        tree = dict(tree)
+        for section, sub in (("train", "sample"), ("evaluate", None), ("export", None)):
+            node = tree.get(section)
+            if section == "train" and not isinstance(node, dict):
+                continue
+            node = dict(node or {})
+            tree[section] = node
+            if sub is not None:
+                node[sub] = dict(node.get(sub) or {})
+                node = node[sub]
+            node.setdefault("sampler", "flow-euler")
+        return tree
+
+    @model_validator(mode="after")
+    def _samplers_fit_objective(self) -> "Config":
+        flow = self.diffusion.objective == "flow"
+        used = {"evaluate.sampler": self.evaluate.sampler, "export.sampler": self.export.sampler}
+        if self.train is not None:
+            used["train.sample.sampler"] = self.train.sample.sampler
+        for key, name in used.items():
+            if name.startswith("flow-") != flow:
+                fits = "flow-euler or flow-heun" if flow else "ddpm, ddim or dpm-solver++"
+                raise ValueError(f"{key}={name} does not fit diffusion.objective={self.diffusion.objective}: use {fits}")
+        return self
 
     @model_validator(mode="after")
     def _pipeline_stages_have_sections(self) -> "Config":

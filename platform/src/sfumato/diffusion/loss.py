@@ -1,4 +1,5 @@
-"""The diffusion training loss, in the paper's notation.
+"""The diffusion training losses, in the papers' notation: DDPM here, rectified flow in
+`flow_loss` (its notation in sfumato.diffusion.flow).
 
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,     t ~ U{0..T-1},  eps ~ N(0, I) (+ offset)
     L   = E_t [ w(t) * || f(x_t, t, c) - target ||^2 ]
@@ -19,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from sfumato.diffusion import flow
 from sfumato.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -52,9 +54,13 @@ def drop_conditions(keep_shape: int, probability: float, generator: torch.Genera
 
 
 def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, cfg,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Mean weighted MSE over a batch; `cfg` is the config's `diffusion` section.
-    Returns (loss, stats) with stats detached for logging."""
+                   generator: torch.Generator | None = None, resolution_px: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean weighted MSE over a batch; `cfg` is the config's `diffusion` section, whose objective
+    picks DDPM (below) or rectified flow (`flow_loss`). `resolution_px`: the images' size in
+    pixels (flow's resolution-dependent shift; None: x0's width). Returns (loss, stats) with
+    stats detached for logging."""
+    if cfg.objective == "flow":
+        return flow_loss(denoise, x0, cond, cfg, generator, resolution_px or x0.shape[-1])
     batch = x0.shape[0]
     t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator, device=x0.device)
     noise = sample_noise(x0, cfg.noise_offset, generator)
@@ -67,19 +73,40 @@ def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSch
     return loss, {"loss_unweighted": per_sample.mean().detach(), "t_mean": t.float().mean()}
 
 
+def flow_loss(denoise: Denoiser, x0: torch.Tensor, cond, cfg, generator: torch.Generator | None,
+              resolution_px: int) -> tuple[torch.Tensor, dict]:
+    """L = E_t || f(x_t, t, c) - (eps - x_0) ||^2, x_t = (1 - t) x_0 + t eps (sfumato.diffusion.flow).
+    Unweighted: the time distribution (logit-normal, shift) is the weighting (SD3 sec. 3.1)."""
+    t = flow.sample_times(x0.shape[0], cfg.flow, resolution_px, generator, x0.device)
+    noise = sample_noise(x0, cfg.noise_offset, generator)
+    prediction = denoise(flow.interpolate(x0, noise, t), t * cfg.num_train_timesteps, cond)
+    per_sample = (prediction.float() - flow.velocity(x0, noise).float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    loss = per_sample.mean()
+    return loss, {"loss_unweighted": loss.detach(), "t_mean": t.mean()}
+
+
 def validation_timesteps(num_train_timesteps: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """`count` timesteps at the midpoints of equal bins of [0, T): the whole noise range, evenly."""
     return ((torch.arange(count, device=device) + 0.5) * num_train_timesteps / count).long()
 
 
 @torch.no_grad()
-def validation_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, prediction_type: str,
-                    timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image plain MSE of the prediction target, averaged over `timesteps`, with noise from
-    `generator` (seeded the same at every evaluation). Unweighted, without noise offset or
-    condition dropout: it stays one yardstick while Min-SNR-gamma, the offset or the dropout
-    are what a sweep varies."""
+def validation_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, cfg,
+                    count: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image plain MSE of the prediction target, averaged over `count` evenly spaced times
+    of the whole noise range, with noise from `generator` (seeded the same at every evaluation).
+    Unweighted, without noise offset, condition dropout or time shift: it stays one yardstick
+    while Min-SNR-gamma, the offset, the dropout or the time distribution are what a sweep
+    varies. `cfg`: the `diffusion` section (DDPM and flow losses are not comparable)."""
     total = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
+    if cfg.objective == "flow":
+        for t_value in flow.validation_times(count).tolist():
+            t = torch.full((x0.shape[0],), t_value, device=x0.device, dtype=torch.float32)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            prediction = denoise(flow.interpolate(x0, noise, t), t * cfg.num_train_timesteps, cond)
+            total += (prediction.float() - flow.velocity(x0, noise).float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+        return total / count
+    prediction_type, timesteps = cfg.prediction_type, validation_timesteps(cfg.num_train_timesteps, count, x0.device)
     for t_value in timesteps.tolist():
         t = torch.full((x0.shape[0],), t_value, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

@@ -173,13 +173,16 @@ class SfumatoPipeline(DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         x = latents.to(device, self.unet.dtype) if latents is not None else \
             randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        x = x * self.scheduler.init_noise_sigma
+        # DDPM schedulers scale the noise and the model input; flow-matching ones do neither.
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if callback is not None:
                 callback(i, t)
-            model_input = self.scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            t_batch = torch.full((model_input.shape[0],), int(t), device=device, dtype=torch.long)
+            model_input = scale(torch.cat([x, x]) if guided else x, t)
+            # DDPM timesteps are integers, flow-matching ones t x num_train_timesteps in floats.
+            t_batch = torch.full((model_input.shape[0],), t.item(), device=device, dtype=t.dtype)
             prediction = predict(self.unet, model_input, t_batch, cond, self.text_encoder)
             if guided:
                 unconditional, conditional = prediction.chunk(2)

@@ -15,21 +15,41 @@ from PIL import Image
 
 from sfumato.diffusion.schedule import make_scheduler
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+FLOW_SAMPLERS = ("flow-euler", "flow-heun")
+SAMPLERS = DDPM_SAMPLERS + FLOW_SAMPLERS
 
 
-def make_sampler(diffusion_cfg, name: str):
-    """A diffusers scheduler on the run's noise schedule: ddpm (ancestral, Ho et al. 2020),
-    ddim (deterministic, eta 0; Song et al. 2021) or dpm-solver++ (2nd order multistep; Lu et
-    al. 2022), the last two good at 20-50 steps."""
-    return sampler_from(make_scheduler(diffusion_cfg).config, name)
+def make_sampler(diffusion_cfg, name: str, resolution_px: int | None = None):
+    """A diffusers scheduler on the run's noise schedule. DDPM runs: ddpm (ancestral, Ho et al.
+    2020), ddim (deterministic, eta 0; Song et al. 2021) or dpm-solver++ (2nd order multistep;
+    Lu et al. 2022), the last two good at 20-50 steps. Flow runs: flow-euler or flow-heun (2nd
+    order, two network calls a step but the last), with the run's time shift at `resolution_px`."""
+    return sampler_from(make_scheduler(diffusion_cfg, resolution_px).config, name)
+
+
+def is_flow(scheduler_config) -> bool:
+    """Whether a scheduler config is a flow-matching one (it has a time shift, no betas)."""
+    return "shift" in scheduler_config and "beta_schedule" not in scheduler_config
 
 
 def sampler_from(scheduler_config, name: str):
     """The named sampler on the noise schedule of any of these schedulers' configs (an exported
-    pipeline's, for one)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    pipeline's, for one); a flow model takes flow samplers only, a DDPM model the others."""
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                           FlowMatchHeunDiscreteScheduler)
 
+    if name not in SAMPLERS:
+        raise KeyError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    flow = is_flow(scheduler_config)
+    if flow != (name in FLOW_SAMPLERS):
+        raise ValueError(f"sampler {name!r} does not fit a {'flow-matching' if flow else 'DDPM'} model; "
+                         f"choose one of {FLOW_SAMPLERS if flow else DDPM_SAMPLERS}")
+    keys = ("num_train_timesteps", "shift")
+    if name == "flow-euler":
+        return FlowMatchEulerDiscreteScheduler(**{k: scheduler_config[k] for k in keys})
+    if name == "flow-heun":
+        return FlowMatchHeunDiscreteScheduler(**{k: scheduler_config[k] for k in keys})
     if name == "ddpm":
         return DDPMScheduler.from_config(scheduler_config, timestep_spacing="leading")  # diffusers' DDPM default
     if name == "ddim":
@@ -38,7 +58,7 @@ def sampler_from(scheduler_config, name: str):
         # final_sigmas_type "zero" is what a zero-terminal-SNR schedule needs; harmless otherwise.
         return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        timestep_spacing="trailing", final_sigmas_type="zero")
-    raise KeyError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    raise AssertionError(f"sampler {name!r} is listed but not built")
 
 
 def generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:

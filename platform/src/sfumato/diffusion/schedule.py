@@ -13,8 +13,20 @@ import torch
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-def make_scheduler(cfg):
-    """The diffusers scheduler for the config's `diffusion` section (also used to sample)."""
+def make_scheduler(cfg, resolution_px: int | None = None):
+    """The diffusers scheduler for the config's `diffusion` section, the base every sampler is
+    configured from: DDPM's noise schedule, or for flow runs FlowMatchEulerDiscreteScheduler with
+    the run's time shift at `resolution_px` (None: the shift without its resolution scaling)."""
+    if cfg.objective == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        shift = cfg.flow.shift if resolution_px is None else cfg.flow.shift_at(resolution_px)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=shift)
+    return ddpm_scheduler(cfg)
+
+
+def ddpm_scheduler(cfg):
+    """diffusers' DDPMScheduler on the config's noise schedule (DDPM runs)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -36,7 +48,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg) -> "NoiseSchedule":
-        return cls(make_scheduler(cfg).alphas_cumprod)
+        return cls(ddpm_scheduler(cfg).alphas_cumprod)
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         abar = self.alphas_cumprod.to(t.device)[t]

@@ -124,7 +124,7 @@ def pipeline(cfg: Config, run: RunModel, sampler: str):
     # Generate at the curriculum's last resolution by default (the net was built at the first).
     run.denoiser.net.register_to_config(sample_size=cfg.train.stages[-1].resolution_px // (codec.downsample if codec else 1))
     pipe = SfumatoPipeline(
-        unet=run.denoiser.net, scheduler=make_sampler(cfg.diffusion, sampler),
+        unet=run.denoiser.net, scheduler=make_sampler(cfg.diffusion, sampler, cfg.train.stages[-1].resolution_px),
         text_encoder=run.denoiser.text_encoder, tokenizer=run.tokenizer, vae=None if codec is None else codec.vae,
         class_names=run.class_names or None,
         text_max_length=cfg.train.text.max_length if run.tokenizer is not None else None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sfumato.diffusion.loss import diffusion_loss, drop_conditions, validation_loss, validation_timesteps
+from sfumato.diffusion.loss import diffusion_loss, drop_conditions, validation_loss
 from sfumato.diffusion.schedule import NoiseSchedule
 
 
@@ -143,7 +143,8 @@ def conditions(batch: dict, classes: torch.Tensor, state: TrainState, dropout: f
 
 def loss_fn(model, x0: torch.Tensor, cond: torch.Tensor | None, state: TrainState) -> tuple[torch.Tensor, dict]:
     """The diffusion loss of one micro-batch."""
-    return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator)
+    resolution_px = x0.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
+    return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator, resolution_px)
 
 
 def _any_rank(state: TrainState, flag: torch.Tensor) -> bool:
@@ -177,7 +178,6 @@ def validate(model, batches: list[dict], state: TrainState, num_timesteps: int, 
     """The validation loss of `model` (the EMA weights) on held-out batches: the plain MSE of
     `validation_loss` at `num_timesteps` evenly spaced timesteps, each batch noised from
     (seed, batch index), so every evaluation of a run, and of every run, sees the same noise."""
-    timesteps = validation_timesteps(state.diffusion_cfg.num_train_timesteps, num_timesteps, state.device)
     dtype = next(model.parameters()).dtype
     total, count = 0.0, 0
     for index, batch in enumerate(batches):
@@ -186,8 +186,7 @@ def validate(model, batches: list[dict], state: TrainState, num_timesteps: int, 
         if state.codec is not None:
             x0 = state.codec.encode(x0, generator)
         cond = conditions(batch, classes, state, dropout=0.0)
-        per_image = validation_loss(model, x0, cond, state.schedule, state.diffusion_cfg.prediction_type,
-                                    timesteps, generator)
+        per_image = validation_loss(model, x0, cond, state.schedule, state.diffusion_cfg, num_timesteps, generator)
         total += float(per_image.sum())
         count += len(per_image)
     return total / count
