@@ -37,6 +37,13 @@ def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
     metrics = [json.loads(line) for line in (straight.train.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["resolution_px"] for m in metrics][-1] == 32 and metrics[-1]["step"] == 10
     assert metrics[0]["effective_batch"] == 16 and metrics[-1]["effective_batch"] == 8
+    # The EMA's beta follows each stage's batch, so its half-life in images (500) holds across them.
+    assert metrics[0]["ema_beta"] < metrics[-1]["ema_beta"]
+    assert [round(m["ema_halflife_images"], 6) for m in metrics] == [500.0] * len(metrics)
+    # The logged loss average continues across the restart (its state is in the checkpoint).
+    killed_metrics = [json.loads(x) for x in (killed.train.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert killed_metrics[-1]["step"] == 10 and killed_metrics[-1]["loss_ema"] == metrics[-1]["loss_ema"]
+    assert metrics[-1]["eta_s"] == 0 and metrics[-1]["elapsed_s"] > 0
     assert (straight.train.output_dir / "samples" / "step-00000010.png").exists()
     assert len(ckpt.committed(straight.train.output_dir / "checkpoints")) == 2
 

@@ -1,20 +1,22 @@
 """`sfumato <stage> --config FILE [key.sub=value ...]`: the entry points the jobs call too.
 
 Each stage parses, loads the config (overrides applied, validated) and calls one library
-function; knobs live in the config tree, not in flags.
+function; knobs live in the config tree, not in flags. The one flag every stage takes,
+`--verbose`, is about the console, not the run (sfumato.console).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from sfumato.config import ConfigError, dump_yaml, load_config
+from sfumato.console import configure_logging, set_verbose
 
 STAGES = ("ingest", "embed", "dedup", "safety", "caption", "shards", "dataloader", "pipeline")
+VERBOSE_HELP = "also show Ray's and the libraries' INFO logs and the known-harmless warnings (quiet by default)"
 
 
 def _with_config(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,7 @@ def _with_config(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfumato", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="stage", required=True)
     config = sub.add_parser("config", help="show or validate a config")
     config.add_argument("action", choices=["show", "validate"])
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--serve-steps", type=int, default=10, help="serve: denoising steps per request")
     bench.add_argument("--trials", type=int, default=12, help="tune: trials per sweep")
     bench.add_argument("--reduction-factor", type=float, default=4.0, help="tune: ASHA's reduction factor")
+    for stage_parser in sub.choices.values():  # also after the stage: `sfumato pipeline --verbose ...`
+        stage_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -132,10 +137,12 @@ def run_stage(stage: str, cfg, review: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = build_parser()
     # Overrides may come before or after --config; anything else unknown is an error.
     args, rest = parser.parse_known_args(argv)
+    if args.verbose:
+        set_verbose()
+    configure_logging()
     stray = [item for item in rest if "=" not in item or item.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -61,6 +61,11 @@ def load_loader_position(folder: Path, rank: int) -> dict:
     return json.loads((folder / f"data-rank{rank}.json").read_text())
 
 
+def load_meta(folder: Path) -> dict:
+    """step, micro_step, model, time and the loss average (`LossAverage.state_dict`) of a checkpoint."""
+    return json.loads((folder / "meta.json").read_text())
+
+
 def load_ema(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "ema.safetensors"))
 

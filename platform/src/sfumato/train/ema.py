@@ -4,21 +4,41 @@
 
 beta comes either from a fixed `decay` or, as in EDM (Karras et al. 2022), from a half-life
 measured in training samples: beta = 0.5 ** (samples_per_step / halflife_samples), so the
-average forgets at the same rate per image whatever the batch size or worker count.
+average forgets at the same rate per image whatever the batch size or worker count. A
+curriculum stage with another effective batch gets its own beta (`stage_beta`, set at every
+stage start and after a resume), so the half-life in images holds across stages.
 The EMA copy is what samples, evaluation and export use.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def ema_beta(decay: float | None, halflife_samples: float | None, samples_per_step: int) -> float:
+def ema_beta(decay: float | None, halflife_samples: float | None, samples_per_step: float,
+             decay_samples_per_step: float | None = None) -> float:
+    """beta for steps of `samples_per_step` images. A `decay` is the per-step beta at
+    `decay_samples_per_step` images per step (default: these steps'); at another batch it becomes
+    decay ** (samples_per_step / decay_samples_per_step), the same half-life in images."""
     if (decay is None) == (halflife_samples is None):
         raise ValueError("give exactly one of decay and halflife_samples")
     if decay is not None:
-        return decay
+        return decay ** (samples_per_step / (decay_samples_per_step or samples_per_step))
     return 0.5 ** (samples_per_step / halflife_samples)
+
+
+def halflife_images(beta: float, samples_per_step: float) -> float:
+    """Images after which a change in the weights is half absorbed: beta ** (H / B) = 0.5."""
+    return samples_per_step * math.log(0.5) / math.log(beta)
+
+
+def stage_beta(train_cfg, stage) -> float:
+    """beta for one curriculum stage, from its own effective batch. A fixed `train.ema.decay`
+    holds at the run's mean effective batch (the batch `sfumato tune` moves a tuned decay to)."""
+    e = train_cfg.ema
+    return ema_beta(e.decay, e.halflife_samples, train_cfg.effective_batch(stage), train_cfg.mean_effective_batch)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,10 @@ def _stage_at(cfg: Config, step: int) -> tuple[int, int]:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = validate_config(loop_config["config"], inputs=False)
+    t = cfg.train
+    _quiet_worker(t)  # before DeepSpeed's import: it picks its accelerator then
+
     import deepspeed
     import ray
     import ray.train
@@ -60,12 +64,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from sfumato.data.shards import CLASS_WEIGHTS, CLASSES
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.run import build_run_model
-    from sfumato.train.ema import EMA, ema_beta
+    from sfumato.train.ema import EMA, halflife_images, stage_beta
+    from sfumato.train.progress import LossAverage, Progress, progress_line
     from sfumato.train.step import GradientWatch, NonFiniteError, TrainState, lr_at, train_step, validate
 
-    cfg = validate_config(loop_config["config"], inputs=False)
-    _quiet_report_log()
-    t = cfg.train
     run_dir, shards_dir = t.output_dir, cfg.data.output_dir / "shards"
     checkpoints = run_dir / "checkpoints"
     ctx = ray.train.get_context()
@@ -97,7 +99,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
     # After initialize: under ZeRO-3 the EMA keeps only this rank's partition of each weight.
-    ema = EMA(engine.module, ema_beta(t.ema.decay, t.ema.halflife_samples, t.effective_batch(t.stages[0])))
+    ema = EMA(engine.module, stage_beta(t, t.stages[0]))  # beta: set again at every stage start
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     state = TrainState(
         engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
@@ -108,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
 
     # Resume from the newest committed checkpoint of this run folder, if any.
-    position = None
+    position, loss_average = None, LossAverage()
     if rank == 0:
         ckpt.clean_partials(checkpoints)
     dist.barrier()
@@ -118,15 +120,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ema.load_state_dict(engine.module, ckpt.load_ema(latest))
         ckpt.load_rng(latest, rank, generator)
         position = ckpt.load_loader_position(latest, rank)
-        state.step = json.loads((latest / "meta.json").read_text())["step"]
-        if rank == 0:
-            _say(f"resumed from {latest} at step {state.step}")
+        meta = ckpt.load_meta(latest)
+        state.step = meta["step"]
+        loss_average = LossAverage.from_state(meta.get("loss_average"))
     nodes = [None] * world  # the Ray node of every rank: where the worker group ran
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if rank == 0:  # one line per start of the worker group: restarts are visible in the run folder
-        with (run_dir / "attempts.jsonl").open("a") as fh:
-            fh.write(json.dumps({"time": time.time(), "resumed_from": latest and latest.name, "world_size": world,
-                                "nodes": nodes}) + "\n")
+    if rank == 0:
+        _record_attempt(run_dir, latest, state.step, world, nodes)
 
     # Validation reads only held-out samples, training only the rest (a data fraction of it).
     v = t.validation
@@ -134,13 +134,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     validation_sets: dict[int, list[dict]] = {}  # resolution -> held-out batches (rank 0)
     metrics_file = run_dir / "metrics.jsonl"
     wandb_run = _wandb(cfg) if rank == 0 and t.wandb else None
-    loss_ema, window_start, window_samples = None, time.perf_counter(), 0
+    progress = Progress(t, state.step)
     fail_at = loop_config.get("inject_failure_at_step")
     nan_at = loop_config.get("inject_nan_at_step")
     try:
         while state.step < t.total_steps:
             stage_index, stage_start = _stage_at(cfg, state.step)
             stage = t.stages[stage_index]
+            ema.beta = stage_beta(t, stage)  # the same half-life in images whatever the stage's batch
+            progress.start_stage(stage)
             if position is not None and position.get("stage") != stage_index:
                 position = None  # the checkpoint was taken in an earlier stage
             batches = iter_training_batches(shard_paths(shards_dir, stage.resolution_px), stage.micro_batch_size,
@@ -156,27 +158,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 batch, position = next(batches)
                 position = {**position, "stage": stage_index}
                 out = train_step(state, batch)
-                window_samples += len(batch["id"]) * world
+                progress.add_samples(len(batch["id"]) * world)
                 if not out["optimizer_step"]:
                     continue
                 ema.update(engine.module)
-                loss_ema = out["loss"] if loss_ema is None else 0.98 * loss_ema + 0.02 * out["loss"]
+                loss_average.update(out["loss"])
                 step = state.step
                 if fail_at is not None and step == fail_at and rank == world - 1 and not (run_dir / ".injected").exists():
                     (run_dir / ".injected").write_text(str(step))
                     os._exit(1)  # a worker dies without warning; Ray restarts the group
                 record = {}
                 if step % t.log_every_steps == 0 or step == t.total_steps:
-                    seconds = time.perf_counter() - window_start
                     grad_norm = engine.get_global_grad_norm()
                     record = {
                         "stage": stage_index, "resolution_px": stage.resolution_px,
-                        "loss": out["loss"], "loss_ema": loss_ema, "lr": lr,
+                        "loss": out["loss"], "loss_ema": loss_average.value, "lr": lr,
                         "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "samples_per_s": window_samples / seconds, "step_time_s": seconds / t.log_every_steps,
-                        "effective_batch": t.effective_batch(stage), "memory_mb": _memory_mb(device),
+                        **progress.measure(step),  # samples_per_s, step_time_s, elapsed_s, eta_s
+                        "effective_batch": t.effective_batch(stage), "ema_beta": ema.beta,
+                        "ema_halflife_images": halflife_images(ema.beta, t.effective_batch(stage)),
+                        "memory_mb": _memory_mb(device),
                     }
-                    window_start, window_samples = time.perf_counter(), 0
                 validate_now = v is not None and (step % v.every_steps == 0 or step == t.total_steps)
                 sample_now = step % t.sample_every_steps == 0 or step == t.total_steps
                 if validate_now or sample_now:
@@ -200,10 +202,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             fh.write(json.dumps(record) + "\n")
                         if wandb_run:
                             wandb_run.log(record, step=step)
-                        _say(_progress_line(record, t.total_steps))
+                        _say(progress_line(record, t.total_steps))
                     ray.train.report(record)  # every rank reports; Ray Train forwards rank 0's
                 if step % t.checkpoint_every_steps == 0 or step == t.total_steps:
-                    _checkpoint(cfg, engine, ema, state, position, rank, dist)
+                    _checkpoint(cfg, engine, ema, state, position, loss_average, rank, dist)
     except NonFiniteError as err:
         # Every rank saw the same all-reduced flag, so every rank stops here, cleanly.
         if rank == 0:
@@ -223,14 +225,38 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _quiet_report_log() -> None:
-    """Ray Train V2 logs every `ray.train.report` at INFO ("Reporting training result ...: ..."),
-    the whole metrics dict again after each progress line; rank 0's line says it once."""
+def _quiet_worker(t) -> None:
+    """This worker's console (sfumato.console): on CPUs DeepSpeed is told its accelerator (it
+    warns that it found none otherwise); unless verbose, the known-harmless warnings go, and
+    so does Ray Train V2's INFO line per `ray.train.report` ("Reporting training result ...: ..."),
+    the whole metrics dict again after each progress line, which rank 0's line says once."""
+    from sfumato.console import is_verbose, quiet_harmless
+
+    if not t.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if is_verbose():
+        return
+    quiet_harmless()
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
+
+
+def _record_attempt(run_dir: Path, latest: Path | None, step: int, world: int, nodes: list) -> None:
+    """Rank 0, at every start of the worker group: a line in attempts.jsonl (restarts are visible
+    in the run folder) and, from the second on, on the console (Ray Train's own retry notice is
+    INFO, quiet unless --verbose)."""
+    attempts = run_dir / "attempts.jsonl"
+    number = 1 + (len(attempts.read_text().splitlines()) if attempts.exists() else 0)
+    with attempts.open("a") as fh:
+        fh.write(json.dumps({"time": time.time(), "resumed_from": latest and latest.name, "world_size": world,
+                            "nodes": nodes}) + "\n")
+    if latest is not None:
+        _say(f"attempt {number} of this run folder: resumed from {latest.name} at step {step}")
+    elif number > 1:
+        _say(f"attempt {number} of this run folder: no checkpoint yet, training from step 0")
 
 
 def _all_reduce_any(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -241,7 +267,7 @@ def _all_reduce_any(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value.bool().cpu()[0]
 
 
-def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist) -> None:
+def _checkpoint(cfg: Config, engine, ema, state, position: dict, loss_average, rank: int, dist) -> None:
     checkpoints = cfg.train.output_dir / "checkpoints"
     work = ckpt.partial_dir(checkpoints, state.step)
     if rank == 0:
@@ -253,19 +279,10 @@ def _checkpoint(cfg: Config, engine, ema, state, position: dict, rank: int, dist
     dist.barrier()  # every rank's part is on disk before rank 0 commits
     ema_weights = ema.state_dict(engine.module)  # collective under ZeRO-3
     if rank == 0:
-        meta = {"step": state.step, "micro_step": state.micro_step, "model": cfg.train.model, "time": time.time()}
+        meta = {"step": state.step, "micro_step": state.micro_step, "model": cfg.train.model, "time": time.time(),
+                "loss_average": loss_average.state_dict()}  # the logged loss_ema continues on resume
         ckpt.commit(checkpoints, state.step, ema_weights, meta, cfg.train.num_to_keep)
     dist.barrier()
-
-
-def _progress_line(record: dict, total_steps: int) -> str:
-    parts = [f"step {record['step']}/{total_steps}"]
-    if "loss" in record:
-        parts += [f"{record['resolution_px']}px", f"loss {record['loss']:.4f} (ema {record['loss_ema']:.4f})",
-                  f"lr {record['lr']:.2e}", f"{record['samples_per_s']:.1f} samples/s"]
-    if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f}")
-    return " | ".join(parts)
 
 
 def _ema_copy(denoiser, ema_weights: dict, device) -> torch.nn.Module:
@@ -384,8 +401,10 @@ def prepare_run(cfg: Config) -> None:
 def make_trainer(cfg: Config, callbacks: list | None = None, **loop_options):
     """The run's TorchTrainer (Ray Train V2): one worker per data-parallel rank, gloo on CPUs and
     NCCL on GPUs, restarts up to train.max_failures. `loop_options` are the fault injections."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sfumato.console import train_log_level
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
@@ -395,7 +414,8 @@ def make_trainer(cfg: Config, callbacks: list | None = None, **loop_options):
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=str(t.output_dir / "ray"), callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             logging_config=LoggingConfig(log_level=train_log_level())),
     )
 
 
