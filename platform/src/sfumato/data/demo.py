@@ -23,6 +23,17 @@ COLOURS = {
     "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+# Shape and colour pair with a contrast a 32 px model and the yardstick classifier can resolve: a
+# radius of 0.30-0.42 of the side (0.22-0.36 before, when a 7 px square and circle blurred into one
+# blob at 32 px), rotation within +-0.2 rad, and only the 50 of 56 ordered colour pairs that are at
+# least 120 RGB levels apart (Euclidean; it drops e.g. orange on yellow and red on orange).
+RADIUS = (0.30, 0.42)
+ROTATION_RAD = 0.2
+OFFSET = 0.06
+MIN_CONTRAST = 120.0
+PAIRS = [(fg, bg) for fg in COLOURS for bg in COLOURS
+         if fg != bg and math.dist(COLOURS[fg], COLOURS[bg]) >= MIN_CONTRAST]
+DESIGN = 2  # in the completion marker: a set drawn to an earlier design is drawn again
 SOURCE_URI = "sfumato demo generator (procedural shapes)"
 
 
@@ -39,20 +50,19 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 def draw_sample(rng: np.random.Generator, size_px: int) -> tuple[Image.Image, str, str]:
     """One image, its caption and its shape name (the class tag)."""
-    names = list(COLOURS)
-    fg, bg = rng.choice(len(names), size=2, replace=False)
+    fg, bg = PAIRS[int(rng.integers(len(PAIRS)))]
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    img = Image.new("RGB", (size_px, size_px), COLOURS[names[bg]])
+    img = Image.new("RGB", (size_px, size_px), COLOURS[bg])
     draw = ImageDraw.Draw(img)
-    r = size_px * float(rng.uniform(0.22, 0.36))
-    cx = size_px / 2 + size_px * float(rng.uniform(-0.08, 0.08))
-    cy = size_px / 2 + size_px * float(rng.uniform(-0.08, 0.08))
+    r = size_px * float(rng.uniform(*RADIUS))
+    cx = size_px / 2 + size_px * float(rng.uniform(-OFFSET, OFFSET))
+    cy = size_px / 2 + size_px * float(rng.uniform(-OFFSET, OFFSET))
     if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[names[fg]])
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[fg])
     else:
-        draw.polygon(_polygon(shape, cx, cy, r, float(rng.uniform(-0.3, 0.3))), fill=COLOURS[names[fg]])
-    article = "an" if names[fg][0] in "aeiou" else "a"
-    caption = f"{article} {names[fg]} {shape} on a {names[bg]} background"
+        draw.polygon(_polygon(shape, cx, cy, r, float(rng.uniform(-ROTATION_RAD, ROTATION_RAD))), fill=COLOURS[fg])
+    article = "an" if fg[0] in "aeiou" else "a"
+    caption = f"{article} {fg} {shape} on a {bg} background"
     return img, caption, shape
 
 
@@ -61,7 +71,8 @@ def ensure_demo(src, folder: Path) -> Path:
     returns the path of its table (path, id, caption, license, source, tags)."""
     table = folder / "demo.csv"
     marker = folder / "COMPLETE.json"
-    params = {"num_images": src.num_images, "image_size_px": src.image_size_px, "seed": src.seed}
+    params = {"num_images": src.num_images, "image_size_px": src.image_size_px, "seed": src.seed,
+              "design": DESIGN}
     if marker.exists() and json.loads(marker.read_text()) == params and table.exists():
         return table
     images = folder / "images"
