@@ -148,3 +148,15 @@ def latent_run(cifar_shards):
                      "train.vae.subfolder=vae")
     run_training(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def flow_run(cifar_shards):
+    """A rectified-flow run (logit-normal times) with a resolution-dependent shift: 1.5 per 16 px,
+    so 3.0 at the last stage's 32 px, the shift its export samples with."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "flow", "diffusion.objective=flow", "diffusion.flow.shift=1.5",
+                     "diffusion.flow.shift_base_px=16")
+    run_training(cfg)
+    return cfg

@@ -1,9 +1,10 @@
 """Evaluation and export of real (tiny, debug) trained runs.
 
 The diffusers export loads in a process where sfumato cannot be imported and generates exactly
-the images the run generates for the same seeds; the ONNX export agrees with PyTorch and samples
-on its own with numpy and onnxruntime; evaluation writes its metrics, report and cards with the
-real counts of the run and its data."""
+the images the run generates for the same seeds, DDPM and flow-matching runs alike; the ONNX
+export agrees with PyTorch (DDIM, or flow Euler) and samples on its own with numpy and
+onnxruntime; evaluation writes its metrics, report and cards with the real counts of the run and
+its data."""
 
 import json
 import subprocess
@@ -40,7 +41,8 @@ print(type(pipe).__name__, type(pipe.scheduler).__name__, torch.equal(images, ex
 """
 
 
-def _export_and_compare(run_cfg, conditions, pipe_kwargs, guidance_scale: float) -> dict:
+def _export_and_compare(run_cfg, conditions, pipe_kwargs, guidance_scale: float,
+                        scheduler: str = "DDIMScheduler") -> dict:
     run_dir = run_cfg.train.output_dir
     report = run_export(run_dir)
     cfg, run, _ = load_trained(run_dir)
@@ -51,8 +53,8 @@ def _export_and_compare(run_cfg, conditions, pipe_kwargs, guidance_scale: float)
     done = subprocess.run([sys.executable, "-c", WITHOUT_SFUMATO, str(run_dir / "export" / "diffusers"),
                            str(run_dir / "reference.safetensors"), repr(kwargs)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    name, scheduler, equal, max_diff = done.stdout.split()
-    assert name == "SfumatoPipeline" and scheduler == "DDIMScheduler"
+    name, loaded_scheduler, equal, max_diff = done.stdout.split()
+    assert name == "SfumatoPipeline" and loaded_scheduler == scheduler
     assert equal == "True", f"the export generates other images than the run (max diff {max_diff})"
     assert float(reference.std()) > 0.01, "the images are not blank"
     return report
@@ -63,7 +65,7 @@ def _check_onnx(report: dict, run_dir) -> None:
     for check in ("batch_1", "batch_3"):
         assert onnx["fp32"][check]["max_rel"] <= 1e-4, onnx["fp32"]
         assert 0 < onnx["int8"][check]["rel_l2"] < 1, "INT8 error is measured (and it is not zero)"
-    assert onnx["fp32"]["sampling"]["max_pixel_error"] < 1.0, "a whole ONNX DDIM run matches PyTorch's"
+    assert onnx["fp32"]["sampling"]["max_pixel_error"] < 1.0, f"a whole ONNX {onnx['sampler']} run matches PyTorch's"
     text = (run_dir / "export" / "export_report.md").read_text()
     assert "int8" in text and f"{onnx['int8']['batch_1']['rel_l2']:.2e}" in text
     files = {p.name for p in (run_dir / "export").rglob("*")}
@@ -75,17 +77,37 @@ def test_class_run_exports_to_diffusers_and_onnx(straight, tmp_path):
     run_dir = straight.train.output_dir
     assert report["checkpoint"] == "step-00000010" and report["parameters"] > 0
     _check_onnx(report, run_dir)
-    # The standalone ONNX sampler, run as a script from the export folder, without sfumato.
+    _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png")
+
+
+def _sample_onnx_without_sfumato(run_dir, grid) -> None:
+    """The standalone ONNX sampler (INT8), run as a script from the export folder, without sfumato."""
     onnx_dir = run_dir / "export" / "onnx"
     done = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['sfumato'] = None; "
                            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
-                           str(onnx_dir / "sample_onnx.py"), "--out", str(tmp_path / "grid.png"), "--class", "3",
+                           str(onnx_dir / "sample_onnx.py"), "--out", str(grid), "--class", "3",
                            "--class", "airplane", "--steps", "4", "--guidance", "2", "--model", "denoiser.int8.onnx"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     from PIL import Image
 
-    assert Image.open(tmp_path / "grid.png").size == (64, 32), "two 32 px images side by side (the last stage's size)"
+    assert Image.open(grid).size == (64, 32), "two 32 px images side by side (the last stage's size)"
+
+
+def test_flow_run_exports_its_shifted_scheduler_and_an_onnx_euler_sampler(flow_run, tmp_path):
+    report = _export_and_compare(flow_run, [0, 1, 2, 9], {"class_labels": [0, 1, 2, 9]}, guidance_scale=2.0,
+                                 scheduler="FlowMatchEulerDiscreteScheduler")
+    run_dir = flow_run.train.output_dir
+    exported = run_dir / "export"
+    scheduler = json.loads((exported / "diffusers" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["shift"] == 3.0, "1.5 per 16 px at the last stage's 32 px"
+    spec = json.loads((exported / "onnx" / "sampler.json").read_text())
+    assert spec["objective"] == "flow" and spec["shift"] == 3.0 and spec["num_train_timesteps"] == 1000
+    assert "alphas_cumprod" not in spec and report["onnx"]["sampler"] == "flow-euler"
+    _check_onnx(report, run_dir)
+    assert report["onnx"]["fp32"]["sampling"]["final_sample_rel_l2"] < 1e-4, "Euler on diffusers' very sigmas"
+    assert "flow-euler run of the onnxruntime sampler" in (exported / "export_report.md").read_text()
+    _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png")
 
 
 def test_text_run_exports_its_encoder_and_tokenizer(text_run):

@@ -1,5 +1,6 @@
-"""The Serve endpoint, started for real on 127.0.0.1 around the exported debug run, spoken to over
-HTTP: images, validation, auth, overload, timeouts, and the ONNX backend."""
+"""The Serve endpoint, started for real on 127.0.0.1 around the exported debug runs, spoken to over
+HTTP: images, validation, auth, overload, timeouts, the ONNX backend, and a flow-matching model
+on both backends."""
 
 import base64
 import io
@@ -27,25 +28,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Capacity 2 running + 2 queued: small enough that a test can exceed it.
+COMMON = dict(token_env="SFUMATO_TEST_TOKEN", request_timeout_s=120.0, max_steps=1000, max_images=8,
+              max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)
+
+
+def _exported(run_cfg):
+    from sfumato.export.export_run import run_export
+
+    export = run_cfg.train.output_dir / "export"
+    if not (export / "diffusers" / "sfumato_pipeline.py").exists() or not (export / "onnx").exists():
+        run_export(run_cfg.train.output_dir)
+    return export
+
+
 @pytest.fixture(scope="module")
-def server(straight, monkeypatch_module):
+def serve_port(monkeypatch_module):
+    """One Serve HTTP proxy on this port for every app of the module, shut down after the last."""
     from ray import serve
 
-    from sfumato.export.export_run import run_export
+    monkeypatch_module.setenv("SFUMATO_TEST_TOKEN", TOKEN)
+    yield _free_port()
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(straight, serve_port):
     from sfumato.serve.app import ServeSettings, run_server
 
-    export = straight.train.output_dir / "export"
-    if not (export / "diffusers" / "sfumato_pipeline.py").exists() or not (export / "onnx").exists():
-        run_export(straight.train.output_dir)
-    monkeypatch_module.setenv("SFUMATO_TEST_TOKEN", TOKEN)
-    port = _free_port()
-    # Capacity 2 running + 2 queued: small enough that a test can exceed it.
-    common = dict(model=str(export), token_env="SFUMATO_TEST_TOKEN", request_timeout_s=120.0, max_steps=1000,
-                  max_images=8, max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)
-    run_server(ServeSettings(**common), port=port, blocking=False)
-    run_server(ServeSettings(**common, backend="onnx"), port=port, blocking=False, name="onnx", route_prefix="/onnx")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    common = dict(model=str(_exported(straight)), **COMMON)
+    run_server(ServeSettings(**common), port=serve_port, blocking=False)
+    run_server(ServeSettings(**common, backend="onnx"), port=serve_port, blocking=False, name="onnx",
+               route_prefix="/onnx")
+    return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="module")
+def flow_server(flow_run, serve_port):
+    """The flow run's export on both backends, as two more apps beside the DDPM ones. Their model
+    replicas reserve no CPU: the DDPM apps' replicas hold the session's two."""
+    from sfumato.serve.app import ServeSettings, run_server
+
+    common = dict(model=str(_exported(flow_run)), num_cpus=0, **COMMON)
+    for backend in ("torch", "onnx"):
+        run_server(ServeSettings(**common, backend=backend), port=serve_port, blocking=False, name=f"flow-{backend}",
+                   route_prefix=f"/flow-{backend}")
+    return f"http://127.0.0.1:{serve_port}"
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +107,7 @@ def test_a_request_returns_a_png_of_the_asked_size_and_a_seed_repeats_it(server)
 
 @pytest.mark.parametrize("field, value", [
     ("steps", 1001), ("steps", 0), ("num_images", 9), ("width", 33), ("height", 1024), ("sampler", "euler"),
+    ("sampler", "flow-euler"),
     ("seed", -1), ("guidance_scale", 100), ("class_label", "unicorn"), ("class_label", 10), ("prompt", "a dog"),
     ("colour", "red"), ("timeout_s", 121),
 ])
@@ -94,7 +123,7 @@ def test_the_token_is_required_and_checked_before_validation(server):
     assert _generate(server, {"steps": 2}, headers={"Authorization": "Bearer wrong"}).status_code == 403
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
     info = requests.get(f"{server}/v1/model", headers=HEADERS, timeout=30).json()
-    assert info["conditioning"] == "class" and info["default_size_px"] == 32 and "dpm-solver++" in info["samplers"]
+    assert info["conditioning"] == "class" and info["default_size_px"] == 32 and info["samplers"] == ["ddpm", "ddim", "dpm-solver++"]
     assert info["limits"]["max_steps"] == 1000
     schema = requests.get(f"{server}/openapi.json", headers=HEADERS, timeout=30).json()
     assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["steps"]["maximum"] == 1000
@@ -136,3 +165,23 @@ def test_the_onnx_backend_serves_too(server):
     assert _generate(server, {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 2}, route="/onnx").content == first.content
     wrong = _generate(server, {"seed": 3, "steps": 4, "sampler": "ddpm"}, route="/onnx")
     assert wrong.status_code == 422 and "sampler" in wrong.text, "the ONNX sampler is DDIM only"
+
+
+def test_a_flow_model_is_served_by_both_backends_and_takes_only_flow_samplers(flow_server):
+    body = {"seed": 5, "steps": 4, "class_label": "airplane", "guidance_scale": 2}
+    for route, samplers in (("/flow-torch", ["flow-euler", "flow-heun"]), ("/flow-onnx", ["flow-euler"])):
+        info = requests.get(f"{flow_server}{route}/v1/model", headers=HEADERS, timeout=30).json()
+        assert info["samplers"] == samplers and info["backend"] == route.split("-")[1], info
+        default = _generate(flow_server, body, route=route)
+        assert default.status_code == 200, default.text
+        assert Image.open(io.BytesIO(default.content)).size == (32, 32)
+        images = {}
+        for sampler in samplers:
+            response = _generate(flow_server, {**body, "sampler": sampler}, route=route)
+            assert response.status_code == 200, response.text
+            images[sampler] = response.content
+        assert images["flow-euler"] == default.content, "a flow model's default sampler is flow-euler"
+        assert len(set(images.values())) == len(images), "Euler and Heun take different paths"
+        for ddpm_sampler in ("ddim", "dpm-solver++"):
+            wrong = _generate(flow_server, {**body, "sampler": ddpm_sampler}, route=route)
+            assert wrong.status_code == 422 and "sampler" in json.dumps(wrong.json()["detail"]), wrong.text

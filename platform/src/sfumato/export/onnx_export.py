@@ -4,11 +4,12 @@
 the very function sfumato samples with, so a text model's ONNX graph holds its text encoder too
 and takes token ids. The export is verified three ways and the figures go into the export report:
 onnx.checker (full check), the ONNX output against PyTorch on fixed random inputs at two batch
-sizes (the batch axis really is dynamic), and a whole DDIM run of the standalone onnxruntime
-sampler against the PyTorch pipeline from the same starting noise. INT8 is onnxruntime's dynamic
-quantisation (weights to int8, activations quantised on the fly), measured against fp32 on the
-same inputs: it trades accuracy for size (0.27x); whether it is faster depends on the CPU
-(on this AVX2 machine it is not at batch 8: BENCHMARKS.md, `sfumato bench export`).
+sizes (the batch axis really is dynamic), and a whole sampling run of the standalone onnxruntime
+sampler (DDIM for DDPM models, Euler for flow-matching ones) against the PyTorch pipeline with the
+same sampler from the same starting noise. INT8 is onnxruntime's dynamic quantisation (weights to
+int8, activations quantised on the fly), measured against fp32 on the same inputs: it trades
+accuracy for size (0.27x); whether it is faster depends on the CPU (on this AVX2 machine it is
+not at batch 8: BENCHMARKS.md, `sfumato bench export`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ import torch
 
 import sfumato.export.onnx_sampler as onnx_sampler
 from sfumato.diffusion.pipeline import null_class, predict
+from sfumato.diffusion.sample import is_flow
 
 ONNX_TOLERANCE = 1e-4
 """Largest |onnx - torch| of the fp32 denoiser output, relative to the output's largest magnitude,
 that the export accepts (measured: ~2e-6 on the tiny UNet; float32 reassociation, not a bug)."""
+SAMPLING_TOLERANCE = 1e-3
+"""Largest relative L2 distance between the final samples of the fp32 ONNX sampler and the PyTorch
+pipeline (same sampler, same noise, 10 steps) that the export accepts (measured: ~4e-7 for DDIM
+and flow Euler on the tiny UNet): above it the standalone sampler does not follow the model's."""
 
 
 class _Denoiser(torch.nn.Module):
@@ -51,12 +57,15 @@ def conditioning(pipe) -> str:
 
 
 def example_inputs(pipe, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """Fixed random inputs: noise, timesteps spread over the schedule, conditions incl. "none"."""
+    """Fixed random inputs: noise, timesteps spread over the schedule (integers for DDPM models,
+    t x num_train_timesteps in float32 for flow-matching ones: the graph's input type follows),
+    conditions incl. "none"."""
     g = torch.Generator().manual_seed(seed)
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     total = pipe.scheduler.config.num_train_timesteps
-    inputs = {"sample": torch.randn(batch, c, size, size, generator=g),
-              "timestep": torch.randint(0, total, (batch,), generator=g)}
+    timestep = torch.rand(batch, generator=g) * total if is_flow(pipe.scheduler.config) else \
+        torch.randint(0, total, (batch,), generator=g)
+    inputs = {"sample": torch.randn(batch, c, size, size, generator=g), "timestep": timestep}
     kind = conditioning(pipe)
     if kind == "text":
         inputs["cond"] = pipe.tokenize(["a photo"] * (batch - 1) + [""])
@@ -121,12 +130,19 @@ def _run(session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
 
 
-def sampler_spec(pipe, alphas_cumprod: torch.Tensor, prediction_type: str) -> dict:
-    """What sample_onnx.py needs besides the graph: the schedule and the conditioning."""
+def sampler_spec(pipe, scheduler) -> dict:
+    """What sample_onnx.py needs besides the graph: the objective and its schedule (DDPM: abar_t
+    and the prediction type, of `scheduler`, a DDIMScheduler; flow: the time shift of a
+    FlowMatchEulerDiscreteScheduler), and the conditioning."""
     tokenizer = pipe.tokenizer
+    config = scheduler.config
+    if is_flow(config):
+        schedule = {"objective": "flow", "num_train_timesteps": config.num_train_timesteps, "shift": config.shift}
+    else:
+        schedule = {"objective": "ddpm", "num_train_timesteps": len(scheduler.alphas_cumprod),
+                    "alphas_cumprod": scheduler.alphas_cumprod.double().tolist(), "prediction_type": config.prediction_type}
     return {
-        "num_train_timesteps": len(alphas_cumprod), "alphas_cumprod": alphas_cumprod.double().tolist(),
-        "prediction_type": prediction_type, "in_channels": pipe.unet.config.in_channels,
+        **schedule, "in_channels": pipe.unet.config.in_channels,
         "sample_size": pipe.unet.config.sample_size, "conditioning": conditioning(pipe),
         "class_names": pipe.config.class_names or [], "null_class": null_class(pipe.unet),
         "text_max_length": pipe.config.text_max_length or (tokenizer.model_max_length if tokenizer else None),
@@ -135,12 +151,21 @@ def sampler_spec(pipe, alphas_cumprod: torch.Tensor, prediction_type: str) -> di
     }
 
 
-def export_onnx(pipe, ddim_scheduler, out_dir: Path, opset: int, check_batch: int, int8: bool,
+def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, int8: bool,
                 seed: int = 0) -> dict:
     """Write out_dir/{denoiser.onnx, denoiser.int8.onnx, sampler.json, sample_onnx.py, ...}
-    (replaced whole) and return the verification figures. Raises when ONNX and PyTorch disagree
-    beyond ONNX_TOLERANCE."""
+    (replaced whole) and return the verification figures. `scheduler`: the one the ONNX sampler
+    follows, on the model's schedule (DDPM models: a DDIMScheduler, `make_sampler(cfg, "ddim")`;
+    flow models: a FlowMatchEulerDiscreteScheduler with the run's shift, `make_sampler(cfg,
+    "flow-euler", resolution_px)`). Raises when ONNX and PyTorch disagree beyond ONNX_TOLERANCE."""
     import onnxruntime as ort
+
+    objective = "flow" if is_flow(scheduler.config) else "ddpm"
+    expected = {"ddpm": "DDIMScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}[objective]
+    if type(scheduler).__name__ != expected or is_flow(pipe.scheduler.config) != (objective == "flow"):
+        raise ValueError(f"the ONNX sampler of a {'flow-matching' if is_flow(pipe.scheduler.config) else 'DDPM'} "
+                         f"model follows {onnx_sampler.SAMPLERS[objective]!r} ({expected}), "
+                         f"not a {type(scheduler).__name__}")
 
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
@@ -155,11 +180,13 @@ def export_onnx(pipe, ddim_scheduler, out_dir: Path, opset: int, check_batch: in
         _export(_Decoder(pipe.vae), {"latents": latents}, work / "vae_decoder.onnx", "images", opset)
     if pipe.tokenizer is not None:
         pipe.tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
-    spec = sampler_spec(pipe, pipe.scheduler.alphas_cumprod, pipe.scheduler.config.prediction_type)
+    spec = sampler_spec(pipe, scheduler)
     (work / onnx_sampler.SAMPLER_JSON).write_text(json.dumps(spec))
     shutil.copyfile(onnx_sampler.__file__, work / "sample_onnx.py")
 
-    report = {"opset": opset, "tolerance_max_rel": ONNX_TOLERANCE, "fp32": {}, "int8": None}
+    report = {"opset": opset, "tolerance_max_rel": ONNX_TOLERANCE, "tolerance_sampling_rel_l2": SAMPLING_TOLERANCE,
+              "sampler": onnx_sampler.SAMPLERS[objective],
+              "fp32": {}, "int8": None}
     session = ort.InferenceSession(str(work / "denoiser.onnx"), providers=["CPUExecutionProvider"])
     checks = {batch: example_inputs(pipe, batch, seed + batch) for batch in sorted({1, check_batch + 1})}
     references = {}
@@ -170,13 +197,17 @@ def export_onnx(pipe, ddim_scheduler, out_dir: Path, opset: int, check_batch: in
     worst = max(r["max_rel"] for r in report["fp32"].values())
     if not worst <= ONNX_TOLERANCE:
         raise RuntimeError(f"ONNX denoiser differs from PyTorch by {worst:.2e} (relative), above {ONNX_TOLERANCE}")
-    report["fp32"]["sampling"] = _compare_sampling(pipe, ddim_scheduler, work, "denoiser.onnx", seed)
+    report["fp32"]["sampling"] = _compare_sampling(pipe, scheduler, work, "denoiser.onnx", seed)
+    drift = report["fp32"]["sampling"]["final_sample_rel_l2"]
+    if not drift <= SAMPLING_TOLERANCE:
+        raise RuntimeError(f"the ONNX {report['sampler']} sampler ends {drift:.2e} (relative L2) away from the PyTorch "
+                           f"pipeline's {type(scheduler).__name__} from the same noise, above {SAMPLING_TOLERANCE}")
 
     if int8:
         quantize_int8(work / "denoiser.onnx", work / "denoiser.int8.onnx")
         quantised = ort.InferenceSession(str(work / "denoiser.int8.onnx"), providers=["CPUExecutionProvider"])
         report["int8"] = {f"batch_{b}": _errors(references[b], _run(quantised, inputs)) for b, inputs in checks.items()}
-        report["int8"]["sampling"] = _compare_sampling(pipe, ddim_scheduler, work, "denoiser.int8.onnx", seed)
+        report["int8"]["sampling"] = _compare_sampling(pipe, scheduler, work, "denoiser.int8.onnx", seed)
         report["int8"]["size_ratio"] = (work / "denoiser.int8.onnx").stat().st_size / (work / "denoiser.onnx").stat().st_size
     (work / "onnx_report.json").write_text(json.dumps(report, indent=1))
     if out_dir.exists():
@@ -185,9 +216,9 @@ def export_onnx(pipe, ddim_scheduler, out_dir: Path, opset: int, check_batch: in
     return report
 
 
-def _compare_sampling(pipe, ddim_scheduler, folder: Path, model_file: str, seed: int, steps: int = 10) -> dict:
-    """A whole DDIM run of the ONNX sampler against the PyTorch pipeline from the same noise:
-    pixel error in 0-255 levels."""
+def _compare_sampling(pipe, scheduler, folder: Path, model_file: str, seed: int, steps: int = 10) -> dict:
+    """A whole run of the ONNX sampler against the PyTorch pipeline with `scheduler` (the same
+    sampler) from the same noise: pixel error in 0-255 levels."""
     from sfumato.diffusion.pipeline import SfumatoPipeline
 
     sampler = onnx_sampler.OnnxSampler(folder, model_file)
@@ -200,7 +231,7 @@ def _compare_sampling(pipe, ddim_scheduler, folder: Path, model_file: str, seed:
     guidance = 2.0 if kind != "none" else 1.0
     run = dict(steps=steps, guidance_scale=guidance, noise=noise.numpy())
     onnx_images, onnx_raw = sampler(prompts, labels, count, **run), sampler(prompts, labels, count, **run, raw=True)
-    torch_pipe = SfumatoPipeline(**{**pipe.components, "scheduler": ddim_scheduler}, **{
+    torch_pipe = SfumatoPipeline(**{**pipe.components, "scheduler": scheduler}, **{
         k: pipe.config[k] for k in ("class_names", "text_max_length", "latent_scale", "latent_shift")})
     torch_pipe.set_progress_bar_config(disable=True)
     kwargs = {"prompt": prompts} if kind == "text" else ({"class_labels": labels} if kind == "class" else {})

@@ -8,11 +8,13 @@ vae_decoder.onnx (latent models). From that folder:
     python sample_onnx.py --out grid.png --seed 0 --steps 30 --class 3     # class model
     python sample_onnx.py --out grid.png --prompt "a red circle" --guidance 3
 
-The sampler is DDIM with eta 0 and "trailing" timesteps (Song et al. 2021; Lin et al. 2023),
-the same arithmetic as diffusers' DDIMScheduler, so given the same starting noise it follows the
-PyTorch pipeline's DDIM trajectory. Its own noise comes from numpy (seed + i for image i), not
-torch's generator, so its images are not the torch pipeline's for the same seed unless the
-noise is passed in.
+The sampler is the one of the model's objective (sampler.json's `objective`): for DDPM models
+DDIM with eta 0 and "trailing" timesteps (Song et al. 2021; Lin et al. 2023), the same arithmetic
+as diffusers' DDIMScheduler; for flow-matching models Euler steps along the predicted velocity on
+the sigmas of diffusers' FlowMatchEulerDiscreteScheduler (the run's time shift, a final sigma of
+0). Given the same starting noise it follows the PyTorch pipeline's DDIM or flow-euler trajectory.
+Its own noise comes from numpy (seed + i for image i), not torch's generator, so its images are
+not the torch pipeline's for the same seed unless the noise is passed in.
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ import numpy as np
 import onnxruntime as ort
 
 SAMPLER_JSON = "sampler.json"
+SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
+"""The sampler this file runs for a model of each objective (by sfumato's sampler names)."""
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
+    """DDIMScheduler's "trailing" timesteps: from the last trained one down, every total / steps."""
+    return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
+
+
+def flow_schedule(num_train_timesteps: int, shift: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) exactly as FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift)
+    .set_timesteps(steps) makes them (diffusers 0.42), float32: `steps` timesteps sigma x total,
+    and steps + 1 sigmas ending at 0. diffusers shifts twice on purpose of its own: the end of
+    the linspace is the smallest training sigma, already shifted, and the linspace is shifted
+    again."""
+    total = num_train_timesteps
+    train = np.linspace(1, total, total, dtype=np.float32)[::-1] / np.float32(total)
+    train = shift * train / (1 + (shift - 1) * train)  # float32: the scheduler's training sigmas
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    sigmas = np.linspace(sigma_max * total, sigma_min * total, steps) / total  # float64, as in set_timesteps
+    sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)
+    return sigmas * np.float32(total), np.concatenate([sigmas, np.zeros(1, np.float32)])
 
 
 class OnnxSampler:
@@ -47,7 +71,12 @@ class OnnxSampler:
             length = self.spec["text_max_length"]
             self.tokenizer.enable_truncation(length)
             self.tokenizer.enable_padding(length=length, pad_id=self.spec["pad_token_id"])
-        self.alphas_cumprod = np.asarray(self.spec["alphas_cumprod"], dtype=np.float64)
+        self.objective = self.spec.get("objective", "ddpm")  # exports before flow matching: DDPM
+        if self.objective not in SAMPLERS:
+            raise ValueError(f"{folder / SAMPLER_JSON}: objective {self.objective!r} is not one of {list(SAMPLERS)}")
+        self.sampler_name = SAMPLERS[self.objective]
+        if self.objective == "ddpm":
+            self.alphas_cumprod = np.asarray(self.spec["alphas_cumprod"], dtype=np.float64)
 
     # ---------------------------------------------------------------------- conditions
     def _conditions(self, prompts, class_labels, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -66,42 +95,36 @@ class OnnxSampler:
             return cond, np.full_like(cond, null)
         return None, None
 
-    def _predict(self, x: np.ndarray, t: int, cond: np.ndarray | None) -> np.ndarray:
-        feed = {"sample": x.astype(np.float32), "timestep": np.full((x.shape[0],), t, dtype=np.int64)}
+    def _predict(self, x: np.ndarray, t, cond: np.ndarray | None) -> np.ndarray:
+        # DDPM graphs take integer timesteps, flow-matching ones t x num_train_timesteps in float32.
+        dtype = np.float32 if self.objective == "flow" else np.int64
+        feed = {"sample": x.astype(np.float32), "timestep": np.full((x.shape[0],), t, dtype=dtype)}
         if cond is not None:
             feed["cond"] = cond
         return self.session.run(None, feed)[0].astype(np.float64)
 
+    def _guided(self, x: np.ndarray, t, cond, uncond, guidance_scale: float) -> np.ndarray:
+        """The prediction, with classifier-free guidance (Ho & Salimans 2022) when the scale is not 1."""
+        if guidance_scale == 1.0:
+            return self._predict(x, t, cond)
+        both = self._predict(np.concatenate([x, x]), t, np.concatenate([uncond, cond]))
+        unconditional, conditional = np.split(both, 2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
     # -------------------------------------------------------------------------- sample
     def timesteps(self, steps: int) -> np.ndarray:
         total = self.spec["num_train_timesteps"]
-        return (np.round(np.arange(total, 0, -total / steps)).astype(np.int64) - 1)
+        if self.objective == "flow":
+            return flow_schedule(total, self.spec["shift"], steps)[0]
+        return ddim_timesteps(total, steps)
 
-    def __call__(self, prompts: list[str] | None = None, class_labels=None, num_images: int = 1, seed: int = 0,
-                 steps: int = 30, guidance_scale: float = 1.0, noise: np.ndarray | None = None,
-                 callback=None, raw: bool = False) -> np.ndarray:
-        """Images as float NHWC in [0, 1]; raw=True: the final sample before any decoding or
-        clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every step."""
-        cond, uncond = self._conditions(prompts, class_labels, num_images)
-        count = num_images if cond is None else len(cond)
-        guided = guidance_scale != 1.0
-        if guided and cond is None:
-            raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
-        if noise is None:
-            shape = (self.spec["in_channels"], self.spec["sample_size"], self.spec["sample_size"])
-            noise = np.stack([np.random.default_rng(seed + i).standard_normal(shape) for i in range(count)])
-        x = noise.astype(np.float64)
+    def _ddim(self, x: np.ndarray, steps: int, predict, callback) -> np.ndarray:
         abar = self.alphas_cumprod
         total = self.spec["num_train_timesteps"]
-        for i, t in enumerate(self.timesteps(steps)):
+        for i, t in enumerate(ddim_timesteps(total, steps)):
             if callback is not None:
                 callback(i, int(t))
-            if guided:
-                both = self._predict(np.concatenate([x, x]), int(t), np.concatenate([uncond, cond]))
-                unconditional, conditional = np.split(both, 2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-            else:
-                prediction = self._predict(x, int(t), cond)
+            prediction = predict(x, int(t))
             a, prev = abar[t], t - total // steps
             a_prev = abar[prev] if prev >= 0 else 1.0  # DDIM's final alpha: set_alpha_to_one
             if self.spec["prediction_type"] == "v_prediction":
@@ -111,6 +134,32 @@ class OnnxSampler:
                 eps = prediction
                 x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
             x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+        return x
+
+    def _flow_euler(self, x: np.ndarray, steps: int, predict, callback) -> np.ndarray:
+        """x_{sigma'} = x_sigma + (sigma' - sigma) v: Euler along the predicted velocity eps - x_0."""
+        timesteps, sigmas = flow_schedule(self.spec["num_train_timesteps"], self.spec["shift"], steps)
+        for i, t in enumerate(timesteps):
+            if callback is not None:
+                callback(i, float(t))
+            x = x + float(sigmas[i + 1] - sigmas[i]) * predict(x, t)
+        return x
+
+    def __call__(self, prompts: list[str] | None = None, class_labels=None, num_images: int = 1, seed: int = 0,
+                 steps: int = 30, guidance_scale: float = 1.0, noise: np.ndarray | None = None,
+                 callback=None, raw: bool = False) -> np.ndarray:
+        """Images as float NHWC in [0, 1]; raw=True: the final sample before any decoding or
+        clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every step."""
+        cond, uncond = self._conditions(prompts, class_labels, num_images)
+        count = num_images if cond is None else len(cond)
+        if guidance_scale != 1.0 and cond is None:
+            raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
+        if noise is None:
+            shape = (self.spec["in_channels"], self.spec["sample_size"], self.spec["sample_size"])
+            noise = np.stack([np.random.default_rng(seed + i).standard_normal(shape) for i in range(count)])
+        x = noise.astype(np.float64)
+        predict = lambda x, t: self._guided(x, t, cond, uncond, guidance_scale)  # noqa: E731
+        x = (self._flow_euler if self.objective == "flow" else self._ddim)(x, steps, predict, callback)
         if raw:
             return x
         if self.decoder is not None:

@@ -57,6 +57,9 @@ class ServeSettings(BaseModel):
     """Model deployment: requests a replica works on at once (at least max_batch_size to batch)."""
     max_queued_requests: int = Field(32, ge=-1)
     """Model deployment: requests waiting for a replica; beyond, 503 + Retry-After (-1: no bound)."""
+    num_cpus: float = Field(1.0, ge=0)
+    """Model deployment: CPUs Ray reserves per replica (Serve's own default, 1). 0 lets several
+    models share a small machine; serve/config.yaml's ray_actor_options replace it."""
 
 
 def request_model(info, settings: ServeSettings) -> type[BaseModel]:
@@ -93,7 +96,7 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
         steps=(int, Field(min(30, settings.max_steps), ge=1, le=settings.max_steps)),
         guidance_scale=(float, Field(1.0, ge=0, le=30)),
         num_images=(int, Field(1, ge=1, le=settings.max_images)),
-        sampler=(sampler_type, Field(info.samplers[-1] if "dpm-solver++" not in info.samplers else "dpm-solver++")),
+        sampler=(sampler_type, Field(info.default_sampler, description="one that fits the model's objective")),
         width=(int, Field(**size)),
         height=(int, Field(**size)),
         timeout_s=(float | None, Field(None, gt=0, le=settings.request_timeout_s,
@@ -252,7 +255,8 @@ def build_app(args: dict):
     settings = ServeSettings(**args)
     info = load_backend(settings.model, settings.backend, settings.device).info()  # limits shape the schema
     generator = Generator.options(max_ongoing_requests=settings.max_ongoing_requests,
-                                  max_queued_requests=settings.max_queued_requests).bind(settings.model_dump())
+                                  max_queued_requests=settings.max_queued_requests,
+                                  ray_actor_options={"num_cpus": settings.num_cpus}).bind(settings.model_dump())
     return build_ingress(settings, info).bind(generator)
 
 

@@ -1,8 +1,9 @@
 """What the model deployment runs: an exported model behind one `generate(jobs, should_stop)`.
 
 `torch` loads the diffusers export (`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
-safetensors only) and offers every sampler; `onnx` runs the standalone onnxruntime DDIM sampler
-of the ONNX export at the model's own size. Both take a group of compatible jobs (same sampler,
+safetensors only) and offers every sampler that fits the model's objective (DDPM: ddpm, ddim,
+dpm-solver++; flow matching: flow-euler, flow-heun); `onnx` runs the standalone onnxruntime
+sampler of the ONNX export (DDIM, or flow Euler) at the model's own size. Both take a group of compatible jobs (same sampler,
 steps, guidance and size), generate all their images in one batched denoising loop, and call
 `should_stop()` before every step: when it says so, the loop stops with `Cancelled` and the
 replica is free again. Image k of a job with seed s always starts from the noise of seed s + k.
@@ -49,9 +50,15 @@ class ModelInfo:
     """none | class | text"""
     class_names: list[str]
     samplers: list[str]
+    """The samplers that fit the model's objective; a request naming another is a 422."""
     default_size_px: int
     size_multiple_px: int
     """Sizes are multiples of this; 0: only default_size_px."""
+
+    @property
+    def default_sampler(self) -> str:
+        """A request's sampler when it names none: DPM-Solver++ where offered (good at few steps), else the first."""
+        return "dpm-solver++" if "dpm-solver++" in self.samplers else self.samplers[0]
 
 
 def _stepper(should_stop):
@@ -76,14 +83,15 @@ class TorchBackend:
         self._pipes = {}
 
     def info(self) -> ModelInfo:
-        from sfumato.diffusion.sample import SAMPLERS
+        from sfumato.diffusion.sample import DDPM_SAMPLERS, FLOW_SAMPLERS, is_flow
 
         p = self.pipe
         conditioning = "text" if p.text_encoder is not None else ("class" if p.num_classes else "none")
         dit = "DiT" in type(p.unet).__name__
         multiple = 0 if dit else p.vae_scale_factor * 2 ** (len(p.unet.config.block_out_channels) - 1)
         return ModelInfo(self.meta.get("run", "model"), "torch", conditioning, list(p.config.class_names or []),
-                         list(SAMPLERS), p.default_size_px, multiple)
+                         list(FLOW_SAMPLERS if is_flow(p.scheduler.config) else DDPM_SAMPLERS), p.default_size_px,
+                         multiple)
 
     def _pipe_for(self, sampler: str):
         from sfumato.diffusion.sample import sampler_from
@@ -128,7 +136,7 @@ class OnnxBackend:
         spec = self.sampler.spec
         factor = spec.get("vae_scale_factor", 1)
         return ModelInfo(self.meta.get("run", "model"), "onnx", spec["conditioning"], list(spec["class_names"]),
-                         ["ddim"], spec["sample_size"] * factor, 0)
+                         [self.sampler.sampler_name], spec["sample_size"] * factor, 0)
 
     def generate(self, jobs: list[Job], should_stop=lambda: False) -> list[list[np.ndarray]]:
         first = jobs[0]

@@ -17,6 +17,10 @@ from typing import Any
 # Setting one of these clears the other: the config takes exactly one of each pair.
 EXCLUSIVE = {"train.ema.decay": "train.ema.halflife_samples", "train.ema.halflife_samples": "train.ema.decay"}
 LR_KEY, EMA_DECAY_KEY = "train.optimizer.lr", "train.ema.decay"
+# What the validation loss measures: a DDPM run's is the MSE of its prediction target (epsilon or
+# v), a flow run's that of the velocity (sfumato.diffusion.loss.validation_loss). Trials that differ
+# in these would be ranked on numbers that do not compare, so a sweep fixes them.
+LOSS_DEFINING = ("diffusion.objective", "diffusion.prediction_type")
 
 
 def run_tree(cfg) -> dict:
@@ -66,11 +70,20 @@ def trial_config(cfg, params: dict[str, Any], run_dir, name: str, inputs: bool |
 
 def check_sweep(cfg) -> None:
     """At load: the proxy is a valid run with a validation loss, no key is both proxy-only and
-    tuned, ASHA's first rung falls inside the proxy, and every bound or choice of the search
-    space makes a valid proxy run."""
+    tuned, none changes what that loss measures (LOSS_DEFINING), ASHA's first rung falls inside
+    the proxy, and every bound or choice of the search space makes a valid proxy run."""
     tune = cfg.tune
     if cfg.train is None:
         raise ValueError("tune: the config needs a `train` section, the full run that the proxy scales down")
+    for section, keys in (("search_space", tune.search_space), ("proxy", tune.proxy)):
+        for key in keys:
+            defining = [k for k in LOSS_DEFINING if key == k or k.startswith(key + ".")]
+            if defining:
+                raise ValueError(
+                    f"tune.{section}.{key} changes what the validation loss measures ({defining[0]}: a DDPM run's is "
+                    "the MSE of its prediction target, a flow run's that of the velocity), so trials could not be "
+                    f"ranked on it; set {defining[0]} in the run and sweep each choice on its own, then compare the "
+                    "best runs with `sfumato evaluate`")
     for key in tune.search_space:
         clash = [p for p in tune.proxy if key == p or key.startswith(p + ".") or p.startswith(key + ".")]
         if clash:
@@ -100,7 +113,9 @@ def scale_to_full_run(cfg, params: dict[str, Any], trial_cfg) -> tuple[dict, dic
     The learning rate follows `tune.lr_scaling` from the trial's effective batch B_p to the full
     run's B_f (computed with the tuned values, e.g. a tuned grad_accum_steps); a tuned per-step
     EMA decay keeps its half-life in images, decay^(B_f / B_p). Everything else (weight decay,
-    Min-SNR gamma, warmup steps, an EMA half-life in images) carries over unchanged.
+    Min-SNR gamma, warmup steps, an EMA half-life in images, a flow run's time distribution and
+    shift) carries over unchanged: a flow shift tuned on a lower-resolution proxy transfers as
+    tuned only with diffusion.flow.shift_base_px set (the shift is then per pixel of resolution).
     """
     full = validated(apply(run_tree(cfg), params), "the best trial's values in the full run")
     batch_proxy, batch_full = trial_cfg.train.mean_effective_batch, full.train.mean_effective_batch
