@@ -157,18 +157,31 @@ def _feature_network(cfg) -> str | None:
 
 def _run_evaluate(cfg):
     from sfumato.evaluate.cards import write_run_documents
+    from sfumato.evaluate.domain import data_classes
+    from sfumato.evaluate.domain import summary as domain_summary
     from sfumato.evaluate.evaluate import run_evaluate
 
     run_dir = _run_dir(cfg)
-    if _feature_network(cfg):
+    domain = cfg.evaluate.domain.enabled and len(data_classes(cfg.data.output_dir / "shards")) >= 2
+    if _feature_network(cfg) or domain:
         record = run_evaluate(run_dir)
-        score = "" if record["clip_score"] is None else f", CLIPScore {record['clip_score']:.2f}"
-        line = f"evaluate: {record['metric']} {record['fd']:.2f} on {record['num_samples']} samples{score}"
+        parts = []
+        if record.get("domain"):
+            parts.append(domain_summary(record["domain"]))
+        if record["fd"] is not None:
+            parts.append(f"{record['metric']} {record['fd']:.2f}")
+        else:
+            parts.append("no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
+                         "or data.curate.clip.model)")
+        if record["clip_score"] is not None:
+            parts.append(f"CLIPScore {record['clip_score']:.2f}")
+        line = f"evaluate: {record['num_samples']} samples, " + ", ".join(parts)
     else:
         write_run_documents(run_dir, cfg.data.output_dir)
         record = {"fd": None}
         line = ("evaluate: no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
-                "or data.curate.clip.model); report and cards written")
+                "or data.curate.clip.model) and no domain yardstick (evaluate.domain off or the data has no classes); "
+                "report and cards written")
     if all(src.kind == "demo" for src in cfg.data.sources):
         record["demo_structure"] = demo_structure(cfg)
         d = record["demo_structure"]

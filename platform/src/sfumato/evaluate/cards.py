@@ -299,7 +299,7 @@ def _limitations(cfg, data: dict | None, evaluations: list[dict]) -> list[str]:
              f"- Trained from scratch on {images} images at {cfg.train.stages[-1].resolution_px} px: expect the "
              "quality, diversity and resolution of a small model, and the biases of its training set.",
              "- Samples can reproduce training images, especially with a small dataset."]
-    for metric, features in sorted({(e.get("metric"), e.get("features")) for e in evaluations}):
+    for metric, features in sorted({(e.get("metric"), e.get("features")) for e in evaluations if e.get("metric")}):
         caveat = ("comparable with published FID only if those are the standard Inception-v3 weights and the reference "
                   "set and sample count are the same" if metric == "FID" else "not an FID: not comparable with any published FID")
         lines.append(f"- Evaluated with {metric} on features `{features}`: {caveat}.")

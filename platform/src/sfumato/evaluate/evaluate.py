@@ -1,4 +1,9 @@
-"""`sfumato evaluate RUN_DIR`: FID (or FD-CLIP) and CLIPScore of a checkpoint's EMA weights.
+"""`sfumato evaluate RUN_DIR`: the offline domain yardstick, and FID (or FD-CLIP) and CLIPScore
+where their weights are configured, of a checkpoint's EMA weights.
+
+The domain yardstick (sfumato.evaluate.domain) needs no download: a small classifier trained on
+the run's own training shards gives FD-domain and, for class-conditional runs, the share of
+generated images classified as the class they were asked for.
 
 `evaluate.num_samples` images are generated on fixed noise (image i from seed + i) with fixed
 conditions, a batch at a time, and only their features are kept, so memory does not grow with
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 EVALUATION = "evaluation"
 FID_CACHE = "fid_cache"
+DOMAIN_CACHE = "domain_classifier"
 
 
 def class_captions(manifest: Path, class_names: list[str]) -> list[str | None]:
@@ -66,9 +72,23 @@ def _plan(cfg, run) -> tuple[list | None, list[str] | None, str]:
     return None, None, "none: unconditional model"
 
 
+def domain_yardstick(cfg):
+    """The run's domain yardstick (trained on first use, then cached under data.output_dir/
+    DOMAIN_CACHE by fingerprint), or None when it is off or the data has fewer than 2 classes."""
+    from sfumato.evaluate.domain import data_classes, load_or_train_yardstick
+
+    shards = cfg.data.output_dir / "shards"
+    if not cfg.evaluate.domain.enabled or len(data_classes(shards)) < 2:
+        return None
+    return load_or_train_yardstick(shards, cfg.train.stages[-1].resolution_px, cfg.data.output_dir / DOMAIN_CACHE,
+                                   cfg.evaluate.domain, cfg.evaluate.device)
+
+
 def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None) -> dict:
     from sfumato.config import load_config
+    from sfumato.console import progress_text
     from sfumato.diffusion.sample import sample, to_grid
+    from sfumato.evaluate.domain import DomainScorer
     from sfumato.evaluate.cards import write_run_documents
     from sfumato.evaluate.clipscore import clip_scores
     from sfumato.evaluate.features import Clip, ClipFeatures, load_extractor
@@ -82,18 +102,34 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     cfg, run, folder = load_trained(run_dir, checkpoint, overrides, device)
     e = cfg.evaluate
     clip_source = e.clip_model or cfg.data.curate.clip.model
-    extractor = load_extractor(e.inception_weights, clip_source, e.device, e.batch_size)
     resolution_px = cfg.train.stages[-1].resolution_px
-    reference = reference_statistics(cfg.data.output_dir / "shards", resolution_px, extractor, e.reference_max_images,
-                                     cfg.data.output_dir / FID_CACHE, e.batch_size)
+    shards = cfg.data.output_dir / "shards"
+    yardstick = domain_yardstick(cfg)
+    if yardstick is None and not (e.inception_weights or clip_source):
+        load_extractor(e.inception_weights, clip_source)  # raises: names the keys that give a metric
+    extractor = reference = None
+    if e.inception_weights or clip_source:
+        extractor = load_extractor(e.inception_weights, clip_source, e.device, e.batch_size)
+        reference = reference_statistics(shards, resolution_px, extractor, e.reference_max_images,
+                                         cfg.data.output_dir / FID_CACHE, e.batch_size)
     pipe = pipeline(cfg, run, e.sampler)
     conditions, captions, caption_origin = _plan(cfg, run)
+    scorer, asked = None, None
+    if yardstick is not None:
+        scorer = DomainScorer(yardstick)
+        if run.class_names and run.tokenizer is None:  # the model's class index -> the yardstick's
+            index = {name: i for i, name in enumerate(yardstick.class_names)}
+            missing = [name for name in run.class_names if name not in index]
+            if missing:
+                raise ValueError(f"the model's classes {missing} are not in the data's {yardstick.class_names}")
+            asked = [index[run.class_names[c]] for c in conditions]
     clip = None  # one CLIP model for FD-CLIP and CLIPScore when they are the same
     if captions is not None and clip_source is not None:
         same = isinstance(extractor, ClipFeatures) and extractor.clip.source == clip_source
         clip = extractor.clip if same else Clip(clip_source, e.device)
     started = time.perf_counter()
-    generated, scores, grid = RunningStatistics(extractor.name), [], None
+    generated = RunningStatistics(extractor.name) if extractor is not None else None
+    scores, grid = [], None
     for first in range(0, e.num_samples, e.batch_size):
         count = min(e.batch_size, e.num_samples - first)
         batch_conditions = None if conditions is None else conditions[first:first + count]
@@ -101,24 +137,30 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
                         height=resolution_px, width=resolution_px)
         if grid is None:
             grid = images[:16]
-        generated.add(extractor(images * 2 - 1))
+        if extractor is not None:
+            generated.add(extractor(images * 2 - 1))
+        if scorer is not None:
+            scorer.add(images * 2 - 1, None if asked is None else asked[first:first + count])
         if clip is not None:
             scores.append(clip_scores(images * 2 - 1, captions[first:first + count], clip, e.device, e.batch_size))
-        log.info("evaluate: %d/%d images", first + count, e.num_samples)
-    generated = generated.result()
+        log.info("evaluate: %s", progress_text(first + count, e.num_samples, time.perf_counter() - started, "images"))
     seconds = time.perf_counter() - started
     step = json.loads((folder / "meta.json").read_text())["step"]
     out = run_dir / EVALUATION
     out.mkdir(exist_ok=True)
     to_grid(grid).save(out / f"samples-{folder.name}.png")
     record = {
-        "time": time.time(), "checkpoint": folder.name, "step": step, "features": extractor.name,
-        "metric": extractor.metric, "fd": frechet_distance(generated, reference),
+        "time": time.time(), "checkpoint": folder.name, "step": step,
+        "features": None if extractor is None else extractor.name,
+        "metric": None if extractor is None else extractor.metric,
+        "fd": None if extractor is None else frechet_distance(generated.result(), reference),
+        "domain": None if scorer is None else scorer.result(),
         "clip_score": float(np.concatenate(scores).mean()) if scores else None,
         "clip_score_model": clip_source if scores else None, "captions": caption_origin,
         "num_samples": e.num_samples, "sampler": e.sampler, "steps": e.steps, "guidance_scale": e.guidance_scale,
         "seed": e.seed, "resolution_px": resolution_px, "generation_s": round(seconds, 2),
-        "reference": {"count": reference.count, "resolution_px": resolution_px, "shards": str(cfg.data.output_dir / "shards")},
+        "reference": None if reference is None else {"count": reference.count, "resolution_px": resolution_px,
+                                                     "shards": str(shards)},
     }
     with (out / "metrics.jsonl").open("a") as fh:
         fh.write(json.dumps(record) + "\n")

@@ -159,14 +159,23 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def evaluation_lines(evaluations: list[dict]) -> list[str]:
-    """The evaluations as a table, with what each Fréchet distance was measured on."""
+    """The evaluations as tables: the domain yardstick's (when measured), then the Fréchet distances
+    in pretrained feature spaces (when measured), with what each number can be compared with."""
+    lines = domain_lines(evaluations)
+    fd = [e for e in evaluations if e.get("fd") is not None or e.get("clip_score") is not None]
+    if not fd:
+        if not lines:
+            lines = ["No metric was computed: the data has no classes for the domain yardstick and no feature "
+                     "network is configured (evaluate.inception_weights, evaluate.clip_model).", ""]
+        return lines + ["- No FID or CLIPScore: they need pretrained Inception or CLIP weights "
+                        "(evaluate.inception_weights, evaluate.clip_model), none configured.", ""]
     header = ["checkpoint", "step", "metric", "features", "FD ↓", "CLIPScore ↑", "samples", "sampler (steps)",
               "guidance", "seed", "reference images"]
     rows = [[e.get("checkpoint"), e.get("step"), e.get("metric"), e.get("features"), e.get("fd"), e.get("clip_score"),
              e.get("num_samples"), f"{e.get('sampler')} ({e.get('steps')})", e.get("guidance_scale"), e.get("seed"),
-             (e.get("reference") or {}).get("count")] for e in evaluations]
-    features = sorted({f"{e.get('metric')}: `{e.get('features')}`" for e in evaluations})
-    clip_models = sorted({e["clip_score_model"] for e in evaluations if e.get("clip_score") is not None
+             (e.get("reference") or {}).get("count")] for e in fd]
+    features = sorted({f"{e.get('metric')}: `{e.get('features')}`" for e in fd})
+    clip_models = sorted({e["clip_score_model"] for e in fd if e.get("clip_score") is not None
                           and e.get("clip_score_model")})
     notes = [
         "FD is the Fréchet distance between generated and reference images in the named feature space "
@@ -177,7 +186,36 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
     ]
     if clip_models:
         notes.append(f"CLIPScore measured with {', '.join(f'`{m}`' for m in clip_models)}.")
-    return table(header, rows) + [f"- {note}" for note in notes] + [""]
+    return lines + table(header, rows) + [f"- {note}" for note in notes] + [""]
+
+
+def domain_lines(evaluations: list[dict]) -> list[str]:
+    """The domain yardstick's numbers per evaluation and the last one's confusion matrix."""
+    measured = [e for e in evaluations if e.get("domain")]
+    if not measured:
+        return []
+    header = ["checkpoint", "step", "class accuracy ↑", "real (ceiling)", "noise (floor)", "FD-domain ↓",
+              "noise FD-domain", "samples", "sampler (steps)", "guidance", "seed"]
+    rows = [[e.get("checkpoint"), e.get("step"), e["domain"]["class_accuracy"], e["domain"]["real_accuracy"],
+             e["domain"]["noise_accuracy"], e["domain"]["fd_domain"], e["domain"]["noise_fd_domain"],
+             e.get("num_samples"), f"{e.get('sampler')} ({e.get('steps')})", e.get("guidance_scale"), e.get("seed")]
+            for e in measured]
+    last = measured[-1]["domain"]
+    y = last.get("yardstick") or {}
+    lines = ["### Domain yardstick (offline)", ""] + table(header, rows)
+    lines += [f"- A classifier trained on this run's own training shards ({y.get('train_images')} images, "
+              f"{y.get('resolution_px') or ''} px; fingerprint `{str(y.get('fingerprint'))[:16]}`) scores the generated "
+              f"images: class accuracy is the share classified as the class they were asked for, against its "
+              f"accuracy on {y.get('heldout_images')} held-out real images (the ceiling) and on Gaussian noise (the "
+              "floor); FD-domain is the Fréchet distance to the held-out real images in its penultimate features "
+              "(the FID formula).",
+              "- Comparable only with other runs on the same data and yardstick fingerprint: not with published "
+              "FIDs, nor across datasets.", ""]
+    if last.get("confusion"):
+        names = last["class_names"]
+        lines += ["Confusion of the last evaluation (rows: asked, columns: classified as):", ""]
+        lines += table(["asked"] + names, [[name] + row for name, row in zip(names, last["confusion"])])
+    return lines
 
 
 # ------------------------------------------------------------------------------------ plots
