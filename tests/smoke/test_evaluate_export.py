@@ -146,9 +146,18 @@ def test_evaluate_writes_metrics_report_and_cards_with_real_counts(straight, tmp
     assert first["fd"] > 0 and 0 <= first["clip_score"] <= 100
     assert first["fd"] != second["fd"], "guidance changes the images and so the distance"
     assert (run_dir / "evaluation" / "samples-step-00000010.png").exists()
+    # The offline yardstick runs beside FD-CLIP: a class-conditional run gets class accuracy with its
+    # ceiling, floor and a confusion matrix counting every sample, from one cached classifier (on
+    # this tiny set the classifier learns little: tests/unit/test_domain.py checks what it tells).
+    domain = first["domain"]
+    assert all(0 <= domain[k] <= 1 for k in ("class_accuracy", "real_accuracy", "noise_accuracy"))
+    assert sum(map(sum, domain["confusion"])) == 24 and domain["fd_domain"] < domain["noise_fd_domain"]
+    assert second["domain"]["yardstick"]["fingerprint"] == domain["yardstick"]["fingerprint"]
+    assert len(list((straight.data.output_dir / "domain_classifier").iterdir())) == 1, "trained once, then cached"
 
     report = (run_dir / "report.md").read_text()
     assert "FD-CLIP" in report and f"{first['fd']:.3f}" in report
+    assert "Domain yardstick" in report and f"{second['domain']['fd_domain']:.4g}" in report
     manifest = pq.read_table(straight.data.output_dir / "manifest.parquet")
     rejects = pq.read_table(straight.data.output_dir / "rejects.parquet")
     card = json.loads((straight.data.output_dir / "dataset_card.json").read_text())
@@ -159,4 +168,4 @@ def test_evaluate_writes_metrics_report_and_cards_with_real_counts(straight, tmp
     _, run, _ = load_trained(run_dir)
     model_card = (run_dir / "model_card.md").read_text()
     assert f"{parameter_count(run.denoiser):,}" in model_card and "unet-tiny" in model_card
-    assert f"{first['fd']:.3f}" in model_card
+    assert f"{first['fd']:.3f}" in model_card and "Domain yardstick" in model_card

@@ -157,13 +157,11 @@ def _feature_network(cfg) -> str | None:
 
 def _run_evaluate(cfg):
     from sfumato.evaluate.cards import write_run_documents
-    from sfumato.evaluate.domain import data_classes
     from sfumato.evaluate.domain import summary as domain_summary
-    from sfumato.evaluate.evaluate import run_evaluate
+    from sfumato.evaluate.evaluate import has_domain_yardstick, run_evaluate
 
     run_dir = _run_dir(cfg)
-    domain = cfg.evaluate.domain.enabled and len(data_classes(cfg.data.output_dir / "shards")) >= 2
-    if _feature_network(cfg) or domain:
+    if _feature_network(cfg) or has_domain_yardstick(cfg):
         record = run_evaluate(run_dir)
         parts = []
         if record.get("domain"):

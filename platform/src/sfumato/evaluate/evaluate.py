@@ -72,15 +72,21 @@ def _plan(cfg, run) -> tuple[list | None, list[str] | None, str]:
     return None, None, "none: unconditional model"
 
 
+def has_domain_yardstick(cfg) -> bool:
+    """evaluate.domain is on and the training shards have at least 2 classes to learn."""
+    from sfumato.evaluate.domain import data_classes
+
+    return cfg.evaluate.domain.enabled and len(data_classes(cfg.data.output_dir / "shards")) >= 2
+
+
 def domain_yardstick(cfg):
     """The run's domain yardstick (trained on first use, then cached under data.output_dir/
     DOMAIN_CACHE by fingerprint), or None when it is off or the data has fewer than 2 classes."""
-    from sfumato.evaluate.domain import data_classes, load_or_train_yardstick
+    from sfumato.evaluate.domain import load_or_train_yardstick
 
-    shards = cfg.data.output_dir / "shards"
-    if not cfg.evaluate.domain.enabled or len(data_classes(shards)) < 2:
+    if not has_domain_yardstick(cfg):
         return None
-    return load_or_train_yardstick(shards, cfg.train.stages[-1].resolution_px, cfg.data.output_dir / DOMAIN_CACHE,
+    return load_or_train_yardstick(cfg.data.output_dir / "shards", cfg.train.stages[-1].resolution_px, cfg.data.output_dir / DOMAIN_CACHE,
                                    cfg.evaluate.domain, cfg.evaluate.device)
 
 
@@ -106,7 +112,9 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     shards = cfg.data.output_dir / "shards"
     yardstick = domain_yardstick(cfg)
     if yardstick is None and not (e.inception_weights or clip_source):
-        load_extractor(e.inception_weights, clip_source)  # raises: names the keys that give a metric
+        raise ValueError(f"nothing to measure {run_dir} with: its data has no classes for the domain yardstick "
+                         "(or evaluate.domain.enabled is false) and no feature network is set "
+                         "(evaluate.inception_weights, evaluate.clip_model or data.curate.clip.model)")
     extractor = reference = None
     if e.inception_weights or clip_source:
         extractor = load_extractor(e.inception_weights, clip_source, e.device, e.batch_size)

@@ -62,8 +62,8 @@ def _dit(depth: int, hidden: int, heads: int, patch: int) -> Callable:
 # name -> constructor; parameters at 64 px, 3 channels, 10 classes (measured), in the comments.
 MODELS: dict[str, Callable] = {
     "unet-tiny": _unet((32, 64), 1, (False, True), heads_dim=16),  # 0.7 M: tests, debug
-    # Three levels, attention only at the lowest (8x8 at 32 px): about unet-tiny's cost per step,
-    # with a receptive field that spans the image.
+    # Three levels, attention only at the lowest (8x8 at 32 px): a receptive field that spans the
+    # image for 1.1-1.2x unet-tiny's step time (`sfumato bench train`, BENCHMARKS.md).
     "unet-xs": _unet((32, 64, 128), 1, (False, False, True)),  # 2.7 M: the pilot (2 CPU cores)
     "unet-s": _unet((64, 128, 256), 2, (False, True, True)),  # 16 M: 32-64 px
     "unet-b": _unet((128, 256, 256, 512), 2, (False, True, True, True)),  # 75 M
