@@ -1,0 +1,383 @@
+"""`sfumato bench quality`: time-to-quality at equal CPU time, in one run, on two datasets (the
+pilot's shapes and CIFAR-10).
+
+Three trainers get the same CPU seconds, the same denoiser (unet-xs's UNet2DModel, 2.7 M
+parameters), the same 32 px training images in the same batches (the pilot's 32 px micro-batch):
+
+  plain         the loop most tutorials start from (diffusers' train_unconditional example),
+                made class-conditional and nothing else: DDPMScheduler (linear betas, 1,000
+                steps), epsilon MSE, Adam at 1e-4, no EMA, no Min-SNR, no warmup. It trains no
+                condition dropout, so it samples unguided: DDIM, 50 steps.
+  sfumato-ddpm  configs/pilot.yaml's recipe with `diffusion.objective: ddpm`: v-prediction on
+                the cosine schedule, Min-SNR-5, condition dropout 0.1, AdamW at the pilot's LR
+                with its warmup, EMA with its half-life in images; DPM-Solver++, 25 steps,
+                guidance as the pilot's evaluate (2 network calls a step: 50 calls, as plain's).
+  sfumato-flow  the pilot's recipe as shipped: rectified flow, logit-normal times; flow-euler,
+                25 steps, the same guidance.
+
+The sfumato trainers run sfumato's own `train_step`, loss, LR schedule and EMA, with `PlainEngine`
+standing in for DeepSpeed (`sfumato bench train` measures what Ray + DeepSpeed cost on top).
+One curriculum-free stage at 32 px for all three, so only the recipe differs.
+
+The clock is the process's CPU time (every thread) spent in training steps; scoring is off the
+clock. Run it on an otherwise idle machine: under contention torch's OpenMP threads spin while
+they wait, which counts as CPU time without training (the table's steps per CPU-second show it:
+the three trainers' step costs are within a few per cent of each other). At every
+`--score-every` CPU seconds each trainer's weights (the EMA for sfumato) generate `--samples`
+images, the same classes and noise seeds every time, which the offline yardstick
+(sfumato.evaluate.domain, trained once per dataset on 80 % of it, scored against the other
+20 %) scores: class accuracy and FD-domain. Target (issue 14): each sfumato trainer reaches
+plain's final score in at most half of plain's time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sfumato.bench import publish
+
+TRAINERS = ("plain", "sfumato-ddpm", "sfumato-flow")
+DATASETS = ("shapes", "cifar10")
+RESOLUTION_PX = 32
+MODEL = "unet-xs"
+SAMPLING_CALLS = 50  # network evaluations per image for every trainer
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass
+class Dataset:
+    name: str
+    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+
+
+def shapes(num_images: int, seed: int = 0) -> Dataset:
+    """The pilot's demo shapes (drawn at its 96 px, resized as its shards are to 32 px)."""
+    from sfumato.data.decode import render
+    from sfumato.data.demo import SHAPES, draw_sample
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(num_images):
+        img, _, shape = draw_sample(rng, 96)
+        images.append(np.asarray(render(img, RESOLUTION_PX, "center_crop")))
+        labels.append(SHAPES.index(shape))
+    return Dataset("shapes", np.stack(images), np.array(labels, np.int64), list(SHAPES))
+
+
+def cifar10(datasets_dir: Path, per_class: int) -> Dataset:
+    """The first `per_class` images of each class of ../shared/datasets/cifar10-train.tar.gz
+    (train/<class>/NNNN.jpg), decoded in memory."""
+    archive = Path(datasets_dir) / "cifar10-train.tar.gz"
+    if not archive.exists():
+        raise FileNotFoundError(f"{archive} does not exist: pass --datasets with the folder holding it")
+    by_class: dict[str, list[np.ndarray]] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or not member.name.lower().endswith((".jpg", ".jpeg", ".png")):
+                continue
+            taken = by_class.setdefault(parts[-2], [])
+            if len(taken) < per_class:
+                image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                if image.size != (RESOLUTION_PX, RESOLUTION_PX):
+                    raise ValueError(f"{archive}:{member.name} is {image.size}, CIFAR-10 images are 32x32")
+                taken.append(np.asarray(image))
+    names = sorted(by_class)
+    if len(names) < 2:
+        raise ValueError(f"{archive} holds {len(names)} class folders under train/: expected CIFAR-10's 10")
+    labels = np.concatenate([np.full(len(by_class[n]), i, np.int64) for i, n in enumerate(names)])
+    return Dataset("cifar10", np.concatenate([np.stack(by_class[n]) for n in names]), labels, names)
+
+
+def split(data: Dataset, holdout_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) by a seeded permutation: the trainers never see the held-out images,
+    which are the yardstick's reference (and its classifier's test set)."""
+    order = np.random.default_rng(seed).permutation(len(data.labels))
+    cut = round(len(order) * holdout_fraction)
+    pick = lambda idx: Dataset(data.name, data.images[idx], data.labels[idx], data.class_names)  # noqa: E731
+    return pick(order[cut:]), pick(order[:cut])
+
+
+def batches(data: Dataset, batch_size: int, seed: int):
+    """Endless seeded epochs of {"image", "class", "id"} micro-batches (the shard loader's form)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(data.labels))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start:start + batch_size]
+            yield {"image": data.images[idx], "class": data.labels[idx], "id": [str(i) for i in idx]}
+
+
+# -------------------------------------------------------------------------------- trainers
+def to_model_range(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = torch.from_numpy(np.ascontiguousarray(batch["image"])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x0, torch.from_numpy(np.asarray(batch["class"], np.int64))
+
+
+class PlainTrainer:
+    """(a): diffusers' tutorial loop, class labels added to the UNet and nothing else."""
+
+    def __init__(self, num_classes: int, seed: int):
+        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+        from sfumato.models.registry import MODELS
+
+        torch.manual_seed(seed)
+        template = MODELS[MODEL](RESOLUTION_PX, 3, num_classes)
+        self.model = UNet2DModel.from_config({**template.config, "num_class_embeds": num_classes})
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)  # linear betas, epsilon: diffusers' defaults
+        self.sampler = DDIMScheduler.from_config(self.scheduler.config)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self, batch: dict) -> float:
+        x0, classes = to_model_range(batch)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator)
+        prediction = self.model(self.scheduler.add_noise(x0, noise, t), t, class_labels=classes).sample
+        loss = F.mse_loss(prediction, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def generate(self, labels: np.ndarray, seed: int) -> torch.Tensor:
+        """float NCHW in [-1, 1]; image i starts from the noise of seed + i (as sfumato's sampler)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from sfumato.diffusion.sample import generators
+
+        self.model.eval()
+        x = randn_tensor((len(labels), 3, RESOLUTION_PX, RESOLUTION_PX), generator=generators(seed, 0, len(labels)))
+        classes = torch.from_numpy(np.asarray(labels, np.int64))
+        self.sampler.set_timesteps(SAMPLING_CALLS)
+        for t in self.sampler.timesteps:
+            x = self.sampler.step(self.model(x, t, class_labels=classes).sample, t, x).prev_sample
+        self.model.train()
+        return x.clamp(-1, 1)
+
+
+class SfumatoTrainer:
+    """(b) and (c): the pilot's recipe through sfumato's train_step, LR schedule and EMA."""
+
+    def __init__(self, cfg, num_classes: int, class_names: list[str], micro_batch: int, total_steps: int, seed: int):
+        from sfumato.diffusion.schedule import NoiseSchedule
+        from sfumato.models.registry import build_denoiser, empty_like
+        from sfumato.train.ema import EMA, ema_beta
+        from sfumato.train.step import PlainEngine, TrainState
+
+        self.cfg, self.class_names, self.total_steps = cfg, class_names, total_steps
+        torch.manual_seed(seed)
+        model = build_denoiser(MODEL, RESOLUTION_PX, 3, num_classes)
+        t = cfg.train
+        self.state = TrainState(engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
+                                schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
+                                generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
+                                null_class=num_classes)
+        self.ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, micro_batch, micro_batch))
+        self.ema_model = empty_like(model)
+
+    def step(self, batch: dict) -> float:
+        from sfumato.train.step import lr_at, train_step
+
+        self.state.engine.set_lr(lr_at(self.state.step, self.cfg.train.optimizer, self.total_steps))
+        out = train_step(self.state, batch)
+        self.ema.update(self.state.engine.module)
+        return out["loss"]
+
+    @torch.no_grad()
+    def generate(self, labels: np.ndarray, seed: int) -> torch.Tensor:
+        from sfumato.diffusion.pipeline import SfumatoPipeline
+        from sfumato.diffusion.sample import make_sampler, sample
+
+        e = self.cfg.evaluate
+        self.ema.copy_to(self.ema_model)
+        self.ema_model.eval()
+        pipe = SfumatoPipeline(unet=self.ema_model.net, scheduler=make_sampler(self.cfg.diffusion, e.sampler, RESOLUTION_PX),
+                               class_names=self.class_names)
+        pipe.set_progress_bar_config(disable=True)
+        images = sample(pipe, len(labels), seed, SAMPLING_CALLS // 2, e.guidance_scale, conditions=list(labels))
+        return images * 2 - 1
+
+
+def recipe(objective: str, repo: Path):
+    """configs/pilot.yaml with the given objective (its sampler follows the objective)."""
+    from sfumato.config import load_config
+
+    return load_config(repo / "configs" / "pilot.yaml", [f"diffusion.objective={objective}"], inputs=False)
+
+
+# --------------------------------------------------------------------------------- the race
+@dataclass
+class Curve:
+    trainer: str
+    points: list[dict] = field(default_factory=list)  # cpu_s, steps, loss, class_accuracy, fd_domain, wall_s
+    note: str = ""
+
+
+def race(trainer, name: str, train: Dataset, yardstick, args) -> tuple[Curve, torch.Tensor]:
+    """Train `trainer` for args.cpu_seconds of CPU time, scoring every args.score_every."""
+    from sfumato.evaluate.domain import score
+
+    labels = np.arange(args.samples) % len(train.class_names)
+    feed = batches(train, args.micro_batch, args.seed)
+    curve, spent, steps, losses, started = Curve(name), 0.0, 0, [], time.perf_counter()
+    next_score = args.score_every
+    while True:
+        batch = next(feed)
+        t0 = time.process_time()
+        losses.append(trainer.step(batch))
+        spent += time.process_time() - t0
+        steps += 1
+        if spent >= next_score or spent >= args.cpu_seconds:
+            images = trainer.generate(labels, args.seed)
+            result = score(yardstick, images, labels)
+            curve.points.append({"cpu_s": round(spent, 1), "steps": steps, "loss": round(float(np.mean(losses[-50:])), 4),
+                                 "class_accuracy": round(result["class_accuracy"], 4),
+                                 "fd_domain": round(result["fd_domain"], 2),
+                                 "wall_s": round(time.perf_counter() - started, 1)})
+            print(f"  {train.name:8s} {name:13s} {spent:7.0f} CPU-s {steps:5d} steps  loss {curve.points[-1]['loss']:.4f}  "
+                  f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f}", flush=True)
+            next_score += args.score_every
+            if spent >= args.cpu_seconds:
+                return curve, images
+
+
+def first_reaching(curve: Curve, key: str, target: float) -> float | None:
+    """CPU seconds of the first score at least as good as `target` (accuracy up, FD down)."""
+    for p in curve.points:
+        if (p[key] >= target) if key == "class_accuracy" else (p[key] <= target):
+            return p["cpu_s"]
+    return None
+
+
+def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
+    from sfumato.config import DomainConfig
+    from sfumato.diffusion.sample import to_grid
+    from sfumato.evaluate.domain import build_yardstick, train_classifier
+
+    train, heldout = split(data, 0.2, args.seed)
+    settings = DomainConfig(seed=args.seed)
+    classifier = train_classifier(train.images, train.labels, data.class_names, settings)
+    yardstick = build_yardstick(classifier, heldout.images, heldout.labels, f"bench-{data.name}", settings)
+    print(f"{data.name}: {len(train.labels)} training images, {len(heldout.labels)} held out, "
+          f"yardstick accuracy real {yardstick.real_accuracy:.3f}, noise {yardstick.noise_accuracy:.3f}", flush=True)
+    # Steps the sfumato LR schedule is laid out over: a constant LR after warmup (the pilot's)
+    # does not depend on it; a cosine one would end at the budget's estimated step count.
+    estimated_steps = 10**6
+    curves, grids = {}, {}
+    for name in args.trainers:
+        if name == "plain":
+            trainer = PlainTrainer(len(data.class_names), args.seed)
+        else:
+            cfg = recipe(name.removeprefix("sfumato-"), repo)
+            trainer = SfumatoTrainer(cfg, len(data.class_names), data.class_names, args.micro_batch, estimated_steps, args.seed)
+        curves[name], images = race(trainer, name, train, yardstick, args)
+        grid_path = out_dir / f"{data.name}-{name}.png"
+        columns = len(data.class_names)  # image i was asked for class i % columns: a column per class
+        shown = images[: columns * max(1, min(8, len(images) // columns))]
+        to_grid(((shown + 1) / 2).clamp(0, 1), columns=columns).save(grid_path)
+        grids[name] = str(grid_path)
+    result = {"train_images": len(train.labels), "heldout_images": len(heldout.labels), "classes": data.class_names,
+              "real_accuracy": yardstick.real_accuracy, "noise_accuracy": yardstick.noise_accuracy,
+              "noise_fd_domain": yardstick.noise_fd_domain,
+              "curves": {k: c.points for k, c in curves.items()}, "grids": grids}
+    if "plain" in curves:
+        final, budget = curves["plain"].points[-1], curves["plain"].points[-1]["cpu_s"]
+        result["versus_plain"] = {
+            name: {key: {"plain_final": final[key], "cpu_s": (s := first_reaching(curves[name], key, final[key])),
+                         "share_of_plain_time": None if s is None else round(s / budget, 3)}
+                   for key in ("class_accuracy", "fd_domain")}
+            for name in curves if name != "plain"}
+    return result
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7), squeeze=False)
+    for column, dataset in enumerate(names):
+        r = results[dataset]
+        for row, (key, label) in enumerate((("class_accuracy", "class accuracy"), ("fd_domain", "FD-domain"))):
+            ax = axes[row][column]
+            for trainer, points in r["curves"].items():
+                ax.plot([p["cpu_s"] for p in points], [p[key] for p in points], marker="o", label=trainer)
+            if key == "class_accuracy":
+                ax.axhline(r["real_accuracy"], ls="--", c="grey", lw=1, label="real images")
+                ax.axhline(r["noise_accuracy"], ls=":", c="grey", lw=1, label="noise")
+            else:
+                ax.set_yscale("log")
+            ax.set_title(f"{dataset}: {label}")
+            ax.set_xlabel("training CPU seconds")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    lines = ["| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | reaches plain's final accuracy at | "
+             "reaches plain's final FD at |", "|---|---|---|---|---|---|---|---|"]
+    for dataset, r in results.items():
+        for trainer, points in r["curves"].items():
+            final = points[-1]
+            versus = r.get("versus_plain", {}).get(trainer, {})
+
+            def when(key):
+                v = versus.get(key)
+                if v is None:
+                    return "—"
+                return "not reached" if v["cpu_s"] is None else f"{v['cpu_s']:.0f} s ({v['share_of_plain_time']:.2f} of plain's)"
+            lines.append(f"| {dataset} | {trainer} | {final['cpu_s']:.0f} | {final['steps']} | {final['class_accuracy']:.3f} | "
+                         f"{final['fd_domain']:.1f} | {when('class_accuracy')} | {when('fd_domain')} |")
+        lines.append(f"| {dataset} | real held-out / noise | | | {r['real_accuracy']:.3f} / {r['noise_accuracy']:.3f} | "
+                     f"0 / {r['noise_fd_domain']:.0f} | | |")
+    return "\n".join(lines)
+
+
+def main(args) -> dict:
+    from sfumato.bench.ingest import machine
+
+    repo = Path(__file__).resolve().parents[4]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.trainers = [t.strip() for t in args.trainers.split(",")]
+    unknown = [t for t in args.trainers if t not in TRAINERS]
+    if unknown:
+        raise SystemExit(f"--trainers: unknown {unknown}; choose from {TRAINERS}")
+    wanted = [d.strip() for d in args.quality_datasets.split(",")]
+    if set(wanted) - set(DATASETS):
+        raise SystemExit(f"--quality-datasets: unknown {sorted(set(wanted) - set(DATASETS))}; choose from {DATASETS}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.micro_batch = recipe("flow", repo).train.stages[-1].micro_batch_size
+    started = time.perf_counter()
+    results = {}
+    for name in wanted:
+        data = shapes(args.shapes_images, args.seed) if name == "shapes" else cifar10(Path(args.datasets), args.cifar_per_class)
+        results[name] = run_dataset(data, args, repo, out_dir)
+    plot(results, out_dir / "quality.png")
+    result = {"machine": machine(), "model": MODEL, "resolution_px": RESOLUTION_PX, "micro_batch": args.micro_batch,
+              "cpu_seconds_per_trainer": args.cpu_seconds, "samples_per_score": args.samples,
+              "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - started, 1),
+              "plot": str(out_dir / "quality.png"), "datasets": results}
+    (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
+    return publish(result, "\n" + table(results) + f"\n\nplot: {out_dir / 'quality.png'}", args.out)

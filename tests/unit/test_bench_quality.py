@@ -1,0 +1,49 @@
+"""`sfumato bench quality`'s parts on real data: CIFAR-10 read balanced from the shared archive,
+a held-out split the trainers never see, each trainer's step and sampler, and the time-to-target
+read off a curve. (The race itself is the bench: figures in BENCHMARKS.md.)"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from helpers import DATASETS, REPO  # noqa: E402
+from sfumato.bench.quality import (Curve, PlainTrainer, SfumatoTrainer, batches, cifar10, first_reaching,  # noqa: E402
+                                   recipe, shapes, split)
+
+
+def test_cifar_is_read_balanced_and_the_held_out_split_is_disjoint():
+    data = cifar10(DATASETS, per_class=3)
+    assert data.images.shape == (30, 32, 32, 3) and data.images.dtype == np.uint8
+    assert len(data.class_names) == 10 and np.bincount(data.labels).tolist() == [3] * 10
+    train, held = split(data, 0.2, seed=0)
+    assert (len(train.labels), len(held.labels)) == (24, 6)
+    rows = lambda d: {img.tobytes() for img in d.images}  # noqa: E731
+    assert not rows(train) & rows(held) and rows(train) | rows(held) == rows(data)
+    first = next(batches(train, 8, seed=1))
+    assert first["image"].shape == (8, 32, 32, 3) and next(batches(train, 8, seed=1))["id"] == first["id"]
+
+
+@pytest.mark.parametrize("name", ["plain", "sfumato-ddpm", "sfumato-flow"])
+def test_each_trainer_steps_and_generates_the_asked_count(name):
+    data = shapes(8, seed=0)
+    if name == "plain":
+        trainer = PlainTrainer(len(data.class_names), seed=0)
+    else:
+        cfg = recipe(name.removeprefix("sfumato-"), REPO)
+        assert cfg.diffusion.objective == name.removeprefix("sfumato-")
+        trainer = SfumatoTrainer(cfg, len(data.class_names), data.class_names, 4, 100, seed=0)
+    loss = trainer.step(next(batches(data, 4, seed=0)))
+    assert np.isfinite(loss) and loss > 0
+    images = trainer.generate(np.array([0, 1, 2]), seed=0)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
+def test_time_to_target_is_the_first_score_as_good_as_the_target():
+    curve = Curve("x", [{"cpu_s": 10, "class_accuracy": 0.3, "fd_domain": 90.0},
+                        {"cpu_s": 20, "class_accuracy": 0.8, "fd_domain": 40.0},
+                        {"cpu_s": 30, "class_accuracy": 0.7, "fd_domain": 20.0}])
+    assert first_reaching(curve, "class_accuracy", 0.75) == 20
+    assert first_reaching(curve, "fd_domain", 30.0) == 30
+    assert first_reaching(curve, "class_accuracy", 0.9) is None
