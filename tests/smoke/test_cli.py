@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _run(*args, cwd=REPO):
@@ -26,6 +26,14 @@ def test_data_only_pipeline_job_then_dataloader(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     stages = {s["stage"]: s["status"] for s in json.loads((out / "pipeline_summary.json").read_text())["stages"]}
     assert stages["ingest"] == "skipped" and stages["shards"] == "ran", stages
+    # Ingest forced to run again on the same inputs writes the same files (a row keeps the date it
+    # was first collected), so the stages after it stay skipped.
+    (out / "pipeline" / "ingest.json").unlink()
+    third = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null",
+                 "tune=null", "data.shards.samples_per_shard=16")
+    assert third.returncode == 0, third.stderr[-3000:]
+    stages = {s["stage"]: s["status"] for s in json.loads((out / "pipeline_summary.json").read_text())["stages"]}
+    assert stages["ingest"] == "ran" and stages["shards"] == "skipped", stages
     for path in ("manifest.parquet", "rejects.parquet", "ingest.config.yaml", "shards/shard_manifest.csv",
                  "shards/16/shard-000000.tar", "shards/32/shard-000001.tar", "shards/shards.config.yaml"):
         assert (out / path).exists(), path

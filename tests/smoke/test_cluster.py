@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("onnxruntime")
 psutil = pytest.importorskip("psutil")
 
-from conftest import REPO  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

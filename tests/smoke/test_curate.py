@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("faiss")
 
-from conftest import debug_config  # noqa: E402
+from helpers import debug_config  # noqa: E402
 from sfumato.bench.tiny import save_tiny_clip  # noqa: E402
 from sfumato.cli import main  # noqa: E402
 from sfumato.data.embed import load_embeddings  # noqa: E402

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import debug_config
+from helpers import debug_config
 from httpfixture import ImageServer
 from sfumato.data.ingest import run_ingest
 from zoo import zoo_files

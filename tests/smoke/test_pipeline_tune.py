@@ -15,7 +15,7 @@ import yaml
 pytest.importorskip("deepspeed")
 pytest.importorskip("optuna")
 
-from conftest import REPO  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

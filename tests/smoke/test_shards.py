@@ -9,7 +9,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import debug_config
+from helpers import debug_config
 from sfumato.data.ingest import run_ingest
 from sfumato.data.loader import iter_batches, shard_paths
 from sfumato.data.shards import run_shards

@@ -12,15 +12,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 
-from conftest import run_config as _cfg  # noqa: E402
-from sfumato.train import checkpoint as ckpt  # noqa: E402
+from helpers import run_config as _cfg  # noqa: E402
+from sfumato import checkpoint as ckpt  # noqa: E402
+from sfumato.layout import RunFolder, read_jsonl  # noqa: E402
+from sfumato.train.faults import KillWorkerAt, PoisonWeightsAt  # noqa: E402
 from sfumato.train.loop import run_training  # noqa: E402
 from sfumato.train.step import NonFiniteError  # noqa: E402
 
 
 def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
     killed = _cfg(cifar_shards, "killed")
-    run_training(killed, inject_failure_at_step=7)  # after the step-5 checkpoint
+    run_training(killed, hooks=[KillWorkerAt(7)])  # after the step-5 checkpoint
     assert (killed.train.output_dir / ".injected").read_text() == "7", "the failure really happened"
     attempts = [json.loads(x) for x in (killed.train.output_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["resumed_from"] for a in attempts] == [None, "step-00000005"]
@@ -41,8 +43,10 @@ def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
     assert metrics[0]["ema_beta"] < metrics[-1]["ema_beta"]
     assert [round(m["ema_halflife_images"], 6) for m in metrics] == [500.0] * len(metrics)
     # The logged loss average continues across the restart (its state is in the checkpoint).
-    killed_metrics = [json.loads(x) for x in (killed.train.output_dir / "metrics.jsonl").read_text().splitlines()]
+    killed_metrics = read_jsonl(RunFolder(killed.train.output_dir).metrics)
     assert killed_metrics[-1]["step"] == 10 and killed_metrics[-1]["loss_ema"] == metrics[-1]["loss_ema"]
+    # Steps 6 and 7, logged before the worker died and again after the resume, appear once.
+    assert [m["step"] for m in killed_metrics] == [m["step"] for m in metrics]
     assert metrics[-1]["eta_s"] == 0 and metrics[-1]["elapsed_s"] > 0
     assert (straight.train.output_dir / "samples" / "step-00000010.png").exists()
     assert len(ckpt.committed(straight.train.output_dir / "checkpoints")) == 2
@@ -51,7 +55,7 @@ def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
 def test_nan_on_one_rank_stops_every_rank_without_retry(cifar_shards):
     cfg = _cfg(cifar_shards, "nan")
     with pytest.raises(NonFiniteError, match="non-finite loss at step 3"):
-        run_training(cfg, inject_nan_at_step=3)
+        run_training(cfg, hooks=[PoisonWeightsAt(3)])
     stopped = json.loads((cfg.train.output_dir / "STOPPED.json").read_text())
     assert stopped["step"] == 3
     assert ckpt.latest(cfg.train.output_dir / "checkpoints") is None, "nothing after the NaN was saved"
@@ -103,7 +107,7 @@ def test_zero3_partitions_the_ema_and_reaches_the_zero2_weights(cifar_shards, st
     float32 reduction-order tolerance, also after a worker died and the group resumed from
     partitions loaded back from the full-tensor checkpoint."""
     cfg = _cfg(cifar_shards, "zero3", "train.zero_stage=3")
-    run_training(cfg, inject_failure_at_step=7)
+    run_training(cfg, hooks=[KillWorkerAt(7)])
     attempts = [json.loads(x) for x in (cfg.train.output_dir / "attempts.jsonl").read_text().splitlines()]
     assert [a["resumed_from"] for a in attempts] == [None, "step-00000005"]
     ema3 = ckpt.load_ema(ckpt.latest(cfg.train.output_dir / "checkpoints"))

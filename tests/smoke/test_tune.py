@@ -21,9 +21,12 @@ import yaml
 pytest.importorskip("deepspeed")
 pytest.importorskip("optuna")
 
-from conftest import REPO  # noqa: E402
+# About 4.5 minutes on 2 cores: the slow tier (`.ci/run` runs it after the README's command).
+pytestmark = pytest.mark.slow
+
+from helpers import REPO  # noqa: E402
 from sfumato.config import load_config  # noqa: E402
-from sfumato.train import checkpoint as ckpt  # noqa: E402
+from sfumato import checkpoint as ckpt  # noqa: E402
 
 PROXY_STEPS = 12  # configs/debug.yaml tune.proxy
 

@@ -23,10 +23,11 @@ from PIL import Image
 pytest.importorskip("matplotlib")
 pytest.importorskip("torch")
 
-from conftest import debug_config  # noqa: E402
+from helpers import debug_config  # noqa: E402
 from sfumato.config import write_resolved  # noqa: E402
-from sfumato.data.ingest import (INPUT_SCHEMA, MANIFEST, REJECTS, REJECTS_SCHEMA, IngestWorker,  # noqa: E402
-                                 split_duplicates, write_manifest)
+from sfumato.data.ingest import INPUT_SCHEMA, IngestWorker, split_duplicates  # noqa: E402
+from sfumato.data.manifest import REJECTS_SCHEMA, write_manifest  # noqa: E402
+from sfumato.layout import DataFolder  # noqa: E402
 from sfumato.data.sources import enumerate_sources  # noqa: E402
 from sfumato.evaluate.cards import write_dataset_card, write_model_card  # noqa: E402
 from sfumato.evaluate.report import evenly_spread, training_compute, write_report  # noqa: E402
@@ -104,9 +105,9 @@ def data(tmp_path_factory, flowers_dir):
     accepted, rejected = split_duplicates(results)
     now = pd.Timestamp("2025-01-01", tz="UTC")
     accepted = _curate(accepted.reset_index(drop=True).assign(date_collected=now))
-    write_manifest(accepted, out / MANIFEST)
+    write_manifest(accepted, DataFolder(out).manifest)
     rejected = rejected.assign(date_collected=now)[REJECTS_SCHEMA.names]
-    pq.write_table(pa.Table.from_pandas(rejected, schema=REJECTS_SCHEMA, preserve_index=False), out / REJECTS)
+    pq.write_table(pa.Table.from_pandas(rejected, schema=REJECTS_SCHEMA, preserve_index=False), DataFolder(out).rejects)
     (out / "dedup_report.json").write_text(json.dumps({
         "threshold": 0.95, "method": "exact", "model": "tiny-clip", "images": len(accepted) - 2, "pairs": 1,
         "clusters": 1, "dropped": 1, "keeper_rule": "most pixels, then license_preference order, then smallest id"}))
@@ -138,7 +139,7 @@ def test_dataset_card_counts_are_the_manifests_and_rejects(data):
     card = write_dataset_card(out)
     counts = json.loads((out / "dataset_card.json").read_text())
     text = card.read_text()
-    manifest, rejects = pq.read_table(out / MANIFEST), pq.read_table(out / REJECTS)
+    manifest, rejects = pq.read_table(DataFolder(out).manifest), pq.read_table(DataFolder(out).rejects)
     assert counts["inputs"] == files == manifest.num_rows + rejects.num_rows, "every input file is counted once"
     by_status = _count_by(manifest, "status")
     assert {k: v for k, v in counts["by_status"].items() if v} == by_status
@@ -175,10 +176,10 @@ def test_dataset_card_says_which_curation_stages_did_not_run(data, tmp_path):
     out = data[0].data.output_dir
     bare = tmp_path / "bare"
     bare.mkdir()
-    manifest = pq.read_table(out / MANIFEST)
+    manifest = pq.read_table(DataFolder(out).manifest)
     pq.write_table(manifest.select([n for n in manifest.column_names if n not in ("nsfw_score", "aesthetic_score")]),
-                   bare / MANIFEST)
-    shutil.copy(out / REJECTS, bare / REJECTS)
+                   DataFolder(bare).manifest)
+    shutil.copy(DataFolder(out).rejects, DataFolder(bare).rejects)
     text = write_dataset_card(bare).read_text()
     counts = json.loads((bare / "dataset_card.json").read_text())
     assert counts["dedup"] is None and counts["safety"] is None and counts["shards"] is None

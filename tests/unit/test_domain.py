@@ -65,6 +65,8 @@ def test_the_same_data_and_seed_give_the_same_numbers(data, yardstick):
     assert yardstick.meta["fingerprint"] == again.meta["fingerprint"]
     assert (first["class_accuracy"], first["confusion"]) == (second["class_accuracy"], second["confusion"])
     assert yardstick.real_accuracy == again.real_accuracy
-    # The matrix square root of the Fréchet distance differs in the last bits between calls.
-    assert first["fd_domain"] == pytest.approx(second["fd_domain"], rel=1e-8)
-    assert yardstick.noise_fd_domain == pytest.approx(again.noise_fd_domain, rel=1e-8)
+    # The matrix square root of the Fréchet distance differs in the last bits between calls, and
+    # oneDNN's multi-threaded weight-gradient sums may round differently when the machine is busy
+    # (seen: 3e-8 relative under load): the reported figures agree to six significant digits.
+    assert first["fd_domain"] == pytest.approx(second["fd_domain"], rel=1e-6)
+    assert yardstick.noise_fd_domain == pytest.approx(again.noise_fd_domain, rel=1e-6)

@@ -4,7 +4,6 @@ on, stays frozen, and decodes samples back to pixels."""
 
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -14,14 +13,13 @@ from sfumato.models.registry import build_denoiser  # noqa: E402
 from sfumato.models.vae import LatentCodec  # noqa: E402
 from sfumato.train.step import train_step  # noqa: E402
 
-from conftest import plain_state, save_tiny_vae  # noqa: E402
+import helpers  # noqa: E402
+from helpers import plain_state, save_tiny_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cifar_batch(cifar_dir):
-    paths = sorted(cifar_dir.rglob("*.jpg"))[:16]
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16))) for p in paths])
-    return {"image": images, "class": np.full(len(paths), -1), "id": [str(p) for p in paths]}
+    return helpers.cifar_batch(cifar_dir, 0, 16)
 
 
 def test_latent_training_step_learns_and_leaves_the_vae_alone(tmp_path, cifar_batch):

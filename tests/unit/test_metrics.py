@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from sfumato.bench.tiny import save_tiny_clip  # noqa: E402
-from sfumato.data.shards import SHARD_MANIFEST, tar_add  # noqa: E402
+from sfumato.data.shards import tar_add  # noqa: E402
+from sfumato.layout import ShardFolder  # noqa: E402
 from sfumato.evaluate.clipscore import clip_score, clip_scores  # noqa: E402
 from sfumato.evaluate.features import Clip, ClipFeatures, InceptionFeatures, load_extractor  # noqa: E402
 from sfumato.evaluate.fid import Statistics, frechet_distance, reference_statistics, statistics  # noqa: E402
@@ -150,7 +151,7 @@ def _write_shards(shards_dir, files, per_shard=40, resolution_px=32):
         data = (shards_dir / name).read_bytes()
         rows.append({"shard": name, "resolution_px": resolution_px, "sample_count": len(files[start:start + per_shard]),
                      "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    with (shards_dir / SHARD_MANIFEST).open("w", newline="") as fh:
+    with ShardFolder(shards_dir).manifest.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -7,9 +7,10 @@ import os
 import pytest
 
 from sfumato.config import ConfigError, load_config
-from sfumato.pipeline import STAGES_BY_NAME, _check_run_folder, fingerprint
+from sfumato.pipeline import _check_run_folder, fingerprint
+from sfumato.stages import REGISTRY as STAGES_BY_NAME
 
-from conftest import REPO
+from helpers import REPO
 
 DEBUG = REPO / "configs" / "debug.yaml"
 UPSTREAM = {"ingest": "a" * 16, "safety": "b" * 16, "dedup": "c" * 16, "caption": "d" * 16, "shards": "e" * 16,

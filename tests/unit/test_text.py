@@ -4,12 +4,12 @@ loading exactly the saved weights. Tiny random configs of the real classes; no d
 
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import plain_state  # noqa: E402
+import helpers  # noqa: E402
+from helpers import plain_state  # noqa: E402
 from sfumato.config import TextConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
 from sfumato.models.text import build_text_encoder, prepare_tokenizer, tokenize, train_tokenizer  # noqa: E402
@@ -20,10 +20,7 @@ TINY = TextConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, max
 
 @pytest.fixture(scope="module")
 def cifar_text_batch(cifar_dir):
-    paths = sorted(cifar_dir.rglob("*.jpg"))[:24]
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16))) for p in paths])
-    captions = [f"a photo of a {p.parent.name.replace('_', ' ')}" for p in paths]
-    return {"image": images, "class": np.full(len(paths), -1), "caption": captions, "id": [str(p) for p in paths]}
+    return helpers.cifar_batch(cifar_dir, 0, 24)
 
 
 @pytest.fixture(scope="module")

@@ -5,35 +5,31 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from conftest import plain_state  # noqa: E402
+import helpers  # noqa: E402
+from helpers import plain_state  # noqa: E402
 from sfumato.config import OptimizerConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
-from sfumato.train import checkpoint as ckpt  # noqa: E402
+from sfumato import checkpoint as ckpt  # noqa: E402
 from sfumato.train.step import NonFiniteError, lr_at, train_step  # noqa: E402
-
-
-def _batch(paths, classes):
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 16))) for p in paths])
-    labels = [classes.index(p.parent.name) if p.parent.name in classes else -1 for p in paths]  # -1: no class
-    return {"image": images, "class": np.array(labels), "id": [str(p) for p in paths]}
 
 
 @pytest.fixture(scope="module")
 def cifar_batch(cifar_dir):
-    paths = sorted(cifar_dir.rglob("*.jpg"))[:32]
-    return _batch(paths, sorted({p.parent.name for p in paths}))
+    return helpers.cifar_batch(cifar_dir, 0, 32, _classes_of_first(cifar_dir, 32))
 
 
 @pytest.fixture(scope="module")
 def held_out_batch(cifar_dir):
     """16 other images (of classes cifar_batch does not have: they go in unconditioned)."""
-    paths = sorted(cifar_dir.rglob("*.jpg"))
-    return _batch(paths[32:48], sorted({p.parent.name for p in paths[:32]}))
+    return helpers.cifar_batch(cifar_dir, 32, 48, _classes_of_first(cifar_dir, 32))
+
+
+def _classes_of_first(cifar_dir, count: int) -> list[str]:
+    return sorted({p.parent.name for p in sorted(cifar_dir.rglob("*.jpg"))[:count]})
 
 
 def test_loss_decreases_on_real_images_and_the_validation_loss_is_a_fixed_yardstick(cifar_batch, held_out_batch):

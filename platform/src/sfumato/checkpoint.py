@@ -1,4 +1,4 @@
-"""Atomic checkpoints in the run folder: checkpoints/step-NNNNNNNN/.
+"""Atomic checkpoints in the run folder (RunFolder.checkpoints): checkpoints/step-NNNNNNNN/.
 
 Every rank writes its part into `step-N.partial/` (DeepSpeed's sharded model and optimizer
 states, its own RNG state); after a barrier rank 0 writes the EMA weights (safetensors) and
@@ -14,11 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the layout queries below need no torch; the weight files do (imported there)
+    import torch
 
 COMMITTED = "COMMITTED"
 DEEPSPEED_TAG = "state"
+EMA, META = "ema.safetensors", "meta.json"
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
@@ -44,10 +47,16 @@ def latest(checkpoints: Path) -> Path | None:
 
 
 def save_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, str(folder / f"rng-rank{rank}.safetensors"))
 
 
 def load_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     state = load_file(str(folder / f"rng-rank{rank}.safetensors"))
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
@@ -63,18 +72,27 @@ def load_loader_position(folder: Path, rank: int) -> dict:
 
 def load_meta(folder: Path) -> dict:
     """step, micro_step, model, time and the loss average (`LossAverage.state_dict`) of a checkpoint."""
-    return json.loads((folder / "meta.json").read_text())
+    return json.loads((folder / META).read_text())
+
+
+def ema_path(folder: Path) -> Path:
+    """The checkpoint's EMA weights (safetensors): what evaluation, export and serving load."""
+    return Path(folder) / EMA
 
 
 def load_ema(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "ema.safetensors"))
+    from safetensors.torch import load_file
+
+    return load_file(str(ema_path(folder)))
 
 
 def commit(checkpoints: Path, step: int, ema_state: dict[str, torch.Tensor], meta: dict, num_to_keep: int) -> Path:
     """Rank 0, after every rank has written its part: EMA + meta, marker, rename, retention."""
+    from safetensors.torch import save_file
+
     work = partial_dir(checkpoints, step)
-    save_file(ema_state, str(work / "ema.safetensors"))
-    (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    save_file(ema_state, str(work / EMA))
+    (work / META).write_text(json.dumps(meta, indent=1))
     with open(work / COMMITTED, "w") as fh:
         fh.write(str(step))
         fh.flush()

@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from sfumato.config import ConfigError, dump_yaml, load_config
+from sfumato.config import ConfigError, dump_yaml, load_config, load_run_config
 from sfumato.console import configure_logging, set_verbose
+from sfumato.layout import RunFolder
 
-STAGES = ("ingest", "embed", "dedup", "safety", "caption", "shards", "dataloader", "pipeline")
+DATA_STAGES = ("ingest", "embed", "dedup", "safety", "caption", "shards", "dataloader")  # in sfumato.stages
 VERBOSE_HELP = "also show Ray's and the libraries' INFO logs and the known-harmless warnings (quiet by default)"
 
 
@@ -31,29 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="show or validate a config")
     config.add_argument("action", choices=["show", "validate"])
     _with_config(config)
-    helps = {
-        "ingest": "sources -> manifest.parquet + rejects.parquet (Ray Data)",
-        "embed": "manifest -> CLIP image and caption embeddings under embeddings/ (Ray Data actors)",
-        "dedup": "embeddings -> FAISS near-duplicate clusters, dedup_report.json, manifest marks",
-        "safety": "NSFW (CLIP zero-shot) and aesthetic scores from the embeddings; filters by threshold",
-        "caption": "manifest captions kept, filled or replaced by an image-to-text model (Ray Data actors)",
-        "shards": "manifest -> WebDataset shards per resolution (Ray Data)",
-        "dataloader": "stream batches from the shards and report samples/s",
-        "pipeline": "the whole job: ingest, safety, dedup, caption, shards, tune, train, evaluate, export "
-                    "(stages complete for the config are skipped)",
-    }
-    for stage in STAGES:
-        stage_parser = sub.add_parser(stage, help=helps[stage])
+    for name in DATA_STAGES:
+        stage_parser = sub.add_parser(name, help=_help(name))
         _with_config(stage_parser)
-        if stage == "dedup":
+        if name == "dedup":
             stage_parser.add_argument("--review", type=int, default=0, metavar="N",
                                       help="also write dedup_review.png: the N clusters nearest the threshold")
-    train = sub.add_parser("train", help="Ray Train + DeepSpeed diffusion training (resumes its run folder)")
+    _with_config(sub.add_parser("pipeline", help="the whole job: ingest, safety, dedup, caption, shards, tune, "
+                                                 "train, evaluate, export (stages complete for the config are skipped)"))
+    train = sub.add_parser("train", help=_help("train"))
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config with a train section")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
-    tune = sub.add_parser("tune", help="Ray Tune sweep of the trainer on a proxy run -> results, best_config.yaml")
+    tune = sub.add_parser("tune", help=_help("tune"))
     _with_config(tune)
     tune.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir (finished trials are kept)")
     run_helps = {
@@ -69,20 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
         run_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.num_samples=10000")
     serve_parser = sub.add_parser("serve", help="the Ray Serve HTTP endpoint for an export (POST /v1/generate)")
     serve_parser.add_argument("--model", required=True, metavar="EXPORT_DIR", help="`sfumato export` output folder")
-    serve_parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    # Unset flags take ServeSettings' defaults (sfumato.serve.app), written there once.
+    serve_parser.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: torch")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument("--token-env", default=None, metavar="VAR",
                               help="require the bearer token held in this environment variable")
-    serve_parser.add_argument("--max-batch-size", type=int, default=8, help="requests per denoising loop (1: off)")
-    serve_parser.add_argument("--request-timeout-s", type=float, default=60.0)
+    serve_parser.add_argument("--max-batch-size", type=int, default=None, help="requests per denoising loop (1: off)")
+    serve_parser.add_argument("--request-timeout-s", type=float, default=None)
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune"])
+    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune", "quality"])
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's); tune: trials at once")
     bench.add_argument("--out", default=None, help="write the figures as JSON here")
     bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded; tune: CIFAR-10 images")
     bench.add_argument("--memory-scale", type=int, default=10, help="ingest: also run at this multiple (0: skip)")
-    bench.add_argument("--datasets", default="../shared/datasets", help="ingest, tune: folder holding flowers-val.tar, cifar10-train.tar.gz")
+    bench.add_argument("--datasets", default="../shared/datasets", help="ingest, tune, quality: folder holding flowers-val.tar, cifar10-train.tar.gz")
     bench.add_argument("--model", default="unet-s", help="train: a registered model")
     bench.add_argument("--resolution", type=int, default=32, help="train: image size")
     bench.add_argument("--steps", type=int, default=40, help="train: optimizer steps per side; tune: proxy steps per trial")
@@ -97,43 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--serve-steps", type=int, default=10, help="serve: denoising steps per request")
     bench.add_argument("--trials", type=int, default=12, help="tune: trials per sweep")
     bench.add_argument("--reduction-factor", type=float, default=4.0, help="tune: ASHA's reduction factor")
+    bench.add_argument("--cpu-seconds", type=float, default=600.0, help="quality: training CPU time per trainer")
+    bench.add_argument("--score-every", type=float, default=100.0, help="quality: CPU seconds between scores")
+    bench.add_argument("--samples", type=int, default=160, help="quality: generated images per score")
+    bench.add_argument("--trainers", default="plain,sfumato-ddpm,sfumato-flow", help="quality: which trainers race")
+    bench.add_argument("--quality-datasets", default="shapes,cifar10", help="quality: shapes and/or cifar10")
+    bench.add_argument("--shapes-images", type=int, default=2000, help="quality: demo shapes drawn (the pilot's count)")
+    bench.add_argument("--cifar-per-class", type=int, default=500, help="quality: CIFAR-10 images per class")
+    bench.add_argument("--threads", type=int, default=0, help="quality: torch threads (0: torch's default)")
+    bench.add_argument("--seed", type=int, default=0, help="quality: data split, batches, weights and noise")
+    bench.add_argument("--out-dir", default="runs/bench-quality", help="quality: plot, grids and quality.json")
     for stage_parser in sub.choices.values():  # also after the stage: `sfumato pipeline --verbose ...`
         stage_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
-def run_stage(stage: str, cfg, review: int = 0) -> dict:
-    from sfumato.data.ingest import run_ingest
-    from sfumato.data.loader import smoke
-    from sfumato.data.shards import run_shards
+def _help(name: str) -> str:
+    from sfumato.stages import REGISTRY
 
-    if stage == "ingest":
-        return {"ingest": run_ingest(cfg).__dict__}
-    if stage == "embed":
-        from sfumato.data.embed import run_embed
+    return REGISTRY[name].run.__doc__.strip().splitlines()[0]
 
-        return {"embed": run_embed(cfg)}
-    if stage == "dedup":
-        from sfumato.data.dedup import run_dedup
 
-        return {"dedup": run_dedup(cfg, review)}
-    if stage == "safety":
-        from sfumato.data.safety import run_safety
+def run_stage(name: str, cfg, **options) -> dict:
+    """One registered stage (sfumato.stages), as the pipeline runs it; its result by name."""
+    from sfumato.stages import REGISTRY
 
-        return {"safety": run_safety(cfg)}
-    if stage == "caption":
-        from sfumato.data.caption import run_caption
-
-        return {"caption": run_caption(cfg)}
-    if stage == "shards":
-        return {"shards": run_shards(cfg).__dict__}
-    if stage == "dataloader":
-        return {"dataloader": smoke(cfg)}
-    if stage == "train":
-        from sfumato.train.loop import run_training
-
-        return {"train": run_training(cfg)}
-    raise ValueError(stage)
+    _, result = REGISTRY[name].run(cfg, **options)
+    return {name: result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,24 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "serve":
         from sfumato.serve.app import ServeSettings, run_server
 
-        run_server(ServeSettings(model=args.model, backend=args.backend, token_env=args.token_env,
-                                 max_batch_size=args.max_batch_size, request_timeout_s=args.request_timeout_s),
+        given = {k: getattr(args, k) for k in ("backend", "token_env", "max_batch_size", "request_timeout_s")}
+        run_server(ServeSettings(model=args.model, **{k: v for k, v in given.items() if v is not None}),
                    args.host, args.port)
         return 0
     if args.stage in ("evaluate", "export", "report"):
         return _run_folder_stage(args)
     try:
         if args.stage == "train" and args.resume:
-            cfg = load_config(Path(args.resume) / "config.yaml", args.overrides)
+            cfg = load_config(RunFolder(args.resume).require().config, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"sfumato: {err}", file=sys.stderr)
         return 2
     if args.stage == "config":
         print(dump_yaml(cfg) if args.action == "show" else f"{args.config}: valid", end="\n")
         return 0
-    if args.stage == "tune":
+    if args.stage == "tune":  # the sweep alone (the pipeline's tune stage also needs a best trial)
         from sfumato.tune.sweep import run_sweep
 
         try:
@@ -197,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "train" and cfg.train is None:
         print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)
         return 2
-    result = run_stage(args.stage, cfg, getattr(args, "review", 0))
+    options = {"review": args.review} if args.stage == "dedup" else {}
+    result = run_stage(args.stage, cfg, **options)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -205,12 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_folder_stage(args) -> int:
     """evaluate / export / report: the run folder's own config.yaml, plus overrides."""
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").exists():
-        print(f"sfumato: {run_dir} is not a run folder (no config.yaml)", file=sys.stderr)
-        return 2
     try:
-        load_config(run_dir / "config.yaml", args.overrides, inputs=False)
-    except ConfigError as err:
+        cfg = load_run_config(run_dir, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
         print(f"sfumato: {err}", file=sys.stderr)
         return 2
     if args.stage == "evaluate":
@@ -224,7 +205,6 @@ def _run_folder_stage(args) -> int:
     else:
         from sfumato.evaluate.cards import write_run_documents
 
-        cfg = load_config(run_dir / "config.yaml", args.overrides, inputs=False)
         result = write_run_documents(run_dir, cfg.data.output_dir)
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -8,6 +8,7 @@ run writes next to its outputs is unambiguous.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -17,6 +18,9 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sfumato.layout import RunFolder, atomic_write
+from sfumato.models.names import DIT, MODEL_FAMILIES, TEXT_MODELS
 
 
 class ConfigError(ValueError):
@@ -526,12 +530,8 @@ class TrainConfig(Frozen):
     @field_validator("model")
     @classmethod
     def _registered(cls, value: str) -> str:
-        try:  # the registry needs torch (the train extra); without it the name is checked at build
-            from sfumato.models.registry import MODELS
-        except ImportError:
-            return value
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; registered: {sorted(MODELS)}")
+        if value not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model {value!r}; registered: {sorted(MODEL_FAMILIES)}")
         return value
 
     @model_validator(mode="after")
@@ -539,10 +539,10 @@ class TrainConfig(Frozen):
         res = [s.resolution_px for s in self.stages]
         if res != sorted(res):
             raise ValueError(f"curriculum stages must go from low to high resolution, got {res}")
-        if (self.conditioning == "text") != ("-text-" in self.model):
+        if (self.conditioning == "text") != (self.model in TEXT_MODELS):
             raise ValueError(f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
                              "text conditioning needs a *-text-* model and those need text conditioning")
-        if self.model.startswith("dit") and len(set(res)) > 1:
+        if MODEL_FAMILIES[self.model] == DIT and len(set(res)) > 1:
             raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
         return self
 
@@ -790,8 +790,6 @@ class Config(Frozen):
     @model_validator(mode="after")
     def _tune_proxy_and_space(self) -> "Config":
         if self.tune is not None:
-            from sfumato.tune.space import check_sweep
-
             check_sweep(self)
         return self
 
@@ -912,11 +910,103 @@ def dump_yaml(config: BaseModel) -> str:
 
 def write_resolved(config: BaseModel, path: Path) -> Path:
     """Write the resolved config next to a stage's outputs (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_yaml(config))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, dump_yaml(config))
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run folder's resolved config (RunFolder.config) with optional overrides: what every
+    stage after training (evaluate, export, report, serve, finetune) starts from. A folder
+    without config.yaml, or a config without a train section, is not a run folder."""
+    folder = RunFolder(run_dir).require()
+    cfg = load_config(folder.config, overrides, inputs=False)
+    if cfg.train is None:
+        raise ConfigError(f"{folder.config} has no `train` section: it is not a training run's config")
+    return cfg
+
+
+# ------------------------------------------------------------------- the sweep's proxy (tune)
+# A sweep's proxy is the full run with `tune.proxy` applied; a trial is the proxy with one sample
+# of `tune.search_space`. Both are config trees validated like any config (sfumato.tune.space
+# builds trials and the best config from them; `check_sweep` runs when a config is loaded).
+
+# Setting one of these clears the other: the config takes exactly one of each pair.
+EXCLUSIVE = {"train.ema.decay": "train.ema.halflife_samples", "train.ema.halflife_samples": "train.ema.decay"}
+LR_KEY, EMA_DECAY_KEY = "train.optimizer.lr", "train.ema.decay"
+# What the validation loss measures: a DDPM run's is the MSE of its prediction target (epsilon or
+# v), a flow run's that of the velocity (sfumato.diffusion.loss.validation_loss). Trials that differ
+# in these would be ranked on numbers that do not compare, so a sweep fixes them.
+LOSS_DEFINING = ("diffusion.objective", "diffusion.prediction_type")
+
+
+def run_tree(cfg) -> dict:
+    """The config as a plain tree, without its `tune` and `pipeline` sections: what a run config
+    holds."""
+    tree = to_dict(cfg)
+    tree.pop("tune", None)
+    tree.pop("pipeline", None)
+    return tree
+
+
+def apply(tree: dict, values: dict[str, Any]) -> dict:
+    """A copy of `tree` with dotted keys set."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        if key in EXCLUSIVE:
+            apply_override(tree, EXCLUSIVE[key], None)
+        apply_override(tree, key, value)
+    return tree
+
+
+def validated(tree: dict, what: str, inputs: bool | None = None):
+    """A Config from `tree`; a problem becomes a ValueError naming `what` and the dotted keys."""
+    try:
+        return validate_config(tree, inputs)
+    except ValidationError as err:
+        raise ValueError(_format_errors(err, what)) from None
+
+
+def proxy_tree(cfg) -> dict:
+    return apply(run_tree(cfg), cfg.tune.proxy)
+
+
+def check_sweep(cfg) -> None:
+    """At load: the proxy is a valid run with a validation loss, no key is both proxy-only and
+    tuned, none changes what that loss measures (LOSS_DEFINING), ASHA's first rung falls inside
+    the proxy, and every bound or choice of the search space makes a valid proxy run."""
+    tune = cfg.tune
+    if cfg.train is None:
+        raise ValueError("tune: the config needs a `train` section, the full run that the proxy scales down")
+    for section, keys in (("search_space", tune.search_space), ("proxy", tune.proxy)):
+        for key in keys:
+            defining = [k for k in LOSS_DEFINING if key == k or k.startswith(key + ".")]
+            if defining:
+                raise ValueError(
+                    f"tune.{section}.{key} changes what the validation loss measures ({defining[0]}: a DDPM run's is "
+                    "the MSE of its prediction target, a flow run's that of the velocity), so trials could not be "
+                    f"ranked on it; set {defining[0]} in the run and sweep each choice on its own, then compare the "
+                    "best runs with `sfumato evaluate`")
+    for key in tune.search_space:
+        clash = [p for p in tune.proxy if key == p or key.startswith(p + ".") or p.startswith(key + ".")]
+        if clash:
+            raise ValueError(f"tune.search_space.{key} is also set by tune.proxy.{clash[0]}: a tuned key must "
+                             "carry over to the full run, a proxy key never does")
+    proxy = validated(proxy_tree(cfg), "tune.proxy applied to the full run")
+    if proxy.train.validation is None:
+        raise ValueError("tune: the proxy has no train.validation; trials are compared on their validation loss, "
+                         "so set train.validation in the run or in tune.proxy")
+    total = proxy.train.total_steps
+    if tune.scheduler.kind == "asha" and tune.scheduler.grace_period_steps >= total:
+        raise ValueError(f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps} is not below the "
+                         f"proxy's {total} steps: ASHA could stop nothing")
+    if proxy.train.validation.every_steps > tune.scheduler.grace_period_steps and tune.scheduler.kind == "asha":
+        raise ValueError(f"train.validation.every_steps={proxy.train.validation.every_steps} (in the proxy) is above "
+                         f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps}: ASHA's first rung "
+                         "would see no validation loss")
+    base = proxy_tree(cfg)
+    for key, distribution in tune.search_space.items():
+        for value in distribution.extremes():
+            validated(apply(base, {key: value}), f"tune.search_space.{key} = {value!r} in the proxy")
+
 
 
 def content_hash(*parts: Any) -> str:

@@ -2,6 +2,9 @@
 
     ingest -> safety -> dedup -> caption -> shards -> tune -> train -> evaluate -> export
 
+The stages, with the config keys each reads, are sfumato.stages.REGISTRY (the CLI dispatches
+from it too); this module runs them in order and decides which are already complete.
+
 Every stage has a fingerprint: a content hash of the config keys it reads, of its external inputs
 (the source files' names, sizes and modification times) and of what the stages it reads from
 wrote (the content hashes in their records). A finished stage writes its record,
@@ -27,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sfumato import checkpoint as ckpt
 from sfumato.config import Config, ConfigError, content_hash, load_config, to_dict, write_resolved
+from sfumato.layout import PIPELINE_RECORDS, DataFolder, RunFolder, TuneFolder, atomic_write, atomic_write_json
+from sfumato.stages import REGISTRY, Stage, pipeline_stages
 
 log = logging.getLogger(__name__)
-
-RECORDS = "pipeline"  # per output folder: pipeline/<stage>.json
-SUMMARY = "pipeline_summary"  # .json and .md in the run folder (or the data folder)
 
 
 @dataclass
@@ -45,226 +48,6 @@ class Outcome:
     seconds: float = 0.0
     artifacts: dict[str, str] = field(default_factory=dict)
     result: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    enabled: Callable[[Config], str | None]  # None: runs; else why it is off
-    folder: Callable[[Config], Path]  # where its record lives (its output folder)
-    keys: tuple[str, ...]  # dotted config paths it reads
-    reads: Callable[[Config], list[str]]  # the stages whose output it reads
-    artifacts: Callable[[Config], dict[str, Path]]  # what it leaves, by label (all must exist to skip)
-    produced: Callable[[Config], list[Path]]  # files whose content hash is its output hash
-    run: Callable[[Config], tuple[str, dict]]  # -> (one line for the log, a small result dict)
-
-
-# ------------------------------------------------------------------------------ the stages
-def _data(cfg: Config) -> Path:
-    return cfg.data.output_dir
-
-
-def _run_dir(cfg: Config) -> Path:
-    return cfg.train.output_dir
-
-
-def _curating(cfg: Config) -> str | None:
-    return None if cfg.data.curate.clip.model else "data.curate.clip.model is not set"
-
-
-def _captioning(cfg: Config) -> str | None:
-    c = cfg.data.curate.caption
-    return None if c.mode != "keep" or c.trigger else "data.curate.caption.mode is keep and no trigger is set"
-
-
-def _training(cfg: Config) -> str | None:
-    return None if cfg.train is not None else "the config has no train section"
-
-
-def _previous_data_stage(name: str) -> Callable[[Config], list[str]]:
-    """The data stages rewrite one manifest in turn: each reads what the last one before it left."""
-    order = ["ingest", "safety", "dedup", "caption", "shards"]
-
-    def reads(cfg: Config) -> list[str]:
-        before = [s for s in order[: order.index(name)] if STAGES_BY_NAME[s].enabled(cfg) is None]
-        return before[-1:]
-
-    return reads
-
-
-def _run_ingest(cfg):
-    from sfumato.data.ingest import run_ingest
-
-    summary = run_ingest(cfg)
-    return summary.line(), summary.__dict__
-
-
-def _run_safety(cfg):
-    from sfumato.data.safety import run_safety
-
-    result = run_safety(cfg)
-    return f"safety: {result['unsafe_dropped']} unsafe rows dropped", result
-
-
-def _run_dedup(cfg):
-    from sfumato.data.dedup import run_dedup
-
-    result = run_dedup(cfg)
-    return f"dedup: {result['dropped']} near-duplicates dropped", result
-
-
-def _run_caption(cfg):
-    from sfumato.data.caption import run_caption
-
-    result = run_caption(cfg)
-    return f"caption: {result['generated']} captions generated", result
-
-
-def _run_shards(cfg):
-    from sfumato.data.shards import run_shards
-
-    summary = run_shards(cfg)
-    return summary.line(), summary.__dict__
-
-
-def _run_tune(cfg):
-    from sfumato.tune.sweep import EXPERIMENT, run_sweep
-
-    from ray.tune import Tuner
-
-    resume = Tuner.can_restore(cfg.tune.output_dir / EXPERIMENT)  # a sweep this stage began
-    result = run_sweep(cfg, resume=resume)
-    if "best" not in result:
-        raise RuntimeError(f"the sweep in {cfg.tune.output_dir} has no completed trial to train from "
-                           f"(see {result['results']})")
-    best = result["best"]
-    return (f"tune: {result['trials']} trials ({result['completed']} completed, {result['stopped_early']} stopped "
-            f"early); best {best['trial_id']} val_loss {best['final_val_loss']:.4g}"), \
-        {k: v for k, v in result.items() if k != "trials_by_id"}
-
-
-def _run_train(cfg):
-    from sfumato.train.loop import run_training
-
-    last = run_training(cfg)
-    return f"train: step {last.get('step')} of {cfg.train.total_steps}, loss_ema {last.get('loss_ema')}", last
-
-
-def _feature_network(cfg) -> str | None:
-    e = cfg.evaluate
-    return e.inception_weights or e.clip_model or cfg.data.curate.clip.model
-
-
-def _run_evaluate(cfg):
-    from sfumato.evaluate.cards import write_run_documents
-    from sfumato.evaluate.domain import summary as domain_summary
-    from sfumato.evaluate.evaluate import has_domain_yardstick, run_evaluate
-
-    run_dir = _run_dir(cfg)
-    if _feature_network(cfg) or has_domain_yardstick(cfg):
-        record = run_evaluate(run_dir)
-        parts = []
-        if record.get("domain"):
-            parts.append(domain_summary(record["domain"]))
-        if record["fd"] is not None:
-            parts.append(f"{record['metric']} {record['fd']:.2f}")
-        else:
-            parts.append("no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
-                         "or data.curate.clip.model)")
-        if record["clip_score"] is not None:
-            parts.append(f"CLIPScore {record['clip_score']:.2f}")
-        line = f"evaluate: {record['num_samples']} samples, " + ", ".join(parts)
-    else:
-        write_run_documents(run_dir, cfg.data.output_dir)
-        record = {"fd": None}
-        line = ("evaluate: no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
-                "or data.curate.clip.model) and no domain yardstick (evaluate.domain off or the data has no classes); "
-                "report and cards written")
-    if all(src.kind == "demo" for src in cfg.data.sources):
-        record["demo_structure"] = demo_structure(cfg)
-        d = record["demo_structure"]
-        line += (f". Demo structure: {d['samples']:.2f} of the last grid's pixels are in its images' two palette "
-                 f"colours (training images: {d['training_images']:.2f}; noise: about 0.06)")
-    return line, record
-
-
-def demo_structure(cfg) -> dict:
-    """For the demo data, whose images are two flat palette colours: the share of pixels in their
-    two palette colours, for the last training grid (the EMA weights, fixed noise) and for the
-    training images at the same resolution (data.demo.two_colour_share)."""
-    import numpy as np
-    from PIL import Image
-
-    from sfumato.data.demo import two_colour_share
-    from sfumato.data.loader import iter_batches, shard_paths
-
-    grid_path = _last_checkpoint(cfg)["last sample grid"]
-    res, n = cfg.train.stages[-1].resolution_px, cfg.train.sample.num_images
-    grid = np.asarray(Image.open(grid_path).convert("RGB"))
-    columns = grid.shape[1] // res
-    tiles = np.stack([grid[(i // columns) * res:(i // columns + 1) * res, (i % columns) * res:(i % columns + 1) * res]
-                      for i in range(n)])
-    real = next(iter_batches(shard_paths(cfg.data.output_dir / "shards", res), 256, res, drop_last=False))["image"]
-    return {"samples": two_colour_share(tiles), "training_images": two_colour_share(real),
-            "grid": str(grid_path), "resolution_px": res}
-
-
-def _run_export(cfg):
-    from sfumato.export.export_run import run_export
-
-    report = run_export(_run_dir(cfg))
-    onnx = report["onnx"]
-    checked = f", ONNX within {onnx['tolerance_max_rel']:.0e} of PyTorch" if onnx else ""
-    return f"export: {report['checkpoint']} -> {_run_dir(cfg) / 'export'}{checked}", \
-        {k: report[k] for k in ("checkpoint", "step", "parameters", "diffusers")}
-
-
-def _last_checkpoint(cfg) -> dict[str, Path]:
-    from sfumato.train import checkpoint as ckpt
-
-    run = _run_dir(cfg)
-    final = ckpt.step_dir(run / "checkpoints", cfg.train.total_steps)
-    grids = sorted((run / "samples").glob("step-*.png"))
-    return {"run folder": run, "final checkpoint": final, "metrics": run / "metrics.jsonl",
-            "last sample grid": grids[-1] if grids else run / "samples" / "step-?.png"}
-
-
-STAGES = [
-    Stage("ingest", lambda cfg: None, _data, ("data.sources", "data.ingest"), lambda cfg: [],
-          lambda cfg: {"manifest": _data(cfg) / "manifest.parquet", "rejects": _data(cfg) / "rejects.parquet",
-                       "ingest summary": _data(cfg) / "ingest_summary.json"},
-          lambda cfg: [_data(cfg) / "manifest.parquet", _data(cfg) / "rejects.parquet"], _run_ingest),
-    Stage("safety", _curating, _data, ("data.curate.clip", "data.curate.safety"), _previous_data_stage("safety"),
-          lambda cfg: {"embeddings": _data(cfg) / "embeddings"},
-          lambda cfg: [_data(cfg) / "manifest.parquet"], _run_safety),
-    Stage("dedup", _curating, _data, ("data.curate.clip", "data.curate.dedup"), _previous_data_stage("dedup"),
-          lambda cfg: {"dedup report": _data(cfg) / "dedup_report.json"},
-          lambda cfg: [_data(cfg) / "manifest.parquet", _data(cfg) / "dedup_report.json"], _run_dedup),
-    Stage("caption", _captioning, _data, ("data.curate.caption",), _previous_data_stage("caption"),
-          lambda cfg: {"manifest (captions)": _data(cfg) / "manifest.parquet"},
-          lambda cfg: [_data(cfg) / "manifest.parquet"], _run_caption),
-    Stage("shards", lambda cfg: None, _data, ("seed", "data.shards"), _previous_data_stage("shards"),
-          lambda cfg: {"shards": _data(cfg) / "shards", "shard manifest": _data(cfg) / "shards" / "shard_manifest.csv"},
-          lambda cfg: [_data(cfg) / "shards" / "shard_manifest.csv", _data(cfg) / "shards" / "classes.json"],
-          _run_shards),
-    Stage("tune", lambda cfg: None if cfg.pipeline.tune else "pipeline.tune is false",
-          lambda cfg: cfg.tune.output_dir, ("seed", "diffusion", "train", "tune"), lambda cfg: ["shards"],
-          lambda cfg: {"sweep results": cfg.tune.output_dir / "results.md",
-                       "best config": cfg.tune.output_dir / "best_config.yaml"},
-          lambda cfg: [cfg.tune.output_dir / "best_config.yaml"], _run_tune),
-    Stage("train", _training, _run_dir, ("seed", "diffusion", "train"), lambda cfg: ["shards"],
-          _last_checkpoint, lambda cfg: [_last_checkpoint(cfg)["final checkpoint"] / "ema.safetensors"], _run_train),
-    Stage("evaluate", lambda cfg: _training(cfg) or (None if cfg.pipeline.evaluate else "pipeline.evaluate is false"),
-          _run_dir, ("evaluate", "data.curate.clip.model"), lambda cfg: ["train"],
-          lambda cfg: {"report": _run_dir(cfg) / "report.md", "model card": _run_dir(cfg) / "model_card.md",
-                       "dataset card": _data(cfg) / "dataset_card.md"},
-          lambda cfg: [_run_dir(cfg) / "report.md"], _run_evaluate),
-    Stage("export", lambda cfg: _training(cfg) or (None if cfg.pipeline.export else "pipeline.export is false"),
-          _run_dir, ("export",), lambda cfg: ["train"],
-          lambda cfg: {"export": _run_dir(cfg) / "export", "export report": _run_dir(cfg) / "export" / "export_report.md"},
-          lambda cfg: [_run_dir(cfg) / "export" / "export_report.json"], _run_export),
-]
-STAGES_BY_NAME = {s.name: s for s in STAGES}
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -300,7 +83,7 @@ def _file_hash(paths: list[Path]) -> str:
 
 
 def _record_path(stage: Stage, cfg: Config) -> Path:
-    return stage.folder(cfg) / RECORDS / f"{stage.name}.json"
+    return stage.folder(cfg) / PIPELINE_RECORDS / f"{stage.name}.json"
 
 
 def read_record(stage: Stage, cfg: Config) -> dict | None:
@@ -315,11 +98,7 @@ def read_record(stage: Stage, cfg: Config) -> dict | None:
 
 
 def _write_record(stage: Stage, cfg: Config, record: dict) -> None:
-    path = _record_path(stage, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(_record_path(stage, cfg), record)
 
 
 def fingerprint(stage: Stage, cfg: Config, outputs: dict[str, str]) -> str:
@@ -335,17 +114,15 @@ def fingerprint(stage: Stage, cfg: Config, outputs: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------- the job
 def _check_run_folder(cfg: Config, record: dict | None) -> None:
     """Training continues a run folder only if the run in it is this config's on this data."""
-    from sfumato.train import checkpoint as ckpt
-
-    run = _run_dir(cfg)
-    latest = ckpt.latest(run / "checkpoints")
+    run = cfg.train.output_dir
+    latest = ckpt.latest(RunFolder(run).checkpoints)
     if latest is None:
         return
     if record is None:
         raise ConfigError(f"train.output_dir={run} already holds a training run ({latest.name}) that this pipeline "
                           "did not start: set train.output_dir to a new folder, or delete that one to train again")
     raise ConfigError(f"train.output_dir={run} holds a run of another config or other data (its fingerprint "
-                      f"{record['fingerprint']} was recorded in {_record_path(STAGES_BY_NAME['train'], cfg)}): "
+                      f"{record['fingerprint']} was recorded in {_record_path(REGISTRY['train'], cfg)}): "
                       "set train.output_dir to a new folder, or delete that one to train again")
 
 
@@ -366,9 +143,9 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
     init_ray(cfg.ray, dashboard=cfg.train is not None)
     outputs: dict[str, str] = {}  # stage -> content hash of what it wrote
     outcomes: list[Outcome] = []
-    total = len(STAGES)
-    for number, stage in enumerate(STAGES, 1):
-        tag = f"[pipeline {number}/{total}] {stage.name}"
+    stages = pipeline_stages()
+    for number, stage in enumerate(stages, 1):
+        tag = f"[pipeline {number}/{len(stages)}] {stage.name}"
         off = stage.enabled(cfg)
         if off:
             outcomes.append(Outcome(stage.name, "off", off))
@@ -387,7 +164,7 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
             if stage.name == "tune":
                 cfg = _tuned(cfg, print_fn)
             elif stage.name == "train":
-                write_resolved(cfg, _run_dir(cfg) / "config.yaml")  # evaluate and export read theirs from it
+                write_resolved(cfg, RunFolder(cfg.train.output_dir).config)  # evaluate and export read theirs from it
             continue
         if stage.name == "train" and not (record and record["fingerprint"] == fp):
             _check_run_folder(cfg, record)
@@ -418,7 +195,7 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
 def _tuned(cfg: Config, print_fn) -> Config:
     """The full run with the sweep's best values (best_config.yaml) for the stages after tune; the
     pipeline's evaluate and export settings stay."""
-    best = cfg.tune.output_dir / "best_config.yaml"
+    best = TuneFolder(cfg.tune.output_dir).best_config
     tuned = load_config(best, inputs=False)
     print_fn(f"[pipeline] training the sweep's best config: {best}")
     return tuned.model_copy(update={"evaluate": cfg.evaluate, "export": cfg.export, "ray": cfg.ray,
@@ -428,7 +205,7 @@ def _tuned(cfg: Config, print_fn) -> Config:
 def serve_command(cfg: Config) -> str | None:
     if cfg.train is None or not cfg.pipeline.export:
         return None
-    return f"sfumato serve --model {_shown(_run_dir(cfg) / 'export')}"
+    return f"sfumato serve --model {_shown(RunFolder(cfg.train.output_dir).export)}"
 
 
 def _shown(path: Path | str) -> str:
@@ -441,17 +218,14 @@ def _shown(path: Path | str) -> str:
 
 
 def _summary(cfg: Config, outcomes: list[Outcome], seconds: float) -> dict:
-    folder = _run_dir(cfg) if cfg.train is not None else _data(cfg)
+    folder = RunFolder(cfg.train.output_dir) if cfg.train is not None else DataFolder(cfg.data.output_dir)
+    path = folder.pipeline_summary
     summary = {
-        "name": cfg.name, "seconds": round(seconds, 1), "summary": str(folder / f"{SUMMARY}.md"),
+        "name": cfg.name, "seconds": round(seconds, 1), "summary": str(path),
         "stages": [o.__dict__ for o in outcomes], "serve": serve_command(cfg),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(summary, indent=1, default=str)),
-                         (".md", "\n".join(_summary_lines(summary, markdown=True)) + "\n")):
-        tmp = folder / f"{SUMMARY}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / f"{SUMMARY}{suffix}")
+    atomic_write_json(path.with_suffix(".json"), summary)
+    atomic_write(path, "\n".join(_summary_lines(summary, markdown=True)) + "\n")
     return summary
 
 

@@ -73,7 +73,8 @@ def embedding_throughput(args, tmp: Path) -> dict:
     from sfumato.config import Config
     from sfumato.data.decode import DecodeLimits
     from sfumato.data.embed import ClipEmbedder, run_embed
-    from sfumato.data.ingest import MANIFEST, run_ingest
+    from sfumato.data.ingest import run_ingest
+    from sfumato.layout import DataFolder
     from sfumato.runtime import init_ray
     from sfumato.bench.tiny import save_tiny_clip
 
@@ -95,7 +96,7 @@ def embedding_throughput(args, tmp: Path) -> dict:
     stage_s = time.perf_counter() - start
     import pyarrow.parquet as pq
 
-    table = pq.read_table(cfg.data.output_dir / MANIFEST, columns=["id", "filepath", "caption"]).to_pydict()
+    table = pq.read_table(DataFolder(cfg.data.output_dir).manifest, columns=["id", "filepath", "caption"]).to_pydict()
     torch.set_num_threads(args.workers)
     start = time.perf_counter()  # both sides' clocks include loading the model
     embedder = ClipEmbedder(str(tmp / "clip"), DecodeLimits.from_config(cfg.data.ingest))

@@ -31,6 +31,7 @@ import psutil
 from sfumato.config import Config
 from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, render
 from sfumato.data.shards import tar_add
+from sfumato.layout import DataFolder
 
 RESOLUTIONS_PX = [64, 128]
 # 20 shards at 5,000 images: a shard is the unit of parallelism of the second pass on both
@@ -255,7 +256,7 @@ def main(args) -> dict:
         result["pool"] = run_pool(bench_config(inputs, tmp / "pool-1x", args.workers), args.workers)
         result["ray"] = run_ray(bench_config(inputs, tmp / "ray-1x", args.workers), args.images)
         result["ray_over_pool"] = round(result["ray"]["images_per_s"] / result["pool"]["images_per_s"], 3)
-        result["identical_images"] = same_images(tmp / "pool-1x", tmp / "ray-1x" / "shards")
+        result["identical_images"] = same_images(tmp / "pool-1x", DataFolder(tmp / "ray-1x").shards)
         if args.memory_scale:
             for path in ("in-1x", "pool-1x", "ray-1x"):  # free the page cache for the large run
                 shutil.rmtree(tmp / path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sfumato.config import Config
+from sfumato.layout import DataFolder, RunFolder, read_jsonl
 
 
 def bench_config(tmp: Path, args) -> Config:
@@ -48,14 +49,15 @@ def plain_loop(cfg: Config, steps: int, warmup: int) -> float:
     from sfumato.train.step import PlainEngine, TrainState, train_step
 
     t, stage = cfg.train, cfg.train.stages[0]
-    classes = len(json.loads((cfg.data.output_dir / "shards" / "classes.json").read_text()))
+    shards = DataFolder(cfg.data.output_dir).shard_folder
+    classes = len(json.loads(shards.classes.read_text()))
     torch.manual_seed(cfg.seed)
     model = build_denoiser(t.model, stage.resolution_px, 3, classes)
     state = TrainState(engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
                        schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
                        generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), null_class=classes)
     global_batch = stage.micro_batch_size * t.num_workers
-    batches = iter_training_batches(shard_paths(cfg.data.output_dir / "shards", stage.resolution_px),
+    batches = iter_training_batches(shard_paths(shards.root, stage.resolution_px),
                                     global_batch, stage.resolution_px, 0, 1, cfg.seed)
     for _ in range(warmup):
         train_step(state, next(batches)[0])
@@ -69,7 +71,7 @@ def loader_alone(cfg: Config, batches_wanted: int = 50) -> float:
     from sfumato.data.loader import iter_training_batches, shard_paths
 
     stage = cfg.train.stages[0]
-    batches = iter_training_batches(shard_paths(cfg.data.output_dir / "shards", stage.resolution_px),
+    batches = iter_training_batches(shard_paths(DataFolder(cfg.data.output_dir).shards, stage.resolution_px),
                                     stage.micro_batch_size, stage.resolution_px, 0, 1, cfg.seed)
     start = time.perf_counter()
     for _ in range(batches_wanted):
@@ -94,7 +96,7 @@ def main(args) -> dict:
         run_ingest(cfg)
         run_shards(cfg)
         run_training(cfg)
-        windows = [json.loads(x) for x in (cfg.train.output_dir / "metrics.jsonl").read_text().splitlines()]
+        windows = read_jsonl(RunFolder(cfg.train.output_dir).metrics)
         ray_rate = sum(w["samples_per_s"] for w in windows[1:]) / max(1, len(windows) - 1)
         plain_rate = plain_loop(cfg, args.steps, warmup=max(1, args.steps // 4))
         loader_rate = loader_alone(cfg)
@@ -132,7 +134,7 @@ def gpu_step(model_name: str, resolution_px: int, micro_batch: int, zero_stage: 
     from sfumato.config import DiffusionConfig
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.registry import build_denoiser, parameter_count
-    from sfumato.train.loop import deepspeed_config
+    from sfumato.train.worker import deepspeed_config
     from sfumato.train.step import GradientWatch, TrainState, train_step
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

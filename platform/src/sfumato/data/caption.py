@@ -18,7 +18,8 @@ import ray
 
 from sfumato.config import Config
 from sfumato.data.decode import DecodeLimits, decode_image
-from sfumato.data.ingest import ACCEPTED_STATUSES, MANIFEST, write_manifest
+from sfumato.data.manifest import ACCEPTED_STATUSES, write_manifest
+from sfumato.layout import DataFolder
 from sfumato.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Captioner:
 
 def run_caption(cfg: Config) -> dict:
     out, ccfg = cfg.data.output_dir, cfg.data.curate.caption
-    manifest = pq.read_table(out / MANIFEST).to_pandas()
+    manifest = pq.read_table(DataFolder(out).manifest).to_pandas()
     if "caption_source" not in manifest:  # first curation run: what the sources said
         manifest["caption_source"] = manifest["caption"]
     given = manifest["caption_source"].fillna("").str.strip()
@@ -91,7 +92,7 @@ def run_caption(cfg: Config) -> dict:
         final = np.array([f"{ccfg.trigger} {c}".strip() for c in final], dtype=object)
     manifest["caption"] = [c if c else None for c in final]
     manifest["caption_origin"] = origin
-    write_manifest(manifest, out / MANIFEST)
+    write_manifest(manifest, DataFolder(out).manifest)
     counts = manifest.loc[eligible, "caption_origin"].value_counts().to_dict()
     log.info("caption: mode %s, %d generated; origins %s", ccfg.mode, len(generated), counts)
     return {"mode": ccfg.mode, "generated": len(generated), "origins": counts}

@@ -10,9 +10,7 @@ with its members, pair scores and keeper. Re-running replaces the previous marks
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +19,22 @@ import pyarrow.parquet as pq
 
 from sfumato.config import Config
 from sfumato.data.embed import load_embeddings, run_embed
-from sfumato.data.ingest import MANIFEST, NEAR_DUPLICATE, OK, write_manifest
+from sfumato.data.manifest import NEAR_DUPLICATE, OK, write_manifest
+from sfumato.layout import DataFolder, atomic_write_json, commit_file, temporary_sibling
 from sfumato.data.neardup import SearchSettings, candidate_pairs, choose_keepers, clusters
 
 log = logging.getLogger(__name__)
 
-REPORT = "dedup_report.json"
-REVIEW = "dedup_review.png"
 
 
 def run_dedup(cfg: Config, review: int = 0) -> dict:
-    out, dcfg = cfg.data.output_dir, cfg.data.curate.dedup
+    data, dcfg = DataFolder(cfg.data.output_dir), cfg.data.curate.dedup
+    out = data.root
     run_embed(cfg)
     ids, emb = load_embeddings(out, "image")
     order = np.argsort(np.array(ids, dtype=object), kind="stable")  # by id: stable cluster numbers
     ids, emb = [ids[k] for k in order], emb[order]
-    manifest = pq.read_table(out / MANIFEST).to_pandas()
+    manifest = pq.read_table(data.manifest).to_pandas()
     if "near_dup_cluster" in manifest:  # a previous dedup: start again from its input
         manifest.loc[manifest["status"] == NEAR_DUPLICATE, "status"] = OK
         manifest = manifest.drop(columns=["near_dup_cluster", "near_dup_of"])
@@ -84,12 +82,10 @@ def run_dedup(cfg: Config, review: int = 0) -> dict:
             "pairs": pairs[label], "max_score": max(p["score"] for p in pairs[label]),
         } for label in multi],
     }
-    write_manifest(manifest, out / MANIFEST)
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / REPORT)
+    write_manifest(manifest, data.manifest)
+    atomic_write_json(data.dedup_report, report)
     if review:
-        contact_sheet(report["cluster_list"], review, out / REVIEW)
+        contact_sheet(report["cluster_list"], review, data.dedup_review)
     log.info("dedup: %d images, %d pairs >= %.3f, %d clusters, %d dropped (%s)", len(ids), len(i),
              dcfg.threshold, len(multi), len(dropped), method)
     return {k: v for k, v in report.items() if k != "cluster_list"}
@@ -115,6 +111,6 @@ def contact_sheet(cluster_list: list[dict], top: int, path: Path, thumb: int = 9
             sheet.paste(tile, (x, y + 14))
             draw.rectangle([x - 2, y + 12, x + thumb + 1, y + 14 + thumb + 1],
                            outline="green" if member["kept"] else "red", width=2)
-    tmp = path.with_name(path.name + ".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path)
+    sheet.save(tmp, "PNG")
+    commit_file(tmp, path)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sfumato.layout import atomic_write_json, commit_file, temporary_sibling
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -78,7 +79,7 @@ def ensure_demo(src, folder: Path) -> Path:
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(src.seed)
-    tmp = table.with_suffix(".csv.tmp")
+    tmp = temporary_sibling(table)
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "id", "caption", "license", "source", "tags"])
@@ -87,8 +88,8 @@ def ensure_demo(src, folder: Path) -> Path:
             name = f"images/{i:07d}.png"
             img.save(folder / name, "PNG")
             writer.writerow([name, f"{src.name}-{i:07d}", caption, src.license, SOURCE_URI, shape])
-    os.replace(tmp, table)
-    marker.write_text(json.dumps(params))
+    commit_file(tmp, table)
+    atomic_write_json(marker, params)  # last: marks the set complete
     return table
 
 

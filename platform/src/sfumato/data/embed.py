@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,12 @@ import ray
 
 from sfumato.config import Config
 from sfumato.data.decode import DecodeLimits, decode_image
-from sfumato.data.ingest import ACCEPTED_STATUSES, MANIFEST
+from sfumato.data.manifest import ACCEPTED_STATUSES
+from sfumato.layout import DataFolder, atomic_write_json, commit_file, temporary_sibling
 from sfumato.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS = "embeddings"
-META = "meta.json"
 ROWS_PER_PART = 100_000
 
 
@@ -94,11 +92,11 @@ def manifest_fingerprint(manifest: Path) -> str:
 
 
 def embeddings_complete(out: Path, model: str) -> dict | None:
-    meta_path = out / EMBEDDINGS / META
-    if not meta_path.exists():
+    data = DataFolder(out)
+    if not data.embeddings_meta.exists():
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta["model"] != model or meta["manifest"] != manifest_fingerprint(out / MANIFEST):
+    meta = json.loads(data.embeddings_meta.read_text())
+    if meta["model"] != model or meta["manifest"] != manifest_fingerprint(data.manifest):
         return None
     return meta
 
@@ -126,9 +124,9 @@ class _PartWriter:
         table = pa.table({"id": pa.array(ids, pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])})
         path = self.folder / f"part-{self.parts:05d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary_sibling(path)
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        commit_file(tmp, path)
         self.parts, self.rows, self.pending = self.parts + 1, self.rows + len(ids), []
 
 
@@ -137,12 +135,12 @@ def run_embed(cfg: Config) -> dict:
     ccfg = cfg.data.curate.clip
     if ccfg.model is None:
         raise ValueError("data.curate.clip.model is not set: name a CLIP checkpoint (hub id or local folder)")
-    out = cfg.data.output_dir
+    out, data = cfg.data.output_dir, DataFolder(cfg.data.output_dir)
     done = embeddings_complete(out, ccfg.model)
     if done is not None:
-        log.info("embeddings: complete for this manifest and model, skipped (%s)", out / EMBEDDINGS)
+        log.info("embeddings: complete for this manifest and model, skipped (%s)", data.embeddings)
         return done
-    rows = _embeddable(out / MANIFEST, ["id", "filepath", "caption"])
+    rows = _embeddable(data.manifest, ["id", "filepath", "caption"])
     init_ray(cfg.ray)
     workers = ccfg.num_workers or cluster_cpus()
     per_block = max(ccfg.batch_size, -(-rows.num_rows // (4 * workers)))
@@ -153,9 +151,8 @@ def run_embed(cfg: Config) -> dict:
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if ccfg.num_gpus else 1,
         num_gpus=ccfg.num_gpus,
     )
-    folder = out / EMBEDDINGS
-    (folder / META).unlink(missing_ok=True)
-    images, texts = _PartWriter(folder / "image"), _PartWriter(folder / "text")
+    data.embeddings_meta.unlink(missing_ok=True)
+    images, texts = _PartWriter(data.embedding_parts("image")), _PartWriter(data.embedding_parts("text"))
     dim = None
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         ids = [str(i) for i in batch["id"]]
@@ -167,19 +164,17 @@ def run_embed(cfg: Config) -> dict:
     texts.flush()
     if images.rows != rows.num_rows:
         raise RuntimeError(f"embedding lost rows: {rows.num_rows} accepted manifest rows, {images.rows} embedded")
-    meta = {"model": ccfg.model, "manifest": manifest_fingerprint(out / MANIFEST), "dim": dim,
+    meta = {"model": ccfg.model, "manifest": manifest_fingerprint(data.manifest), "dim": dim,
             "images": images.rows, "captions": texts.rows, "dtype": "float16", "normalised": "L2"}
-    tmp = folder / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / META)
-    log.info("embeddings: %d images, %d captions, dim %s -> %s", images.rows, texts.rows, dim, folder)
+    atomic_write_json(data.embeddings_meta, meta)
+    log.info("embeddings: %d images, %d captions, dim %s -> %s", images.rows, texts.rows, dim, data.embeddings)
     return meta
 
 
 def load_embeddings(out: Path, kind: str = "image") -> tuple[list[str], np.ndarray]:
     """(ids, float16 [n, dim]) of one kind, parts in order."""
     ids, parts = [], []
-    for path in sorted((out / EMBEDDINGS / kind).glob("part-*.parquet")):
+    for path in sorted(DataFolder(out).embedding_parts(kind).glob("part-*.parquet")):
         table = pq.read_table(path)
         ids.extend(table.column("id").to_pylist())
         column = table.column("embedding").combine_chunks()

@@ -12,11 +12,9 @@ Every input record ends in exactly one of the two files; the stage checks that b
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,14 +27,12 @@ import ray
 from sfumato.config import Config, write_resolved
 from sfumato.data.decode import DecodeLimits, Rejected, decode_image
 from sfumato.data.download import Downloader
+from sfumato.data.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_table
 from sfumato.data.sources import enumerate_sources
+from sfumato.layout import DataFolder, atomic_write, atomic_write_json
 from sfumato.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.parquet"
-REJECTS = "rejects.parquet"
-SUMMARY = "ingest_summary.json"
 
 MISSING_LICENSE = "missing_license"
 LICENSE_NOT_ALLOWED = "license_not_allowed"
@@ -57,25 +53,6 @@ RESULT_SCHEMA = pa.schema(
        ("width", pa.int32()), ("height", pa.int32()), ("format", _TEXT), ("source_mode", _TEXT),
        ("bytes", pa.int64())]
 )
-# A manifest row's status: only `ok` rows reach the shards; the curation stages set the others
-# (and reset their own on a re-run). Every row ingest accepted keeps one of these.
-OK, NEAR_DUPLICATE, UNSAFE, LOW_AESTHETIC = "ok", "near_duplicate", "unsafe", "low_aesthetic"
-ACCEPTED_STATUSES = (OK, NEAR_DUPLICATE, UNSAFE, LOW_AESTHETIC)
-
-MANIFEST_SCHEMA = pa.schema([
-    ("id", _TEXT), ("filepath", _TEXT), ("caption", _TEXT), ("license", _TEXT), ("source", _TEXT),
-    ("origin", _TEXT), ("uri", _TEXT), ("sha256", _TEXT), ("nsfw_flag", pa.bool_()),
-    ("tags", pa.list_(_TEXT)), ("date_collected", pa.timestamp("us", tz="UTC")),
-    ("width", pa.int32()), ("height", pa.int32()), ("format", _TEXT), ("source_mode", _TEXT),
-    ("bytes", pa.int64()), ("status", _TEXT),
-])
-REJECTS_SCHEMA = pa.schema([
-    ("source", _TEXT), ("uri", _TEXT), ("locator", _TEXT), ("id", _TEXT), ("caption", _TEXT),
-    ("license", _TEXT), ("origin", _TEXT), ("tags", pa.list_(_TEXT)), ("reason", _TEXT),
-    ("detail", _TEXT), ("duplicate_of", _TEXT), ("sha256", _TEXT), ("date_collected", pa.timestamp("us", tz="UTC")),
-])
-
-
 def derived_id(source: str, locator: str) -> str:
     """A stable id for inputs that do not declare one: the same file gets the same id on
     every run."""
@@ -163,9 +140,7 @@ class IngestWorker:
         path = self.blobs_dir / sha[:2] / f"{sha}.{fmt.lower()}"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            atomic_write(path, data)
         return str(path)
 
 
@@ -216,35 +191,25 @@ class IngestSummary:
         return f"ingest: {self.inputs} inputs -> {self.accepted} in manifest, {self.rejected} rejected ({top or 'none'})"
 
 
-# Columns later stages add to the manifest (curation), with their types.
-CURATION_FIELDS = [
-    pa.field("near_dup_cluster", pa.int64()), pa.field("near_dup_of", _TEXT),
-    pa.field("caption_source", _TEXT), pa.field("caption_origin", _TEXT),
-    pa.field("nsfw_score", pa.float64()), pa.field("aesthetic_score", pa.float64()),
-]
-
-
-def write_manifest(df: pd.DataFrame, path: Path) -> None:
-    """The manifest's columns plus whichever curation columns `df` has, written atomically."""
-    schema = MANIFEST_SCHEMA
-    for field in CURATION_FIELDS:
-        if field.name in df:
-            schema = schema.append(field)
-    _write_parquet(df, schema, path)
-
-
-def _write_parquet(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
-    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _keep_collection_dates(df: pd.DataFrame, previous: Path, keys: list[str], now: pd.Timestamp) -> pd.DataFrame:
+    """date_collected: when a row was first collected. A row that an earlier ingest of this
+    folder already wrote (the same `keys`) keeps its date, so re-ingesting the same inputs writes
+    the same files, and the pipeline's later stages see unchanged inputs and stay skipped."""
+    dates = pd.Series(now, index=df.index, dtype="datetime64[us, UTC]")
+    if previous.is_file() and len(df):
+        old = pq.read_table(previous, columns=[*keys, "date_collected"]).to_pandas()
+        old = old.drop_duplicates(keys).set_index(keys)["date_collected"]
+        found = pd.MultiIndex.from_frame(df[keys].astype(object)).map(lambda key: old.get(key, pd.NaT))
+        dates = pd.Series(found, index=df.index).fillna(now).astype("datetime64[us, UTC]")
+    return df.assign(date_collected=dates)
 
 
 def run_ingest(cfg: Config) -> IngestSummary:
-    out = cfg.data.output_dir
+    folder = DataFolder(cfg.data.output_dir)
+    out = folder.root
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, out / "ingest.config.yaml")
-    records = list(enumerate_sources(cfg.data.sources, out / "demo"))
+    write_resolved(cfg, folder.ingest_config)
+    records = list(enumerate_sources(cfg.data.sources, folder.demo))
     if not records:
         raise ValueError(f"the sources {[s.name for s in cfg.data.sources]} hold no files at all")
     init_ray(cfg.ray)
@@ -257,7 +222,7 @@ def run_ingest(cfg: Config) -> IngestSummary:
     # holding every CPU while an upstream operator waits for one (BENCHMARKS.md, ingest).
     dataset = ray.data.from_arrow(blocks).map_batches(
         ingest_batch,
-        fn_kwargs={"ingest_cfg": cfg.data.ingest, "blobs_dir": str(out / "blobs")},
+        fn_kwargs={"ingest_cfg": cfg.data.ingest, "blobs_dir": str(folder.blobs)},
         batch_size=cfg.data.ingest.batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=workers),
@@ -273,12 +238,12 @@ def run_ingest(cfg: Config) -> IngestSummary:
     if len(accepted) + len(rejected) != len(records):
         raise RuntimeError(f"ingest lost rows: {len(records)} inputs, {len(accepted)} accepted + {len(rejected)} rejected")
     now = pd.Timestamp(datetime.now(timezone.utc))
-    accepted = accepted.assign(date_collected=now, nsfw_flag=None)  # nsfw_flag: set by curation
-    rejected = rejected.assign(date_collected=now)
-    _write_parquet(accepted, MANIFEST_SCHEMA, out / MANIFEST)
-    _write_parquet(rejected, REJECTS_SCHEMA, out / REJECTS)
+    accepted = _keep_collection_dates(accepted.assign(nsfw_flag=None), folder.manifest, ["id", "sha256"], now)
+    rejected = _keep_collection_dates(rejected, folder.rejects, ["source", "locator", "reason"], now)
+    write_table(accepted, MANIFEST_SCHEMA, folder.manifest)  # nsfw_flag: set by curation
+    write_table(rejected, REJECTS_SCHEMA, folder.rejects)
     summary = IngestSummary(len(records), len(accepted), len(rejected),
                             rejected["reason"].value_counts().to_dict(), str(out))
-    (out / SUMMARY).write_text(json.dumps(summary.__dict__, indent=2))
+    atomic_write_json(folder.ingest_summary, summary.__dict__, indent=2)
     log.info(summary.line())
     return summary

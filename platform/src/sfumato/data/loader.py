@@ -20,14 +20,14 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from sfumato.data.shards import SHARD_MANIFEST
+from sfumato.layout import DataFolder, ShardFolder
 
 IMAGE_EXTS = ("png", "jpg", "webp")
 
 
 def shard_paths(shards_dir: Path, resolution_px: int) -> list[Path]:
     """The completed shards of one resolution, as listed in shard_manifest.csv."""
-    manifest = shards_dir / SHARD_MANIFEST
+    manifest = ShardFolder(shards_dir).manifest
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} does not exist: run `sfumato shards` first")
     with manifest.open() as fh:
@@ -158,7 +158,7 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
 def smoke(cfg) -> dict:
     """Stream `loader.smoke_batches` batches (cycling over the shards) and report samples/s."""
     res = cfg.data.loader.resolution_px or cfg.data.shards.resolutions_px[0]
-    paths = shard_paths(cfg.data.output_dir / "shards", res)
+    paths = shard_paths(DataFolder(cfg.data.output_dir).shards, res)
     want, batch_size = cfg.data.loader.smoke_batches, cfg.data.loader.batch_size
     batches = samples = 0
     start = time.perf_counter()

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from sfumato.config import Config
 from sfumato.data.decode import DecodeLimits
 from sfumato.data.embed import ClipEmbedder, load_embeddings, run_embed
-from sfumato.data.ingest import LOW_AESTHETIC, MANIFEST, OK, UNSAFE, write_manifest
+from sfumato.data.manifest import LOW_AESTHETIC, OK, UNSAFE, write_manifest
+from sfumato.layout import DataFolder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run_safety(cfg: Config) -> dict:
     out, scfg = cfg.data.output_dir, cfg.data.curate.safety
     run_embed(cfg)
     ids, emb = load_embeddings(out, "image")
-    manifest = pq.read_table(out / MANIFEST).to_pandas()
+    manifest = pq.read_table(DataFolder(out).manifest).to_pandas()
     manifest.loc[manifest["status"].isin([UNSAFE, LOW_AESTHETIC]), "status"] = OK  # start again
     position = {rid: k for k, rid in enumerate(ids)}
     at = manifest["id"].map(position)
@@ -88,7 +89,7 @@ def run_safety(cfg: Config) -> dict:
         manifest.loc[ok & (manifest["nsfw_flag"] == True), "status"] = UNSAFE  # noqa: E712 (nullable)
     if scfg.min_aesthetic is not None and scfg.aesthetic_weights is not None:
         manifest.loc[(manifest["status"] == OK) & (manifest["aesthetic_score"] < scfg.min_aesthetic), "status"] = LOW_AESTHETIC
-    write_manifest(manifest, out / MANIFEST)
+    write_manifest(manifest, DataFolder(out).manifest)
     summary = {"scored": int(scored.sum()), "nsfw_flagged": int((manifest["nsfw_flag"] == True).sum()),  # noqa: E712
                "unsafe_dropped": int((manifest["status"] == UNSAFE).sum()),
                "low_aesthetic_dropped": int((manifest["status"] == LOW_AESTHETIC).sum()),

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,20 +28,14 @@ import ray
 
 from sfumato.config import Config, content_hash, write_resolved
 from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, render
-from sfumato.data.ingest import MANIFEST
+from sfumato.data.manifest import OK
+from sfumato.layout import (DataFolder, ShardFolder, atomic_write, atomic_write_json, commit_file, is_temporary,
+                            temporary_sibling)
 from sfumato.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger(__name__)
 
-SHARD_MANIFEST = "shard_manifest.csv"
-CLASSES = "classes.json"
-CLASS_COUNTS = "class_counts.json"
-CLASS_WEIGHTS = "class_weights.json"
 _COLUMNS = ["id", "filepath", "caption", "tags", "license", "source", "sha256", "width", "height"]
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}"
 
 
 def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -52,25 +45,18 @@ def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Ray Data stage: one shard spec per row -> the shard's tars, one per resolution."""
 
     def __init__(self, shards_cfg, limits: DecodeLimits, shards_dir: str):
         self.cfg = shards_cfg
         self.limits = limits
-        self.dir = Path(shards_dir)
+        self.folder = ShardFolder(shards_dir)
 
     def __call__(self, spec: dict) -> dict:
         rows, index, spec_hash = json.loads(spec["rows_json"]), spec["index"], spec["spec_hash"]
-        name = shard_name(index)
         ext = EXTENSIONS[self.cfg.image_format]
-        tmp = {res: self.dir / str(res) / f".{name}.tar.tmp" for res in self.cfg.resolutions_px}
+        tmp = {res: temporary_sibling(self.folder.shard(res, index)) for res in self.cfg.resolutions_px}
         tars = {res: tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) for res, path in tmp.items()}
         counts = {res: 0 for res in tmp}
         failed = []
@@ -97,19 +83,16 @@ class ShardWriter:
                 counts[res] += 1
         for res, tar in tars.items():
             tar.close()
-            final = self.dir / str(res) / f"{name}.tar"
-            _fsync_replace(tmp[res], final)
+            final = commit_file(tmp[res], self.folder.shard(res, index))
             digest = hashlib.sha256(final.read_bytes()).hexdigest()
-            sidecar = {"shard": f"{res}/{name}.tar", "resolution_px": res, "sample_count": counts[res],
+            sidecar = {"shard": self.folder.relative(final), "resolution_px": res, "sample_count": counts[res],
                        "bytes": final.stat().st_size, "sha256": digest, "spec_hash": spec_hash, "failed": failed}
-            side_tmp = final.with_suffix(".json.tmp")
-            side_tmp.write_text(json.dumps(sidecar))
-            _fsync_replace(side_tmp, final.with_suffix(".json"))  # the completion marker, last
+            atomic_write_json(final.with_suffix(".json"), sidecar, indent=None)  # the completion marker, last
         return {"index": index, "failed": len(failed)}
 
 
 def _complete(shards_dir: Path, res: int, index: int, spec_hash: str) -> dict | None:
-    tar = shards_dir / str(res) / f"{shard_name(index)}.tar"
+    tar = ShardFolder(shards_dir).shard(res, index)
     side = tar.with_suffix(".json")
     if not (tar.exists() and side.exists()):
         return None
@@ -132,23 +115,22 @@ class ShardSummary:
 
 
 def run_shards(cfg: Config) -> ShardSummary:
-    out, scfg = cfg.data.output_dir, cfg.data.shards
-    manifest_path = out / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path} does not exist: run `sfumato ingest` first")
-    table = pq.read_table(manifest_path, columns=_COLUMNS + ["status"])
-    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
-    shards_dir = out / "shards"
+    data, scfg = DataFolder(cfg.data.output_dir), cfg.data.shards
+    if not data.manifest.exists():
+        raise FileNotFoundError(f"{data.manifest} does not exist: run `sfumato ingest` first")
+    table = pq.read_table(data.manifest, columns=_COLUMNS + ["status"])
+    rows = [r for r in table.to_pylist() if r["status"] == OK]
+    shards_dir, folder = data.shards, data.shard_folder
     for res in scfg.resolutions_px:
-        (shards_dir / str(res)).mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, shards_dir / "shards.config.yaml")
+        folder.resolution(res).mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, folder.config)
     # The class of a sample is its innermost tag (a folder source's class folder).
     classes = {tag: i for i, tag in enumerate(sorted({r["tags"][-1] for r in rows if r["tags"]}))}
-    (shards_dir / CLASSES).write_text(json.dumps(classes, indent=1))
+    atomic_write_json(folder.classes, classes)
     counts = Counter(r["tags"][-1] for r in rows if r["tags"])
-    (shards_dir / CLASS_COUNTS).write_text(json.dumps({t: counts[t] for t in classes}, indent=1))
+    atomic_write_json(folder.class_counts, {t: counts[t] for t in classes})
     # What `train.class_balanced` samples with: the rarest class always, the others rarest/count.
-    (shards_dir / CLASS_WEIGHTS).write_text(json.dumps(balancing_weights({t: counts[t] for t in classes}), indent=1))
+    atomic_write_json(folder.class_weights, balancing_weights({t: counts[t] for t in classes}))
     for key, row in enumerate(rows):
         row["key"] = f"{key:09d}"
         row["class"] = classes[row["tags"][-1]] if row["tags"] else None
@@ -199,18 +181,17 @@ def _remove_stale(shards_dir: Path, resolutions: list[int], count: int) -> None:
     """Shards past the current count (left by a run over a larger manifest) and temp files of a
     killed run are removed, so the folder holds exactly the current set."""
     for res in resolutions:
-        for path in (shards_dir / str(res)).iterdir():
+        for path in ShardFolder(shards_dir).resolution(res).iterdir():
             stem = path.name.split(".")[0]
             stale_index = stem.startswith("shard-") and stem[6:].isdigit() and int(stem[6:]) >= count
-            if path.name.endswith(".tmp") or stale_index:
+            if is_temporary(path) or stale_index:
                 path.unlink()
 
 
 def _write_shard_manifest(shards_dir: Path, sidecars: list[dict]) -> None:
-    tmp = shards_dir / f"{SHARD_MANIFEST}.tmp"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["shard", "resolution_px", "sample_count", "bytes", "sha256"])
-        writer.writeheader()
-        for info in sidecars:
-            writer.writerow({k: info[k] for k in writer.fieldnames})
-    os.replace(tmp, shards_dir / SHARD_MANIFEST)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["shard", "resolution_px", "sample_count", "bytes", "sha256"])
+    writer.writeheader()
+    for info in sidecars:
+        writer.writerow({k: info[k] for k in writer.fieldnames})
+    atomic_write(ShardFolder(shards_dir).manifest, text.getvalue())

@@ -10,7 +10,6 @@ evaluations from evaluation/metrics.jsonl, and states the limits those numbers h
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -19,14 +18,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-from sfumato.data.dedup import REPORT as DEDUP_REPORT
-from sfumato.data.ingest import ACCEPTED_STATUSES, LOW_AESTHETIC, MANIFEST, NEAR_DUPLICATE, OK, REJECTS, UNSAFE
-from sfumato.data.shards import CLASS_COUNTS, SHARD_MANIFEST
-from sfumato.evaluate.report import (METRICS, by_step, evaluation_lines, format_duration, load_run_config, new_figure,
-                                     read_evaluations, read_jsonl, table, training_compute)
+from sfumato.config import load_run_config
+from sfumato.data.manifest import ACCEPTED_STATUSES, LOW_AESTHETIC, NEAR_DUPLICATE, OK, UNSAFE
+from sfumato.documents import format_duration, new_figure, table
+from sfumato.evaluate.report import evaluation_lines, read_evaluations, training_compute
+from sfumato.layout import DataFolder, RunFolder, atomic_write, atomic_write_json, read_json, read_metrics
 
-DATASET_CARD = "dataset_card.md"  # with <card>.json (the counts) and <card>_resolution.png beside it
-MODEL_CARD = "model_card.md"
 SIDE_EDGES_PX = [0, 32, 64, 128, 256, 512, 1024, 2048]  # shorter-side buckets: [edge, next edge)
 QUANTILES = {"min": 0.0, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
 
@@ -35,10 +32,12 @@ QUANTILES = {"min": 0.0, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
 def dataset_counts(data_dir: Path) -> dict:
     """Every count the dataset card shows (JSON-able). Training images are status `ok` rows."""
     data_dir = Path(data_dir)
-    if not (data_dir / MANIFEST).is_file() or not (data_dir / REJECTS).is_file():
-        raise FileNotFoundError(f"{data_dir} has no {MANIFEST} and {REJECTS}: run `sfumato ingest` into it first")
-    manifest = pq.read_table(data_dir / MANIFEST).to_pandas()
-    rejects = pq.read_table(data_dir / REJECTS).to_pandas()
+    folder = DataFolder(data_dir)
+    if not folder.manifest.is_file() or not folder.rejects.is_file():
+        raise FileNotFoundError(f"{data_dir} has no {folder.manifest.name} and {folder.rejects.name}: "
+                                "run `sfumato ingest` into it first")
+    manifest = pq.read_table(folder.manifest).to_pandas()
+    rejects = pq.read_table(folder.rejects).to_pandas()
     ok = manifest[manifest["status"] == OK]
     statuses = manifest["status"].value_counts()
     return {
@@ -49,7 +48,7 @@ def dataset_counts(data_dir: Path) -> dict:
         "sources": _sources(manifest, rejects), "licenses": _counts(ok["license"]),
         "resolution": _resolution(ok), "captions": _captions(ok),
         "dedup": _dedup(data_dir, manifest), "safety": _safety(data_dir, manifest), "shards": _shards(data_dir),
-        "classes": _read_json(data_dir / "shards" / CLASS_COUNTS),
+        "classes": read_json(folder.shard_folder.class_counts),
     }
 
 
@@ -58,8 +57,6 @@ def _counts(column: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))}
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _sources(manifest: pd.DataFrame, rejects: pd.DataFrame) -> dict:
@@ -92,7 +89,7 @@ def _captions(ok: pd.DataFrame) -> dict:
 
 
 def _dedup(data_dir: Path, manifest: pd.DataFrame) -> dict | None:
-    report = _read_json(data_dir / DEDUP_REPORT)
+    report = read_json(DataFolder(data_dir).dedup_report)
     if report is None:
         return None
     keys = ("threshold", "method", "model", "images", "pairs", "clusters", "dropped", "keeper_rule")
@@ -102,7 +99,7 @@ def _dedup(data_dir: Path, manifest: pd.DataFrame) -> dict | None:
 def _curation_settings(data_dir: Path) -> dict:
     """data.curate as ingest recorded it (ingest.config.yaml): safety writes no settings file of
     its own, so its threshold is the one of the config the pipeline ran with."""
-    path = data_dir / "ingest.config.yaml"
+    path = DataFolder(data_dir).ingest_config
     tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
     return ((tree.get("data") or {}).get("curate") or {}).get("safety") or {}
 
@@ -128,7 +125,7 @@ def _safety(data_dir: Path, manifest: pd.DataFrame) -> dict | None:
 
 
 def _shards(data_dir: Path) -> dict | None:
-    path = data_dir / "shards" / SHARD_MANIFEST
+    path = DataFolder(data_dir).shard_folder.manifest
     if not path.is_file():
         return None
     shards = pd.read_csv(path)
@@ -207,14 +204,13 @@ def write_dataset_card(data_dir: Path, out: Path | None = None) -> Path:
     """dataset_card.md (default in data_dir), and beside it dataset_card.json (the same
     counts) and dataset_card_resolution.png; returns the card's path."""
     counts = dataset_counts(Path(data_dir))
-    out = Path(out) if out is not None else Path(data_dir) / DATASET_CARD
+    out = Path(out) if out is not None else DataFolder(data_dir).dataset_card
     out.parent.mkdir(parents=True, exist_ok=True)
     histogram = out.with_name(f"{out.stem}_resolution.png")
     if counts["training_images"]:
         _resolution_png(histogram, counts["resolution"]["shorter_side_px"])
-    out.with_suffix(".json").write_text(json.dumps(counts, indent=1))
-    out.write_text("\n".join(_dataset_markdown(counts, histogram.name)))
-    return out
+    atomic_write_json(out.with_suffix(".json"), counts)
+    return atomic_write(out, "\n".join(_dataset_markdown(counts, histogram.name)))
 
 
 # ----------------------------------------------------------------------------- model card
@@ -232,24 +228,27 @@ def parameter_counts(ema_path: Path) -> dict[str, int]:
 
 
 def _family(model: str) -> str:
-    if model.startswith("dit"):
+    from sfumato.models.names import DIT, MODEL_FAMILIES, TEXT_UNET
+
+    if MODEL_FAMILIES.get(model) == DIT:
         return "DiT (diffusers DiTTransformer2DModel; Peebles & Xie 2023)"
-    if "-text-" in model:
+    if MODEL_FAMILIES.get(model) == TEXT_UNET:
         return "UNet cross-attending to a text encoder (diffusers UNet2DConditionModel + CLIPTextModel)"
     return "UNet (diffusers UNet2DModel)"
 
 
 def _architecture(cfg, run_dir: Path, data: dict | None) -> list[str]:
-    from sfumato.train import checkpoint as ckpt
+    from sfumato import checkpoint as ckpt
 
     t = cfg.train
-    latest = ckpt.latest(run_dir / "checkpoints")
+    folder = RunFolder(run_dir)
+    latest = ckpt.latest(folder.checkpoints)
     if latest is None:
         params = "unknown: no committed checkpoint yet"
     else:
-        counts = parameter_counts(latest / "ema.safetensors")
+        counts = parameter_counts(ckpt.ema_path(latest))
         parts = ", ".join(f"{k}: {v:,}" for k, v in counts.items())
-        params = f"{sum(counts.values()):,} ({parts}), from the shapes in checkpoints/{latest.name}/ema.safetensors"
+        params = f"{sum(counts.values()):,} ({parts}), from the shapes in {folder.relative(ckpt.ema_path(latest))}"
     classes = len(data["classes"]) if data and data.get("classes") else "?"
     conditioning = {"none": "unconditional", "class": f"class label ({classes} classes, from the innermost tag)",
                     "text": "caption, through a text encoder " + (f"from `{t.text.pretrained}`" if t.text.pretrained
@@ -269,7 +268,7 @@ def _architecture(cfg, run_dir: Path, data: dict | None) -> list[str]:
 
 def _training(cfg, run_dir: Path) -> list[str]:
     t, compute = cfg.train, training_compute(run_dir)
-    metrics = by_step(read_jsonl(run_dir / METRICS))
+    metrics = read_metrics(RunFolder(run_dir).metrics)
     ema = f"half-life {t.ema.halflife_samples:,g} images" if t.ema.halflife_samples else f"decay {t.ema.decay}"
     rows = [["steps done / configured", f"{metrics[-1]['step'] if metrics else 0:,} / {t.total_steps:,}"],
             ["effective batch", ", ".join(f"{cfg.train.effective_batch(s)} at {s.resolution_px} px" for s in t.stages)],
@@ -333,9 +332,9 @@ def write_model_card(run_dir: Path, data_card: Path | None = None, out: Path | N
     data.output_dir/dataset_card.md) by relative path; returns the card's path."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    out = Path(out) if out is not None else run_dir / MODEL_CARD
-    data_card = Path(data_card) if data_card is not None else cfg.data.output_dir / DATASET_CARD
-    data = _read_json(data_card.with_suffix(".json"))
+    out = Path(out) if out is not None else RunFolder(run_dir).model_card
+    data_card = Path(data_card) if data_card is not None else DataFolder(cfg.data.output_dir).dataset_card
+    data = read_json(data_card.with_suffix(".json"))
     link = os.path.relpath(data_card.resolve(), out.parent.resolve())
     evaluations = read_evaluations(run_dir)
     lines = [f"# Model card: {cfg.name}", "", f"Generated from the run folder `{run_dir}`.", ""]
@@ -343,9 +342,7 @@ def write_model_card(run_dir: Path, data_card: Path | None = None, out: Path | N
     lines += ["## Evaluation", ""] + (evaluation_lines(evaluations) if evaluations
                                       else [f"Not evaluated yet: run `sfumato evaluate {run_dir}`.", ""])
     lines += _limitations(cfg, data, evaluations) + _mitigations(data) + _licences(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return out
+    return atomic_write(out, "\n".join(lines))
 
 
 def write_run_documents(run_dir: Path, data_dir: Path) -> dict[str, Path]:

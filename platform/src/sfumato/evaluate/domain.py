@@ -39,6 +39,7 @@ from torch import nn
 
 from sfumato.config import DomainConfig, content_hash
 from sfumato.evaluate.fid import RunningStatistics, Statistics, frechet_distance
+from sfumato.layout import ShardFolder, atomic_write_json, commit_file, temporary_sibling
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,11 @@ class DomainClassifier:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(folder / f".{WEIGHTS}.tmp"))
-        os.replace(folder / f".{WEIGHTS}.tmp", folder / WEIGHTS)
+        tmp = temporary_sibling(folder / WEIGHTS)
+        save_file(state, str(tmp))
+        commit_file(tmp, folder / WEIGHTS)
         meta = {**self.meta, "class_names": self.class_names, "resolution_px": self.resolution_px}
-        _write_json(folder / META, meta)
+        atomic_write_json(folder / META, meta)
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> DomainClassifier:
@@ -129,12 +131,6 @@ class DomainClassifier:
         net = ClassifierNet(len(meta["class_names"]), meta["settings"]["width"])
         net.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
         return cls(net, meta.pop("class_names"), meta.pop("resolution_px"), meta, device)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.Tensor:
@@ -213,7 +209,7 @@ class Yardstick:
     def save(self, folder: Path) -> None:
         self.classifier.save(folder)
         self.reference.save(Path(folder) / REFERENCE)
-        _write_json(Path(folder) / YARDSTICK, {**self.meta, "noise_accuracy": self.noise_accuracy,
+        atomic_write_json(Path(folder) / YARDSTICK, {**self.meta, "noise_accuracy": self.noise_accuracy,
                                                "noise_fd_domain": self.noise_fd_domain})
 
     @classmethod
@@ -260,9 +256,7 @@ def yardstick_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: l
 # ------------------------------------------------------------------------- from the shards
 def data_classes(shards_dir: Path) -> list[str]:
     """The shards' class names by index (classes.json); [] when the data has no classes."""
-    from sfumato.data.shards import CLASSES
-
-    path = Path(shards_dir) / CLASSES
+    path = ShardFolder(shards_dir).classes
     classes = json.loads(path.read_text()) if path.is_file() else {}
     return [name for name, _ in sorted(classes.items(), key=lambda kv: kv[1])]
 
@@ -272,9 +266,7 @@ def yardstick_fingerprint(shards_dir: Path, resolution_px: int, settings: Domain
     class names, the settings (all but `enabled`) and VERSION."""
     import csv
 
-    from sfumato.data.shards import SHARD_MANIFEST
-
-    with (Path(shards_dir) / SHARD_MANIFEST).open() as fh:
+    with ShardFolder(shards_dir).manifest.open() as fh:
         shards = [row for row in csv.DictReader(fh) if int(row["resolution_px"]) == resolution_px]
     return content_hash(VERSION, shards, resolution_px, data_classes(shards_dir),
                         settings.model_dump(mode="json", exclude={"enabled"}))
@@ -287,10 +279,9 @@ def _read_shards(shards_dir: Path, resolution_px: int, s: DomainConfig) -> tuple
     import csv
 
     from sfumato.data.loader import iter_batches_from, iter_samples, shard_paths, split_position
-    from sfumato.data.shards import SHARD_MANIFEST
 
     paths = shard_paths(Path(shards_dir), resolution_px)
-    with (Path(shards_dir) / SHARD_MANIFEST).open() as fh:
+    with ShardFolder(shards_dir).manifest.open() as fh:
         total = sum(int(r["sample_count"]) for r in csv.DictReader(fh) if int(r["resolution_px"]) == resolution_px)
     keep = 1.0 if s.max_images is None else min(1.0, s.max_images / max(total, 1))
     h = s.holdout_fraction

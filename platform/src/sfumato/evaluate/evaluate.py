@@ -15,7 +15,6 @@ RUN_DIR/evaluation/metrics.jsonl and rewrites report.md and the cards.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -24,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-log = logging.getLogger(__name__)
+from sfumato.layout import DataFolder, RunFolder, append_jsonl
 
-EVALUATION = "evaluation"
-FID_CACHE = "fid_cache"
-DOMAIN_CACHE = "domain_classifier"
+log = logging.getLogger(__name__)
 
 
 def class_captions(manifest: Path, class_names: list[str]) -> list[str | None]:
@@ -52,9 +49,7 @@ def manifest_prompts(manifest: Path) -> list[str]:
 
 def _plan(cfg, run) -> tuple[list | None, list[str] | None, str]:
     """(conditions per image, CLIPScore caption per image, where the captions came from)."""
-    from sfumato.data.ingest import MANIFEST
-
-    n, manifest = cfg.evaluate.num_samples, cfg.data.output_dir / MANIFEST
+    n, manifest = cfg.evaluate.num_samples, DataFolder(cfg.data.output_dir).manifest
     if run.tokenizer is not None:
         prompts, origin = cfg.evaluate.captions, "evaluate.captions"
         if prompts is None:
@@ -76,22 +71,24 @@ def has_domain_yardstick(cfg) -> bool:
     """evaluate.domain is on and the training shards have at least 2 classes to learn."""
     from sfumato.evaluate.domain import data_classes
 
-    return cfg.evaluate.domain.enabled and len(data_classes(cfg.data.output_dir / "shards")) >= 2
+    return cfg.evaluate.domain.enabled and len(data_classes(DataFolder(cfg.data.output_dir).shards)) >= 2
 
 
 def domain_yardstick(cfg):
-    """The run's domain yardstick (trained on first use, then cached under data.output_dir/
-    DOMAIN_CACHE by fingerprint), or None when it is off or the data has fewer than 2 classes."""
+    """The run's domain yardstick (trained on first use, then cached by fingerprint under
+    DataFolder.domain_classifier), or None when it is off or the data has fewer than 2 classes."""
     from sfumato.evaluate.domain import load_or_train_yardstick
 
     if not has_domain_yardstick(cfg):
         return None
-    return load_or_train_yardstick(cfg.data.output_dir / "shards", cfg.train.stages[-1].resolution_px, cfg.data.output_dir / DOMAIN_CACHE,
+    data = DataFolder(cfg.data.output_dir)
+    return load_or_train_yardstick(data.shards, cfg.train.stages[-1].resolution_px, data.domain_classifier,
                                    cfg.evaluate.domain, cfg.evaluate.device)
 
 
 def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None) -> dict:
-    from sfumato.config import load_config
+    from sfumato import checkpoint as ckpt
+    from sfumato.config import load_run_config
     from sfumato.console import progress_text
     from sfumato.diffusion.sample import sample, to_grid
     from sfumato.evaluate.domain import DomainScorer
@@ -102,14 +99,13 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     from sfumato.models.run import load_trained, pipeline
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    device = load_config(run_dir / "config.yaml", overrides, inputs=False).evaluate.device
+    device = load_run_config(run_dir, overrides).evaluate.device
     cfg, run, folder = load_trained(run_dir, checkpoint, overrides, device)
+    data = DataFolder(cfg.data.output_dir)
     e = cfg.evaluate
     clip_source = e.clip_model or cfg.data.curate.clip.model
     resolution_px = cfg.train.stages[-1].resolution_px
-    shards = cfg.data.output_dir / "shards"
+    shards = data.shards
     yardstick = domain_yardstick(cfg)
     if yardstick is None and not (e.inception_weights or clip_source):
         raise ValueError(f"nothing to measure {run_dir} with: its data has no classes for the domain yardstick "
@@ -119,7 +115,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     if e.inception_weights or clip_source:
         extractor = load_extractor(e.inception_weights, clip_source, e.device, e.batch_size)
         reference = reference_statistics(shards, resolution_px, extractor, e.reference_max_images,
-                                         cfg.data.output_dir / FID_CACHE, e.batch_size)
+                                         data.fid_cache, e.batch_size)
     pipe = pipeline(cfg, run, e.sampler)
     conditions, captions, caption_origin = _plan(cfg, run)
     scorer, asked = None, None
@@ -153,8 +149,8 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
             scores.append(clip_scores(images * 2 - 1, captions[first:first + count], clip, e.device, e.batch_size))
         log.info("evaluate: %s", progress_text(first + count, e.num_samples, time.perf_counter() - started, "images"))
     seconds = time.perf_counter() - started
-    step = json.loads((folder / "meta.json").read_text())["step"]
-    out = run_dir / EVALUATION
+    step = ckpt.load_meta(folder)["step"]
+    out = RunFolder(run_dir).evaluation
     out.mkdir(exist_ok=True)
     to_grid(grid).save(out / f"samples-{folder.name}.png")
     record = {
@@ -170,7 +166,6 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
         "reference": None if reference is None else {"count": reference.count, "resolution_px": resolution_px,
                                                      "shards": str(shards)},
     }
-    with (out / "metrics.jsonl").open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_jsonl(RunFolder(run_dir).evaluations, record)
     write_run_documents(run_dir, cfg.data.output_dir)
     return record

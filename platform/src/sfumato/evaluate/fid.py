@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -55,8 +54,10 @@ class Statistics:
 
     def save(self, path: Path) -> None:
         """Write .safetensors or .npz atomically (a temp file renamed into place)."""
+        from sfumato.layout import commit_file, temporary_sibling
+
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temporary_sibling(path)
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
 
@@ -67,7 +68,7 @@ class Statistics:
                 np.savez(fh, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), features=np.str_(self.features))
         else:
             raise ValueError(f"{path}: statistics are saved as .safetensors or .npz")
-        os.replace(tmp, path)
+        commit_file(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Statistics:
@@ -154,13 +155,13 @@ def reference_statistics(shards_dir: Path, resolution_px: int, extractor, max_im
     `max_images`), loaded from `cache_dir` when the same shards, network and count were done."""
     # Imported here: the shard modules import Ray, which the distance itself does not need.
     from sfumato.data.loader import iter_batches_from, iter_samples, shard_paths
-    from sfumato.data.shards import SHARD_MANIFEST
+    from sfumato.layout import ShardFolder
 
     if max_images is not None and max_images < 2:
         raise ValueError(f"max_images={max_images}: a covariance needs at least 2 images")
     shards_dir = Path(shards_dir)
     paths = shard_paths(shards_dir, resolution_px)
-    with (shards_dir / SHARD_MANIFEST).open() as fh:  # sizes and sha256 per tar: the content
+    with ShardFolder(shards_dir).manifest.open() as fh:  # sizes and sha256 per tar: the content
         shards = [row for row in csv.DictReader(fh) if int(row["resolution_px"]) == resolution_px]
     key = content_hash(shards, resolution_px, extractor.name, max_images)
     cache = Path(cache_dir) / f"reference-{resolution_px}px-{key}.safetensors"

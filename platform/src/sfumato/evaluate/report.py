@@ -19,14 +19,10 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sfumato.config import Config, load_config
+from sfumato.config import Config, load_run_config
+from sfumato.documents import format_duration, new_figure, table
+from sfumato.layout import RunFolder, atomic_write, read_jsonl, read_metrics
 
-METRICS = "metrics.jsonl"
-ATTEMPTS = "attempts.jsonl"
-EVALUATIONS = Path("evaluation") / "metrics.jsonl"
-STOPPED = "STOPPED.json"
-REPORT = "report.md"
-PLOTS = "report"
 SAMPLES_FIGURE = "samples_over_steps.png"
 MAX_SAMPLES_IN_FIGURE = 6
 
@@ -41,44 +37,8 @@ CURVES = [
 
 
 # ------------------------------------------------------------------------------ reading a run
-def load_run_config(run_dir: Path) -> Config:
-    """The run's resolved config; a folder without config.yaml is not a run folder."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml "
-                                "(a run folder is the train.output_dir that `sfumato train` writes)")
-    cfg = load_config(path, inputs=False)
-    if cfg.train is None:
-        raise ValueError(f"{path} has no `train` section: it is not a training run's config")
-    return cfg
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """One JSON object per line; [] when the file is absent. A cut-off last line (a crash
-    mid-write) is skipped; a bad line anywhere else is an error naming file and line."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number} is not valid JSON: {err}") from None
-    return records
-
-
-def by_step(metrics: list[dict]) -> list[dict]:
-    """One record per step, the last written: steps repeated after a resume are replaced by
-    the attempt that carried on from them."""
-    latest = {record["step"]: record for record in metrics}
-    return [latest[step] for step in sorted(latest)]
-
-
 def read_evaluations(run_dir: Path) -> list[dict]:
-    return read_jsonl(Path(run_dir) / EVALUATIONS)
+    return read_jsonl(RunFolder(run_dir).evaluations)
 
 
 # --------------------------------------------------------------------------------- compute
@@ -96,8 +56,8 @@ def training_compute(run_dir: Path) -> dict:
     `world_size`, else train.num_workers) / 3600, summed over attempts.
     """
     cfg = load_run_config(run_dir)
-    metrics = read_jsonl(Path(run_dir) / METRICS)
-    starts = [a["time"] for a in read_jsonl(Path(run_dir) / ATTEMPTS) if "time" in a]
+    metrics = read_jsonl(RunFolder(run_dir).metrics)
+    starts = [a["time"] for a in read_jsonl(RunFolder(run_dir).attempts) if "time" in a]
     timed = bool(metrics) and all("time" in m for m in metrics)
     window_steps = cfg.train.log_every_steps
     wall_s = device_s = 0.0
@@ -134,28 +94,6 @@ def _attempt_segments(metrics: list[dict], attempt_starts: list[float]) -> list[
         previous_step = record["step"]
         groups.setdefault(attempt, []).append(record)
     return [groups[k] for k in sorted(groups)]
-
-
-def format_duration(seconds: float) -> str:
-    hours, rest = divmod(round(seconds), 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
-
-
-# ---------------------------------------------------------------------------- markdown bits
-def cell(value) -> str:
-    """A markdown table cell: None as a dash, floats short, pipes escaped."""
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""]
 
 
 def evaluation_lines(evaluations: list[dict]) -> list[str]:
@@ -219,15 +157,6 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ plots
-def new_figure(width_in: float = 7.0, height_in: float = 3.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_in, height_in), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _series(records: list[dict], column: str, positive: bool) -> tuple[list[int], list[float]]:
     points = [(r["step"], float(r[column])) for r in records
               if isinstance(r.get(column), (int, float)) and math.isfinite(r[column]) and (r[column] > 0 or not positive)]
@@ -273,7 +202,7 @@ def plot_curve(path: Path, records: list[dict], title: str, ylabel: str, columns
 
 def sample_grids(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of samples/step-NNNNNNNN.png, by step."""
-    found = [(int(p.stem[5:]), p) for p in (Path(run_dir) / "samples").glob("step-*.png") if p.stem[5:].isdigit()]
+    found = RunFolder(run_dir).sample_grids()
     return sorted(found)
 
 
@@ -303,12 +232,12 @@ def plot_samples_over_steps(path: Path, grids: list[tuple[int, Path]]) -> None:
 
 # ----------------------------------------------------------------------------------- report
 def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> list[str]:
-    from sfumato.train import checkpoint as ckpt
+    from sfumato import checkpoint as ckpt
 
     t = cfg.train
-    attempts = read_jsonl(run_dir / ATTEMPTS)
+    attempts = read_jsonl(RunFolder(run_dir).attempts)
     resumed = [a["resumed_from"] for a in attempts if a.get("resumed_from")]
-    latest = ckpt.latest(run_dir / "checkpoints")
+    latest = ckpt.latest(RunFolder(run_dir).checkpoints)
     rows = [
         ["name", cfg.name], ["model", f"`{t.model}`" + (" (latent, VAE)" if t.vae else " (pixel space)")],
         ["conditioning", t.conditioning],
@@ -327,7 +256,7 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
     ]
     if compute["elapsed_s"] is not None:
         rows.insert(9, ["elapsed (first start to last log)", format_duration(compute["elapsed_s"])])
-    stopped = run_dir / STOPPED
+    stopped = RunFolder(run_dir).stopped
     if stopped.is_file():
         info = json.loads(stopped.read_text())
         rows.append(["STOPPED", f"at step {info.get('step')}: {info.get('error')}"])
@@ -339,52 +268,51 @@ def _last(metrics: list[dict], column: str):
 
 
 def _curves(cfg: Config, run_dir: Path, metrics: list[dict]) -> list[str]:
-    lines = ["## Training curves", ""]
+    lines, folder = ["## Training curves", ""], RunFolder(run_dir)
+    metrics_name = folder.metrics.name
     if not metrics:
-        return lines + [f"No {METRICS} lines yet: nothing to plot.", ""]
-    plots = run_dir / PLOTS
+        return lines + [f"No {metrics_name} lines yet: nothing to plot.", ""]
     bounds = stage_boundaries(cfg)
     for filename, title, ylabel, columns, log_y in CURVES:
         if columns == ["val_loss"] and cfg.train.validation is None:
             continue
-        if plot_curve(plots / filename, metrics, title, ylabel, columns, log_y, bounds):
-            lines += [f"![{title}]({PLOTS}/{filename})", ""]
+        if plot_curve(folder.report_plots / filename, metrics, title, ylabel, columns, log_y, bounds):
+            lines += [f"![{title}]({folder.relative(folder.report_plots / filename)})", ""]
         else:
-            lines += [f"*{title}: not plotted, {METRICS} has no values of {', '.join(f'`{c}`' for c in columns)}.*", ""]
+            lines += [f"*{title}: not plotted, {metrics_name} has no values of {', '.join(f'`{c}`' for c in columns)}.*", ""]
     if bounds:
         lines += ["Dashed lines: curriculum stage boundaries (the new stage's resolution).", ""]
     return lines
 
 
 def _samples(run_dir: Path) -> list[str]:
-    lines = ["## Samples over training (EMA weights, fixed seed)", ""]
+    lines, folder = ["## Samples over training (EMA weights, fixed seed)", ""], RunFolder(run_dir)
     grids = sample_grids(run_dir)
     if not grids:
-        return lines + ["No sample grids in samples/ yet.", ""]
-    plot_samples_over_steps(run_dir / PLOTS / SAMPLES_FIGURE, grids)
-    links = [f"[step {step:,}](samples/{path.name})" for step, path in grids]
-    return lines + [f"![samples over steps]({PLOTS}/{SAMPLES_FIGURE})", "", "All grids: " + " · ".join(links), ""]
+        return lines + [f"No sample grids in {folder.relative(folder.samples)}/ yet.", ""]
+    figure = folder.report_plots / SAMPLES_FIGURE
+    plot_samples_over_steps(figure, grids)
+    links = [f"[step {step:,}]({folder.relative(path)})" for step, path in grids]
+    return lines + [f"![samples over steps]({folder.relative(figure)})", "", "All grids: " + " · ".join(links), ""]
 
 
 def _evaluation(run_dir: Path) -> list[str]:
-    evaluations = read_evaluations(run_dir)
+    evaluations, folder = read_evaluations(run_dir), RunFolder(run_dir)
     if not evaluations:
         return ["## Evaluation", "", f"Not evaluated yet: run `sfumato evaluate {run_dir}`.", ""]
-    grids = sorted((run_dir / EVALUATIONS.parent).glob("samples-*.png"))  # what `sfumato evaluate` generated
-    links = [f"[{p.stem[8:]}]({EVALUATIONS.parent}/{p.name})" for p in grids]
+    grids = sorted(folder.evaluation.glob("samples-*.png"))  # what `sfumato evaluate` generated
+    links = [f"[{p.stem[8:]}]({folder.relative(p)})" for p in grids]
     return ["## Evaluation", ""] + evaluation_lines(evaluations) + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
 
 
 def write_report(run_dir: Path) -> Path:
     """run_dir/report.md and its plots in run_dir/report/; returns the report's path."""
-    run_dir = Path(run_dir)
+    run_dir, folder = Path(run_dir), RunFolder(run_dir)
     cfg = load_run_config(run_dir)
-    metrics = by_step(read_jsonl(run_dir / METRICS))
-    (run_dir / PLOTS).mkdir(exist_ok=True)
+    metrics = read_metrics(folder.metrics)
+    folder.report_plots.mkdir(exist_ok=True)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Run report: {cfg.name}", "", f"Generated {generated} from `{run_dir}`.", ""]
     lines += _summary(cfg, run_dir, metrics, training_compute(run_dir))
     lines += _curves(cfg, run_dir, metrics) + _samples(run_dir) + _evaluation(run_dir)
-    path = run_dir / REPORT
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(folder.report, "\n".join(lines))

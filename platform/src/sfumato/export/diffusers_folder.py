@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 
 import sfumato.diffusion.pipeline as pipeline_module
+from sfumato.layout import EXPORT_META
 
 PIPELINE_FILE = "sfumato_pipeline"
-EXPORT_META = "sfumato_export.json"
 
 
 def write_diffusers(pipe, out_dir: Path, meta: dict) -> Path:
@@ -31,7 +31,7 @@ def write_diffusers(pipe, out_dir: Path, meta: dict) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     pipe.save_pretrained(work, safe_serialization=True)
     shutil.copyfile(pipeline_module.__file__, work / f"{PIPELINE_FILE}.py")
-    index_path = work / "model_index.json"
+    index_path = work / "model_index.json"  # diffusers' own file
     index = json.loads(index_path.read_text())
     index["_class_name"] = [PIPELINE_FILE, "SfumatoPipeline"]
     index_path.write_text(json.dumps(index, indent=2))

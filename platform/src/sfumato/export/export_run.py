@@ -12,15 +12,16 @@ a latent run's VAE from its configured source, safetensors only): nothing is unp
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from sfumato.config import content_hash, to_dict
+from sfumato.layout import ExportFolder, RunFolder, atomic_write, atomic_write_json
 
 
 def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
                out_dir: Path | None = None) -> dict:
+    from sfumato import checkpoint as ckpt
     from sfumato.diffusion.sample import make_sampler
     from sfumato.export.diffusers_folder import write_diffusers
     from sfumato.export.onnx_export import export_onnx
@@ -30,25 +31,25 @@ def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str
 
     run_dir = Path(run_dir)
     cfg, run, folder = load_trained(run_dir, checkpoint, overrides)
-    out_dir = Path(out_dir) if out_dir else run_dir / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = ExportFolder(out_dir or RunFolder(run_dir).export)
+    out.root.mkdir(parents=True, exist_ok=True)
     e = cfg.export
-    step = json.loads((folder / "meta.json").read_text())["step"]
+    step = ckpt.load_meta(folder)["step"]
     meta = {"run": cfg.name, "run_dir": str(run_dir.resolve()), "checkpoint": folder.name, "step": step,
             "model": cfg.train.model, "conditioning": cfg.train.conditioning, "config_hash": content_hash(to_dict(cfg)),
             "parameters": parameter_count(run.denoiser), "sampler": e.sampler, "time": time.time()}
     pipe = pipeline(cfg, run, e.sampler)
-    write_diffusers(pipe, out_dir / "diffusers", meta)
-    report = {**meta, "diffusers": str(out_dir / "diffusers"), "onnx": None}
+    write_diffusers(pipe, out.diffusers, meta)
+    report = {**meta, "diffusers": str(out.diffusers), "onnx": None}
     if e.onnx:
         # The ONNX sampler runs DDIM (DDPM runs) or flow Euler with the run's shift at the size the
         # export generates (flow runs), and is checked against the same sampler in PyTorch.
         onnx_scheduler = make_sampler(cfg.diffusion, ONNX_SAMPLERS[cfg.diffusion.objective],
                                       cfg.train.stages[-1].resolution_px)
-        report["onnx"] = export_onnx(pipe, onnx_scheduler, out_dir / "onnx", e.onnx_opset, e.check_batch_size,
+        report["onnx"] = export_onnx(pipe, onnx_scheduler, out.onnx, e.onnx_opset, e.check_batch_size,
                                      e.int8, cfg.seed)
-    (out_dir / "export_report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "export_report.md").write_text(_markdown(report, out_dir))
+    atomic_write_json(out.report_json, report)
+    atomic_write(out.report_md, _markdown(report, out))
     return report
 
 
@@ -59,20 +60,20 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 2**20
 
 
-def _markdown(report: dict, out_dir: Path) -> str:
+def _markdown(report: dict, out: ExportFolder) -> str:
     lines = [f"# Export of {report['run']} at {report['checkpoint']} (step {report['step']})", "",
              f"Model `{report['model']}` ({report['parameters']:,} parameters, {report['conditioning']} conditioning), "
              f"EMA weights. Config hash `{report['config_hash']}`.", "",
              "| artefact | size (MB) | load with |", "| --- | ---: | --- |",
-             f"| diffusers/ | {_size_mb(out_dir / 'diffusers'):.1f} | "
+             f"| diffusers/ | {_size_mb(out.diffusers):.1f} | "
              "`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` |"]
     onnx = report["onnx"]
     if onnx is None:
         return "\n".join(lines + ["", "ONNX export was off (export.onnx: false)."]) + "\n"
-    lines.append(f"| onnx/denoiser.onnx | {_size_mb(out_dir / 'onnx' / 'denoiser.onnx'):.1f} | "
+    lines.append(f"| onnx/denoiser.onnx | {_size_mb(out.onnx / 'denoiser.onnx'):.1f} | "
                  "`python onnx/sample_onnx.py --out grid.png` |")
     if onnx["int8"]:
-        lines.append(f"| onnx/denoiser.int8.onnx | {_size_mb(out_dir / 'onnx' / 'denoiser.int8.onnx'):.1f} | "
+        lines.append(f"| onnx/denoiser.int8.onnx | {_size_mb(out.onnx / 'denoiser.int8.onnx'):.1f} | "
                      "`python onnx/sample_onnx.py --model denoiser.int8.onnx --out grid.png` |")
     lines += ["", f"## Agreement with PyTorch (opset {onnx['opset']})", "",
               "Denoiser outputs on fixed random inputs (relative to the output's largest magnitude), and a whole "

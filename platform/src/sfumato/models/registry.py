@@ -16,6 +16,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from sfumato.diffusion.pipeline import predict
+from sfumato.models.names import MODEL_FAMILIES, TEXT_MODELS
 
 
 def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32,
@@ -77,7 +78,8 @@ MODELS: dict[str, Callable] = {
 }
 
 
-TEXT_MODELS = frozenset(name for name in MODELS if "-text-" in name)
+if set(MODELS) != set(MODEL_FAMILIES):  # names.py is what the config validates against, without torch
+    raise ImportError(f"sfumato.models.names lists {sorted(MODEL_FAMILIES)}, the registry builds {sorted(MODELS)}")
 
 
 class Denoiser(torch.nn.Module):

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sfumato.config import Config, load_config
-from sfumato.train import checkpoint as ckpt
-
-RUN_CLASSES = "classes.json"
+from sfumato import checkpoint as ckpt
+from sfumato.config import Config, load_run_config
+from sfumato.layout import DataFolder, RunFolder
 
 
 @dataclass
@@ -38,13 +37,12 @@ class RunModel:
 
 def run_classes(cfg: Config) -> list[str]:
     """Class names by index: the run folder's copy, else (a run not started yet) the shards'."""
-    from sfumato.data.shards import CLASSES
-
-    for path in (cfg.train.output_dir / RUN_CLASSES, cfg.data.output_dir / "shards" / CLASSES):
+    run, shards = RunFolder(cfg.train.output_dir), DataFolder(cfg.data.output_dir).shard_folder
+    for path in (run.classes, shards.classes):
         if path.exists():
             classes = json.loads(path.read_text())
             return [name for name, _ in sorted(classes.items(), key=lambda kv: kv[1])]
-    raise FileNotFoundError(f"neither {cfg.train.output_dir / RUN_CLASSES} nor the shards' {CLASSES} exists: "
+    raise FileNotFoundError(f"neither {run.classes} nor {shards.classes} exists: "
                             "run `sfumato shards` first")
 
 
@@ -70,7 +68,7 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu") -> RunModel
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     """A committed checkpoint folder of the run: by name (step-00000010) or the newest."""
-    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints = RunFolder(run_dir).checkpoints
     done = ckpt.committed(checkpoints)
     if not done:
         raise FileNotFoundError(f"{checkpoints} holds no committed checkpoint: train the run first")
@@ -86,15 +84,10 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
 def load_trained(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
                  device: torch.device | str = "cpu") -> tuple[Config, RunModel, Path]:
     """(config, model with the checkpoint's EMA weights, checkpoint folder), eval mode."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", overrides, inputs=False)
-    if cfg.train is None:
-        raise ValueError(f"{run_dir / 'config.yaml'} has no train section")
+    cfg = load_run_config(run_dir, overrides)
     folder = resolve_checkpoint(run_dir, checkpoint)
     run = build_run_model(cfg, device)
-    fill_parameters(run.denoiser, ckpt.load_ema(folder), f"{folder / 'ema.safetensors'} (model {cfg.train.model!r})")
+    fill_parameters(run.denoiser, ckpt.load_ema(folder), f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})")
     run.denoiser.to(device).eval()
     return cfg, run, folder
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from sfumato.layout import RunFolder
+
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
-TOKENIZER_DIR = Path("text") / "tokenizer"
 
 
 def manifest_captions(manifest: Path) -> Iterator[str]:
@@ -57,7 +58,7 @@ def prepare_tokenizer(text_cfg, manifest: Path, run_dir: Path):
     what the encoder was trained on), whatever the config or the manifest say now."""
     from transformers import AutoTokenizer
 
-    folder = run_dir / TOKENIZER_DIR
+    folder = RunFolder(run_dir).tokenizer
     if (folder / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(folder)
     if text_cfg.pretrained:
@@ -79,7 +80,7 @@ def prepare_tokenizer(text_cfg, manifest: Path, run_dir: Path):
 def load_run_tokenizer(run_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(RunFolder(run_dir).tokenizer)
 
 
 def build_text_encoder(text_cfg, tokenizer) -> torch.nn.Module:

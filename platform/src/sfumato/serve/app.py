@@ -112,9 +112,16 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
-# Defaults for `sfumato serve`; serve/config.yaml sets each of these per deployment.
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=32, health_check_period_s=10, health_check_timeout_s=30,
-                  backpressure_config={"status_code": 503, "retry_after_s": 2})
+def default(name: str):
+    """A ServeSettings field's default: the one place each is written."""
+    return ServeSettings.model_fields[name].default
+
+
+# build_app sets these from the settings (.options); the decorators hold the same defaults.
+@serve.deployment(max_ongoing_requests=default("max_ongoing_requests"),
+                  max_queued_requests=default("max_queued_requests"), health_check_period_s=10,
+                  health_check_timeout_s=30,
+                  backpressure_config={"status_code": 503, "retry_after_s": default("retry_after_s")})
 class Generator:
     """Owns the model (and the accelerator: give it num_gpus in the Serve config)."""
 
@@ -139,7 +146,7 @@ class Generator:
             self.cancelled.add(job.id)
             raise
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=default("max_batch_size"), batch_wait_timeout_s=default("batch_wait_timeout_s"))
     async def generate_batch(self, jobs: list[Job]) -> list:
         results: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
@@ -256,6 +263,7 @@ def build_app(args: dict):
     info = load_backend(settings.model, settings.backend, settings.device).info()  # limits shape the schema
     generator = Generator.options(max_ongoing_requests=settings.max_ongoing_requests,
                                   max_queued_requests=settings.max_queued_requests,
+                                  backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},
                                   ray_actor_options={"num_cpus": settings.num_cpus}).bind(settings.model_dump())
     return build_ingress(settings, info).bind(generator)
 

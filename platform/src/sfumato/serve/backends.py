@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sfumato.layout import ExportFolder
+
 
 class Cancelled(Exception):
     """Every job of the group was cancelled (timeout or client gone) mid-denoise."""
@@ -74,12 +76,12 @@ class TorchBackend:
         from diffusers import DiffusionPipeline
 
         self.torch = torch
-        folder = Path(export_dir) / "diffusers"
-        if not (folder / "model_index.json").exists():
+        folder = ExportFolder(export_dir).diffusers
+        if not ExportFolder(export_dir).diffusers_index.exists():
             raise FileNotFoundError(f"{folder} holds no diffusers export (model_index.json): run `sfumato export` first")
         self.pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.meta = _meta(folder / "sfumato_export.json")
+        self.meta = _meta(ExportFolder(export_dir).meta)
         self._pipes = {}
 
     def info(self) -> ModelInfo:
@@ -126,11 +128,11 @@ class OnnxBackend:
     def __init__(self, export_dir: Path, model_file: str = "denoiser.onnx"):
         from sfumato.export.onnx_sampler import SAMPLER_JSON, OnnxSampler
 
-        folder = Path(export_dir) / "onnx"
+        folder = ExportFolder(export_dir).onnx
         if not (folder / SAMPLER_JSON).exists():
             raise FileNotFoundError(f"{folder} holds no ONNX export ({SAMPLER_JSON}): run `sfumato export` first")
         self.sampler = OnnxSampler(folder, model_file)
-        self.meta = _meta(Path(export_dir) / "diffusers" / "sfumato_export.json")
+        self.meta = _meta(ExportFolder(export_dir).meta)
 
     def info(self) -> ModelInfo:
         spec = self.sampler.spec

@@ -7,15 +7,12 @@ Tune's verdict per trial (error or not), so the results of a resumed sweep cover
 from __future__ import annotations
 
 import csv
-import json
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfumato.config import Config, dump_yaml
-
-RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
-CURVES_PNG = "learning_curves.png"
-BEST_CONFIG, BEST_JSON = "best_config.yaml", "best.json"
+from sfumato.layout import RunFolder, TuneFolder, atomic_write, atomic_write_json, read_json, read_metrics
 
 
 @dataclass
@@ -36,21 +33,19 @@ class TrialRow:
 
 
 def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
-    from sfumato.evaluate.report import STOPPED, by_step, read_jsonl
-    from sfumato.tune.space import trial_config
-    from sfumato.tune.sweep import METRIC, PARAMS, trial_dir
+    from sfumato.tune.space import METRIC, trial_config, trial_dir
 
     rows = []
     for result in grid:
         trial_id = Path(result.path).name
         run_dir = trial_dir(cfg, trial_id)
-        params = json.loads((run_dir / PARAMS).read_text()) if (run_dir / PARAMS).exists() else dict(result.config)
-        records = by_step(read_jsonl(run_dir / "metrics.jsonl"))
+        params = read_json(TuneFolder.params(RunFolder(run_dir))) or dict(result.config)
+        records = read_metrics(RunFolder(run_dir).metrics)
         curve = [(r["step"], r[METRIC]) for r in records if r.get(METRIC) is not None]
         steps = records[-1]["step"] if records else 0
         if result.error is not None:
             status = "error"
-        elif (run_dir / STOPPED).exists():
+        elif RunFolder(run_dir).stopped.exists():
             status = "diverged"
         elif steps >= proxy.train.total_steps:
             status = "completed"
@@ -79,19 +74,19 @@ def _short(key: str) -> str:
 
 
 def write_table(out: Path, cfg: Config, rows: list[TrialRow], best: TrialRow | None, total_steps: int) -> None:
-    from sfumato.evaluate.report import table
+    from sfumato.documents import table
 
     keys = list(cfg.tune.search_space)
     header = ["trial", *keys, "effective_batch", "status", "steps", "final_val_loss", "best_val_loss", "training_s"]
     ranked = sorted(rows, key=lambda r: (r.status != "completed", r.final_val_loss is None, r.final_val_loss or 0))
-    tmp = out / (RESULTS_CSV + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for r in ranked:
-            writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.effective_batch, r.status, r.steps,
-                             r.final_val_loss, r.best_val_loss, r.training_s])
-    tmp.replace(out / RESULTS_CSV)
+    folder = TuneFolder(out)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for r in ranked:
+        writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.effective_batch, r.status, r.steps,
+                         r.final_val_loss, r.best_val_loss, r.training_s])
+    atomic_write(folder.results_csv, text.getvalue())
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped early", "diverged", "error")}
     spent = sum(r.steps for r in rows)
     lines = [f"# Sweep `{cfg.name}`", "",
@@ -104,16 +99,16 @@ def write_table(out: Path, cfg: Config, rows: list[TrialRow], best: TrialRow | N
                     "best val_loss", "training s"],
                    [[("**" + r.trial_id + "**") if r is best else r.trial_id, *(r.params.get(k) for k in keys),
                      r.effective_batch, r.status, r.steps, r.final_val_loss, r.best_val_loss, r.training_s] for r in ranked])
-    lines += [f"![learning curves]({CURVES_PNG})", ""]
+    lines += [f"![learning curves]({folder.curves.name})", ""]
     errors = [r for r in rows if r.error]
     if errors:
         lines += ["## Errors", ""] + [f"- `{r.trial_id}`: {r.error}" for r in errors] + [""]
-    (out / RESULTS_MD).write_text("\n".join(lines))
+    atomic_write(folder.results_md, "\n".join(lines))
 
 
 def plot_curves(path: Path, rows: list[TrialRow], best: TrialRow | None, grace_steps: int | None) -> None:
     """val_loss against step for every trial; early-stopped trials end with a cross, the best is bold."""
-    from sfumato.evaluate.report import new_figure
+    from sfumato.documents import new_figure
 
     fig = new_figure(7.0, 4.0)
     ax = fig.add_subplot()
@@ -139,23 +134,21 @@ def plot_curves(path: Path, rows: list[TrialRow], best: TrialRow | None, grace_s
 
 def write_best(out: Path, cfg: Config, best: TrialRow) -> dict:
     """best_config.yaml: the full run with the best trial's values (LR moved to its batch)."""
-    from sfumato.tune.space import best_run_config, trial_config
-    from sfumato.tune.sweep import trial_dir
+    from sfumato.tune.space import best_run_config, trial_config, trial_dir
 
     trial_cfg = trial_config(cfg, best.params, trial_dir(cfg, best.trial_id), "x")
     full, how = best_run_config(cfg, best.params, trial_cfg)
     header = [f"# The best trial of sweep {cfg.name} ({best.trial_id}: final val_loss {best.final_val_loss:.5g} "
-              f"at {best.steps} proxy steps), as a full run: `sfumato train --config {out / BEST_CONFIG}`.",
+              f"at {best.steps} proxy steps), as a full run: `sfumato train --config {TuneFolder(out).best_config}`.",
               f"# Tuned values, moved from the proxy's effective batch {how['effective_batch_proxy']:g} to the full "
               f"run's {how['effective_batch_full']:g} ({how['lr_scaling']} learning-rate rule):"]
     header += [f"#   {k}: {how['proxy_values'][k]!r} -> {how['full_values'][k]!r}" for k in how["proxy_values"]]
     header += ["# Every other key is the full run's (the proxy-only keys of tune.proxy are not carried over)."]
-    tmp = out / (BEST_CONFIG + ".tmp")
-    tmp.write_text("\n".join(header) + "\n" + dump_yaml(full))
-    tmp.replace(out / BEST_CONFIG)
+    folder = TuneFolder(out)
+    atomic_write(folder.best_config, "\n".join(header) + "\n" + dump_yaml(full))
     info = {"trial_id": best.trial_id, "final_val_loss": best.final_val_loss, "steps": best.steps, **how,
-            "config": str(out / BEST_CONFIG)}
-    (out / BEST_JSON).write_text(json.dumps(info, indent=1))
+            "config": str(folder.best_config)}
+    atomic_write_json(folder.best, info)
     return info
 
 
@@ -165,13 +158,13 @@ def write_results(cfg: Config, proxy: Config, grid) -> dict:
     best = best_trial(rows)
     total = proxy.train.total_steps
     write_table(out, cfg, rows, best, total)
-    plot_curves(out / CURVES_PNG, rows, best,
+    plot_curves(TuneFolder(out).curves, rows, best,
                 cfg.tune.scheduler.grace_period_steps if cfg.tune.scheduler.kind == "asha" else None)
     summary = {
         "trials": len(rows), **{s.replace(" ", "_"): sum(r.status == s for r in rows)
                                 for s in ("completed", "stopped early", "diverged", "error")},
         "trial_steps": sum(r.steps for r in rows), "trial_steps_if_all_completed": len(rows) * total,
-        "results": str(out / RESULTS_MD), "curves": str(out / CURVES_PNG),
+        "results": str(TuneFolder(out).results_md), "curves": str(TuneFolder(out).curves),
         "trials_by_id": {r.trial_id: {"status": r.status, "steps": r.steps, "final_val_loss": r.final_val_loss,
                                       "params": r.params} for r in rows},
     }

@@ -5,106 +5,31 @@ The sweep config is a full run config plus a `tune:` section. The proxy is the f
 a trial is the proxy with one sample of `tune.search_space` applied. The best trial goes back the
 other way: the full run with the tuned values only, so every proxy-only key keeps the full run's
 value, and the learning rate (and a per-step EMA decay) moved to the full run's effective batch.
-Nothing here needs Ray: `check_sweep` runs when the config is loaded.
+Nothing here needs Ray. What the config checks when it is loaded (the proxy, the search space's
+bounds: `check_sweep`) and the tree operations both sides use live in sfumato.config.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+from pathlib import Path
 from typing import Any
 
-# Setting one of these clears the other: the config takes exactly one of each pair.
-EXCLUSIVE = {"train.ema.decay": "train.ema.halflife_samples", "train.ema.halflife_samples": "train.ema.decay"}
-LR_KEY, EMA_DECAY_KEY = "train.optimizer.lr", "train.ema.decay"
-# What the validation loss measures: a DDPM run's is the MSE of its prediction target (epsilon or
-# v), a flow run's that of the velocity (sfumato.diffusion.loss.validation_loss). Trials that differ
-# in these would be ranked on numbers that do not compare, so a sweep fixes them.
-LOSS_DEFINING = ("diffusion.objective", "diffusion.prediction_type")
+from sfumato.config import EMA_DECAY_KEY, LR_KEY, apply, proxy_tree, run_tree, validated
+from sfumato.layout import TuneFolder
+
+METRIC, MODE = "val_loss", "min"  # what trials are ranked on (validation loss, EMA weights)
 
 
-def run_tree(cfg) -> dict:
-    """The config as a plain tree, without its `tune` and `pipeline` sections: what a run config
-    holds."""
-    from sfumato.config import to_dict
-
-    tree = to_dict(cfg)
-    tree.pop("tune", None)
-    tree.pop("pipeline", None)
-    return tree
-
-
-def apply(tree: dict, values: dict[str, Any]) -> dict:
-    """A copy of `tree` with dotted keys set."""
-    from sfumato.config import apply_override
-
-    tree = copy.deepcopy(tree)
-    for key, value in values.items():
-        if key in EXCLUSIVE:
-            apply_override(tree, EXCLUSIVE[key], None)
-        apply_override(tree, key, value)
-    return tree
-
-
-def validated(tree: dict, what: str, inputs: bool | None = None):
-    """A Config from `tree`; a problem becomes a ValueError naming `what` and the dotted keys."""
-    from pydantic import ValidationError
-
-    from sfumato.config import _format_errors, validate_config
-
-    try:
-        return validate_config(tree, inputs)
-    except ValidationError as err:
-        raise ValueError(_format_errors(err, what)) from None
-
-
-def proxy_tree(cfg) -> dict:
-    return apply(run_tree(cfg), cfg.tune.proxy)
+def trial_dir(cfg, trial_id: str) -> Path:
+    """A trial's run folder: tune.output_dir/trials/<trial id>/."""
+    return TuneFolder(cfg.tune.output_dir).trial(trial_id).root
 
 
 def trial_config(cfg, params: dict[str, Any], run_dir, name: str, inputs: bool | None = None):
     """One trial's proxy run, in its own run folder."""
     tree = apply(proxy_tree(cfg), {**params, "train.output_dir": str(run_dir), "name": name})
     return validated(tree, f"trial {name}", inputs)
-
-
-def check_sweep(cfg) -> None:
-    """At load: the proxy is a valid run with a validation loss, no key is both proxy-only and
-    tuned, none changes what that loss measures (LOSS_DEFINING), ASHA's first rung falls inside
-    the proxy, and every bound or choice of the search space makes a valid proxy run."""
-    tune = cfg.tune
-    if cfg.train is None:
-        raise ValueError("tune: the config needs a `train` section, the full run that the proxy scales down")
-    for section, keys in (("search_space", tune.search_space), ("proxy", tune.proxy)):
-        for key in keys:
-            defining = [k for k in LOSS_DEFINING if key == k or k.startswith(key + ".")]
-            if defining:
-                raise ValueError(
-                    f"tune.{section}.{key} changes what the validation loss measures ({defining[0]}: a DDPM run's is "
-                    "the MSE of its prediction target, a flow run's that of the velocity), so trials could not be "
-                    f"ranked on it; set {defining[0]} in the run and sweep each choice on its own, then compare the "
-                    "best runs with `sfumato evaluate`")
-    for key in tune.search_space:
-        clash = [p for p in tune.proxy if key == p or key.startswith(p + ".") or p.startswith(key + ".")]
-        if clash:
-            raise ValueError(f"tune.search_space.{key} is also set by tune.proxy.{clash[0]}: a tuned key must "
-                             "carry over to the full run, a proxy key never does")
-    proxy = validated(proxy_tree(cfg), "tune.proxy applied to the full run")
-    if proxy.train.validation is None:
-        raise ValueError("tune: the proxy has no train.validation; trials are compared on their validation loss, "
-                         "so set train.validation in the run or in tune.proxy")
-    total = proxy.train.total_steps
-    if tune.scheduler.kind == "asha" and tune.scheduler.grace_period_steps >= total:
-        raise ValueError(f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps} is not below the "
-                         f"proxy's {total} steps: ASHA could stop nothing")
-    if proxy.train.validation.every_steps > tune.scheduler.grace_period_steps and tune.scheduler.kind == "asha":
-        raise ValueError(f"train.validation.every_steps={proxy.train.validation.every_steps} (in the proxy) is above "
-                         f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps}: ASHA's first rung "
-                         "would see no validation loss")
-    base = proxy_tree(cfg)
-    for key, distribution in tune.search_space.items():
-        for value in distribution.extremes():
-            validated(apply(base, {key: value}), f"tune.search_space.{key} = {value!r} in the proxy")
 
 
 def scale_to_full_run(cfg, params: dict[str, Any], trial_cfg) -> tuple[dict, dict]:

@@ -10,24 +10,16 @@ crash resumes from its own checkpoint, and a finished one is never trained again
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from sfumato.config import Config, ConfigError, dump_yaml, to_dict, validate_config, write_resolved
+from sfumato.layout import DataFolder, RunFolder, TuneFolder, atomic_write_json
+from sfumato.tune.space import METRIC, MODE, trial_dir
 
 log = logging.getLogger(__name__)
 
-METRIC, MODE = "val_loss", "min"
-EXPERIMENT = "experiment"  # Tune's own state (for --resume), under tune.output_dir
-TRIALS = "trials"
-SWEEP_CONFIG = "sweep.config.yaml"
-PARAMS = "params.json"  # in each trial folder: its sampled values
 TRIAL_PROCESS_MEMORY = 512 * 2**20  # bytes Ray reserves for a trial's own process (not its workers)
-
-
-def trial_dir(cfg: Config, trial_id: str) -> Path:
-    return cfg.tune.output_dir / TRIALS / trial_id
 
 
 def run_trial(params: dict, sweep: dict) -> None:
@@ -35,8 +27,8 @@ def run_trial(params: dict, sweep: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sfumato.evaluate.report import by_step, read_jsonl
-    from sfumato.train import checkpoint as ckpt
+    from sfumato import checkpoint as ckpt
+    from sfumato.layout import read_metrics
     from sfumato.train.loop import finish_run, make_trainer, prepare_run
     from sfumato.train.step import NonFiniteError
     from sfumato.tune.space import trial_config
@@ -45,15 +37,15 @@ def run_trial(params: dict, sweep: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = trial_dir(cfg, trial_id)
     trial = trial_config(cfg, params, run_dir, f"{cfg.name}-{trial_id}", inputs=False)
-    latest = ckpt.latest(run_dir / "checkpoints")
-    if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= trial.train.total_steps:
+    latest = ckpt.latest(RunFolder(run_dir).checkpoints)
+    if latest is not None and ckpt.load_meta(latest)["step"] >= trial.train.total_steps:
         # Finished before the sweep was killed: replay its validation losses, train nothing.
-        for record in by_step(read_jsonl(run_dir / "metrics.jsonl")):
+        for record in read_metrics(RunFolder(run_dir).metrics):
             if METRIC in record:
                 ray.tune.report(record)
         return
     prepare_run(trial)
-    (run_dir / PARAMS).write_text(json.dumps(params, indent=1))
+    atomic_write_json(TuneFolder.params(RunFolder(run_dir)), params)
     make_trainer(trial, callbacks=[TuneReportCallback()]).fit()
     try:
         finish_run(trial)
@@ -109,7 +101,7 @@ def _check_resume(cfg: Config, out: Path, resume: bool) -> None:
     """A new sweep never overwrites one; a resumed sweep must be the same sweep."""
     from ray.tune import Tuner
 
-    experiment = out / EXPERIMENT
+    experiment = TuneFolder(out).experiment
     if not resume:
         if experiment.exists():
             raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or set another "
@@ -117,17 +109,17 @@ def _check_resume(cfg: Config, out: Path, resume: bool) -> None:
         return
     if not Tuner.can_restore(experiment):
         raise ConfigError(f"{out} holds no sweep to resume (no Tune experiment in {experiment})")
-    saved = (out / SWEEP_CONFIG).read_text()
+    saved = TuneFolder(out).sweep_config.read_text()
     if saved != dump_yaml(cfg):
         raise ConfigError(f"the config differs from the one the sweep in {out} was started with "
-                          f"({out / SWEEP_CONFIG}); resume with that config, or start a new sweep elsewhere")
+                          f"({TuneFolder(out).sweep_config}); resume with that config, or start a new sweep elsewhere")
 
 
 def _check_shards(proxy: Config) -> None:
     from sfumato.data.loader import shard_paths
 
     for stage in proxy.train.stages:
-        shard_paths(proxy.data.output_dir / "shards", stage.resolution_px)
+        shard_paths(DataFolder(proxy.data.output_dir).shards, stage.resolution_px)
 
 
 def _check_state_api() -> None:
@@ -158,7 +150,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> dict:
     proxy = validated(proxy_tree(cfg), "tune.proxy")
     _check_shards(proxy)
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, out / SWEEP_CONFIG)
+    write_resolved(cfg, TuneFolder(out).sweep_config)
     init_ray(cfg.ray, dashboard=True)
     if cfg.tune.scheduler.kind == "asha":
         _check_state_api()
@@ -169,7 +161,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> dict:
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=to_dict(cfg)),
                                     {"CPU": 0, "memory": TRIAL_PROCESS_MEMORY})
     if resume:
-        tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(TuneFolder(out).experiment), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -178,7 +170,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> dict:
                 search_alg=_searcher(cfg), scheduler=_scheduler(cfg, proxy.train.total_steps),
                 num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent_trials,
                 trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out),
+            run_config=tune.RunConfig(name=TuneFolder(out).experiment.name, storage_path=str(out),
                                       failure_config=tune.FailureConfig(max_failures=s.max_failures)),
         )
     grid = tuner.fit()

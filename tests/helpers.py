@@ -1,0 +1,91 @@
+"""What tests import: the repository's paths, configs for tests, tiny pretrained stand-ins,
+real-image batches. Fixtures live in conftest.py (unit) and smoke/conftest.py (Ray, trained runs)."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def extract(archive: Path, dest: Path, limit_per_class: int) -> Path:
+    """Extract up to `limit_per_class` files of every class folder of a tar(.gz)."""
+    if not archive.exists():
+        pytest.skip(f"{archive} is not there (../shared/datasets)")
+    taken: dict[str, int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            cls = str(Path(member.name).parent)
+            if taken.get(cls, 0) >= limit_per_class:
+                continue
+            taken[cls] = taken.get(cls, 0) + 1
+            target = dest / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return dest
+
+
+def debug_config(tmp_path: Path, sources: list[dict], *overrides: str):
+    """configs/debug.yaml with the test's sources and output folder."""
+    from sfumato.config import load_config
+
+    return load_config(
+        REPO / "configs" / "debug.yaml",
+        [f"data.output_dir={tmp_path / 'data'}", f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}", *overrides],
+    )
+
+
+def save_tiny_vae(folder: Path):
+    """A tiny random AutoencoderKL of the real class, saved as a pretrained one (folder/vae, safetensors)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        scaling_factor=0.5)
+    vae.save_pretrained(folder / "vae")
+    return vae
+
+
+def plain_state(model, lr: float = 2e-3, condition_dropout: float = 0.1, **state_fields):
+    """A TrainState around `model` without Ray or DeepSpeed (PlainEngine: AdamW, clipping at 1),
+    seeded, on the CPU: what the unit tests call `train_step` with."""
+    import torch
+
+    from sfumato.config import DiffusionConfig, OptimizerConfig
+    from sfumato.diffusion.schedule import NoiseSchedule
+    from sfumato.train.step import GradientWatch, PlainEngine, TrainState
+
+    cfg = DiffusionConfig(condition_dropout=condition_dropout)
+    return TrainState(engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
+                      schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
+                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                      watch=GradientWatch(model), **state_fields)
+
+
+def run_config(tmp: Path, run: str, *overrides: str):
+    """configs/debug.yaml on the CIFAR shards in `tmp`, with its run folder at tmp/run."""
+    sources = [{"kind": "folder", "name": "cifar", "path": "/", "license": "research-only"}]
+    return debug_config(tmp, sources, f"train.output_dir={tmp / run}", *overrides)
+
+
+def cifar_batch(cifar_dir: Path, start: int, stop: int, classes: list[str] | None = None, size_px: int = 16) -> dict:
+    """Real CIFAR-10 images `start:stop` (sorted paths) as a training micro-batch: uint8 images
+    at `size_px`, class indices into `classes` (-1: none, also when `classes` is None), captions
+    'a photo of a <class>', ids."""
+    from PIL import Image
+
+    paths = sorted(cifar_dir.rglob("*.jpg"))[start:stop]
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size_px, size_px))) for p in paths])
+    labels = [classes.index(p.parent.name) if classes and p.parent.name in classes else -1 for p in paths]
+    captions = [f"a photo of a {p.parent.name.replace('_', ' ')}" for p in paths]
+    return {"image": images, "class": np.array(labels), "caption": captions, "id": [str(p) for p in paths]}

@@ -1,0 +1,81 @@
+"""Fixtures of the smoke tier: one local Ray per session, and the trained debug runs the
+training, evaluation, export and serving tests share (each costs about a minute on two cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import debug_config, run_config, save_tiny_vae
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (stages reuse it instead of starting their own)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory, cifar_dir, ray_local) -> Path:
+    """A data folder: 80 real CIFAR-10 images ingested and sharded at 16 and 32 px."""
+    from sfumato.data.ingest import run_ingest
+    from sfumato.data.shards import run_shards
+
+    tmp = tmp_path_factory.mktemp("train")
+    sources = [{"kind": "folder", "name": "cifar", "path": str(cifar_dir), "license": "research-only"}]
+    cfg = debug_config(tmp, sources)
+    run_ingest(cfg)
+    run_shards(cfg)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def straight(cifar_shards):
+    """An uninterrupted class-conditional ZeRO-2 run of configs/debug.yaml."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "straight")
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def text_run(cifar_shards):
+    """A text-conditional run with its own BPE tokenizer and CLIP text encoder (wandb offline)."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "text", "train.model=unet-text-tiny", "train.conditioning=text",
+                     "train.text.vocab_size=400", "train.text.hidden_size=32", "train.text.num_heads=2",
+                     "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true",
+                     "train.wandb=true")
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def latent_run(cifar_shards):
+    """A latent-diffusion run through a tiny random AutoencoderKL saved as a local 'pretrained' VAE."""
+    from sfumato.train.loop import run_training
+
+    save_tiny_vae(cifar_shards / "pretrained")
+    cfg = run_config(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}",
+                     "train.vae.subfolder=vae")
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def flow_run(cifar_shards):
+    """A rectified-flow run (logit-normal times) with a resolution-dependent shift: 1.5 per 16 px,
+    so 3.0 at the last stage's 32 px, the shift its export samples with."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "flow", "diffusion.objective=flow", "diffusion.flow.shift=1.5",
+                     "diffusion.flow.shift_base_px=16")
+    run_training(cfg)
+    return cfg
