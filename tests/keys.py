@@ -2,8 +2,9 @@
 dotted path from the Config it hangs off (`data.shards.resolutions_px`).
 
 It patches `Frozen.__getattribute__` (every config model's), so isinstance checks and the real
-objects are untouched; reads made while a Config is being validated are not counted (a
-validator checks keys it does not use). Reads in other processes (Ray tasks and workers) are not
+objects are untouched; reads made while a Config is validated or dumped are not counted (a
+validator checks keys it does not use; writing the resolved config beside an output, or hashing
+it, serialises every key, and pydantic's serialiser reads a union's tag through getattr). Reads in other processes (Ray tasks and workers) are not
 seen: only what the driver reads.
 """
 
@@ -52,6 +53,7 @@ def key_recorder(monkeypatch):
     """A KeyRecorder wired into every config model for the duration."""
     recorder = KeyRecorder()
     original_validate = config_module.Config.model_validate.__func__
+    original_dump = config_module.Frozen.model_dump
 
     def getattribute(model, name):
         value = object.__getattribute__(model, name)
@@ -65,6 +67,14 @@ def key_recorder(monkeypatch):
         finally:
             recorder._validating -= 1
 
+    def model_dump(model, *args, **kwargs):
+        recorder._validating += 1
+        try:
+            return original_dump(model, *args, **kwargs)
+        finally:
+            recorder._validating -= 1
+
+    monkeypatch.setattr(config_module.Frozen, "model_dump", model_dump)
     monkeypatch.setattr(config_module.Frozen, "__getattribute__", getattribute)
     monkeypatch.setattr(config_module.Config, "model_validate", classmethod(model_validate))
     yield recorder

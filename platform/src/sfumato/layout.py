@@ -60,7 +60,7 @@ def temporary_sibling(path: Path) -> Path:
 def is_temporary(path: Path) -> bool:
     """Whether `path` is a `temporary_sibling` (left behind when a writer was killed)."""
     name = Path(path).name
-    return name.startswith(".") and ".tmp-" in name
+    return name.startswith(".") and (".tmp-" in name or name.endswith(".tmp"))  # and the older `.x.tmp`
 
 
 def commit_file(tmp: Path, path: Path) -> Path:
