@@ -95,8 +95,14 @@ class Cluster:
             time.sleep(2)
 
     def submit(self, *args: str, log: Path) -> subprocess.CompletedProcess:
-        done = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".", "--",
-                        "python", "jobs/pipeline.py", *args, timeout=900)
+        # The head's job agent starts a few seconds after the dashboard answers; until then Ray
+        # refuses the submission ("No available agent to submit job"), before running anything.
+        for attempt in range(6):
+            done = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".", "--",
+                            "python", "jobs/pipeline.py", *args, timeout=900)
+            if "No available agent to submit job" not in done.stdout + done.stderr:
+                break
+            time.sleep(5)
         log.write_text(done.stdout + done.stderr)
         return done
 
