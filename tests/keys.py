@@ -60,19 +60,17 @@ def key_recorder(monkeypatch):
         recorder._seen(model, name, value)
         return value
 
-    def model_validate(cls, *args, **kwargs):
-        recorder._validating += 1
-        try:
-            return original_validate(cls, *args, **kwargs)
-        finally:
-            recorder._validating -= 1
+    def paused(call):
+        """`call` with the recording paused (validating or dumping a config reads every key)."""
+        def run(*args, **kwargs):
+            recorder._validating += 1
+            try:
+                return call(*args, **kwargs)
+            finally:
+                recorder._validating -= 1
+        return run
 
-    def model_dump(model, *args, **kwargs):
-        recorder._validating += 1
-        try:
-            return original_dump(model, *args, **kwargs)
-        finally:
-            recorder._validating -= 1
+    model_validate, model_dump = paused(original_validate), paused(original_dump)
 
     monkeypatch.setattr(config_module.Frozen, "model_dump", model_dump)
     monkeypatch.setattr(config_module.Frozen, "__getattribute__", getattribute)
