@@ -59,12 +59,15 @@ def text_run(cifar_shards):
 
 @pytest.fixture(scope="session")
 def latent_run(cifar_shards):
-    """A latent-diffusion run through a tiny random AutoencoderKL saved as a local 'pretrained' VAE."""
+    """A latent-diffusion run through a tiny random AutoencoderKL saved as a local 'pretrained' VAE,
+    trained from the latent cache (`sfumato cache`, built first)."""
+    from sfumato.models.cache import run_cache
     from sfumato.train.loop import run_training
 
     save_tiny_vae(cifar_shards / "pretrained")
     cfg = run_config(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}",
                      "train.vae.subfolder=vae")
+    run_cache(cfg)
     run_training(cfg)
     return cfg
 

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, save_tiny_vae  # noqa: E402
 from keys import key_recorder, undeclared  # noqa: E402
-from sfumato.config import load_config  # noqa: E402
+from sfumato.config import VAEConfig, load_config  # noqa: E402
 from sfumato.stages import LOCATION_KEYS, REGISTRY  # noqa: E402
 
 
@@ -27,6 +27,13 @@ def test_every_stage_reads_only_the_config_keys_it_declares(tmp_path, monkeypatc
             with recorder.recording():
                 REGISTRY[name].run(cfg)
             read[name] = set(recorder.keys)
+        # The latent cache runs for latent runs only: the same shards through a tiny local VAE.
+        save_tiny_vae(tmp_path / "pretrained")
+        latent = cfg.model_copy(update={"train": cfg.train.model_copy(update={"vae": VAEConfig(
+            pretrained=str(tmp_path / "pretrained"), subfolder="vae")})})
+        with recorder.recording():
+            REGISTRY["cache"].run(latent)
+        read["cache"] = set(recorder.keys)
     for name, keys in read.items():
         assert keys, f"the recorder saw no key read by {name}: it is not recording"
         # The stages after training read the trained run's resolved config (its train.* and

@@ -101,6 +101,64 @@ def test_latent_run_trains_through_a_local_pretrained_vae(cifar_shards, latent_r
     assert not any(k.startswith("vae") for k in ema), "the frozen VAE is not part of the trained state"
 
 
+def test_latent_cache_is_built_once_per_vae_and_holds_its_posterior(cifar_shards, latent_run):
+    """The latent run's cache (built before it trained): a second build encodes nothing, nor does
+    one with another scaling factor (applied when training draws); a killed build redoes only the
+    file it had not finished; another VAE gets its own cache, the first one kept; what is stored
+    is the VAE's posterior of each shard image, found by the sample's id."""
+    import csv
+
+    from diffusers import AutoencoderKL
+
+    from sfumato.config import VAEConfig
+    from sfumato.data.loader import iter_batches, shard_paths
+    from sfumato.layout import CacheFolder, DataFolder, temporary_sibling
+    from sfumato.models.cache import LATENT_MEAN, LATENT_STD, LatentCache, cache_folder, run_cache
+    from sfumato.models.vae import LatentCodec
+
+    cfg = latent_run
+    with DataFolder(cfg.data.output_dir).shard_folder.manifest.open() as fh:
+        shards = list(csv.DictReader(fh))  # 16 and 32 px: both divide into the VAE's 2x2 cells
+    again = run_cache(cfg)
+    assert (again.built, again.reused, again.files) == (0, len(shards), len(shards))
+    assert again.samples == sum(int(r["sample_count"]) for r in shards)
+    meta = json.loads(cache_folder(cfg).meta.read_text())
+    # float16 mean and std of 4x8x8 latents: 2 x 512 bytes, plus the file's header and ids.
+    assert 1024 <= meta["resolutions"]["16"]["bytes_per_sample"] < 1150, meta
+    assert run_cache(_cfg(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}",
+                          "train.vae.subfolder=vae", "train.vae.scaling_factor=0.3")).built == 0
+
+    folder = cache_folder(cfg)
+    CacheFolder.sidecar(folder.shard(32, 1)).unlink()  # killed before its completion marker
+    temporary_sibling(folder.shard(16, 0)).write_bytes(b"half a file")
+    resumed = run_cache(cfg)
+    assert (resumed.built, resumed.reused) == (1, len(shards) - 1)
+    assert not any(p.name.startswith(".") for p in folder.resolution(16).iterdir()), "temporaries removed"
+
+    vae = AutoencoderKL.from_pretrained(cifar_shards / "pretrained", subfolder="vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1.5)
+    vae.save_pretrained(cifar_shards / "other" / "vae")
+    other = _cfg(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'other'}", "train.vae.subfolder=vae")
+    built = run_cache(other)
+    assert built.built == len(shards) and cache_folder(other) != folder
+    assert LatentCache.open(cfg, 16) is not None, "the first VAE's cache is still complete"
+
+    codec = LatentCodec.load(VAEConfig(pretrained=str(cifar_shards / "other"), subfolder="vae"))
+    batch = next(iter_batches(shard_paths(DataFolder(cfg.data.output_dir).shards, 32)[1:], 16, 32))
+    mean, std = codec.posterior(torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    cached = LatentCache.open(other, 32).lookup(batch["id"])
+    torch.testing.assert_close(torch.from_numpy(cached[LATENT_MEAN]).float(), mean, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.from_numpy(cached[LATENT_STD]).float(), std, rtol=2e-3, atol=2e-3)
+
+    from sfumato.evaluate.cards import write_dataset_card
+
+    card = write_dataset_card(cfg.data.output_dir, out=cifar_shards / "card" / "dataset_card.md").read_text()
+    caches = card.split("## Latent caches")[1]
+    assert folder.root.name in caches and cache_folder(other).root.name in caches
+    assert f"{meta['resolutions']['16']['bytes_per_sample']:,.0f} |" in caches, "bytes per sample on the card"
+
+
 def test_zero3_partitions_the_ema_and_reaches_the_zero2_weights(cifar_shards, straight):
     """ZeRO-3 shards the weights and the EMA across the 2 workers; the gathered EMA in its
     checkpoint must be the one ZeRO-2 computes with whole tensors (same data, same seed), to

@@ -288,3 +288,22 @@ def test_a_folder_without_config_is_not_a_run(tmp_path):
     for write in (write_report, write_model_card, training_compute):
         with pytest.raises(FileNotFoundError, match=f"{tmp_path} is not a run folder"):
             write(tmp_path)
+
+
+def test_cards_show_a_runs_source_mixture_configured_and_realised(data):
+    from sfumato.evaluate.cards import write_run_documents
+
+    cfg = data[0]
+    sources = [s.model_copy(update={"weight": w}) for s, w in zip(cfg.data.sources, (3, 1, 0, 0))]
+    weighted = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
+    shares = {"flowers": 0.7431, "plain": 0.2569, "unlicensed": 0.0, "restricted": 0.0}
+    run = _run(weighted, "mixture", [{**m, "source_shares": shares} for m in _metrics(times=True)])
+    documents = write_run_documents(run, cfg.data.output_dir)
+    card = documents["dataset_card"].read_text()
+    assert "## Source mixture (training draws)" in card and f"Run `{cfg.name}`" in card
+    assert "| flowers | 0.75 | 0.743 |" in card and "| plain | 0.25 | 0.257 |" in card
+    assert json.loads(documents["dataset_card"].with_suffix(".json").read_text())["mixture"]["realised"] == shares
+    assert "Drawn in the mixture flowers 75%, plain 25%, unlicensed 0%" in documents["model_card"].read_text()
+    # A run without weights leaves the dataset card without a mixture.
+    assert "Source mixture" not in write_run_documents(_run(cfg, "plain-run", _metrics(times=True)),
+                                                       cfg.data.output_dir)["dataset_card"].read_text()

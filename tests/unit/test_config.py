@@ -99,3 +99,14 @@ def test_config_is_frozen():
     cfg = load_config(PILOT)
     with pytest.raises(Exception):
         cfg.seed = 1
+
+
+def test_source_weights_are_set_on_every_source_or_none_and_normalised():
+    two = "[{kind: demo, name: photos, weight: %s}, {kind: demo, name: synthetic%s}]"
+    with pytest.raises(ConfigError, match=r"data: sources\.1\.weight unset"):
+        load_config(PILOT, [f"data.sources={two % (9, '')}"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.weight: .*greater than or equal to 0"):
+        load_config(PILOT, [f"data.sources={two % (-1, ', weight: 1')}"])
+    assert load_config(PILOT, [f"data.sources={two % (9, ', weight: 1')}"]).data.source_weights == \
+        {"photos": pytest.approx(0.9), "synthetic": pytest.approx(0.1)}
+    assert load_config(PILOT).data.source_weights is None

@@ -118,3 +118,62 @@ def test_weights_that_do_not_fit_the_model_are_refused_naming_the_source():
         fill_parameters(model, {k: v for k, v in weights.items() if k != first}, "ema.safetensors")
     with pytest.raises(ValueError, match=r"ema\.safetensors: .* has shape \(1,\)"):
         fill_parameters(model, {**weights, first: torch.zeros(1)}, "ema.safetensors")
+
+
+@pytest.mark.slow  # inductor compiles the forward and backward: about a minute on 2 cores
+def test_compiled_step_matches_the_eager_step_and_still_catches_non_finite_gradients(cifar_batch):
+    """train.compile changes the speed, not the training: the same losses and weights as eager
+    to float tolerance, the same parameter names (checkpoints and the EMA read them), and the
+    gradient watch still sees a non-finite gradient through the compiled backward."""
+    from types import SimpleNamespace
+
+    from sfumato.train.worker import speed_up
+
+    def run(compiled: bool):
+        from sfumato.train.step import batch_to_tensors, loss_fn
+
+        torch.manual_seed(0)
+        model = build_denoiser("unet-tiny", 16, 3, num_classes=10)
+        names = [n for n, _ in model.named_parameters()]
+        speed_up(model, SimpleNamespace(compile=compiled, channels_last=None), torch.device("cpu"))
+        state = plain_state(model, null_class=10)
+        x0, classes = batch_to_tensors(cifar_batch, state.device, state.dtype)
+        loss_fn(model, x0, classes, state)[0].backward()  # the same noise and times: one generator seed
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        losses = [float(train_step(state, cifar_batch)["loss"]) for _ in range(3)]
+        return model, names, grads, losses
+
+    eager, eager_names, eager_grads, eager_losses = run(False)
+    compiled, compiled_names, compiled_grads, compiled_losses = run(True)
+    assert compiled._compiled_call_impl is None and compiled.net._compiled_call_impl is not None
+    assert compiled_names == eager_names
+    for name, a, b in zip(eager_names, eager_grads, compiled_grads):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), name
+    # Adam's steps amplify last-digit differences of near-zero gradients: compare the losses.
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
+    param = next(compiled.parameters())
+    param.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match="non-finite gradient"):
+        train_step(plain_state(compiled, null_class=10), cifar_batch)
+
+
+def test_a_nan_in_the_first_micro_batch_stops_at_the_accumulation_boundary_before_any_update(cifar_batch):
+    """The finite flags stay on the device over the micro-steps and are read once, at the
+    boundary: a NaN loss in micro-batch 1 of 2 still stops the run before the optimizer step."""
+    torch.manual_seed(0)
+    model = build_denoiser("unet-tiny", 16, 3)
+    state = plain_state(model)
+    state.engine.grad_accum_steps = 2
+    before = [p.detach().clone() for p in model.parameters()]
+    weight = next(model.parameters())
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    out = train_step(state, cifar_batch)  # micro-step 1: NaN loss, no boundary, no error yet
+    assert not out["optimizer_step"] and torch.isnan(out["loss"])
+    with torch.no_grad():
+        weight.copy_(saved)  # micro-step 2 is finite, the NaN of micro-step 1 is remembered
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
+        train_step(state, cifar_batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "no update was applied"

@@ -111,3 +111,12 @@ def clean_partials(checkpoints: Path) -> None:
     if checkpoints.exists():
         for p in checkpoints.glob("step-*.partial"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def discard_after(checkpoints: Path, step: int) -> None:
+    """Committed checkpoints past `step` (rank 0, after a rollback to `step`): they hold the
+    abandoned spike's weights, and a restart must not resume from them."""
+    for p in committed(checkpoints):
+        if int(p.name[5:]) > step:
+            (p / COMMITTED).unlink()  # first: a deletion cut off by a crash leaves no checkpoint to load
+            shutil.rmtree(p)

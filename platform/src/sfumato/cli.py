@@ -16,7 +16,7 @@ from sfumato.config import ConfigError, dump_yaml, load_config, load_run_config
 from sfumato.console import configure_logging, set_verbose
 from sfumato.layout import RunFolder
 
-DATA_STAGES = ("ingest", "embed", "dedup", "safety", "caption", "shards", "dataloader")  # in sfumato.stages
+DATA_STAGES = ("ingest", "embed", "dedup", "safety", "caption", "shards", "cache", "dataloader")  # in sfumato.stages
 VERBOSE_HELP = "also show Ray's and the libraries' INFO logs and the known-harmless warnings (quiet by default)"
 
 
@@ -79,12 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="unet-s", help="train: a registered model")
     bench.add_argument("--resolution", type=int, default=32, help="train: image size")
     bench.add_argument("--steps", type=int, default=40, help="train: optimizer steps per side; tune: proxy steps per trial")
-    bench.add_argument("--micro-batch", type=int, default=16, help="train: samples per worker per step")
+    bench.add_argument("--micro-batch", type=int, default=16, help="train: samples per worker per step at --workers "
+                       "workers (the global batch every layout splits)")
+    bench.add_argument("--layouts", default="2x1,1x2", help="train: Ray layouts of the CPUs, workers x threads each")
     bench.add_argument("--vectors", type=int, default=1_000_000, help="dedup: synthetic embeddings, approximate search")
     bench.add_argument("--exact-vectors", type=int, default=50_000, help="dedup: the subset searched exactly too")
     bench.add_argument("--gpu", action="store_true",
                        help="train: time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU")
-    bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="train --gpu: ZeRO stage")
+    bench.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="train: ZeRO stage")
+    bench.add_argument("--compile", action="store_true", help="train --gpu: train.compile on (torch.compile)")
+    bench.add_argument("--gpu-matrix", action="store_true",
+                       help="train: every preset x ZeRO 0/2/3 (+ compiled rows) on one GPU, one process per row")
     bench.add_argument("--repeats", type=int, default=20, help="export: timed denoiser calls per setting")
     bench.add_argument("--duration", type=float, default=20.0, help="serve: seconds of load per cell")
     bench.add_argument("--serve-steps", type=int, default=10, help="serve: denoising steps per request")
@@ -180,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "train" and cfg.train is None:
         print(f"sfumato: {args.config} has no `train` section", file=sys.stderr)
         return 2
+    if args.stage == "cache":
+        from sfumato.stages import REGISTRY
+
+        if REGISTRY["cache"].enabled(cfg):
+            print(f"sfumato: nothing to cache for {args.config}: {REGISTRY['cache'].enabled(cfg)}", file=sys.stderr)
+            return 2
     options = {"review": args.review} if args.stage == "dedup" else {}
     result = run_stage(args.stage, cfg, **options)
     print(json.dumps(result, indent=2, default=str))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sfumato.layout import RunFolder, atomic_write
-from sfumato.models.names import DIT, MODEL_FAMILIES, TEXT_MODELS
+from sfumato.models.names import DIT, MODEL_FAMILIES, SIZE_DIVISOR_PX, TEXT_MODELS
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,10 @@ class _Source(Frozen):
     """Recorded as `source` on every row it yields; unique among sources."""
     license: str | None = None
     """Default licence for rows that do not carry their own; None: such rows are rejected."""
+    weight: float | None = Field(None, ge=0)
+    """This source's share of the training draws (normalised over the sources; 0: not trained
+    on), whatever its size: e.g. 9 and 1 for 90% real photos, 10% synthetic. Set on every source
+    or on none (None: no mixture, every sample once per epoch whatever its source)."""
 
 
 class FolderSource(_Source):
@@ -185,6 +190,40 @@ class IngestConfig(Frozen):
 
 
 # ------------------------------------------------------------------------------------ shards
+class BucketsConfig(Frozen):
+    """Aspect-ratio buckets (as NovelAI and SDXL train): per resolution R, one (width, height)
+    per aspect ratio with about R x R pixels; each image is stored at its nearest bucket (by log
+    aspect ratio: resized to cover it, then centre-cropped by a few per cent), and every
+    micro-batch holds one bucket's images."""
+
+    aspect_ratios: list[float] = [1 / 2, 9 / 16, 2 / 3, 3 / 4, 4 / 5, 1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0]
+    """Width / height of each bucket; 1.0 must be one (sample grids and requests without a size are
+    square). The defaults, the common photo and screen shapes, cut at most ~11% of an image's long
+    side (less where a low resolution rounds two of them to one size)."""
+    multiple_px: int = Field(8, ge=1)
+    """Bucket sides are multiples of this: of what the model needs (a UNet 2^(levels-1), a DiT its
+    patch, each times the VAE's factor in latent mode; checked against train.model)."""
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if any(not 0.25 <= r <= 4.0 for r in value):
+            raise ValueError(f"aspect ratios must lie in 0.25..4, got {value}")
+        if 1.0 not in value:
+            raise ValueError(f"the aspect ratios {value} must include 1.0 (the square bucket)")
+        return sorted(set(value))
+
+    def sizes(self, resolution_px: int) -> list[tuple[int, int]]:
+        """The (width, height) buckets at one resolution, narrowest first (ratios that round to
+        the same size at a low resolution give one bucket)."""
+        m, found = self.multiple_px, []
+        for ratio in self.aspect_ratios:
+            size = (max(m, round(resolution_px * ratio ** 0.5 / m) * m), max(m, round(resolution_px / ratio ** 0.5 / m) * m))
+            if size not in found:
+                found.append(size)
+        return found
+
+
 class ShardsConfig(Frozen):
     resolutions_px: list[int] = Field([64], min_length=1)
     """One set of shards per resolution (a training curriculum goes low to high)."""
@@ -197,6 +236,25 @@ class ShardsConfig(Frozen):
     allow_hflip: bool = True
     """Recorded with every sample: whether training may mirror it (off for text, logos)."""
     num_workers: int | None = Field(None, ge=1)
+    buckets: BucketsConfig | None = None
+    """Set: images keep their aspect ratio, stored at their nearest aspect bucket of each
+    resolution (instead of resize_mode's square crop). None: every image square."""
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> "ShardsConfig":
+        if self.buckets is None:
+            return self
+        if self.resize_mode != "center_crop":
+            raise ValueError("resize_mode: shorter_side and buckets exclude each other (buckets set the sizes)")
+        odd = [r for r in self.resolutions_px if r % self.buckets.multiple_px]
+        if odd:
+            raise ValueError(f"resolutions_px {odd} are not multiples of buckets.multiple_px={self.buckets.multiple_px} "
+                             "(the square bucket of a resolution is the resolution itself)")
+        return self
+
+    def bucket_sizes(self, resolution_px: int) -> list[tuple[int, int]] | None:
+        """The (width, height) buckets of one resolution; None without buckets."""
+        return None if self.buckets is None else self.buckets.sizes(resolution_px)
 
     @field_validator("resolutions_px")
     @classmethod
@@ -284,6 +342,26 @@ class CurateConfig(Frozen):
     safety: SafetyConfig = SafetyConfig()
 
 
+class CacheConfig(Frozen):
+    """The cache (`sfumato cache`, sfumato.models.cache): the shards' images encoded once by the
+    run's frozen VAE (train.vae), the posterior's mean and std per sample, and for a frozen
+    pretrained text encoder (train.text.train_encoder: false) each caption's encoder states;
+    reused by every run and sweep on the same shards with the same models, so training runs
+    neither encoder."""
+
+    enabled: bool = True
+    """Build it (runs with train.vae or a frozen text encoder) and train from it when it is
+    complete; False: every run encodes on the fly."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage: float16 halves the bytes per sample (the draw is made in float32)."""
+    batch_size: int = Field(32, ge=1)
+    """Images per VAE forward in the builder."""
+    num_workers: int | None = Field(None, ge=1)
+    """Builder actors, each holding the encoders; None: one per CPU (or GPU with num_gpus), at most one per shard."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per builder actor on a cluster (0: CPU actors)."""
+
+
 class DataConfig(Frozen):
     output_dir: Path
     """Holds manifest.parquet, rejects.parquet, blobs/ and shards/<res>/."""
@@ -292,6 +370,7 @@ class DataConfig(Frozen):
     shards: ShardsConfig = ShardsConfig()
     loader: LoaderConfig = LoaderConfig()
     curate: CurateConfig = CurateConfig()
+    cache: CacheConfig = CacheConfig()
 
     @field_validator("output_dir")
     @classmethod
@@ -303,12 +382,26 @@ class DataConfig(Frozen):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            unset = ", ".join(f"sources.{i}.weight" for i, w in enumerate(weighted) if not w)
+            raise ValueError(f"{unset} unset while other sources have a weight: set a weight on every source or on none")
+        if any(weighted) and not any(s.weight for s in self.sources):
+            raise ValueError("sources.*.weight are all 0: at least one source needs a positive weight")
         if self.loader.resolution_px not in (None, *self.shards.resolutions_px):
             raise ValueError(
                 f"loader.resolution_px={self.loader.resolution_px} is not one of "
                 f"shards.resolutions_px={self.shards.resolutions_px}"
             )
         return self
+
+    @property
+    def source_weights(self) -> dict[str, float] | None:
+        """Source name -> share of the training draws (summing to 1), or None without weights."""
+        if self.sources[0].weight is None:
+            return None
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
 
 
 # --------------------------------------------------------------------------------- diffusion
@@ -464,6 +557,9 @@ class SampleConfig(Frozen):
     prompts: list[str] | None = Field(None, min_length=1)
     """Text-conditional runs: the grid's captions, cycled. None: the manifest's most frequent
     captions, chosen at the run's first start and kept in text/sample_prompts.json."""
+    aspect_ratio: float | None = None
+    """With data.shards.buckets: the grid's images at each stage's bucket of this width / height
+    (one of the buckets' aspect_ratios, within 1%). None: square, at the stage's resolution."""
 
 
 class ValidationConfig(Frozen):
@@ -480,6 +576,32 @@ class ValidationConfig(Frozen):
     """Every image is noised at these many evenly spaced timesteps, with fixed noise."""
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+
+
+class SpikeGuardConfig(Frozen):
+    """The loss-spike guard (issue 16): a logged loss above `factor` x its running average
+    (train.progress.LossAverage, all ranks' mean) for `patience_logged_steps` logged steps in a
+    row rolls every rank back to the newest committed checkpoint from before the spike began and
+    continues at `lr_scale` x the learning rate, or stops the run (`action`). The average a
+    loss is compared with is the one of the last logged step that was not above it, so a
+    lasting spike cannot pull its own yardstick up and hide. NaN/Inf always stops (NonFiniteError)."""
+
+    factor: float = Field(3.0, gt=1)
+    """k: a logged loss above k x the running average counts as spiking. Per-batch diffusion
+    losses scatter around their average by the timesteps drawn (about 0.4x-1.3x at 8 images a
+    batch); 3x is a divergence, not noise."""
+    patience_logged_steps: int = Field(2, ge=1)
+    """m: consecutive spiking logged steps (train.log_every_steps apart) before the guard acts."""
+    armed_after_steps: int = Field(100, ge=1)
+    """The guard compares only once the average has seen this many optimizer steps (its
+    horizon is ~50 at beta 0.98): the first losses fall fast and the average is still young."""
+    action: Literal["rollback", "stop"] = "rollback"
+    """rollback: reload the newest committed checkpoint from before the spike and continue;
+    stop: end the run with a LossSpikeError (STOPPED.json), not retried."""
+    lr_scale: float = Field(0.5, gt=0, le=1)
+    """Each rollback multiplies the learning rate by this, for the rest of the run."""
+    max_rollbacks: int = Field(2, ge=0)
+    """A spike after this many rollbacks stops the run instead."""
 
 
 class TrainConfig(Frozen):
@@ -505,6 +627,11 @@ class TrainConfig(Frozen):
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves for each training worker (with its GPU, when use_gpu)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool | None = None
+    """Compile the denoiser's network with torch.compile (inductor); None: with GPUs only (on a
+    CPU the first steps spend minutes compiling what a short run never earns back)."""
+    channels_last: bool | None = None
+    """Channels-last (NHWC) memory format for the network; None: with GPUs only."""
     zero_stage: int = Field(2, ge=0, le=3)
     """ZeRO 0-3: 1 partitions optimizer state, 2 also gradients, 3 also the weights (and the EMA
     with them) across the data-parallel workers."""
@@ -518,6 +645,8 @@ class TrainConfig(Frozen):
     checkpoint_every_steps: int = Field(500, ge=1)
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    spike_guard: SpikeGuardConfig | None = SpikeGuardConfig()
+    """Roll back (or stop) on a lasting loss spike; None: no guard (NaN/Inf still stops the run)."""
     wandb: bool = True
     """Log to wandb too (offline mode without WANDB_API_KEY)."""
     sample: SampleConfig = SampleConfig()
@@ -785,6 +914,43 @@ class Config(Frozen):
             if missing:
                 raise ValueError(f"train.stages use {missing} px, which data.shards.resolutions_px "
                                  f"{self.data.shards.resolutions_px} does not produce")
+        return self
+
+    @property
+    def trained_sizes_px(self) -> list[tuple[int, int]] | None:
+        """The (width, height) aspect buckets of the training stages' resolutions, in pixels
+        (what sample grids and the served model may be asked for); None without buckets."""
+        if self.train is None or self.data.shards.buckets is None:
+            return None
+        sizes = [size for s in self.train.stages for size in self.data.shards.bucket_sizes(s.resolution_px)]
+        return sorted(set(sizes))
+
+    def sample_size_px(self, resolution_px: int) -> tuple[int, int]:
+        """(width, height) of the training grids' images at one stage resolution."""
+        ratio = self.train.sample.aspect_ratio
+        if ratio is None:
+            return resolution_px, resolution_px
+        # The bucket that ratio became at this resolution (sides rounded to buckets.multiple_px).
+        return min(self.data.shards.bucket_sizes(resolution_px), key=lambda s: abs(math.log(s[0] / s[1] / ratio)))
+
+    @model_validator(mode="after")
+    def _buckets_fit_the_model(self) -> "Config":
+        buckets = self.data.shards.buckets
+        ratio = None if self.train is None else self.train.sample.aspect_ratio
+        if ratio is not None and (buckets is None or all(abs(math.log(ratio / r)) > 0.01 for r in buckets.aspect_ratios)):
+            allowed = "set data.shards.buckets first" if buckets is None else f"one of {buckets.aspect_ratios}"
+            raise ValueError(f"train.sample.aspect_ratio={ratio} is not a trained bucket's: {allowed}")
+        if self.train is None or buckets is None:
+            return self
+        if self.train.vae is not None and self.data.cache.enabled:
+            raise ValueError("data.shards.buckets with train.vae needs data.cache.enabled: false (the latent cache "
+                             "stores square crops; the VAE then encodes each bucket's batch as it trains)")
+        # A latent model's divisor is in latent pixels: times 8, the factor of every SD-family VAE.
+        needed = SIZE_DIVISOR_PX[self.train.model] * (8 if self.train.vae is not None else 1)
+        if buckets.multiple_px % needed:
+            space = " in latent space (times the VAE's 8)" if self.train.vae is not None else ""
+            raise ValueError(f"data.shards.buckets.multiple_px={buckets.multiple_px} is not a multiple of {needed}, "
+                             f"which model {self.train.model}{space} needs for every side")
         return self
 
     @model_validator(mode="after")

@@ -4,11 +4,12 @@ folder is named here, once, and written through the one atomic writer below.
     DATA_DIR/ (data.output_dir)             RUN_DIR/ (train.output_dir)
       manifest.parquet, rejects.parquet       config.yaml       the resolved config
       ingest_summary.json                     classes.json      class index -> name it trained with
-      dedup_report.json, embeddings/          metrics.jsonl     one line per logged step
-      shards/<res>/*.tar (+ .json sidecars)   attempts.jsonl    one line per start of the workers
-      shards/shard_manifest.csv               STOPPED.json      a stop on NaN/Inf
+      dedup_report.json, embeddings/          metrics.jsonl     one line per logged step, and per rollback
+      shards/<res>/*.tar (+ .json sidecars)   attempts.jsonl    one line per start (and rollback)
+      shards/shard_manifest.csv               STOPPED.json      a stop: NaN/Inf, spike
       shards/classes.json, class_counts.json  checkpoints/step-NNNNNNNN/ (sfumato.checkpoint)
       shards/class_weights.json               samples/step-NNNNNNNN.png
+      cache/<key>/<res>/*.safetensors (+ .json)
       dataset_card.md (+ .json, plots)        evaluation/metrics.jsonl
       domain_classifier/<fingerprint>/        report.md, report/, model_card.md
       pipeline/<stage>.json                   export/, text/ (tokenizer, sample prompts)
@@ -104,8 +105,15 @@ def by_step(records: list[dict]) -> list[dict]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """A metrics.jsonl as one record per step, in step order (`by_step`)."""
-    return by_step(read_jsonl(path))
+    """A metrics.jsonl's logged steps as one record per step, in step order (`by_step`); its
+    event lines (`metric_events`) are left out."""
+    return by_step([r for r in read_jsonl(path) if "event" not in r])
+
+
+def metric_events(path: Path, event: str) -> list[dict]:
+    """A metrics.jsonl's event lines of one kind, in the order written: {"event": "rollback",
+    "step": the step training went back to, ...} (sfumato.train.worker.roll_back)."""
+    return [r for r in read_jsonl(path) if r.get("event") == event]
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -161,6 +169,31 @@ class ShardFolder(_Folder):
     def shard(self, resolution_px: int, index: int) -> Path:
         return self.resolution(resolution_px) / f"shard-{index:06d}.tar"
 
+    @staticmethod
+    def sidecar(shard: Path) -> Path:
+        """A tar's completion marker: its sample count, hash and per-source counts (JSON)."""
+        return shard.with_suffix(".json")
+
+
+
+class CacheFolder(_Folder):
+    """DATA_DIR/cache/<key>: one latent cache (sfumato.models.cache), named by the hash of what
+    its values depend on apart from the shards (the VAE's identity and weights, the stored dtype);
+    each file also records the sha256 of the shard it was encoded from."""
+
+    meta = property(lambda self: self.root / "cache.json")  # the key's parts, bytes per sample, counts
+
+    def resolution(self, resolution_px: int) -> Path:
+        return self.root / str(resolution_px)
+
+    def shard(self, resolution_px: int, index: int) -> Path:
+        """The posterior mean and std of shard-NNNNNN.tar's samples, in its order (safetensors)."""
+        return self.resolution(resolution_px) / f"shard-{index:06d}.safetensors"
+
+    @staticmethod
+    def sidecar(cache_file: Path) -> Path:
+        """A cache file's completion marker (written last): shard hash, key, ids, bytes (JSON)."""
+        return cache_file.with_suffix(".json")
 
 
 class DataFolder(_Folder):
@@ -179,6 +212,14 @@ class DataFolder(_Folder):
         return self.embeddings / kind
     shards = property(lambda self: self.root / "shards")
     shard_folder = property(lambda self: ShardFolder(self.shards))
+    cache = property(lambda self: self.root / "cache")  # cache/<key>/: CacheFolder, one per VAE
+
+    def cache_folder(self, key: str) -> CacheFolder:
+        return CacheFolder(self.cache / key)
+
+    def cache_folders(self) -> list[CacheFolder]:
+        """Every complete latent cache here (one per VAE the shards were encoded with)."""
+        return [CacheFolder(p) for p in sorted(self.cache.glob("*")) if CacheFolder(p).meta.is_file()]
     dataset_card = property(lambda self: self.root / "dataset_card.md")
     domain_classifier = property(lambda self: self.root / "domain_classifier")
     fid_cache = property(lambda self: self.root / "fid_cache")

@@ -1,6 +1,6 @@
 """`sfumato pipeline --config FILE`: the whole job on one config, data in, an exported model out.
 
-    ingest -> safety -> dedup -> caption -> shards -> tune -> train -> evaluate -> export
+    ingest -> safety -> dedup -> caption -> shards -> cache -> tune -> train -> evaluate -> export
 
 The stages, with the config keys each reads, are sfumato.stages.REGISTRY (the CLI dispatches
 from it too); this module runs them in order and decides which are already complete.

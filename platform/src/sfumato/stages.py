@@ -5,7 +5,7 @@ registered with the config keys it reads (what its pipeline fingerprint hashes; 
 stages on a config that records every key read and fails on an undeclared one), the folder its
 pipeline record lives in, what it leaves behind, and which files' content is its output hash.
 
-    ingest -> safety -> dedup -> caption -> shards -> tune -> train -> evaluate -> export
+    ingest -> safety -> dedup -> caption -> shards -> cache -> tune -> train -> evaluate -> export
 """
 
 from __future__ import annotations
@@ -176,6 +176,29 @@ def shards(cfg: Config):
     return summary.line(), summary.__dict__
 
 
+def _cache_meta(cfg: Config) -> Path:
+    from sfumato.models.cache import cache_folder
+
+    return cache_folder(cfg).meta  # written last, when every file of the cache is complete
+
+
+def _caching(cfg: Config) -> str | None:
+    from sfumato.models.cache import cache_enabled
+
+    return cache_enabled(cfg)
+
+
+@stage("cache", keys=("data.cache", "data.shards.buckets", "train.vae", "train.conditioning", "train.text"),
+       folder=_data_root, reads=("shards",), enabled=_caching,
+       artifacts=lambda cfg: {"latent cache": _cache_meta(cfg)}, produced=lambda cfg: [_cache_meta(cfg)])
+def cache(cfg: Config):
+    """shards -> cache: every image's VAE posterior and frozen-encoder caption states, once (Ray Data actors)"""
+    from sfumato.models.cache import run_cache
+
+    summary = run_cache(cfg)
+    return summary.line(), summary.__dict__
+
+
 @stage("dataloader", keys=("seed", "data.shards", "data.loader"), folder=_data_root, in_pipeline=False,
        artifacts=lambda cfg: {}, produced=lambda cfg: [])
 def dataloader(cfg: Config):
@@ -224,7 +247,9 @@ def _final_weights(cfg: Config) -> list[Path]:
     return [ckpt.ema_path(_last_checkpoint(cfg)["final checkpoint"])]
 
 
-@stage("train", keys=("seed", "diffusion", "train"), folder=_run_root,
+# data.cache: whether and in which precision the run reads its latents from the latent cache.
+@stage("train", keys=("seed", "diffusion", "train", "data.sources", "data.cache.enabled", "data.cache.dtype"),
+       folder=_run_root,
        reads=("shards",), enabled=_training, artifacts=_last_checkpoint, produced=_final_weights)
 def train(cfg: Config):
     """Ray Train + DeepSpeed diffusion training (resumes its run folder)"""

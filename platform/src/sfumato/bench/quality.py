@@ -196,7 +196,7 @@ class SfumatoTrainer:
         self.state.engine.set_lr(lr_at(self.state.step, self.cfg.train.optimizer, self.total_steps))
         out = train_step(self.state, batch)
         self.ema.update(self.state.engine.module)
-        return out["loss"]
+        return float(out["loss"])
 
     @torch.no_grad()
     def generate(self, labels: np.ndarray, seed: int) -> torch.Tensor:

@@ -2,8 +2,11 @@
 against a plain single-process PyTorch + diffusers loop with the same model, global batch and
 precision, in one run; and what the shard loader alone delivers.
 
-Both sides train on the same demo shards. The plain loop uses every CPU thread in one process;
-the Ray run splits the global batch over `--workers` data-parallel processes of one thread each.
+Both sides train on the same demo shards. The plain loop is what a user writes by hand: one
+process using every CPU thread, torch's default AdamW, no EMA. The Ray side runs once per
+layout of the same CPUs (`--layouts`, workers x threads: 2x1 = two data-parallel workers of one
+thread each, the global batch split between them; 1x2 = one worker with both threads), with
+everything the platform does per step (EMA, finite checks, logging, the shard loader).
 Each side's first log window (start-up, first-step allocations) is left out of its rate.
 """
 
@@ -20,11 +23,28 @@ from sfumato.config import Config
 from sfumato.layout import DataFolder, RunFolder, read_jsonl
 
 
-def bench_config(tmp: Path, args) -> Config:
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """"2x1,1x2" -> [(2, 1), (1, 2)]: (workers, threads per worker)."""
+    try:
+        layouts = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        layouts = []
+    if not layouts or any(len(lay) != 2 or min(lay) < 1 for lay in layouts):
+        raise ValueError(f"--layouts {text!r}: expected workers x threads pairs such as 2x1,1x2")
+    return layouts
+
+
+def bench_config(tmp: Path, args, workers: int | None = None, threads: int = 1) -> Config:
+    """The run of one layout; the global batch (`--micro-batch` x `--workers`) is the same in
+    every layout, split over its workers."""
     window = max(1, args.steps // 4)
+    workers = workers or args.workers
+    global_batch = args.micro_batch * args.workers
+    if global_batch % workers:
+        raise ValueError(f"the global batch {global_batch} does not split over {workers} workers")
     return Config.model_validate({
         "name": "bench-train",
-        "ray": {"num_cpus": args.workers},
+        "ray": {"num_cpus": workers * threads},
         "data": {
             "output_dir": str(tmp / "data"),
             "sources": [{"kind": "demo", "name": "demo", "num_images": 512, "image_size_px": 48}],
@@ -32,9 +52,10 @@ def bench_config(tmp: Path, args) -> Config:
             "shards": {"resolutions_px": [args.resolution], "samples_per_shard": 64},
         },
         "train": {
-            "output_dir": str(tmp / "run"), "model": args.model, "num_workers": args.workers,
-            "zero_stage": 2, "precision": "fp32", "wandb": False,
-            "stages": [{"resolution_px": args.resolution, "steps": args.steps, "micro_batch_size": args.micro_batch}],
+            "output_dir": str(tmp / f"run-{workers}x{threads}"), "model": args.model, "num_workers": workers,
+            "cpus_per_worker": threads, "zero_stage": args.zero_stage, "precision": "fp32", "wandb": False,
+            "stages": [{"resolution_px": args.resolution, "steps": args.steps,
+                        "micro_batch_size": global_batch // workers}],
             "log_every_steps": window, "sample_every_steps": 10**9, "checkpoint_every_steps": 10**9,
             "sample": {"num_images": 4, "steps": 2},
         },
@@ -80,8 +101,11 @@ def loader_alone(cfg: Config, batches_wanted: int = 50) -> float:
 
 
 def main(args) -> dict:
+    if args.gpu_matrix:
+        return gpu_matrix(args)
     if args.gpu:
-        result = gpu_step(args.model, args.resolution, args.micro_batch, args.zero_stage, "bf16", steps=args.steps)
+        result = gpu_step(args.model, args.resolution, args.micro_batch, args.zero_stage, "bf16", steps=args.steps,
+                          compile=args.compile)
         print(json.dumps(result))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
@@ -91,26 +115,36 @@ def main(args) -> dict:
     from sfumato.data.shards import run_shards
     from sfumato.train.loop import run_training
 
+    layouts = parse_layouts(args.layouts)
+    ray_rates = {}
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-train-") as tmp:
         cfg = bench_config(Path(tmp), args)
         run_ingest(cfg)
         run_shards(cfg)
-        run_training(cfg)
-        windows = read_jsonl(RunFolder(cfg.train.output_dir).metrics)
-        ray_rate = sum(w["samples_per_s"] for w in windows[1:]) / max(1, len(windows) - 1)
+        for workers, threads in layouts:
+            layout_cfg = bench_config(Path(tmp), args, workers, threads)
+            run_training(layout_cfg)
+            windows = read_jsonl(RunFolder(layout_cfg.train.output_dir).metrics)
+            ray_rates[f"{workers}x{threads}"] = sum(w["samples_per_s"] for w in windows[1:]) / max(1, len(windows) - 1)
         plain_rate = plain_loop(cfg, args.steps, warmup=max(1, args.steps // 4))
         loader_rate = loader_alone(cfg)
+    best = max(ray_rates, key=ray_rates.get)
     result = {
-        "machine": machine(), "model": args.model, "resolution_px": args.resolution, "workers": args.workers,
-        "global_batch": args.micro_batch * args.workers, "precision": "fp32", "zero_stage": 2,
-        "ray_deepspeed_samples_per_s": round(ray_rate, 1), "plain_pytorch_samples_per_s": round(plain_rate, 1),
-        "ratio": round(ray_rate / plain_rate, 3), "loader_samples_per_s": round(loader_rate, 1),
-        "loader_over_step": round(loader_rate / ray_rate, 1),
+        "machine": machine(), "model": args.model, "resolution_px": args.resolution,
+        "global_batch": args.micro_batch * args.workers, "precision": "fp32", "zero_stage": args.zero_stage,
+        "ray_deepspeed_samples_per_s": {k: round(v, 1) for k, v in ray_rates.items()},
+        "plain_pytorch_samples_per_s": round(plain_rate, 1),
+        "ratio": {k: round(v / plain_rate, 3) for k, v in ray_rates.items()}, "fastest_layout": best,
+        "loader_samples_per_s": round(loader_rate, 1), "loader_over_step": round(loader_rate / ray_rates[best], 1),
     }
-    print(f"\ntrain step, {args.model} at {args.resolution}px, global batch {result['global_batch']}, fp32")
-    print(f"  Ray Train + DeepSpeed ZeRO-2, {args.workers} workers: {result['ray_deepspeed_samples_per_s']} samples/s")
+    print(f"\ntrain step, {args.model} at {args.resolution}px, global batch {result['global_batch']}, fp32, "
+          f"ZeRO-{args.zero_stage}")
+    for layout, rate in result["ray_deepspeed_samples_per_s"].items():
+        workers, threads = layout.split("x")
+        print(f"  Ray Train + DeepSpeed, {workers} worker(s) x {threads} thread(s): {rate} samples/s, "
+              f"ratio {result['ratio'][layout]}")
     print(f"  plain PyTorch, 1 process:             {result['plain_pytorch_samples_per_s']} samples/s")
-    print(f"  ratio {result['ratio']}; loader alone {result['loader_samples_per_s']} samples/s "
+    print(f"  fastest layout {best}; loader alone {result['loader_samples_per_s']} samples/s "
           f"({result['loader_over_step']}x what the step consumes)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -120,11 +154,44 @@ def main(args) -> dict:
 PEAK_BF16_TFLOPS = 989.0  # dense bf16 of an H100/H200 SXM, the datasheet figure MFU is quoted against
 
 
+# The GPU matrix: every preset at a micro-batch that fills an 80 GB GPU, ZeRO 0/2/3, eager, and
+# the largest presets compiled (train.compile) for the before/after row.
+GPU_MATRIX = [(model, px, batch, zero, False) for model, px, batch in
+              [("unet-s", 64, 128), ("unet-b", 64, 64), ("unet-l", 64, 32), ("dit-s", 32, 256),
+               ("dit-b", 32, 256), ("dit-l", 32, 256)] for zero in (0, 2, 3)]
+GPU_MATRIX += [("unet-l", 64, 32, 2, True), ("dit-l", 32, 256, 2, True)]
+
+
+def gpu_matrix(args) -> list[dict]:
+    """`sfumato bench train --gpu-matrix`: one process per row (a fresh CUDA context and
+    DeepSpeed group each; a row that runs out of memory is recorded, not fatal), the rows as
+    JSON lines in --out and a table on the console: the one prepared script for a lent GPU."""
+    import subprocess
+    import sys
+
+    rows = []
+    for model, px, batch, zero, compiled in GPU_MATRIX:
+        cmd = [sys.executable, "-m", "sfumato.cli", "bench", "train", "--gpu", "--model", model, "--resolution",
+               str(px), "--micro-batch", str(batch), "--zero-stage", str(zero), "--steps", str(args.steps),
+               *(["--compile"] if compiled else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
+            "model": model, "resolution_px": px, "micro_batch": batch, "zero_stage": zero, "compile": compiled,
+            "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return rows
+
+
 def gpu_step(model_name: str, resolution_px: int, micro_batch: int, zero_stage: int, precision: str,
-             steps: int = 30, warmup: int = 10) -> dict:
+             steps: int = 30, warmup: int = 10, compile: bool = False) -> dict:
     """One process, one GPU: the DeepSpeed engine the Ray workers build, around the same
     `train_step`, on synthetic uint8 images (the step, not the loader, is measured). Reports
-    samples/s, peak memory and model FLOPs utilisation against the GPU's dense bf16 peak."""
+    samples/s, peak memory and model FLOPs utilisation against the GPU's dense bf16 peak.
+    `compile`: train.compile and train.channels_last as the workers apply them (speed_up)."""
     import os
 
     import deepspeed
@@ -134,7 +201,9 @@ def gpu_step(model_name: str, resolution_px: int, micro_batch: int, zero_stage: 
     from sfumato.config import DiffusionConfig
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.registry import build_denoiser, parameter_count
-    from sfumato.train.worker import deepspeed_config
+    from types import SimpleNamespace
+
+    from sfumato.train.worker import deepspeed_config, speed_up
     from sfumato.train.step import GradientWatch, TrainState, train_step
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -147,6 +216,7 @@ def gpu_step(model_name: str, resolution_px: int, micro_batch: int, zero_stage: 
     torch.manual_seed(0)
     model = build_denoiser(model_name, resolution_px, 3, num_classes=10)
     params = parameter_count(model)
+    speed_up(model, SimpleNamespace(compile=compile, channels_last=None), device)
     cfg = Config.model_validate({
         "name": "gpu", "data": {"output_dir": "/tmp/unused", "sources": [{"kind": "demo", "name": "d"}],
                                 "ingest": {"license_allowlist": ["CC0-1.0"]}, "shards": {"resolutions_px": [resolution_px]}},
@@ -182,7 +252,7 @@ def gpu_step(model_name: str, resolution_px: int, micro_batch: int, zero_stage: 
     seconds = time.perf_counter() - start
     samples_per_s = steps * micro_batch / seconds
     return {"model": model_name, "params_m": round(params / 1e6, 1), "resolution_px": resolution_px,
-            "micro_batch": micro_batch, "zero_stage": zero_stage, "precision": precision,
+            "micro_batch": micro_batch, "zero_stage": zero_stage, "precision": precision, "compile": compile,
             "samples_per_s": round(samples_per_s, 1), "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "mfu": round(samples_per_s * flops_per_sample / (PEAK_BF16_TFLOPS * 1e12), 3),
             "gpu": torch.cuda.get_device_name()}

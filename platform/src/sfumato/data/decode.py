@@ -9,6 +9,7 @@ decoded), minimum side and aspect ratio, and only then the full decode.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -157,9 +158,20 @@ def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, mode, out_mode)
 
 
-def render(img: Image.Image, resolution_px: int, resize_mode: str) -> Image.Image:
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (width, height) bucket whose aspect ratio is nearest the image's, on a log scale (so
+    2:1 and 1:2 are equally far from 1:1); ties go to the earlier bucket."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
+
+
+def render(img: Image.Image, resolution_px: int, resize_mode: str,
+           bucket: tuple[int, int] | None = None) -> Image.Image:
     """Resize for one training resolution: a centered square crop, or the shorter side scaled
-    to the resolution with the aspect ratio kept."""
+    to the resolution with the aspect ratio kept; with a (width, height) `bucket`, scaled to
+    cover the bucket and centre-cropped to it (the aspect mismatch: a few per cent of a side)."""
+    if bucket is not None:
+        return cover_crop(img, *bucket)
     width, height = img.size
     scale = resolution_px / min(width, height)
     new_size = (max(resolution_px, round(width * scale)), max(resolution_px, round(height * scale)))
@@ -169,6 +181,15 @@ def render(img: Image.Image, resolution_px: int, resize_mode: str) -> Image.Imag
     left = (new_size[0] - resolution_px) // 2
     top = (new_size[1] - resolution_px) // 2
     return resized.crop((left, top, left + resolution_px, top + resolution_px))
+
+
+def cover_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scaled to cover width x height, aspect kept, then centre-cropped to it."""
+    scale = max(width / img.width, height / img.height)
+    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    resized = img.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new_size[0] - width) // 2, (new_size[1] - height) // 2
+    return resized.crop((left, top, left + width, top + height))
 
 
 def encode(img: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:

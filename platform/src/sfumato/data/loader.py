@@ -3,6 +3,12 @@
 Every worker of a data-parallel job reads a disjoint, deterministic slice: shard i goes to rank
 i % world_size. Tars are read sequentially ("r|"), one sample at a time, so memory holds one
 batch, never a shard. `smoke()` is what `sfumato dataloader` runs to measure samples/s.
+
+Training batches come in one of three kinds, each with a small JSON position that resumes it
+exactly: square crops in shard order (`iter_training_batches`), single-aspect-bucket batches
+(`bucketed`, data.shards.buckets) and a weighted mixture of sources (`mixture_batches`,
+data.sources[i].weight). Readers that want squares (validation without buckets, FID references,
+the domain classifier) get a centre crop of a bucketed image.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from sfumato.data.decode import cover_crop
 from sfumato.layout import DataFolder, ShardFolder
 
 IMAGE_EXTS = ("png", "jpg", "webp")
@@ -56,8 +63,24 @@ def iter_samples(paths: list[Path]) -> Iterator[dict]:
 def _center(img: Image.Image, res: int) -> Image.Image:
     if img.size == (res, res):
         return img
+    if min(img.size) < res:  # a bucket narrower than the resolution (data.shards.buckets)
+        return cover_crop(img, res, res)
     left, top = (img.width - res) // 2, (img.height - res) // 2
     return img.crop((left, top, left + res, top + res))
+
+
+def _as_batch(samples: list[dict], resolution_px: int | None) -> dict:
+    """Decoded samples as a batch; resolution_px None: images at their stored size (one bucket's)."""
+    images, classes, captions, ids = [], [], [], []
+    for sample in samples:
+        data = next(sample[e] for e in IMAGE_EXTS if e in sample)
+        meta = json.loads(sample["json"])
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        images.append(np.asarray(image if resolution_px is None else _center(image, resolution_px)))
+        classes.append(int(sample["cls"]) if "cls" in sample else -1)
+        captions.append(meta.get("caption") or "")
+        ids.append(meta["id"])
+    return {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
 
 
 def iter_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int = 0,
@@ -68,19 +91,15 @@ def iter_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: i
 
 def iter_batches_from(samples: Iterator[dict], batch_size: int, resolution_px: int,
                       drop_last: bool = True) -> Iterator[dict]:
-    images, classes, captions, ids = [], [], [], []
+    """Square batches (centre crops of `resolution_px`) in the samples' order."""
+    pending = []
     for sample in samples:
-        data = next(sample[e] for e in IMAGE_EXTS if e in sample)
-        meta = json.loads(sample["json"])
-        images.append(np.asarray(_center(Image.open(io.BytesIO(data)).convert("RGB"), resolution_px)))
-        classes.append(int(sample["cls"]) if "cls" in sample else -1)
-        captions.append(meta.get("caption") or "")
-        ids.append(meta["id"])
-        if len(images) == batch_size:
-            yield {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
-            images, classes, captions, ids = [], [], [], []
-    if images and not drop_last:
-        yield {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
+        pending.append(sample)
+        if len(pending) == batch_size:
+            yield _as_batch(pending, resolution_px)
+            pending = []
+    if pending and not drop_last:
+        yield _as_batch(pending, resolution_px)
 
 
 def split_position(sample_id: str) -> float:
@@ -102,11 +121,15 @@ def _in_range(samples: Iterator[dict], low: float, high: float) -> Iterator[dict
 
 
 def validation_batches(paths: list[Path], resolution_px: int, holdout_fraction: float, max_samples: int,
-                       batch_size: int) -> list[dict]:
+                       batch_size: int, bucketed: bool = False) -> list[dict]:
     """The held-out samples (split position below `holdout_fraction`) of these shards, in shard
-    order, up to `max_samples`, as batches (the last one may be smaller)."""
+    order, up to `max_samples`, as batches (the last one may be smaller; `bucketed`: one
+    bucket's images per batch, at their size)."""
     held_out = itertools.islice(_in_range(iter_samples(sorted(paths)), 0.0, holdout_fraction), max_samples)
-    batches = list(iter_batches_from(held_out, batch_size, resolution_px, drop_last=False))
+    if bucketed:
+        batches = [_as_batch(group, None) for group, _, _ in _bucket_groups(held_out, batch_size)]
+    else:
+        batches = list(iter_batches_from(held_out, batch_size, resolution_px, drop_last=False))
     if not batches:
         raise ValueError(f"no held-out sample among the {len(paths)} shards at {resolution_px}px: raise "
                          "train.validation.holdout_fraction")
@@ -123,13 +146,22 @@ def _balanced(samples: Iterator[dict], weights: dict[int, float], rng: np.random
 def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int,
                           seed: int, position: dict | None = None,
                           class_weights: dict[int, float] | None = None,
-                          split: tuple[float, float] = (0.0, 1.0)) -> Iterator[tuple[dict, dict]]:
+                          split: tuple[float, float] = (0.0, 1.0),
+                          source_weights: dict[str, float] | None = None,
+                          bucketed: bool = False) -> Iterator[tuple[dict, dict]]:
     """Endless batches for one rank, epoch after epoch: the shard order is reshuffled per epoch
     from (seed, epoch), then dealt round-robin to ranks. Yields (batch, position after it);
     given a saved position, it resumes at exactly the next batch (skipped samples are not
     decoded). Only samples whose split position is in `split` (`training_range`) are read. With
     `class_weights`, samples are kept with their class's probability, drawn from
-    (seed, epoch, rank), so a resumed run keeps exactly the same ones."""
+    (seed, epoch, rank), so a resumed run keeps exactly the same ones. With `source_weights`
+    (source name -> share), samples come from the sources in those shares instead
+    (`mixture_batches`); `bucketed`: every batch holds one aspect bucket's images
+    (`_bucket_groups`), and the position also counts the samples read in the epoch."""
+    if source_weights is not None:
+        yield from mixture_batches(paths, batch_size, resolution_px, rank, world_size, seed, position,
+                                   class_weights, split, source_weights, bucketed)
+        return
     if len(paths) < world_size:
         raise ValueError(f"{len(paths)} shards at {resolution_px}px cannot feed {world_size} workers: "
                          "lower data.shards.samples_per_shard")
@@ -143,6 +175,16 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
             samples = _in_range(samples, *split)
         if class_weights is not None:
             samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1]))
+        if bucketed:
+            done = 0
+            read = (position or {}).get("samples", 0) if skip else 0
+            for group, done, read_then in _bucket_groups(samples, batch_size, read, skip):
+                yield _as_batch(group, None), {"epoch": epoch, "batches": done, "samples": read_then}
+            done = max(done, skip)
+            epoch, skip = epoch + 1, 0
+            if done == 0:
+                raise ValueError(f"rank {rank} got no sample from its shards at {resolution_px}px")
+            continue
         for _ in range(skip * batch_size):
             next(samples, None)
         done = skip
@@ -153,6 +195,186 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
             raise ValueError(f"rank {rank} got no full batch of {batch_size} from its shards at {resolution_px}px: "
                              "lower the micro batch or data.shards.samples_per_shard")
         epoch, skip = epoch + 1, 0
+
+
+# --------------------------------------------------------------------- aspect-ratio buckets
+def _bucket_groups(samples: Iterator[dict], batch_size: int, skip_samples: int = 0,
+                   skip_batches: int = 0) -> Iterator[tuple[list[dict], int, int]]:
+    """One epoch's samples in single-bucket groups: a bucket's group goes out as soon as it holds
+    `batch_size` samples, and when the samples run out the part-filled ones go out too, smaller,
+    narrowest bucket first, so every sample is in exactly one group per epoch. Yields (group,
+    groups so far, samples read so far); the order depends on the samples' order alone.
+
+    Resuming after a saved (groups, samples read): the first `skip_samples` samples are read again
+    but not decoded, only to refill the part-filled groups they left (at most buckets x
+    (batch - 1) samples held), and the groups that went out before are not yielded again."""
+    pending: dict[tuple[int, int], list[dict]] = {}
+    read = done = 0
+    for sample in samples:
+        read += 1
+        bucket = tuple(json.loads(sample["json"])["bucket_px"])
+        group = pending.setdefault(bucket, [])
+        group.append(sample)
+        if len(group) == batch_size:
+            del pending[bucket]
+            done += 1
+            if read > skip_samples:
+                yield group, done, read
+    for bucket in sorted(pending, key=lambda b: b[0] / b[1]):
+        done += 1
+        if done > skip_batches:
+            yield pending[bucket], done, read
+
+
+# ------------------------------------------------------------------------- source mixture
+def _source_key(name: str) -> int:
+    """A source's fixed part of its random streams' seeds: from its name, not its place in the
+    config, so reordering the sources changes nothing."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big")
+
+
+def _shards_holding(paths: list[Path], name: str) -> tuple[list[Path], bool]:
+    """The shards with samples of source `name`, from their sidecars' per-source counts, and
+    whether those counts were known for all of them (shards written before they were recorded
+    may hold it: all of them are read, and the per-sample filter does the work)."""
+    held, known = [], True
+    for path in paths:
+        sidecar = ShardFolder.sidecar(path)
+        counts = json.loads(sidecar.read_text()).get("sources") if sidecar.exists() else None
+        known = known and counts is not None
+        if counts is None or counts.get(name, 0) > 0:
+            held.append(path)
+    return held, known
+
+
+def _source_epoch(name: str, paths: list[Path], rank: int, world_size: int, seed: int, epoch: int,
+                  split: tuple[float, float], class_weights: dict[int, float] | None,
+                  by_shard: bool = True) -> Iterator[dict]:
+    """One epoch of one source's samples for one rank: its shards in an order from (seed, epoch,
+    source), dealt to ranks like `iter_training_batches` deals all shards; a source in fewer
+    shards than ranks, or in shards whose per-source counts are unknown (`by_shard` False), has
+    its samples dealt instead, so every rank gets its share."""
+    key = _source_key(name)
+    order = np.random.default_rng([seed, epoch, key]).permutation(len(paths))
+    shuffled = [paths[i] for i in order]
+    by_shard = by_shard and len(paths) >= world_size
+    samples = (s for s in iter_samples(shuffled[rank::world_size] if by_shard else shuffled)
+               if json.loads(s["json"]).get("source") == name)
+    if not by_shard:
+        samples = (s for i, s in enumerate(samples) if i % world_size == rank)
+    if split != (0.0, 1.0):
+        samples = _in_range(samples, *split)
+    if class_weights is not None:
+        samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1, key]))
+    return samples
+
+
+def _no_sample(name: str, rank: int, paths: list[Path]) -> ValueError:
+    return ValueError(f"source {name!r} has no training sample for rank {rank} in its {len(paths)} shards: "
+                      "give it weight 0, or lower train.validation.holdout_fraction / raise train.data_fraction")
+
+
+def _source_samples(name: str, held: tuple[list[Path], bool], rank: int, world_size: int, seed: int,
+                    split: tuple[float, float], class_weights: dict[int, float] | None, state: dict) -> Iterator[dict]:
+    """One source's samples for one rank, epoch after epoch. `state` ({"epoch", "samples"}:
+    samples taken in that epoch) is kept current as samples are taken, and resumed from."""
+    paths, known = held
+    while True:
+        epoch, taken = state["epoch"], 0
+        for taken, sample in enumerate(_source_epoch(name, paths, rank, world_size, seed, epoch, split, class_weights,
+                                                     known), start=1):
+            if taken > state["samples"]:  # the ones before were taken before the saved position
+                state["samples"] = taken
+                yield sample
+        if taken == 0:
+            raise _no_sample(name, rank, paths)
+        state["epoch"], state["samples"] = epoch + 1, 0
+
+
+def _source_groups(name: str, held: tuple[list[Path], bool], rank: int, world_size: int, seed: int,
+                   split: tuple[float, float], class_weights: dict[int, float] | None, batch_size: int,
+                   state: dict) -> Iterator[list[dict]]:
+    """One source's single-bucket groups for one rank (`_bucket_groups`), epoch after epoch;
+    `state` ({"epoch", "batches", "samples"} of that epoch) is kept current and resumed from."""
+    paths, known = held
+    while True:
+        epoch, skip = state["epoch"], state["batches"]
+        samples = _source_epoch(name, paths, rank, world_size, seed, epoch, split, class_weights, known)
+        for group, state["batches"], state["samples"] in _bucket_groups(samples, batch_size, state["samples"], skip):
+            yield group
+        if state["batches"] == 0:
+            raise _no_sample(name, rank, paths)
+        state.update(epoch=epoch + 1, batches=0, samples=0)
+
+
+def _source_draws(seed: int, rank: int, done: int, weights: np.ndarray) -> Iterator[int]:
+    """The source index of each sample this rank takes, drawn with `weights`, from draw `done`
+    on. PCG64 jumps ahead in O(log n), so resuming after a billion draws costs nothing."""
+    bits = np.random.PCG64([seed, rank, 2])
+    bits.advance(done)  # one 64-bit output per uniform double
+    generator, edges = np.random.Generator(bits), np.cumsum(weights)
+    edges[-1] = 1.0  # rounding never lets a draw fall past the last source
+    while True:
+        yield from np.searchsorted(edges, generator.random(1024), side="right").tolist()
+
+
+def mixture_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int, seed: int,
+                    position: dict | None, class_weights: dict[int, float] | None, split: tuple[float, float],
+                    source_weights: dict[str, float], bucketed: bool = False) -> Iterator[tuple[dict, dict]]:
+    """Batches whose every sample's source is drawn with `source_weights` (e.g. 90% real photos,
+    10% synthetic), whatever the sources' sizes: each source is its own endless stream of epochs,
+    so a small source repeats and a large one is read in part. The position holds, per source,
+    its epoch, the samples taken in it and the samples drawn so far ("drawn": the realised
+    shares), and resumes exactly without reading the epochs before it again. `bucketed`: each
+    batch's source is drawn instead (a batch holds one source's one bucket), from every source's
+    own single-bucket groups (`_source_groups`)."""
+    names = [name for name, weight in source_weights.items() if weight > 0]
+    weights = np.asarray([source_weights[name] for name in names], dtype=np.float64)
+    weights /= weights.sum()
+    saved = (position or {}).get("sources", {})
+    states = {n: {"epoch": 0, "samples": 0, "drawn": 0, **saved.get(n, {})} for n in names}
+    held = {n: _shards_holding(paths, n) for n in names}
+    for name in names:
+        if not held[name][0]:
+            raise ValueError(f"no shard at {resolution_px}px holds source {name!r} (data.sources weight "
+                             f"{source_weights[name]:.3g}): re-run `sfumato shards`, or give it weight 0")
+    if bucketed:
+        yield from _mixed_groups(names, weights, held, rank, world_size, seed, split, class_weights, batch_size,
+                                 states, (position or {}).get("batches", 0))
+        return
+    streams = {n: _source_samples(n, held[n], rank, world_size, seed, split, class_weights, states[n]) for n in names}
+
+    def mixed() -> Iterator[dict]:
+        for index in _source_draws(seed, rank, sum(s["drawn"] for s in states.values()), weights):
+            states[names[index]]["drawn"] += 1
+            yield next(streams[names[index]])
+
+    done = (position or {}).get("batches", 0)
+    for batch in iter_batches_from(mixed(), batch_size, resolution_px):
+        done += 1
+        yield batch, {"batches": done, "sources": {n: dict(s) for n, s in states.items()}}
+
+
+def _mixed_groups(names: list[str], weights: np.ndarray, held: dict, rank: int, world_size: int, seed: int,
+                  split: tuple[float, float], class_weights: dict[int, float] | None, batch_size: int, states: dict,
+                  done: int) -> Iterator[tuple[dict, dict]]:
+    """The bucketed mixture: one draw per batch (draw `done` on, so `done` batches came before)."""
+    for state in states.values():
+        state.setdefault("batches", 0)
+    groups = {n: _source_groups(n, held[n], rank, world_size, seed, split, class_weights, batch_size, states[n])
+              for n in names}
+    for index in _source_draws(seed, rank, done, weights):
+        group = next(groups[names[index]])
+        states[names[index]]["drawn"] += len(group)
+        done += 1
+        yield _as_batch(group, None), {"batches": done, "sources": {n: dict(s) for n, s in states.items()}}
+
+
+def source_shares(position: dict | None) -> dict[str, float] | None:
+    """The realised share of each source among the samples a mixture position has drawn."""
+    sources = (position or {}).get("sources")
+    total = sum(s["drawn"] for s in sources.values()) if sources else 0
+    return {name: s["drawn"] / total for name, s in sources.items()} if total else None
 
 
 def smoke(cfg) -> dict:

@@ -7,7 +7,8 @@ tar is only ever renamed into place once fully written, so a killed run resumes 
 duplicating or losing samples and a half-written tar is never read as whole.
 
 Per sample the tar holds `<key>.<png|jpg|webp>`, `<key>.txt` (caption), `<key>.json` (id,
-caption, tags, licence, source, class, allow_hflip, size) and, when the row has tags,
+caption, tags, licence, source, class, allow_hflip, size; `bucket_px` [width, height] with
+data.shards.buckets) and, when the row has tags,
 `<key>.cls` (class index from classes.json). Keys are the sample's position in the manifest.
 """
 
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from sfumato.config import Config, content_hash, write_resolved
-from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, render
+from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, nearest_bucket, render
 from sfumato.data.manifest import OK
 from sfumato.layout import (DataFolder, ShardFolder, atomic_write, atomic_write_json, commit_file, is_temporary,
                             temporary_sibling)
@@ -53,28 +54,41 @@ class ShardWriter:
         self.limits = limits
         self.folder = ShardFolder(shards_dir)
 
+    def _draft_px(self) -> int:
+        """The smallest side a JPEG may be decoded at: the largest side any render asks for (a
+        wide bucket's width is above its resolution), so nothing is scaled up."""
+        sizes = [s for res in self.cfg.resolutions_px for s in (self.cfg.bucket_sizes(res) or [(res, res)])]
+        return max(side for size in sizes for side in size)
+
     def __call__(self, spec: dict) -> dict:
         rows, index, spec_hash = json.loads(spec["rows_json"]), spec["index"], spec["spec_hash"]
         ext = EXTENSIONS[self.cfg.image_format]
         tmp = {res: temporary_sibling(self.folder.shard(res, index)) for res in self.cfg.resolutions_px}
         tars = {res: tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) for res, path in tmp.items()}
         counts = {res: 0 for res in tmp}
+        sources = Counter()  # samples per source: which shards a source's mixture stream opens
         failed = []
         for row in rows:
             try:
                 with open(row["filepath"], "rb") as fh:
                     data = fh.read()
-                decoded = decode_image(data, self.limits, draft_px=max(self.cfg.resolutions_px))
+                decoded = decode_image(data, self.limits, draft_px=self._draft_px())
             except (OSError, Rejected) as exc:
                 # The file changed or vanished since ingest: recorded, never silently dropped.
                 failed.append({"id": row["id"], "error": str(exc)})
                 continue
+            sources[row["source"]] += 1
             for res, tar in tars.items():
                 meta = {k: row[k] for k in ("id", "caption", "tags", "license", "source", "class")}
                 meta.update(allow_hflip=self.cfg.allow_hflip, resolution_px=res,
                             orig_width=decoded.width, orig_height=decoded.height)
+                bucket = None
+                if self.cfg.buckets is not None:
+                    # By the decoded image's shape (EXIF-oriented), not the manifest's stored size.
+                    bucket = nearest_bucket(*decoded.image.size, self.cfg.bucket_sizes(res))
+                    meta["bucket_px"] = list(bucket)
                 key = row["key"]
-                tar_add(tar, f"{key}.{ext}", encode(render(decoded.image, res, self.cfg.resize_mode),
+                tar_add(tar, f"{key}.{ext}", encode(render(decoded.image, res, self.cfg.resize_mode, bucket),
                                                      self.cfg.image_format, self.cfg.jpeg_quality))
                 tar_add(tar, f"{key}.txt", (row["caption"] or "").encode())
                 tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
@@ -86,14 +100,15 @@ class ShardWriter:
             final = commit_file(tmp[res], self.folder.shard(res, index))
             digest = hashlib.sha256(final.read_bytes()).hexdigest()
             sidecar = {"shard": self.folder.relative(final), "resolution_px": res, "sample_count": counts[res],
-                       "bytes": final.stat().st_size, "sha256": digest, "spec_hash": spec_hash, "failed": failed}
-            atomic_write_json(final.with_suffix(".json"), sidecar, indent=None)  # the completion marker, last
+                       "bytes": final.stat().st_size, "sha256": digest, "spec_hash": spec_hash, "failed": failed,
+                       "sources": dict(sorted(sources.items()))}
+            atomic_write_json(self.folder.sidecar(final), sidecar, indent=None)  # the completion marker, last
         return {"index": index, "failed": len(failed)}
 
 
 def _complete(shards_dir: Path, res: int, index: int, spec_hash: str) -> dict | None:
     tar = ShardFolder(shards_dir).shard(res, index)
-    side = tar.with_suffix(".json")
+    side = ShardFolder.sidecar(tar)
     if not (tar.exists() and side.exists()):
         return None
     info = json.loads(side.read_text())

@@ -36,20 +36,41 @@ def null_class(unet) -> int | None:
 def predict(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
             text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
     """The network's prediction for (x_t, t, cond), whatever the family: `cond` is token ids for
-    a text-conditional net, class labels otherwise (None: the "no class" label)."""
+    a text-conditional net (or, floating point, a frozen encoder's states of them, from the
+    training's cache: sfumato.models.cache), class labels otherwise (None: the "no class" label)."""
     if text_encoder is not None:
         if cond is None:
             raise ValueError("a text-conditional model needs token ids (the empty caption's for 'no text')")
-        states = text_encoder(input_ids=cond).last_hidden_state
+        states = cond if cond.is_floating_point() else text_encoder(input_ids=cond).last_hidden_state
         return unet(x_t, t, encoder_hidden_states=states.to(x_t.dtype)).sample
     null = null_class(unet)
     if null is not None and cond is None:
         cond = torch.full((x_t.shape[0],), null, device=x_t.device, dtype=torch.long)
     if isinstance(unet, DiTTransformer2DModel):
+        if x_t.shape[-2] != x_t.shape[-1]:
+            return dit_forward(unet, x_t, t, cond)
         return unet(x_t, timestep=t, class_labels=cond).sample
     if null is None:
         return unet(x_t, t).sample
     return unet(x_t, t, class_labels=cond).sample
+
+
+def dit_forward(dit: DiTTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DiTTransformer2DModel.forward for any (height, width) grid of patches, aspect-ratio
+    buckets' included. The library's own forward takes a square grid only: it unpatchifies with
+    side sqrt(tokens). Its patch embedding already builds the 2D sin-cos position embedding of
+    whatever grid it is given (PixArt-alpha's: positions scaled to the trained grid's span,
+    Chen et al. 2023), so only the output reshape differs; every weight is the same."""
+    patch, channels = dit.config.patch_size, dit.out_channels
+    rows, columns = x_t.shape[-2] // patch, x_t.shape[-1] // patch
+    hidden = dit.pos_embed(x_t)
+    for block in dit.transformer_blocks:
+        hidden = block(hidden, timestep=t, class_labels=labels)
+    conditioning = dit.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=hidden.dtype)
+    shift, scale = dit.proj_out_1(torch.nn.functional.silu(conditioning)).chunk(2, dim=1)
+    hidden = dit.proj_out_2(dit.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None])
+    hidden = hidden.reshape(-1, rows, columns, patch, patch, channels)
+    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(-1, channels, rows * patch, columns * patch)
 
 
 class SfumatoPipeline(DiffusionPipeline):
@@ -87,11 +108,11 @@ class SfumatoPipeline(DiffusionPipeline):
         """Raises ValueError unless the model can generate height x width pixels."""
         factor = self.vae_scale_factor
         if isinstance(self.unet, DiTTransformer2DModel):
-            if (height, width) != (self.default_size_px, self.default_size_px):
-                raise ValueError(f"this DiT generates {self.default_size_px}x{self.default_size_px} only "
-                                 f"(its position embedding is fixed), not {height}x{width}")
-            return
-        multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+            # Any grid of whole patches (`dit_forward`); which sizes it was trained on is the
+            # server's to check (the run's aspect buckets, in the export's meta).
+            multiple = factor * self.unet.config.patch_size
+        else:
+            multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple} px, got {height}x{width}")
 

@@ -48,6 +48,7 @@ def dataset_counts(data_dir: Path) -> dict:
         "sources": _sources(manifest, rejects), "licenses": _counts(ok["license"]),
         "resolution": _resolution(ok), "captions": _captions(ok),
         "dedup": _dedup(data_dir, manifest), "safety": _safety(data_dir, manifest), "shards": _shards(data_dir),
+        "latent_caches": _latent_caches(data_dir),
         "classes": read_json(folder.shard_folder.class_counts),
     }
 
@@ -133,6 +134,11 @@ def _shards(data_dir: Path) -> dict | None:
     return {str(res): {k: int(v) for k, v in row.items()} for res, row in grouped.iterrows()}
 
 
+def _latent_caches(data_dir: Path) -> list[dict]:
+    """The latent caches of these shards (sfumato.models.cache): VAE, stored dtype, bytes per sample."""
+    return [read_json(folder.meta) for folder in DataFolder(data_dir).cache_folders()]
+
+
 # --------------------------------------------------------------------------- dataset card
 def _resolution_png(path: Path, shorter_side: dict[str, int]) -> None:
     fig = new_figure(6.0, 2.8)
@@ -172,9 +178,40 @@ def _dataset_markdown(c: dict, png_name: str) -> list[str]:
     lines += ["## Shards", ""] + (table(["resolution (px)", "samples", "tars", "bytes"],
                                         [[res, v["samples"], v["tars"], v["bytes"]] for res, v in c["shards"].items()])
                                   if c["shards"] else ["No shards written yet (`sfumato shards`).", ""])
+    lines += _cache_lines(c.get("latent_caches") or [])
+    lines += _mixture_lines(c.get("mixture"))
     if c["classes"]:
         lines += ["## Classes (in the shards)", ""] + table(["class", "samples"], [[k, v] for k, v in c["classes"].items()])
     return lines
+
+
+def _mixture_lines(m: dict | None) -> list[str]:
+    """data.sources weights: what training draws from each source, configured and realised."""
+    if m is None:
+        return []
+    realised = m.get("realised") or {}
+    return ["## Source mixture (training draws)", "",
+            f"Run `{m['run']}` draws each training sample's source with these weights, whatever the sources' sizes; "
+            "the realised share is its rank 0's count of draws in the last logged stage.", ""] + table(
+        ["source", "weight", "realised share"],
+        [[n, f"{w:.3g}", f"{realised[n]:.3g}" if n in realised else "(not logged yet)"] for n, w in m["weights"].items()])
+
+
+def _cache_lines(caches: list[dict]) -> list[str]:
+    """Each latent cache: the VAE it was encoded with and what it costs on disk per sample."""
+    if not caches:
+        return []
+    def model(part: dict | None, subfolder: str) -> str:
+        return "—" if part is None else f"`{part['pretrained']}`" + (f" ({part[subfolder]})" if part[subfolder] else "")
+
+    rows = [[f"`{c['key']}`", model(c["vae"], "subfolder"), model(c["text"], "encoder_subfolder"), c["dtype"], res,
+             ", ".join(f"{name} {'×'.join(map(str, shape))}" for name, shape in r["shapes"].items()),
+             r["samples"], r["bytes"], f"{r['bytes_per_sample']:,.0f}"]
+            for c in caches for res, r in c["resolutions"].items()]
+    return ["## Latent caches", "", "Each image's VAE posterior (mean and std) and, for a frozen text encoder, its "
+            "caption's encoder states, computed once (`sfumato cache`) and read by every run with the same models "
+            "instead of running the encoders.", ""] + table(
+        ["cache", "VAE", "text encoder", "dtype", "resolution (px)", "per sample", "samples", "bytes", "bytes/sample"], rows)
 
 
 def _dedup_lines(d: dict | None) -> list[str]:
@@ -200,10 +237,13 @@ def _safety_lines(s: dict | None) -> list[str]:
                     + f"; {s['low_aesthetic_rows']:,} below min_aesthetic={s['min_aesthetic']} (status `low_aesthetic`).", ""]
 
 
-def write_dataset_card(data_dir: Path, out: Path | None = None) -> Path:
+def write_dataset_card(data_dir: Path, out: Path | None = None, mixture: dict | None = None) -> Path:
     """dataset_card.md (default in data_dir), and beside it dataset_card.json (the same
-    counts) and dataset_card_resolution.png; returns the card's path."""
+    counts) and dataset_card_resolution.png; returns the card's path. `mixture`
+    (`run_mixture`): a run's source weights and realised shares, shown with the sources."""
     counts = dataset_counts(Path(data_dir))
+    if mixture is not None:
+        counts["mixture"] = mixture
     out = Path(out) if out is not None else DataFolder(data_dir).dataset_card
     out.parent.mkdir(parents=True, exist_ok=True)
     histogram = out.with_name(f"{out.stem}_resolution.png")
@@ -286,7 +326,9 @@ def _data_section(data: dict | None, link: str) -> list[str]:
     sources = ", ".join(f"{n} ({v['training_images']:,})" for n, v in data["sources"].items())
     return ["## Training data", "", f"[Dataset card]({link}): {data['training_images']:,} training images from "
             f"{data['inputs']:,} inputs ({data['rejected']:,} rejected at ingest, "
-            f"{data['manifest_rows'] - data['training_images']:,} removed by curation). Sources: {sources}.", ""]
+            f"{data['manifest_rows'] - data['training_images']:,} removed by curation). Sources: {sources}.", ""] + (
+        [f"Drawn in the mixture {', '.join(f'{n} {w:.0%}' for n, w in data['mixture']['weights'].items())} "
+         "(data.sources weights; realised shares in the dataset card).", ""] if data.get("mixture") else [])
 
 
 def _limitations(cfg, data: dict | None, evaluations: list[dict]) -> list[str]:
@@ -345,12 +387,22 @@ def write_model_card(run_dir: Path, data_card: Path | None = None, out: Path | N
     return atomic_write(out, "\n".join(lines))
 
 
+def run_mixture(run_dir: Path) -> dict | None:
+    """A run's data.sources weights and the last logged realised shares (None: no weights)."""
+    cfg = load_run_config(run_dir)
+    weights = cfg.data.source_weights
+    if weights is None:
+        return None
+    logged = [r["source_shares"] for r in read_metrics(RunFolder(run_dir).metrics) if "source_shares" in r]
+    return {"run": cfg.name, "weights": weights, "realised": logged[-1] if logged else None}
+
+
 def write_run_documents(run_dir: Path, data_dir: Path) -> dict[str, Path]:
     """report.md, the data's dataset_card.md and model_card.md, rewritten from what the run
     folder and the data folder hold now (after training, evaluation, `sfumato report`)."""
     from sfumato.evaluate.report import write_report
 
-    data_card = write_dataset_card(data_dir)
+    data_card = write_dataset_card(data_dir, mixture=run_mixture(run_dir))
     return {"report": write_report(run_dir), "dataset_card": data_card,
             "model_card": write_model_card(run_dir, data_card)}
 

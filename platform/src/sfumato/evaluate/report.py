@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sfumato.config import Config, load_run_config
 from sfumato.documents import format_duration, new_figure, table
-from sfumato.layout import RunFolder, atomic_write, read_jsonl, read_metrics
+from sfumato.layout import RunFolder, atomic_write, metric_events, read_jsonl, read_metrics
 
 SAMPLES_FIGURE = "samples_over_steps.png"
 MAX_SAMPLES_IN_FIGURE = 6
@@ -235,7 +235,7 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
     from sfumato import checkpoint as ckpt
 
     t = cfg.train
-    attempts = read_jsonl(RunFolder(run_dir).attempts)
+    attempts = [a for a in read_jsonl(RunFolder(run_dir).attempts) if "event" not in a]  # rollbacks: _rollbacks
     resumed = [a["resumed_from"] for a in attempts if a.get("resumed_from")]
     latest = ckpt.latest(RunFolder(run_dir).checkpoints)
     rows = [
@@ -261,6 +261,20 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
         info = json.loads(stopped.read_text())
         rows.append(["STOPPED", f"at step {info.get('step')}: {info.get('error')}"])
     return ["## Summary", ""] + table(["", ""], rows)
+
+
+def _rollbacks(run_dir: Path) -> list[str]:
+    """The loss-spike guard's rollbacks (train.spike_guard), from metrics.jsonl's event lines."""
+    events = metric_events(RunFolder(run_dir).metrics, "rollback")
+    lines = ["## Rollbacks (loss spikes)", ""]
+    if not events:
+        return lines + ["None: no lasting loss spike (train.spike_guard).", ""]
+    rows = [[e.get("rollback"), e.get("spike_step"), e.get("first_spike_step"), e.get("loss"), e.get("loss_average"),
+             e.get("factor"), e.get("step"), e.get("lr_scale")] for e in events]
+    return lines + table(["rollback", "confirmed at step", "spike began at step", "loss", "running average before",
+                          "factor", "back to step", "lr scale after"], rows) + [
+        "- Each rollback reloaded the newest committed checkpoint from before the spike and continued with the "
+        "learning rate scaled by the lr scale; the steps after it were trained and logged again.", ""]
 
 
 def _last(metrics: list[dict], column: str):
@@ -313,6 +327,6 @@ def write_report(run_dir: Path) -> Path:
     folder.report_plots.mkdir(exist_ok=True)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Run report: {cfg.name}", "", f"Generated {generated} from `{run_dir}`.", ""]
-    lines += _summary(cfg, run_dir, metrics, training_compute(run_dir))
+    lines += _summary(cfg, run_dir, metrics, training_compute(run_dir)) + _rollbacks(run_dir)
     lines += _curves(cfg, run_dir, metrics) + _samples(run_dir) + _evaluation(run_dir)
     return atomic_write(folder.report, "\n".join(lines))

@@ -38,6 +38,8 @@ def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str
     meta = {"run": cfg.name, "run_dir": str(run_dir.resolve()), "checkpoint": folder.name, "step": step,
             "model": cfg.train.model, "conditioning": cfg.train.conditioning, "config_hash": content_hash(to_dict(cfg)),
             "parameters": parameter_count(run.denoiser), "sampler": e.sampler, "time": time.time()}
+    if cfg.trained_sizes_px is not None:
+        meta["sizes_px"] = [list(size) for size in cfg.trained_sizes_px]  # the aspect buckets: what serve offers
     pipe = pipeline(cfg, run, e.sampler)
     write_diffusers(pipe, out.diffusers, meta)
     report = {**meta, "diffusers": str(out.diffusers), "onnx": None}

@@ -11,3 +11,11 @@ MODEL_FAMILIES: dict[str, str] = {
 }
 
 TEXT_MODELS = frozenset(name for name, family in MODEL_FAMILIES.items() if family == TEXT_UNET)
+
+# Image sides must be multiples of this (in the denoiser's own pixels, latent or not): a UNet
+# halves its grid at every level after the first (2^(levels-1)), a DiT cuts it into patches.
+SIZE_DIVISOR_PX: dict[str, int] = {
+    "unet-tiny": 2, "unet-xs": 4, "unet-s": 4, "unet-b": 8, "unet-l": 8,
+    "unet-text-tiny": 2, "unet-text-s": 4,
+    "dit-tiny": 4, "dit-s": 2, "dit-b": 2, "dit-l": 2,
+}

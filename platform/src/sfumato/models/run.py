@@ -53,7 +53,8 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu") -> RunModel
     from sfumato.models.vae import LatentCodec
 
     t = cfg.train
-    codec = LatentCodec.load(t.vae, device) if t.vae is not None else None
+    # Lazy: a run training from the latent cache loads the VAE's weights only to decode grids.
+    codec = LatentCodec.load(t.vae, device, lazy=True) if t.vae is not None else None
     model_px, channels = t.stages[0].resolution_px, 3
     if codec is not None:
         model_px, channels = codec.latent_size(model_px, "train.stages.0.resolution_px"), codec.channels

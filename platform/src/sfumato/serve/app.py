@@ -68,8 +68,15 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
     sampler_type = Literal[tuple(info.samplers)]  # type: ignore[valid-type]
     size = dict(default=info.default_size_px, ge=max(8, info.size_multiple_px or info.default_size_px),
                 le=max_px if info.size_multiple_px else info.default_size_px)
+    trained = {tuple(s) for s in info.trained_sizes_px}
+    if trained:  # an aspect-bucketed model: its buckets, whatever max_size_px says
+        sides = [side for s in trained for side in s]
+        size.update(ge=min(sides), le=max(sides))
 
     def _check(self):
+        if trained and (self.width, self.height) not in trained:
+            offered = ", ".join(f"{w}x{h}" for w, h in sorted(trained))
+            raise ValueError(f"width x height {self.width}x{self.height} is not a size this model was trained at: {offered}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if info.size_multiple_px and value % info.size_multiple_px:

@@ -56,6 +56,8 @@ class ModelInfo:
     default_size_px: int
     size_multiple_px: int
     """Sizes are multiples of this; 0: only default_size_px."""
+    trained_sizes_px: tuple[tuple[int, int], ...] = ()
+    """(width, height) aspect buckets the model was trained at; set: the only sizes served."""
 
     @property
     def default_sampler(self) -> str:
@@ -90,10 +92,14 @@ class TorchBackend:
         p = self.pipe
         conditioning = "text" if p.text_encoder is not None else ("class" if p.num_classes else "none")
         dit = "DiT" in type(p.unet).__name__
-        multiple = 0 if dit else p.vae_scale_factor * 2 ** (len(p.unet.config.block_out_channels) - 1)
+        trained = tuple(tuple(size) for size in self.meta.get("sizes_px", ()))
+        if dit:  # any trained bucket (a grid of whole patches), else its training size alone
+            multiple = p.vae_scale_factor * p.unet.config.patch_size if trained else 0
+        else:
+            multiple = p.vae_scale_factor * 2 ** (len(p.unet.config.block_out_channels) - 1)
         return ModelInfo(self.meta.get("run", "model"), "torch", conditioning, list(p.config.class_names or []),
                          list(FLOW_SAMPLERS if is_flow(p.scheduler.config) else DDPM_SAMPLERS), p.default_size_px,
-                         multiple)
+                         multiple, trained)
 
     def _pipe_for(self, sampler: str):
         from sfumato.diffusion.sample import sampler_from

@@ -47,3 +47,27 @@ class PoisonWeightsAt(Hooks):
         if worker.state.step == self.step and worker.rank == worker.world - 1:
             with torch.no_grad():
                 next(worker.engine.module.parameters()).mul_(float("nan"))
+
+
+class SpikeLossAt(Hooks):
+    """From optimizer step `step` on, for `length` steps, every rank's denoiser output is shifted
+    by `offset`: the loss jumps by about offset**2 and stays finite (a forward hook, so the
+    spike does not hang on how the engine keeps its weights). `times`: how many of the workers'
+    passes through `step` spike (in memory: a rollback replays the step in the same processes,
+    so times=1 spikes once and the replay trains clean; a larger `times` spikes again)."""
+
+    def __init__(self, step: int, length: int = 3, offset: float = 10.0, times: int = 1):
+        self.step, self.length, self.offset, self.times = step, length, offset, times
+        self.fired, self.handle, self.previous = 0, None, None
+
+    def before_step(self, worker) -> None:
+        number = worker.state.step + 1  # the optimizer step about to be taken
+        went_back = self.previous is not None and number <= self.previous  # a rollback
+        self.previous = number
+        if self.handle is not None and (went_back or number >= self.step + self.length):
+            self.handle.remove()
+            self.handle = None
+        if number == self.step and self.handle is None and self.fired < self.times:
+            self.fired += 1
+            self.handle = worker.engine.module.register_forward_hook(lambda module, args, output: output + self.offset)
+

@@ -16,7 +16,7 @@ import torch
 
 from sfumato import checkpoint as ckpt
 from sfumato.config import Config, validate_config, write_resolved
-from sfumato.layout import DataFolder, RunFolder, atomic_write, atomic_write_json, read_jsonl
+from sfumato.layout import DataFolder, RunFolder, atomic_write, atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +146,18 @@ def make_trainer(cfg: Config, callbacks: list | None = None, hooks: list | None 
 
 
 def finish_run(cfg: Config) -> dict:
-    """After the trainer: a stop on NaN/Inf becomes an error that names the last good checkpoint;
-    otherwise the last metrics line."""
+    """After the trainer: a stop on NaN/Inf (or a loss spike, train.spike_guard) becomes an error
+    that names the last good checkpoint; otherwise the last metrics line."""
+    from sfumato.train.spike import LossSpikeError
     from sfumato.train.step import NonFiniteError
 
     run = RunFolder(cfg.train.output_dir)
     if run.stopped.exists():
-        raise NonFiniteError(f"training stopped: {json.loads(run.stopped.read_text())['error']} "
-                             f"(the run folder keeps the last good checkpoint: {ckpt.latest(run.checkpoints)})")
-    records = read_jsonl(run.metrics)
+        stopped = json.loads(run.stopped.read_text())
+        error = LossSpikeError if stopped.get("kind") == "loss_spike" else NonFiniteError
+        raise error(f"training stopped: {stopped['error']} "
+                    f"(the run folder keeps the last good checkpoint: {ckpt.latest(run.checkpoints)})")
+    records = read_metrics(run.metrics)
     return records[-1] if records else {}
 
 

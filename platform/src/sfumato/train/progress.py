@@ -25,17 +25,22 @@ class LossAverage:
     biased_mean: float = 0.0  # m_n
     updates: int = 0  # n
 
-    def update(self, loss: float) -> float:
+    def add(self, loss) -> None:
+        """A float, or a 0-dim tensor kept where it is: the mean then stays on the device and
+        is read back only when `value` or `state_dict` is asked for (when logging)."""
         self.updates += 1
         self.biased_mean = self.beta * self.biased_mean + (1 - self.beta) * loss
+
+    def update(self, loss: float) -> float:
+        self.add(loss)
         return self.value
 
     @property
     def value(self) -> float | None:
-        return None if self.updates == 0 else self.biased_mean / (1 - self.beta ** self.updates)
+        return None if self.updates == 0 else float(self.biased_mean) / (1 - self.beta ** self.updates)
 
     def state_dict(self) -> dict:
-        return {"biased_mean": self.biased_mean, "updates": self.updates}
+        return {"biased_mean": float(self.biased_mean), "updates": self.updates}
 
     @classmethod
     def from_state(cls, state: dict | None, beta: float = 0.98) -> "LossAverage":

@@ -74,19 +74,19 @@ class PlainEngine:
 
 class GradientWatch:
     """Flags a non-finite gradient as it is produced (a hook per parameter), so the check runs
-    before the optimizer step under every ZeRO stage, where .grad may already be partitioned."""
+    before the optimizer step under every ZeRO stage, where .grad may already be partitioned.
+    The flag stays on the gradients' device until the accumulation boundary reads it."""
 
     def __init__(self, model: torch.nn.Module):
         self.bad: torch.Tensor | None = None
         self.handles = [p.register_hook(self._check) for p in model.parameters() if p.requires_grad]
 
     def _check(self, grad: torch.Tensor) -> None:
-        # Stays on the gradient's device: no host sync per parameter (one per step, in `flag`).
         bad = ~torch.isfinite(grad).all()
         self.bad = bad if self.bad is None else self.bad | bad
 
-    def flag(self) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.bool) if self.bad is None else self.bad.cpu()
+    def flag(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.bool, device=device) if self.bad is None else self.bad.to(device)
 
     def reset(self) -> None:
         self.bad = None
@@ -109,11 +109,13 @@ class TrainState:
     """Latent mode: the frozen VAE (sfumato.models.vae.LatentCodec) the images pass through."""
     watch: GradientWatch | None = None
     all_ranks_any: object = None
-    """Callable(bool tensor) -> bool tensor OR-ed over ranks (None: single process)."""
+    """Callable(bool tensor) -> the same flags OR-ed over ranks, on the host (None: one process)."""
     step: int = 0
     """Optimizer steps taken."""
     micro_step: int = 0
     stats: dict = field(default_factory=dict)
+    bad_loss: torch.Tensor | None = None
+    """A non-finite loss since the last optimizer step, kept on the device until the boundary."""
 
 
 def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,18 +126,40 @@ def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> t
     return x0, classes
 
 
+def model_inputs(batch: dict, state: TrainState, generator: torch.Generator,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, class indices) of a batch: the images in [-1, 1], or in latent mode their scaled
+    latents drawn with `generator`, from the posterior mean and std the latent cache put in the
+    batch (sfumato.models.cache), else through the VAE's encoder. Both make the same draw."""
+    from sfumato.models.cache import LATENT_MEAN, LATENT_STD
+
+    if LATENT_MEAN not in batch:
+        x0, classes = batch_to_tensors(batch, state.device, dtype)
+        return (x0 if state.codec is None else state.codec.encode(x0, generator)), classes
+    from sfumato.models.vae import draw_latents
+
+    mean, std = (torch.from_numpy(np.asarray(batch[k], dtype=np.float32)).to(state.device) for k in (LATENT_MEAN, LATENT_STD))
+    classes = torch.from_numpy(np.asarray(batch["class"], dtype=np.int64)).to(state.device)
+    return draw_latents(mean, std, generator, state.codec.scale, state.codec.shift).to(dtype), classes
+
+
 def conditions(batch: dict, classes: torch.Tensor, state: TrainState, dropout: float | None = None) -> torch.Tensor | None:
     """The micro-batch's conditioning with classifier-free-guidance dropout applied (the config's,
-    or `dropout`): class indices or token ids, the "no class" / empty-caption value where dropped
-    or missing."""
+    or `dropout`): class indices, token ids, or (the cache of a frozen encoder) its states, the
+    "no class" / empty-caption value where dropped or missing."""
     if state.tokenizer is None and state.null_class is None:
         return None
     probability = state.diffusion_cfg.condition_dropout if dropout is None else dropout
     # Drawn on the generator's device (CUDA on GPUs), then used where the batch lives.
     dropped = drop_conditions(len(classes), probability, state.generator, state.generator.device).to(classes.device)
     if state.tokenizer is not None:
+        from sfumato.models.cache import TEXT_EMPTY, TEXT_STATES
         from sfumato.models.text import tokenize
 
+        if TEXT_STATES in batch:  # a frozen encoder's cached states: the denoiser skips its encoder
+            states, empty = (torch.from_numpy(np.asarray(batch[k], dtype=np.float32)).to(classes.device)
+                             for k in (TEXT_STATES, TEXT_EMPTY))
+            return torch.where(dropped[:, None, None], empty, states)
         ids = tokenize(state.tokenizer, list(batch["caption"]) + [""], state.max_length).to(classes.device)
         return torch.where(dropped[:, None], ids[-1:], ids[:-1])
     return torch.where(dropped | (classes < 0), torch.full_like(classes, state.null_class), classes)
@@ -147,30 +171,41 @@ def loss_fn(model, x0: torch.Tensor, cond: torch.Tensor | None, state: TrainStat
     return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator, resolution_px)
 
 
-def _any_rank(state: TrainState, flag: torch.Tensor) -> bool:
-    return bool(state.all_ranks_any(flag) if state.all_ranks_any else flag)
+def _check_finite(state: TrainState) -> None:
+    """At the accumulation boundary, before the optimizer step: one read-back (and one
+    all-reduce) of the loss and gradient flags gathered on the device over the micro-steps, so
+    that all ranks raise at the same step and no update with a NaN in it is ever applied."""
+    device = state.bad_loss.device
+    flags = torch.stack([state.bad_loss, state.watch.flag(device) if state.watch is not None
+                         else torch.zeros((), dtype=torch.bool, device=device)])
+    bad_loss, bad_gradient = (state.all_ranks_any(flags) if state.all_ranks_any else flags.cpu()).tolist()
+    state.bad_loss = None
+    if state.watch is not None:
+        state.watch.reset()
+    where = f"at step {state.step} (micro-step {state.micro_step})"
+    if bad_loss:
+        raise NonFiniteError(f"non-finite loss {where}")
+    if bad_gradient:
+        raise NonFiniteError(f"non-finite gradient {where}")
 
 
 def train_step(state: TrainState, batch: dict) -> dict:
-    """One micro-batch: forward, finite checks on all ranks, backward, (optimizer) step.
-    Returns the micro-batch's loss and, at an accumulation boundary, `optimizer_step: True`."""
-    x0, classes = batch_to_tensors(batch, state.device, state.dtype)
-    if state.codec is not None:
-        x0 = state.codec.encode(x0, state.generator)
+    """One micro-batch: forward, backward and, at an accumulation boundary, the finite checks on
+    all ranks and the optimizer step. Returns the micro-batch's loss and stats as device tensors
+    (read them back only when logging: each read waits for the GPU) and `optimizer_step`."""
+    x0, classes = model_inputs(batch, state, state.generator, state.dtype)
     loss, stats = loss_fn(state.engine, x0, conditions(batch, classes, state), state)
-    if _any_rank(state, ~torch.isfinite(loss.detach()).cpu()):
-        raise NonFiniteError(f"non-finite loss at step {state.step} (micro-step {state.micro_step})")
-    if state.watch is not None:
-        state.watch.reset()
+    bad = ~torch.isfinite(loss.detach())
+    state.bad_loss = bad if state.bad_loss is None else state.bad_loss | bad
     state.engine.backward(loss)
-    if state.watch is not None and _any_rank(state, state.watch.flag()):
-        raise NonFiniteError(f"non-finite gradient at step {state.step} (micro-step {state.micro_step})")
     boundary = state.engine.is_gradient_accumulation_boundary()
+    if boundary:
+        _check_finite(state)
     state.engine.step()
     state.micro_step += 1
     if boundary:
         state.step += 1
-    return {"loss": float(loss.detach()), "optimizer_step": boundary, **{k: float(v) for k, v in stats.items()}}
+    return {"loss": loss.detach(), "optimizer_step": boundary, **stats}
 
 
 @torch.no_grad()
@@ -182,9 +217,7 @@ def validate(model, batches: list[dict], state: TrainState, num_timesteps: int, 
     total, count = 0.0, 0
     for index, batch in enumerate(batches):
         generator = torch.Generator(state.device).manual_seed(seed * 100_003 + index)
-        x0, classes = batch_to_tensors(batch, state.device, dtype)
-        if state.codec is not None:
-            x0 = state.codec.encode(x0, generator)
+        x0, classes = model_inputs(batch, state, generator, dtype)
         cond = conditions(batch, classes, state, dropout=0.0)
         per_image = validation_loss(model, x0, cond, state.schedule, state.diffusion_cfg, num_timesteps, generator)
         total += float(per_image.sum())

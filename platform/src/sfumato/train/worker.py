@@ -23,6 +23,7 @@ from sfumato import checkpoint as ckpt
 from sfumato.config import Config
 from sfumato.layout import DataFolder, RunFolder, append_jsonl, atomic_write_json, truncate_metrics
 from sfumato.train.faults import Hooks
+from sfumato.train.spike import LossSpikeError, RollBack, SpikeGuard, rollback_target
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Worker:
     loss_average: object = None  # sfumato.train.progress.LossAverage
     progress: object = None  # sfumato.train.progress.Progress
     validation_sets: dict = field(default_factory=dict)  # resolution -> held-out batches (rank 0)
+    spike_guard: SpikeGuard = field(default_factory=SpikeGuard)  # train.spike_guard; its lr scale
     wandb_run: object = None
 
     @property
@@ -80,9 +82,12 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     torch.manual_seed(cfg.seed)
     run_model = build_run_model(cfg, device)
     model = run_model.denoiser
+    speed_up(model, t, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused AdamW: one kernel for all parameters (CPU and CUDA), 3.5x faster than the
+    # per-tensor foreach one for unet-s on this CPU (10 vs 35 ms a step, BENCHMARKS.md).
     optimizer = torch.optim.AdamW(trainable, lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
-                                  eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay)
+                                  eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
     # After initialize: under ZeRO-3 the EMA keeps only this rank's partition of each weight.
@@ -97,10 +102,23 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
         all_ranks_any=lambda flag: _all_reduce_any(flag, device),
     )
     worker = Worker(cfg, run, rank, world, device, engine, ema, state, run_model,
-                    _grid_conditions(cfg, run, run_model), _class_weights(cfg), list(hooks))
+                    _grid_conditions(cfg, run, run_model), _class_weights(cfg), list(hooks),
+                    spike_guard=SpikeGuard(t.spike_guard))
     if rank == 0 and t.wandb:
         worker.wandb_run = _wandb(cfg)
     return worker
+
+
+def speed_up(denoiser, train_cfg, device: torch.device) -> None:
+    """`train.compile`: the network's forward (and so its backward) through torch.compile, in
+    place (Module.compile keeps the parameter names, so checkpoints and the EMA are unchanged);
+    `train.channels_last`: NHWC weights and activations for the convolutions. Both default to
+    on with GPUs only: on this CPU channels-last was 4-8% slower for unet-s (BENCHMARKS.md)."""
+    on_gpu = device.type == "cuda"
+    if train_cfg.channels_last if train_cfg.channels_last is not None else on_gpu:
+        denoiser.net.to(memory_format=torch.channels_last)
+    if train_cfg.compile if train_cfg.compile is not None else on_gpu:
+        denoiser.net.compile()
 
 
 def _grid_conditions(cfg: Config, run: RunFolder, run_model) -> list | None:
@@ -126,9 +144,10 @@ def _class_weights(cfg: Config) -> dict | None:
 
 
 def resume(worker: Worker) -> None:
-    """From the newest committed checkpoint of the run folder, if any: weights, optimizer, EMA,
-    RNG, loader position, step and loss average. Rank 0 first drops what a killed attempt left:
-    partial checkpoints, and metrics lines past the checkpoint (those steps are logged again)."""
+    """From the newest committed checkpoint of the run folder, if any (`load_checkpoint`): weights,
+    optimizer, EMA, RNG, loader position, step, loss average and spike guard. Rank 0 first drops
+    what a killed attempt left: partial checkpoints, and metrics lines past the checkpoint (those
+    steps are logged again)."""
     import ray
     import torch.distributed as dist
 
@@ -142,18 +161,30 @@ def resume(worker: Worker) -> None:
     dist.barrier()
     w.loss_average = LossAverage()
     if latest is not None:
-        w.engine.load_checkpoint(str(latest / "deepspeed"), tag=ckpt.DEEPSPEED_TAG)
-        w.ema.load_state_dict(w.engine.module, ckpt.load_ema(latest))
-        ckpt.load_rng(latest, w.rank, w.state.generator)
-        w.position = ckpt.load_loader_position(latest, w.rank)
-        meta = ckpt.load_meta(latest)
-        w.state.step = meta["step"]
-        w.loss_average = LossAverage.from_state(meta.get("loss_average"))
+        load_checkpoint(w, latest)
     nodes = [None] * w.world  # the Ray node of every rank: where the worker group ran
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if w.rank == 0:
         _record_attempt(w.run, latest, w.state.step, w.world, nodes)
     w.progress = Progress(w.cfg.train, w.state.step)
+
+
+def load_checkpoint(worker: Worker, folder) -> None:
+    """Every rank, from a committed checkpoint: weights, optimizer, EMA, RNG, loader position,
+    step, loss average and the spike guard's rollbacks and learning-rate scale."""
+    from sfumato.train.progress import LossAverage
+
+    w = worker
+    w.engine.load_checkpoint(str(folder / "deepspeed"), tag=ckpt.DEEPSPEED_TAG)
+    w.ema.load_state_dict(w.engine.module, ckpt.load_ema(folder))
+    ckpt.load_rng(folder, w.rank, w.state.generator)
+    w.position = ckpt.load_loader_position(folder, w.rank)
+    meta = ckpt.load_meta(folder)
+    w.state.step = meta["step"]
+    w.loss_average = LossAverage.from_state(meta.get("loss_average"))
+    average = w.loss_average.value  # None on every rank alike (the same number of updates)
+    w.spike_guard.load_state_dict(meta.get("spike_guard"),
+                                  None if average is None else _all_reduce_mean([average], w.device)[0])
 
 
 def _record_attempt(run: RunFolder, latest, step: int, world: int, nodes: list) -> None:
@@ -162,7 +193,7 @@ def _record_attempt(run: RunFolder, latest, step: int, world: int, nodes: list) 
     quiet unless --verbose)."""
     from sfumato.layout import read_jsonl
 
-    number = 1 + len(read_jsonl(run.attempts))
+    number = 1 + len([a for a in read_jsonl(run.attempts) if "event" not in a])  # rollbacks are no starts
     append_jsonl(run.attempts, {"time": time.time(), "resumed_from": latest and latest.name, "world_size": world,
                                 "nodes": nodes})
     if latest is not None:
@@ -173,16 +204,22 @@ def _record_attempt(run: RunFolder, latest, step: int, world: int, nodes: list) 
 
 # ------------------------------------------------------------------------------ the loops
 def train(worker: Worker) -> None:
-    """Every stage to the last step; a non-finite loss or gradient stops every rank cleanly (the
-    flag is all-reduced, so all ranks raise at the same step) and is not retried."""
+    """Every stage to the last step; a lasting loss spike rolls every rank back to a checkpoint
+    (train.spike_guard). A non-finite loss or gradient, or a spike with no rollback left, stops
+    every rank cleanly (the flags are all-reduced, so all ranks raise at the same step) and is
+    not retried."""
     from sfumato.train.step import NonFiniteError
 
     try:
         while worker.state.step < worker.cfg.train.total_steps:
-            run_stage(worker)
-    except NonFiniteError as err:
+            try:
+                run_stage(worker)
+            except RollBack as rollback:
+                roll_back(worker, rollback.spike)
+    except (NonFiniteError, LossSpikeError) as err:
         if worker.rank == 0:
-            atomic_write_json(worker.run.stopped, {"error": str(err), "step": worker.state.step})
+            kind = "loss_spike" if isinstance(err, LossSpikeError) else "non_finite"  # finish_run raises the same
+            atomic_write_json(worker.run.stopped, {"error": str(err), "step": worker.state.step, "kind": kind})
     finally:
         if worker.wandb_run:
             worker.wandb_run.finish()
@@ -215,10 +252,31 @@ def run_stage(worker: Worker) -> None:
     split = training_range(t.validation.holdout_fraction if t.validation else 0.0, t.data_fraction)
     batches = iter_training_batches(shard_paths(w.shards.root, stage.resolution_px), stage.micro_batch_size,
                                     stage.resolution_px, w.rank, w.world, w.cfg.seed + index, w.position,
-                                    w.class_weights, split)
+                                    w.class_weights, split, source_weights=w.cfg.data.source_weights,
+                                    bucketed=w.cfg.data.shards.buckets is not None)
+    cache = _latent_cache(w, stage.resolution_px)
+    if cache is not None:
+        batches = cache.attach_all(batches)
     while w.state.step < start + stage.steps:
         out = optimizer_step(w, index, batches)
         after_step(w, index, out)
+
+
+def _latent_cache(worker: Worker, resolution_px: int, announce: bool = True):
+    """The stage's cache (sfumato.models.cache) when it is complete for these shards and this
+    VAE / frozen text encoder: batches then carry each image's posterior mean and std (and its
+    caption's encoder states) and those encoders never run. None: encode on the fly (nothing to
+    cache, no cache, or an incomplete one)."""
+    from sfumato.models.cache import LatentCache, cache_enabled
+
+    if cache_enabled(worker.cfg) is not None:
+        return None
+    cache = LatentCache.open(worker.cfg, resolution_px)
+    if announce and worker.rank == 0:
+        say(f"{resolution_px}px: training from the cache {cache.folder.root}" if cache is not None else
+            f"{resolution_px}px: no complete latent cache for this VAE (`sfumato cache` builds it): "
+            "the VAE encodes every batch")
+    return cache
 
 
 def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
@@ -228,7 +286,7 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
     w = worker
     for hook in w.hooks:
         hook.before_step(w)
-    lr = lr_at(w.state.step, w.cfg.train.optimizer, w.cfg.train.total_steps)
+    lr = lr_at(w.state.step, w.cfg.train.optimizer, w.cfg.train.total_steps) * w.spike_guard.lr_scale  # < 1 after rollbacks
     for group in w.engine.optimizer.param_groups:
         group["lr"] = lr
     while True:
@@ -239,7 +297,7 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
         if out["optimizer_step"]:
             break
     w.ema.update(w.engine.module)
-    w.loss_average.update(out["loss"])
+    w.loss_average.add(out["loss"])  # no read-back: a device tensor until logged
     for hook in w.hooks:
         hook.after_step(w)
     return {**out, "lr": lr}
@@ -247,18 +305,73 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
 
 def after_step(worker: Worker, stage_index: int, out: dict) -> None:
     """What follows an optimizer step, each when it is due: the log record, validation and the
-    sample grid (from the EMA weights), the metrics line, the checkpoint."""
+    sample grid (from the EMA weights), the metrics line, the loss-spike guard, the checkpoint
+    (never one of a confirmed spike)."""
     t, step = worker.cfg.train, worker.state.step
     last = step == t.total_steps
-    record = log_record(worker, stage_index, out) if step % t.log_every_steps == 0 or last else {}
+    logged = step % t.log_every_steps == 0 or last
+    record = log_record(worker, stage_index, out) if logged else {}
     validate_now = t.validation is not None and (step % t.validation.every_steps == 0 or last)
     sample_now = step % t.sample_every_steps == 0 or last
     if validate_now or sample_now:
         record.update(evaluate_ema(worker, stage_index, validate_now, sample_now))
     if record or validate_now:  # every rank reports, or none (Ray Train counts the reports)
         write_metrics(worker, record)
+    if logged:
+        watch_loss(worker, out)
     if step % t.checkpoint_every_steps == 0 or last:
         save_checkpoint(worker)
+
+
+# ---------------------------------------------------------------------- the loss-spike guard
+def watch_loss(worker: Worker, out: dict) -> None:
+    """train.spike_guard on a logged step, with the loss and its running average each averaged
+    over the ranks (one small all-reduce), so every rank decides alike: a confirmed spike raises
+    RollBack (caught by `train`) or LossSpikeError (the run stops) on all of them."""
+    w = worker
+    if w.spike_guard.cfg is None:
+        return
+    loss, average = _all_reduce_mean([float(out["loss"]), w.loss_average.value], w.device)
+    spike = w.spike_guard.observe(w.state.step, loss, average, w.loss_average.updates)
+    if spike is not None:
+        raise w.spike_guard.decide(spike)
+
+
+def roll_back(worker: Worker, spike) -> None:
+    """Every rank: back to the newest committed checkpoint from before the spike began, then on
+    with the learning rate scaled by train.spike_guard.lr_scale once more. No such checkpoint
+    stops the run: going back to step 0 would silently restart it, which a user should choose.
+    Rank 0 drops the later checkpoints and metrics lines (those steps are trained and logged
+    again) and records the rollback in metrics.jsonl and attempts.jsonl."""
+    import torch.distributed as dist
+
+    from sfumato.train.progress import Progress
+
+    w, guard = worker, worker.spike_guard
+    done = {ckpt.load_meta(folder)["step"]: folder for folder in ckpt.committed(w.run.checkpoints)}
+    to_step = rollback_target(sorted(done), spike.first_step)
+    if to_step is None:
+        raise LossSpikeError(f"{spike.describe()}; no committed checkpoint from before step {spike.first_step} to "
+                             f"roll back to (train.checkpoint_every_steps={w.cfg.train.checkpoint_every_steps})")
+    run_state = guard.state_dict()  # the run's rollbacks so far, not the older checkpoint's
+    load_checkpoint(w, done[to_step])
+    guard.rollbacks, guard.lr_scale = run_state["rollbacks"], run_state["lr_scale"]
+    guard.rolled_back()
+    w.progress = Progress(w.cfg.train, w.state.step)
+    dist.barrier()  # every rank has loaded before rank 0 discards what came later
+    if w.rank == 0:
+        ckpt.discard_after(w.run.checkpoints, to_step)
+        truncate_metrics(w.run.metrics, to_step)
+        now = time.time()
+        append_jsonl(w.run.metrics, {"event": "rollback", "step": to_step, "time": now, "spike_step": spike.step,
+                                     "first_spike_step": spike.first_step, "loss": spike.loss,
+                                     "loss_average": spike.average, "factor": spike.factor,
+                                     "rollback": guard.rollbacks, "lr_scale": guard.lr_scale})
+        append_jsonl(w.run.attempts, {"time": now, "event": "rollback", "resumed_from": done[to_step].name,
+                                      "spike_step": spike.step, "world_size": w.world})
+        say(f"{spike.describe()}: rolled back to step {to_step} (rollback {guard.rollbacks} of at most "
+            f"{guard.cfg.max_rollbacks}), learning rate x {guard.lr_scale:g} from here")
+    dist.barrier()
 
 
 def log_record(worker: Worker, stage_index: int, out: dict) -> dict:
@@ -269,13 +382,23 @@ def log_record(worker: Worker, stage_index: int, out: dict) -> dict:
     grad_norm = w.engine.get_global_grad_norm()
     return {
         "stage": stage_index, "resolution_px": stage.resolution_px,
-        "loss": out["loss"], "loss_ema": w.loss_average.value, "lr": out["lr"],
+        "loss": float(out["loss"]), "loss_ema": w.loss_average.value, "lr": out["lr"],
         "grad_norm": None if grad_norm is None else float(grad_norm),
         **w.progress.measure(w.state.step),  # samples_per_s, step_time_s, elapsed_s, eta_s
         "effective_batch": t.effective_batch(stage), "ema_beta": w.ema.beta,
         "ema_halflife_images": halflife_images(w.ema.beta, t.effective_batch(stage)),
         "memory_mb": _memory_mb(w.device),
+        **_source_shares(w),
     }
+
+
+def _source_shares(worker: Worker) -> dict:
+    """With data.sources weights: this rank's realised share of each source in the stage so far
+    (every rank draws with the same weights)."""
+    from sfumato.data.loader import source_shares
+
+    shares = source_shares(worker.position)
+    return {} if shares is None else {"source_shares": {name: round(share, 4) for name, share in shares.items()}}
 
 
 def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_now: bool) -> dict:
@@ -296,7 +419,10 @@ def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_no
             if stage.resolution_px not in w.validation_sets:
                 w.validation_sets[stage.resolution_px] = validation_batches(
                     shard_paths(w.shards.root, stage.resolution_px), stage.resolution_px,
-                    v.holdout_fraction, v.max_samples, v.batch_size)
+                    v.holdout_fraction, v.max_samples, v.batch_size, bucketed=w.cfg.data.shards.buckets is not None)
+                cache = _latent_cache(w, stage.resolution_px, announce=False)
+                if cache is not None:
+                    w.validation_sets[stage.resolution_px] = [cache.attach(b) for b in w.validation_sets[stage.resolution_px]]
             found["val_loss"] = validate(ema_model, w.validation_sets[stage.resolution_px], w.state,
                                          v.num_timesteps, v.seed)
         if sample_now:
@@ -337,7 +463,8 @@ def save_checkpoint(worker: Worker) -> None:
     ema_weights = w.ema.state_dict(w.engine.module)  # collective under ZeRO-3
     if w.rank == 0:
         meta = {"step": w.state.step, "micro_step": w.state.micro_step, "model": w.cfg.train.model, "time": time.time(),
-                "loss_average": w.loss_average.state_dict()}  # the logged loss_ema continues on resume
+                "loss_average": w.loss_average.state_dict(),  # the logged loss_ema continues on resume
+                "spike_guard": w.spike_guard.state_dict()}  # a restart keeps the rollbacks' lower lr
         ckpt.commit(w.run.checkpoints, w.state.step, ema_weights, meta, w.cfg.train.num_to_keep)
     dist.barrier()
 
@@ -353,8 +480,9 @@ def sample_grid(worker: Worker, model, resolution_px: int) -> None:
 
     s = worker.cfg.train.sample
     pipe = pipeline(worker.cfg, replace(worker.run_model, denoiser=model), s.sampler)
+    width, height = worker.cfg.sample_size_px(resolution_px)  # square, or train.sample.aspect_ratio's bucket
     images = sample(pipe, s.num_images, s.seed, s.steps, s.guidance_scale, worker.grid_conditions,
-                    height=resolution_px, width=resolution_px)
+                    height=height, width=width)
     path = worker.run.sample_grid(worker.state.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     to_grid(images).save(path)
@@ -373,9 +501,17 @@ def say(line: str) -> None:
 def _all_reduce_any(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
     import torch.distributed as dist
 
-    value = flag.to(device=device, dtype=torch.int32).reshape(1)
+    value = flag.to(device=device, dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.bool().cpu()[0]
+    return value.bool().cpu()
+
+
+def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (total / dist.get_world_size()).tolist()
 
 
 def _ema_copy(denoiser, ema_weights: dict, device) -> torch.nn.Module:

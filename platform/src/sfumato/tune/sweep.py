@@ -30,6 +30,7 @@ def run_trial(params: dict, sweep: dict) -> None:
     from sfumato import checkpoint as ckpt
     from sfumato.layout import read_metrics
     from sfumato.train.loop import finish_run, make_trainer, prepare_run
+    from sfumato.train.spike import LossSpikeError
     from sfumato.train.step import NonFiniteError
     from sfumato.tune.space import trial_config
 
@@ -49,9 +50,9 @@ def run_trial(params: dict, sweep: dict) -> None:
     make_trainer(trial, callbacks=[TuneReportCallback()]).fit()
     try:
         finish_run(trial)
-    except NonFiniteError as err:
-        # A diverging config is a result (the table says "diverged"), not a failure to retry:
-        # a retry would replay it.
+    except (NonFiniteError, LossSpikeError) as err:
+        # A diverging config (NaN/Inf, or a loss spike past train.spike_guard) is a result (the
+        # table says "diverged"), not a failure to retry: a retry would replay it.
         log.warning("trial %s: %s", trial_id, err)
 
 
