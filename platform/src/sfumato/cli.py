@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="YAML config with a train section")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
+    ft = sub.add_parser("finetune", help="post-training: fine-tune a trained run (or a diffusers export) on the "
+                                         "finetune.select subset of the manifest, fully or with LoRA (finetune.lora)")
+    _with_config(ft)
+    ft.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR",
+                    help="the parent run folder (default: finetune.parent, else the config's train.output_dir)")
+    ft.add_argument("--checkpoint", default=None, help="the parent's checkpoint, e.g. step-00000500 (default: newest)")
+    ft.add_argument("--pretrained", default=None, metavar="FOLDER_OR_HUB_ID",
+                    help="start from a diffusers export folder or hub id instead of a run")
     tune = sub.add_parser("tune", help=_help("tune"))
     _with_config(tune)
     tune.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir (finished trials are kept)")
@@ -173,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps({k: v for k, v in result.items() if k != "trials_by_id"}, indent=2, default=str))
         return 0
+    if args.stage == "finetune":
+        return _finetune(args, cfg)
     if args.stage == "pipeline":
         from sfumato.pipeline import run_pipeline
 
@@ -194,6 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     options = {"review": args.review} if args.stage == "dedup" else {}
     result = run_stage(args.stage, cfg, **options)
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _finetune(args, cfg) -> int:
+    """The fine-tune's config resolved (lineage, selection: errors before any work), trained."""
+    from sfumato.train.finetune import run_config
+    from sfumato.train.loop import run_training
+
+    try:
+        tuned = run_config(cfg, Path(args.parent) if args.parent else None, args.checkpoint, args.pretrained)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sfumato: {err}", file=sys.stderr)
+        return 2
+    last = run_training(tuned)
+    print(json.dumps({"finetune": {"run_dir": str(tuned.train.output_dir),
+                                   "lineage": tuned.train.lineage.model_dump(mode="json", exclude_none=True),
+                                   "last": last}}, indent=2, default=str))
     return 0
 
 

@@ -604,6 +604,105 @@ class SpikeGuardConfig(Frozen):
     """A spike after this many rollbacks stops the run instead."""
 
 
+# ----------------------------------------------------------------------------- post-training
+class SelectConfig(Frozen):
+    """finetune.select: the manifest rows a fine-tune trains and validates on. Every key that is
+    set must hold; only `ok` rows are in the shards, so only they can be selected. A filter that
+    selects nothing is an error naming its key, before any work."""
+
+    tags: list[str] | None = Field(None, min_length=1)
+    """Rows with any of these tags (a sample's class is its innermost tag)."""
+    sources: list[str] | None = Field(None, min_length=1)
+    """Rows of these data.sources names."""
+    caption_contains: str | None = Field(None, min_length=1)
+    """Rows whose caption contains this text, case-insensitive ("on a blue background")."""
+    min_aesthetic: float | None = None
+    """Rows whose aesthetic_score (data.curate.safety.aesthetic_weights) is at least this."""
+    ids: list[str] | None = Field(None, min_length=1)
+    """An explicit list of manifest ids (with ids_file: both lists)."""
+    ids_file: Path | None = None
+    """A text file of manifest ids, one a line."""
+
+    @field_validator("ids_file")
+    @classmethod
+    def _abs(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
+
+
+class LoraSection(Frozen):
+    """LoRA adapters (peft) instead of full fine-tuning: only their weights train, go into the
+    optimizer, the EMA and the checkpoints; `sfumato export` writes the adapter alone (diffusers'
+    LoRA format) and the merged model."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0)
+    """The adapter's update is scaled by alpha / rank; None: alpha = rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1)
+    """peft target names (module names or their last components, e.g. [to_q, to_k, to_v, to_out.0]);
+    None: every linear layer of the network (attention, feed-forward, time and class embeddings)."""
+    conv: bool = False
+    """With target_modules None: the convolutions too (all but the first and the last)."""
+    text_encoder: bool = False
+    """Text models: adapters on the text encoder's attention too."""
+
+
+class LineageConfig(Frozen):
+    """train.lineage: where a post-training run starts. Set by `sfumato finetune` (resolved from the
+    finetune section), never by hand; None: a run from fresh weights."""
+
+    parent: Path | None = None
+    """The parent run folder whose EMA weights the run starts from."""
+    checkpoint: str | None = None
+    parent_step: int | None = None
+    parent_config_sha256: str | None = None
+    pretrained: str | None = None
+    """Or: a diffusers folder or hub id of a model family sfumato trains."""
+    select: dict[str, Any] = {}
+    """The finetune.select filter the run's data came from (selected_ids.txt in the run folder)."""
+    selected_rows: int = Field(0, ge=1)
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "LineageConfig":
+        if (self.parent is None) == (self.pretrained is None):
+            raise ValueError("a lineage starts from exactly one of parent and pretrained")
+        return self
+
+
+class FinetuneConfig(Frozen):
+    """`sfumato finetune` (and the pipeline's finetune stage): supervised fine-tuning of a trained
+    model on a selected subset, fully or with LoRA. The fine-tune is the run of this config with
+    `overrides` applied (dotted keys, like tune.proxy): its own output_dir, learning rate, warm-up,
+    steps; the EMA restarts from the parent's weights."""
+
+    parent: Path | None = None
+    """A run folder to start from (its EMA weights); None (and no pretrained): train.output_dir,
+    the run this config trains."""
+    checkpoint: str | None = None
+    """The parent's checkpoint, e.g. step-00001200; None: its newest."""
+    pretrained: str | None = None
+    """Instead of a parent: a diffusers folder (an `sfumato export`) or hub id of a model family
+    sfumato trains."""
+    select: SelectConfig = SelectConfig()
+    lora: LoraSection | None = None
+    """None: every weight trains (full fine-tuning)."""
+    overrides: dict[str, Any] = Field(min_length=1)
+    """Dotted keys applied to this config for the fine-tune; train.output_dir is required."""
+
+    @field_validator("parent")
+    @classmethod
+    def _abs(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
+
+    @model_validator(mode="after")
+    def _own_folder(self) -> "FinetuneConfig":
+        if "train.output_dir" not in self.overrides:
+            raise ValueError("finetune.overrides must set train.output_dir (the fine-tune's own run folder)")
+        if self.parent is not None and self.pretrained is not None:
+            raise ValueError("give finetune.parent or finetune.pretrained, not both")
+        return self
+
+
 class TrainConfig(Frozen):
     output_dir: Path
     """The run folder: config.yaml, checkpoints/, samples/, metrics.jsonl."""
@@ -650,6 +749,10 @@ class TrainConfig(Frozen):
     wandb: bool = True
     """Log to wandb too (offline mode without WANDB_API_KEY)."""
     sample: SampleConfig = SampleConfig()
+    lora: LoraSection | None = None
+    """Post-training: train LoRA adapters only (set from finetune.lora by `sfumato finetune`)."""
+    lineage: LineageConfig | None = None
+    """Post-training: the weights the run starts from and its data filter (set by `sfumato finetune`)."""
 
     @field_validator("output_dir")
     @classmethod
@@ -673,6 +776,8 @@ class TrainConfig(Frozen):
                              "text conditioning needs a *-text-* model and those need text conditioning")
         if MODEL_FAMILIES[self.model] == DIT and len(set(res)) > 1:
             raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("train.lora trains under ZeRO 0-2: set train.zero_stage (finetune.overrides) to 2")
         return self
 
     @property
@@ -854,6 +959,9 @@ class PipelineConfig(Frozen):
     """FID / FD-CLIP and CLIPScore when a feature network is configured (evaluate.inception_weights,
     evaluate.clip_model or data.curate.clip.model); the report and cards in any case."""
     export: bool = True
+    finetune: bool = False
+    """After training (and its evaluation): the `finetune` section's fine-tune of the run, then its
+    report and export."""
 
 
 class Config(Frozen):
@@ -868,6 +976,8 @@ class Config(Frozen):
     export: ExportConfig = ExportConfig()
     tune: TuneConfig | None = None
     """`sfumato tune`: the proxy and search space of a sweep over this run."""
+    finetune: FinetuneConfig | None = None
+    """`sfumato finetune`: a post-training run of this config's model on a selected subset."""
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="before")
@@ -905,6 +1015,8 @@ class Config(Frozen):
     def _pipeline_stages_have_sections(self) -> "Config":
         if self.pipeline.tune and (self.tune is None or self.train is None):
             raise ValueError("pipeline.tune needs a `tune` and a `train` section")
+        if self.pipeline.finetune and (self.finetune is None or self.train is None):
+            raise ValueError("pipeline.finetune needs a `finetune` and a `train` section")
         return self
 
     @model_validator(mode="after")

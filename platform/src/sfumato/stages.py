@@ -6,6 +6,7 @@ stages on a config that records every key read and fails on an undeclared one), 
 pipeline record lives in, what it leaves behind, and which files' content is its output hash.
 
     ingest -> safety -> dedup -> caption -> shards -> cache -> tune -> train -> evaluate -> export
+      -> finetune (post-training: off by default)
 """
 
 from __future__ import annotations
@@ -334,3 +335,32 @@ def export(cfg: Config):
     checked = f", ONNX within {onnx['tolerance_max_rel']:.0e} of PyTorch" if onnx else ""
     return f"export: {report['checkpoint']} -> {_run(cfg).export}{checked}", \
         {k: report[k] for k in ("checkpoint", "step", "parameters", "diffusers")}
+
+
+# ----------------------------------------------------------------------- post-training
+def _finetune_folder(cfg: Config) -> Path:
+    return Path(cfg.finetune.overrides["train.output_dir"]).resolve() if cfg.finetune else _run(cfg).root / "finetune"
+
+
+@stage("finetune", keys=("finetune",), folder=_finetune_folder, reads=("train",),
+       enabled=lambda cfg: _training(cfg) or (None if cfg.pipeline.finetune else "pipeline.finetune is false"),
+       artifacts=lambda cfg: {"fine-tune run folder": _finetune_folder(cfg),
+                              "fine-tune report": RunFolder(_finetune_folder(cfg)).report},
+       produced=lambda cfg: [RunFolder(_finetune_folder(cfg)).report])
+def finetune(cfg: Config):
+    """post-training: fine-tune the run on the finetune.select subset (LoRA with finetune.lora), then its report and export"""
+    from sfumato.evaluate.cards import write_run_documents
+    from sfumato.export.export_run import run_export
+    from sfumato.train.finetune import run_config
+    from sfumato.train.loop import run_training
+
+    tuned = run_config(cfg)
+    last = run_training(tuned)
+    write_run_documents(tuned.train.output_dir, tuned.data.output_dir)
+    export = run_export(tuned.train.output_dir) if cfg.pipeline.export else None
+    lineage = tuned.train.lineage
+    kind = f"LoRA rank {tuned.train.lora.rank}" if tuned.train.lora else "full weights"
+    return (f"finetune: {kind} from {lineage.checkpoint or lineage.pretrained} on {lineage.selected_rows} selected rows, "
+            f"step {last.get('step')} of {tuned.train.total_steps}, loss_ema {last.get('loss_ema')}"
+            + (f" -> {export['diffusers']}" if export else "")), \
+        {"run_dir": str(tuned.train.output_dir), "selected_rows": lineage.selected_rows, **last}

@@ -114,18 +114,21 @@ def training_range(holdout_fraction: float = 0.0, data_fraction: float = 1.0) ->
     return holdout_fraction, holdout_fraction + (1.0 - holdout_fraction) * data_fraction
 
 
-def _in_range(samples: Iterator[dict], low: float, high: float) -> Iterator[dict]:
+def _in_range(samples: Iterator[dict], low: float, high: float, ids: frozenset | None = None) -> Iterator[dict]:
+    """The samples whose split position is in [low, high) and, given `ids` (a fine-tune's
+    selection, sfumato.train.finetune), whose id is one of them."""
     for sample in samples:
-        if low <= split_position(json.loads(sample["json"])["id"]) < high:
+        sample_id = json.loads(sample["json"])["id"]
+        if low <= split_position(sample_id) < high and (ids is None or sample_id in ids):
             yield sample
 
 
 def validation_batches(paths: list[Path], resolution_px: int, holdout_fraction: float, max_samples: int,
-                       batch_size: int, bucketed: bool = False) -> list[dict]:
-    """The held-out samples (split position below `holdout_fraction`) of these shards, in shard
-    order, up to `max_samples`, as batches (the last one may be smaller; `bucketed`: one
-    bucket's images per batch, at their size)."""
-    held_out = itertools.islice(_in_range(iter_samples(sorted(paths)), 0.0, holdout_fraction), max_samples)
+                       batch_size: int, bucketed: bool = False, ids: frozenset | None = None) -> list[dict]:
+    """The held-out samples (split position below `holdout_fraction`; of `ids` only, if given) of
+    these shards, in shard order, up to `max_samples`, as batches (the last one may be smaller;
+    `bucketed`: one bucket's images per batch, at their size)."""
+    held_out = itertools.islice(_in_range(iter_samples(sorted(paths)), 0.0, holdout_fraction, ids), max_samples)
     if bucketed:
         batches = [_as_batch(group, None) for group, _, _ in _bucket_groups(held_out, batch_size)]
     else:
@@ -148,7 +151,7 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
                           class_weights: dict[int, float] | None = None,
                           split: tuple[float, float] = (0.0, 1.0),
                           source_weights: dict[str, float] | None = None,
-                          bucketed: bool = False) -> Iterator[tuple[dict, dict]]:
+                          bucketed: bool = False, ids: frozenset | None = None) -> Iterator[tuple[dict, dict]]:
     """Endless batches for one rank, epoch after epoch: the shard order is reshuffled per epoch
     from (seed, epoch), then dealt round-robin to ranks. Yields (batch, position after it);
     given a saved position, it resumes at exactly the next batch (skipped samples are not
@@ -157,22 +160,29 @@ def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int
     (seed, epoch, rank), so a resumed run keeps exactly the same ones. With `source_weights`
     (source name -> share), samples come from the sources in those shares instead
     (`mixture_batches`); `bucketed`: every batch holds one aspect bucket's images
-    (`_bucket_groups`), and the position also counts the samples read in the epoch."""
+    (`_bucket_groups`), and the position also counts the samples read in the epoch. `ids`: only
+    these samples are read (a fine-tune's selection); the split then carries them along."""
+    if ids is not None:
+        split = (*split, ids)  # (low, high, ids): every `_in_range(samples, *split)` keeps only them
     if source_weights is not None:
         yield from mixture_batches(paths, batch_size, resolution_px, rank, world_size, seed, position,
                                    class_weights, split, source_weights, bucketed)
         return
-    if len(paths) < world_size:
+    if len(paths) < world_size and ids is None:
         raise ValueError(f"{len(paths)} shards at {resolution_px}px cannot feed {world_size} workers: "
                          "lower data.shards.samples_per_shard")
     epoch = (position or {}).get("epoch", 0)
     skip = (position or {}).get("batches", 0)
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(len(paths))
-        mine = [paths[i] for i in order][rank::world_size]
+        # A selection may sit in a few shards (a class, a source): then every rank reads every
+        # shard and takes every world_size-th selected sample (reading is cheap, decoding is not).
+        mine = [paths[i] for i in order][rank::world_size] if ids is None else [paths[i] for i in order]
         samples = iter_samples(mine)
         if split != (0.0, 1.0):
             samples = _in_range(samples, *split)
+        if ids is not None:
+            samples = (sample for i, sample in enumerate(samples) if i % world_size == rank)
         if class_weights is not None:
             samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1]))
         if bucketed:

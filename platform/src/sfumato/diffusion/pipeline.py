@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -73,9 +74,23 @@ def dit_forward(dit: DiTTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor, 
     return torch.einsum("nhwpqc->nchpwq", hidden).reshape(-1, channels, rows * patch, columns * patch)
 
 
-class SfumatoPipeline(DiffusionPipeline):
+class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """`load_lora_weights(folder)` loads an `sfumato export` LoRA adapter (diffusers' format, with
+    peft), as for Stable Diffusion; `fuse_lora()` / `unload_lora_weights()` work as there."""
+
     _optional_components = ["text_encoder", "tokenizer", "vae"]
     model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    @classmethod
+    def load_lora_into_unet(cls, state_dict, network_alphas, unet, *args, **kwargs):
+        """diffusers loads a LoRA into a network through its PeftAdapterMixin, which
+        UNet2DConditionModel has and UNet2DModel and DiTTransformer2DModel lack: give this
+        instance the mixin (its class gains it as a second base), then load as diffusers does."""
+        if not hasattr(unet, "load_lora_adapter"):
+            from diffusers.loaders.peft import PeftAdapterMixin
+
+            unet.__class__ = type(type(unet).__name__, (type(unet), PeftAdapterMixin), {})
+        return super().load_lora_into_unet(state_dict, network_alphas, unet, *args, **kwargs)
 
     def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None,
                  class_names: list[str] | None = None, text_max_length: int | None = None,

@@ -21,7 +21,7 @@ import yaml
 from sfumato.config import load_run_config
 from sfumato.data.manifest import ACCEPTED_STATUSES, LOW_AESTHETIC, NEAR_DUPLICATE, OK, UNSAFE
 from sfumato.documents import format_duration, new_figure, table
-from sfumato.evaluate.report import evaluation_lines, read_evaluations, training_compute
+from sfumato.evaluate.report import evaluation_lines, lineage_lines, read_evaluations, training_compute
 from sfumato.layout import DataFolder, RunFolder, atomic_write, atomic_write_json, read_json, read_metrics
 
 SIDE_EDGES_PX = [0, 32, 64, 128, 256, 512, 1024, 2048]  # shorter-side buckets: [edge, next edge)
@@ -380,7 +380,7 @@ def write_model_card(run_dir: Path, data_card: Path | None = None, out: Path | N
     link = os.path.relpath(data_card.resolve(), out.parent.resolve())
     evaluations = read_evaluations(run_dir)
     lines = [f"# Model card: {cfg.name}", "", f"Generated from the run folder `{run_dir}`.", ""]
-    lines += _architecture(cfg, run_dir, data) + _data_section(data, link) + _training(cfg, run_dir)
+    lines += _architecture(cfg, run_dir, data) + _data_section(data, link) + lineage_lines(cfg) + _training(cfg, run_dir)
     lines += ["## Evaluation", ""] + (evaluation_lines(evaluations) if evaluations
                                       else [f"Not evaluated yet: run `sfumato evaluate {run_dir}`.", ""])
     lines += _limitations(cfg, data, evaluations) + _mitigations(data) + _licences(data)

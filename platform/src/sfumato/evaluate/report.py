@@ -319,6 +319,21 @@ def _evaluation(run_dir: Path) -> list[str]:
     return ["## Evaluation", ""] + evaluation_lines(evaluations) + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
 
 
+def lineage_lines(cfg: Config) -> list[str]:
+    """A post-training run's (train.lineage): what it started from and what data it selected."""
+    lineage, lora = cfg.train.lineage, cfg.train.lora
+    if lineage is None:
+        return []
+    start = (f"`{lineage.parent}` at {lineage.checkpoint} (step {lineage.parent_step:,}; parent config "
+             f"sha256 `{lineage.parent_config_sha256}`)" if lineage.parent else f"`{lineage.pretrained}`")
+    select = ", ".join(f"{k}: {v}" for k, v in lineage.select.items()) or "every ok row"
+    method = "full weights" if lora is None else \
+        f"LoRA rank {lora.rank}, alpha {lora.alpha if lora.alpha is not None else lora.rank:g} (peft; the base is frozen)"
+    rows = [["started from", start], ["data filter", select], ["selected manifest rows", f"{lineage.selected_rows:,}"],
+            ["method", method]]
+    return ["## Lineage (post-training)", ""] + table(["", ""], rows)
+
+
 def write_report(run_dir: Path) -> Path:
     """run_dir/report.md and its plots in run_dir/report/; returns the report's path."""
     run_dir, folder = Path(run_dir), RunFolder(run_dir)
@@ -327,6 +342,6 @@ def write_report(run_dir: Path) -> Path:
     folder.report_plots.mkdir(exist_ok=True)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Run report: {cfg.name}", "", f"Generated {generated} from `{run_dir}`.", ""]
-    lines += _summary(cfg, run_dir, metrics, training_compute(run_dir)) + _rollbacks(run_dir)
+    lines += _summary(cfg, run_dir, metrics, training_compute(run_dir)) + lineage_lines(cfg) + _rollbacks(run_dir)
     lines += _curves(cfg, run_dir, metrics) + _samples(run_dir) + _evaluation(run_dir)
     return atomic_write(folder.report, "\n".join(lines))

@@ -40,9 +40,13 @@ def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str
             "parameters": parameter_count(run.denoiser), "sampler": e.sampler, "time": time.time()}
     if cfg.trained_sizes_px is not None:
         meta["sizes_px"] = [list(size) for size in cfg.trained_sizes_px]  # the aspect buckets: what serve offers
+    lora = None
+    if cfg.train.lora is not None:
+        lora = _export_adapter(cfg, run, out)
+        meta["lineage"] = cfg.train.lineage.model_dump(mode="json", exclude_none=True)
     pipe = pipeline(cfg, run, e.sampler)
     write_diffusers(pipe, out.diffusers, meta)
-    report = {**meta, "diffusers": str(out.diffusers), "onnx": None}
+    report = {**meta, "diffusers": str(out.diffusers), "onnx": None, "lora": lora}
     if e.onnx:
         # The ONNX sampler runs DDIM (DDPM runs) or flow Euler with the run's shift at the size the
         # export generates (flow runs), and is checked against the same sampler in PyTorch.
@@ -53,6 +57,23 @@ def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str
     atomic_write_json(out.report_json, report)
     atomic_write(out.report_md, _markdown(report, out))
     return report
+
+
+def _export_adapter(cfg, run, out: ExportFolder) -> dict:
+    """A LoRA run: the adapter alone in diffusers' LoRA format (out/lora, for `load_lora_weights`
+    on the base export), then the adapters merged into the weights in place: the diffusers folder
+    and ONNX that follow are a full model."""
+    from sfumato.models.lora import LORA_WEIGHTS_FILE, merge_lora, save_adapter
+
+    folder = out.root / "lora"
+    trainable = sum(p.numel() for n, p in run.denoiser.named_parameters() if "lora_" in n)
+    save_adapter(run.denoiser, folder, cfg.train.lora)
+    merge_lora(run.denoiser.net)
+    if run.denoiser.text_encoder is not None:
+        merge_lora(run.denoiser.text_encoder)
+    lineage = cfg.train.lineage
+    return {"adapter": str(folder), "file": LORA_WEIGHTS_FILE, "trainable_parameters": trainable,
+            "rank": cfg.train.lora.rank, "base": str(lineage.parent or lineage.pretrained)}
 
 
 def _size_mb(path: Path) -> float:
@@ -69,6 +90,10 @@ def _markdown(report: dict, out: ExportFolder) -> str:
              "| artefact | size (MB) | load with |", "| --- | ---: | --- |",
              f"| diffusers/ | {_size_mb(out.diffusers):.1f} | "
              "`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` |"]
+    if report.get("lora"):
+        lines.append(f"| lora/ | {_size_mb(out.root / 'lora'):.2f} | the adapter alone ({report['lora']['trainable_parameters']:,} "
+                     f"parameters, rank {report['lora']['rank']}): `pipe.load_lora_weights(path)` on the export of "
+                     f"{report['lora']['base']}; diffusers/ holds it merged |")
     onnx = report["onnx"]
     if onnx is None:
         return "\n".join(lines + ["", "ONNX export was off (export.onnx: false)."]) + "\n"

@@ -46,8 +46,24 @@ def run_classes(cfg: Config) -> list[str]:
                             "run `sfumato shards` first")
 
 
-def build_run_model(cfg: Config, device: torch.device | str = "cpu") -> RunModel:
-    """The run's denoiser with fresh weights (seeded by the caller), its VAE and tokenizer."""
+def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weights: bool = True) -> RunModel:
+    """The run's denoiser with fresh weights (seeded by the caller), its VAE and tokenizer. A
+    post-training run's (train.lineage) starts from its parent's weights instead (`start_weights`
+    False skips loading them: the caller fills every weight itself), then gets its LoRA adapters
+    (train.lora)."""
+    run = _build(cfg, device)
+    if cfg.train.lineage is not None and (start_weights or cfg.train.lora is not None):
+        from sfumato.train.finetune import load_start_weights
+
+        load_start_weights(cfg, run.denoiser)
+    if cfg.train.lora is not None:
+        from sfumato.models.lora import add_lora
+
+        add_lora(run.denoiser, cfg.train.lora)
+    return run
+
+
+def _build(cfg: Config, device: torch.device | str) -> RunModel:
     from sfumato.models.registry import build_denoiser
     from sfumato.models.text import build_text_encoder, load_run_tokenizer
     from sfumato.models.vae import LatentCodec
@@ -87,18 +103,23 @@ def load_trained(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     """(config, model with the checkpoint's EMA weights, checkpoint folder), eval mode."""
     cfg = load_run_config(run_dir, overrides)
     folder = resolve_checkpoint(run_dir, checkpoint)
-    run = build_run_model(cfg, device)
-    fill_parameters(run.denoiser, ckpt.load_ema(folder), f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})")
+    lora = cfg.train.lora is not None  # the checkpoint holds the adapters; the base is the lineage's
+    run = build_run_model(cfg, device, start_weights=False)
+    fill_parameters(run.denoiser, ckpt.load_ema(folder), f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})",
+                    subset=lora)
     run.denoiser.to(device).eval()
     return cfg, run, folder
 
 
-def fill_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+def fill_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str,
+                    subset: bool = False) -> None:
     """Copy `weights` into the model's parameters by name; names and shapes must match exactly
-    (`source` names where the weights came from in the error)."""
+    (`source` names where the weights came from in the error). `subset`: the weights are those of
+    the trainable parameters only (a LoRA run's adapters), and must be exactly those."""
     params = dict(model.named_parameters())
-    if params.keys() != weights.keys():
-        missing, extra = params.keys() - weights.keys(), weights.keys() - params.keys()
+    expected = {n for n, p in params.items() if p.requires_grad} if subset else params.keys()
+    if expected != weights.keys():
+        missing, extra = expected - weights.keys(), weights.keys() - expected
         raise ValueError(f"{source} does not fit the model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]}")
     with torch.no_grad():

@@ -53,27 +53,31 @@ class EMA:
     the full tensors and `load_state_dict` takes each rank's slice back, so both are collective
     calls there and must run on every rank."""
 
-    def __init__(self, model: torch.nn.Module, beta: float):
+    def __init__(self, model: torch.nn.Module, beta: float, trainable_only: bool = False):
         self.beta = beta
-        self.params = [_local(p).detach().clone().float() for p in model.parameters()]
+        self.trainable_only = trainable_only  # LoRA: the frozen base weights need no average
+        self.params = [_local(p).detach().clone().float() for _, p in self._named(model)]
+
+    def _named(self, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad or not self.trainable_only]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        current = [_local(p).detach().float() for p in model.parameters()]
+        current = [_local(p).detach().float() for _, p in self._named(model)]
         torch._foreach_lerp_(self.params, current, 1.0 - self.beta)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         """Into an unpartitioned model of the same architecture."""
-        for target, source in zip(model.parameters(), self.params):
+        for (_, target), source in zip(self._named(model), self.params):
             target.copy_(source.to(target.dtype))
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Named full tensors (for safetensors): the model's parameter names, EMA values."""
-        return {name: _gather(p, shard).contiguous() for (name, p), shard in zip(model.named_parameters(), self.params)}
+        return {name: _gather(p, shard).contiguous() for (name, p), shard in zip(self._named(model), self.params)}
 
     def load_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        named = list(model.named_parameters())
+        named = self._named(model)
         missing = [n for n, _ in named if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")

@@ -108,7 +108,7 @@ def _prepare_text(cfg: Config) -> None:
 
 def prepare_run(cfg: Config) -> None:
     """Before any worker starts: the run folder with its resolved config, its classes, its
-    tokenizer and prompts (text), the VAE checked (latent)."""
+    tokenizer and prompts (text), the VAE checked (latent); a fine-tune's selection."""
     t = cfg.train
     if t is None:
         raise ValueError("the config has no `train` section")
@@ -116,6 +116,10 @@ def prepare_run(cfg: Config) -> None:
     run = RunFolder(t.output_dir)
     write_resolved(cfg, run.config)
     run.stopped.unlink(missing_ok=True)
+    if t.lineage is not None:  # a fine-tune: its selected ids, the parent's classes
+        from sfumato.train.finetune import prepare
+
+        prepare(cfg)
     _keep_classes(cfg)
     if t.conditioning == "text":
         _prepare_text(cfg)

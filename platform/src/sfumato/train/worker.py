@@ -47,6 +47,7 @@ class Worker:
     progress: object = None  # sfumato.train.progress.Progress
     validation_sets: dict = field(default_factory=dict)  # resolution -> held-out batches (rank 0)
     spike_guard: SpikeGuard = field(default_factory=SpikeGuard)  # train.spike_guard; its lr scale
+    selected_ids: frozenset | None = None  # a fine-tune's data (sfumato.train.finetune); None: all
     wandb_run: object = None
 
     @property
@@ -76,6 +77,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.run import build_run_model
     from sfumato.train.ema import EMA, stage_beta
+    from sfumato.train.finetune import selected_ids
     from sfumato.train.step import GradientWatch, TrainState
 
     t, run = cfg.train, RunFolder(cfg.train.output_dir)
@@ -91,7 +93,8 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
     # After initialize: under ZeRO-3 the EMA keeps only this rank's partition of each weight.
-    ema = EMA(engine.module, stage_beta(t, t.stages[0]))  # beta: set again at every stage start
+    # beta: set again at every stage start; LoRA: the adapters' average only (the base is frozen).
+    ema = EMA(engine.module, stage_beta(t, t.stages[0]), trainable_only=t.lora is not None)
     num_classes = len(run_model.class_names) or None
     state = TrainState(
         engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
@@ -103,7 +106,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     )
     worker = Worker(cfg, run, rank, world, device, engine, ema, state, run_model,
                     _grid_conditions(cfg, run, run_model), _class_weights(cfg), list(hooks),
-                    spike_guard=SpikeGuard(t.spike_guard))
+                    spike_guard=SpikeGuard(t.spike_guard), selected_ids=selected_ids(cfg))
     if rank == 0 and t.wandb:
         worker.wandb_run = _wandb(cfg)
     return worker
@@ -175,7 +178,9 @@ def load_checkpoint(worker: Worker, folder) -> None:
     from sfumato.train.progress import LossAverage
 
     w = worker
-    w.engine.load_checkpoint(str(folder / "deepspeed"), tag=ckpt.DEEPSPEED_TAG)
+    # LoRA: the checkpoint holds the adapters alone; the frozen base came from the lineage (setup).
+    w.engine.load_checkpoint(str(folder / "deepspeed"), tag=ckpt.DEEPSPEED_TAG,
+                             load_module_strict=w.cfg.train.lora is None)
     w.ema.load_state_dict(w.engine.module, ckpt.load_ema(folder))
     ckpt.load_rng(folder, w.rank, w.state.generator)
     w.position = ckpt.load_loader_position(folder, w.rank)
@@ -253,7 +258,7 @@ def run_stage(worker: Worker) -> None:
     batches = iter_training_batches(shard_paths(w.shards.root, stage.resolution_px), stage.micro_batch_size,
                                     stage.resolution_px, w.rank, w.world, w.cfg.seed + index, w.position,
                                     w.class_weights, split, source_weights=w.cfg.data.source_weights,
-                                    bucketed=w.cfg.data.shards.buckets is not None)
+                                    bucketed=w.cfg.data.shards.buckets is not None, ids=w.selected_ids)
     cache = _latent_cache(w, stage.resolution_px)
     if cache is not None:
         batches = cache.attach_all(batches)
@@ -414,12 +419,13 @@ def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_no
     found = {}
     ema_weights = w.ema.state_dict(w.engine.module)
     if w.rank == 0:
-        ema_model = _ema_copy(w.run_model.denoiser, ema_weights, w.device)
+        ema_model = _ema_copy(w.run_model.denoiser, ema_weights, w.device, lora=w.cfg.train.lora is not None)
         if validate_now:
             if stage.resolution_px not in w.validation_sets:
                 w.validation_sets[stage.resolution_px] = validation_batches(
                     shard_paths(w.shards.root, stage.resolution_px), stage.resolution_px,
-                    v.holdout_fraction, v.max_samples, v.batch_size, bucketed=w.cfg.data.shards.buckets is not None)
+                    v.holdout_fraction, v.max_samples, v.batch_size, bucketed=w.cfg.data.shards.buckets is not None,
+                    ids=w.selected_ids)
                 cache = _latent_cache(w, stage.resolution_px, announce=False)
                 if cache is not None:
                     w.validation_sets[stage.resolution_px] = [cache.attach(b) for b in w.validation_sets[stage.resolution_px]]
@@ -456,7 +462,8 @@ def save_checkpoint(worker: Worker) -> None:
     if w.rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    w.engine.save_checkpoint(str(work / "deepspeed"), tag=ckpt.DEEPSPEED_TAG)
+    w.engine.save_checkpoint(str(work / "deepspeed"), tag=ckpt.DEEPSPEED_TAG,
+                             exclude_frozen_parameters=w.cfg.train.lora is not None)
     ckpt.save_rng(work, w.rank, w.state.generator)
     ckpt.save_loader_position(work, w.rank, w.position)
     dist.barrier()  # every rank's part is on disk before rank 0 commits
@@ -514,13 +521,16 @@ def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (total / dist.get_world_size()).tolist()
 
 
-def _ema_copy(denoiser, ema_weights: dict, device) -> torch.nn.Module:
-    """A copy of the denoiser holding the EMA weights, for grids and validation."""
+def _ema_copy(denoiser, ema_weights: dict, device, lora: bool = False) -> torch.nn.Module:
+    """A copy of the denoiser holding the EMA weights, for grids and validation (LoRA: the frozen
+    base and the adapters' EMA)."""
+    import copy
+
     from sfumato.models.registry import empty_like
     from sfumato.models.run import fill_parameters
 
-    model = empty_like(denoiser).to(device).eval()
-    fill_parameters(model, ema_weights, "the EMA weights")
+    model = (copy.deepcopy(denoiser) if lora else empty_like(denoiser)).to(device).eval()
+    fill_parameters(model, ema_weights, "the EMA weights", subset=lora)
     return model
 
 

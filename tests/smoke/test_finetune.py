@@ -1,0 +1,149 @@
+"""Post-training part 1 on local Ray + DeepSpeed ZeRO-2, real CIFAR-10 images: a LoRA fine-tune
+of the `straight` debug run on a subset of its classes.
+
+What a user relies on: only the adapters train (the base weights stay bitwise the parent's), the
+adapter exported in diffusers' LoRA format loads with `load_lora_weights` in a process that
+cannot import sfumato and draws what the merged export draws, a killed fine-tune resumes to the
+uninterrupted one's weights, and a filter that selects nothing fails before any work."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+pytest.importorskip("peft")
+
+from helpers import run_config  # noqa: E402
+from sfumato import checkpoint as ckpt  # noqa: E402
+from sfumato.config import load_run_config  # noqa: E402
+from sfumato.layout import RunFolder, read_jsonl  # noqa: E402
+from sfumato.train import finetune  # noqa: E402
+from sfumato.train.faults import KillWorkerAt  # noqa: E402
+from sfumato.train.loop import run_training  # noqa: E402
+
+SUBSET = ["airplane", "automobile", "bird"]
+
+
+def _finetune_cfg(cifar_shards, straight, name: str, *extra: str, lora: bool = True):
+    """The parent's config with a finetune section: 3 of its 10 classes, 6 steps at 32 px."""
+    cfg = run_config(cifar_shards, "straight",
+                     f"finetune.select.tags={json.dumps(SUBSET)}",
+                     f"finetune.overrides={{train.output_dir: {cifar_shards / name}, train.optimizer.lr: 0.01, "
+                     "train.optimizer.warmup_steps: 1, train.checkpoint_every_steps: 3, train.sample_every_steps: 6, "
+                     "train.stages: [{resolution_px: 32, steps: 6, micro_batch_size: 4}]}",
+                     *(["finetune.lora={rank: 4, alpha: 4}"] if lora else []), *extra)
+    return finetune.run_config(cfg, parent=straight.train.output_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_run(cifar_shards, straight):
+    cfg = _finetune_cfg(cifar_shards, straight, "lora")
+    run_training(cfg)
+    return cfg
+
+
+def _unwrapped(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def test_a_lora_finetune_trains_only_the_adapters_and_records_its_lineage(straight, lora_run):
+    from sfumato.models.run import load_trained
+
+    run = RunFolder(lora_run.train.output_dir)
+    resolved = load_run_config(run.root)
+    lineage = resolved.train.lineage
+    assert lineage.parent == straight.train.output_dir and lineage.checkpoint == "step-00000010"
+    assert lineage.parent_step == 10 and lineage.select == {"tags": SUBSET} and resolved.train.lora.rank == 4
+    # Every selected id is of the subset, and the count is the manifest's rows of those classes.
+    from sfumato.data.manifest import read_manifest
+
+    ids = (run.root / finetune.SELECTED_IDS).read_text().split()
+    manifest = read_manifest(lora_run.data.output_dir / "manifest.parquet").set_index("id")
+    in_subset = manifest["tags"].map(lambda tags: bool(set(SUBSET) & set(tags)))
+    assert sorted(ids) == sorted(manifest.index[in_subset]) and len(ids) == lineage.selected_rows
+
+    last = ckpt.latest(run.checkpoints)
+    ema = ckpt.load_ema(last)
+    assert ema and all("lora_" in k for k in ema), "the checkpoint's EMA holds the adapters only"
+    parent = ckpt.load_ema(ckpt.latest(RunFolder(straight.train.output_dir).checkpoints))
+    _, model, _ = load_trained(run.root)
+    trainable = {n for n, _ in model.denoiser.named_parameters() if "lora_" in n}
+    assert trainable == set(ema)
+    share = sum(p.numel() for n, p in model.denoiser.named_parameters() if n in trainable) / \
+        sum(p.numel() for p in model.denoiser.parameters())
+    assert share <= 0.05, f"{share:.1%} of the parameters are adapters"
+    for name, param in model.denoiser.named_parameters():
+        if name not in trainable:
+            assert torch.equal(param, parent[_unwrapped(name)]), f"base weight {name} changed"
+    assert any(ema[k].abs().sum() > 0 for k in ema if "lora_B" in k), "the adapters learnt nothing"
+    # Only the adapters and their optimizer state are saved by DeepSpeed.
+    state = torch.load(last / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert state and all("lora_" in k for k in state)
+    size = sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+    parent_size = sum(p.stat().st_size for p in ckpt.latest(RunFolder(straight.train.output_dir).checkpoints).rglob("*")
+                      if p.is_file())
+    assert size < parent_size / 5
+    metrics = [m for m in read_jsonl(run.metrics) if "loss" in m]
+    assert metrics[-1]["step"] == 6 and all(m["resolution_px"] == 32 for m in metrics)
+
+
+def test_the_adapter_loads_in_diffusers_without_sfumato_and_matches_the_merged_export(straight, lora_run, tmp_path):
+    from sfumato.export.export_run import run_export
+
+    base = run_export(straight.train.output_dir, overrides=["export.onnx=false"], out_dir=tmp_path / "base")
+    tuned = run_export(lora_run.train.output_dir, overrides=["export.onnx=false"], out_dir=tmp_path / "tuned")
+    assert tuned["lora"]["adapter"].endswith("lora") and tuned["lora"]["trainable_parameters"] > 0
+    script = f"""
+import sys
+sys.modules["sfumato"] = None  # the user's process has no sfumato
+import torch
+from diffusers import DiffusionPipeline
+def draw(pipe):
+    g = [torch.Generator().manual_seed(i) for i in range(2)]
+    return pipe(batch_size=2, class_labels=[0, 2], generator=g, num_inference_steps=4, output_type="pt").images
+base = DiffusionPipeline.from_pretrained({base['diffusers']!r}, trust_remote_code=True)
+before = draw(base)
+base.load_lora_weights({tuned['lora']['adapter']!r})
+adapted = draw(base)
+merged = draw(DiffusionPipeline.from_pretrained({tuned['diffusers']!r}, trust_remote_code=True))
+print("DIFF", float((adapted - merged).abs().max()), float((adapted - before).abs().max()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    merged_diff, adapter_effect = map(float, out.stdout.split("DIFF")[1].split())
+    assert merged_diff < 1e-3, "base + adapter differs from the merged export"
+    assert adapter_effect > 1e-3, "the adapter changed nothing"
+
+
+@pytest.mark.slow
+def test_a_killed_lora_finetune_resumes_to_the_same_weights(cifar_shards, straight, lora_run):
+    killed = _finetune_cfg(cifar_shards, straight, "lora-killed")
+    run_training(killed, hooks=[KillWorkerAt(4)])  # after the step-3 checkpoint
+    assert (killed.train.output_dir / ".injected").read_text() == "4"
+    a = ckpt.load_ema(ckpt.latest(lora_run.train.output_dir / "checkpoints"))
+    b = ckpt.load_ema(ckpt.latest(killed.train.output_dir / "checkpoints"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "adapters differ after the resume"
+
+
+def test_a_filter_that_selects_nothing_fails_before_any_work(cifar_shards, straight):
+    with pytest.raises(ValueError, match=r"finetune\.select\.caption_contains leaves no row"):
+        _finetune_cfg(cifar_shards, straight, "empty", "finetune.select.caption_contains=no such words")
+    assert not (cifar_shards / "empty").exists()
+    with pytest.raises(ValueError, match=r"train\.output_dir to a folder of its own"):
+        finetune.run_config(run_config(cifar_shards, "straight", "finetune.select.tags=[bird]",
+                                       f"finetune.overrides={{train.output_dir: {straight.train.output_dir}}}"),
+                            parent=straight.train.output_dir)
+
+
+def test_a_full_finetune_starts_from_the_parents_ema_weights(cifar_shards, straight):
+    """No LoRA: every weight trains, starting from the parent's EMA weights."""
+    from sfumato.models.run import build_run_model
+
+    cfg = _finetune_cfg(cifar_shards, straight, "full", lora=False)
+    assert cfg.train.lora is None and cfg.train.lineage is not None and cfg.train.output_dir == cifar_shards / "full"
+    model = build_run_model(cfg).denoiser
+    parent = ckpt.load_ema(ckpt.latest(RunFolder(straight.train.output_dir).checkpoints))
+    assert all(p.requires_grad and torch.equal(p, parent[n]) for n, p in model.named_parameters())
