@@ -60,7 +60,7 @@ def test_a_lora_finetune_trains_only_the_adapters_and_records_its_lineage(straig
     # Every selected id is of the subset, and the count is the manifest's rows of those classes.
     from sfumato.data.manifest import read_manifest
 
-    ids = (run.root / finetune.SELECTED_IDS).read_text().split()
+    ids = run.selected_ids.read_text().split()
     manifest = read_manifest(lora_run.data.output_dir / "manifest.parquet").set_index("id")
     in_subset = manifest["tags"].map(lambda tags: bool(set(SUBSET) & set(tags)))
     assert sorted(ids) == sorted(manifest.index[in_subset]) and len(ids) == lineage.selected_rows
@@ -116,6 +116,18 @@ print("DIFF", float((adapted - merged).abs().max()), float((adapted - before).ab
     merged_diff, adapter_effect = map(float, out.stdout.split("DIFF")[1].split())
     assert merged_diff < 1e-3, "base + adapter differs from the merged export"
     assert adapter_effect > 1e-3, "the adapter changed nothing"
+    # The endpoint serves the base export plus the adapter as it serves the merged export.
+    from sfumato.serve.backends import load_backend
+
+    served, merged = load_backend(tmp_path / "base", "torch", lora=tmp_path / "tuned" / "lora"), \
+        load_backend(tmp_path / "tuned", "torch")
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(served.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample,
+                                   merged.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample,
+                                   atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="torch backend"):
+        load_backend(tmp_path / "base", "onnx", lora=tmp_path / "tuned" / "lora")
 
 
 @pytest.mark.slow

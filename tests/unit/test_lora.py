@@ -80,3 +80,17 @@ def test_the_saved_adapter_is_diffusers_lora_format_and_loads_into_a_sfumato_pip
     x, t, c = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, class_labels=c).sample, model(x, t, c), atol=1e-5, rtol=1e-4)
+
+
+def test_text_encoder_adapters_train_with_the_unets_and_the_rest_stays_frozen():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=12))
+    model = build_denoiser("unet-text-tiny", 16, 3, text_encoder=encoder)
+    add_lora(model, _lora(text_encoder=True))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("text_encoder.") for n in trainable) and any(n.startswith("net.") for n in trainable)
+    assert all("lora_" in n for n in trainable)
+    with pytest.raises(ValueError, match="finetune.lora.text_encoder"):
+        add_lora(build_denoiser("unet-tiny", 16, 3, 4), _lora(text_encoder=True))

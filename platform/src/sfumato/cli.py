@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--model", required=True, metavar="EXPORT_DIR", help="`sfumato export` output folder")
     # Unset flags take ServeSettings' defaults (sfumato.serve.app), written there once.
     serve_parser.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: torch")
+    serve_parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
+                              help="a LoRA fine-tune's adapter (its export's lora/) onto --model, the base export")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument("--token-env", default=None, metavar="VAR",
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-batch-size", type=int, default=None, help="requests per denoising loop (1: off)")
     serve_parser.add_argument("--request-timeout-s", type=float, default=None)
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune", "quality"])
+    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune", "quality", "finetune"])
+    bench.add_argument("--config", default=None, help="finetune: a config with a finetune section")
+    bench.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR", help="finetune: the trained run")
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's); tune: trials at once")
     bench.add_argument("--out", default=None, help="write the figures as JSON here")
     bench.add_argument("--images", type=int, default=5000, help="ingest: images at 1x data size; dedup: images embedded; tune: CIFAR-10 images")
@@ -105,14 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reduction-factor", type=float, default=4.0, help="tune: ASHA's reduction factor")
     bench.add_argument("--cpu-seconds", type=float, default=600.0, help="quality: training CPU time per trainer")
     bench.add_argument("--score-every", type=float, default=100.0, help="quality: CPU seconds between scores")
-    bench.add_argument("--samples", type=int, default=160, help="quality: generated images per score")
+    bench.add_argument("--samples", type=int, default=160, help="quality: generated images per score; finetune: images per measure")
     bench.add_argument("--trainers", default="plain,sfumato-ddpm,sfumato-flow", help="quality: which trainers race")
     bench.add_argument("--quality-datasets", default="shapes,cifar10", help="quality: shapes and/or cifar10")
     bench.add_argument("--shapes-images", type=int, default=2000, help="quality: demo shapes drawn (the pilot's count)")
     bench.add_argument("--cifar-per-class", type=int, default=500, help="quality: CIFAR-10 images per class")
     bench.add_argument("--threads", type=int, default=0, help="quality: torch threads (0: torch's default)")
     bench.add_argument("--seed", type=int, default=0, help="quality: data split, batches, weights and noise")
-    bench.add_argument("--out-dir", default="runs/bench-quality", help="quality: plot, grids and quality.json")
+    bench.add_argument("--out-dir", default=None,
+                       help="quality: plot, grids and quality.json (default runs/bench-quality); finetune: the two "
+                            "fine-tune runs (default runs/bench-finetune)")
     for stage_parser in sub.choices.values():  # also after the stage: `sfumato pipeline --verbose ...`
         stage_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "serve":
         from sfumato.serve.app import ServeSettings, run_server
 
-        given = {k: getattr(args, k) for k in ("backend", "token_env", "max_batch_size", "request_timeout_s")}
+        given = {k: getattr(args, k) for k in ("backend", "lora", "token_env", "max_batch_size", "request_timeout_s")}
         run_server(ServeSettings(model=args.model, **{k: v for k, v in given.items() if v is not None}),
                    args.host, args.port)
         return 0

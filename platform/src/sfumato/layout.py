@@ -253,6 +253,7 @@ class RunFolder(_Folder):
     pipeline_records = property(lambda self: self.root / PIPELINE_RECORDS)
     pipeline_summary = property(lambda self: self.root / PIPELINE_SUMMARY)
     injected_failure = property(lambda self: self.root / ".injected")
+    selected_ids = property(lambda self: self.root / "selected_ids.txt")  # a fine-tune's data (train/finetune)
 
     def sample_grid(self, step: int) -> Path:
         return self.samples / f"step-{step:08d}.png"
@@ -277,6 +278,7 @@ class ExportFolder(_Folder):
     diffusers_index = property(lambda self: self.diffusers / "model_index.json")
     meta = property(lambda self: self.diffusers / EXPORT_META)  # run, checkpoint, step, config hash
     onnx = property(lambda self: self.root / "onnx")  # denoiser(.int8).onnx, sampler.json, sample_onnx.py
+    lora = property(lambda self: self.root / "lora")  # a LoRA run's adapter, diffusers' format (models/lora)
     report_md = property(lambda self: self.root / "export_report.md")
     report_json = property(lambda self: self.root / "export_report.json")
 

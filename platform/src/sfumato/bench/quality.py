@@ -357,7 +357,7 @@ def main(args) -> dict:
     from sfumato.bench.ingest import machine
 
     repo = Path(__file__).resolve().parents[4]
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or "runs/bench-quality")
     out_dir.mkdir(parents=True, exist_ok=True)
     args.trainers = [t.strip() for t in args.trainers.split(",")]
     unknown = [t for t in args.trainers if t not in TRAINERS]

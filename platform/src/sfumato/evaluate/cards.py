@@ -289,6 +289,8 @@ def _architecture(cfg, run_dir: Path, data: dict | None) -> list[str]:
         counts = parameter_counts(ckpt.ema_path(latest))
         parts = ", ".join(f"{k}: {v:,}" for k, v in counts.items())
         params = f"{sum(counts.values()):,} ({parts}), from the shapes in {folder.relative(ckpt.ema_path(latest))}"
+        if t.lora is not None:
+            params = f"LoRA adapters: {params}; the frozen base weights are the lineage's (below)"
     classes = len(data["classes"]) if data and data.get("classes") else "?"
     conditioning = {"none": "unconditional", "class": f"class label ({classes} classes, from the innermost tag)",
                     "text": "caption, through a text encoder " + (f"from `{t.text.pretrained}`" if t.text.pretrained

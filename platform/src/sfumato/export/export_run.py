@@ -65,7 +65,7 @@ def _export_adapter(cfg, run, out: ExportFolder) -> dict:
     and ONNX that follow are a full model."""
     from sfumato.models.lora import LORA_WEIGHTS_FILE, merge_lora, save_adapter
 
-    folder = out.root / "lora"
+    folder = out.lora
     trainable = sum(p.numel() for n, p in run.denoiser.named_parameters() if "lora_" in n)
     save_adapter(run.denoiser, folder, cfg.train.lora)
     merge_lora(run.denoiser.net)
@@ -91,7 +91,7 @@ def _markdown(report: dict, out: ExportFolder) -> str:
              f"| diffusers/ | {_size_mb(out.diffusers):.1f} | "
              "`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` |"]
     if report.get("lora"):
-        lines.append(f"| lora/ | {_size_mb(out.root / 'lora'):.2f} | the adapter alone ({report['lora']['trainable_parameters']:,} "
+        lines.append(f"| lora/ | {_size_mb(out.lora):.2f} | the adapter alone ({report['lora']['trainable_parameters']:,} "
                      f"parameters, rank {report['lora']['rank']}): `pipe.load_lora_weights(path)` on the export of "
                      f"{report['lora']['base']}; diffusers/ holds it merged |")
     onnx = report["onnx"]

@@ -22,9 +22,11 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_
 
 def default_targets(net: torch.nn.Module, conv: bool) -> list[str]:
     """Every linear layer of the network (attention projections, feed-forward, time and adaLN
-    embeddings), and with `conv` every 3x3/1x1 convolution but the first and the last (their
-    channels are the image's): peft target names, the modules' last path components."""
-    kinds = (torch.nn.Linear, torch.nn.Conv2d) if conv else (torch.nn.Linear,)
+    embeddings), its class-embedding table (what a class, and the "no class" label of
+    classifier-free guidance, means to the model: the class model's counterpart of a text
+    encoder), and with `conv` every convolution but the first and the last (their channels are
+    the image's): the modules' full names, as peft targets."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d) if conv else (torch.nn.Linear, torch.nn.Embedding)
     names = set()
     for name, module in net.named_modules():
         if isinstance(module, kinds) and name not in ("conv_in", "conv_out", "proj_out"):

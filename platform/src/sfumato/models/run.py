@@ -53,14 +53,41 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weigh
     (train.lora)."""
     run = _build(cfg, device)
     if cfg.train.lineage is not None and (start_weights or cfg.train.lora is not None):
-        from sfumato.train.finetune import load_start_weights
-
         load_start_weights(cfg, run.denoiser)
     if cfg.train.lora is not None:
         from sfumato.models.lora import add_lora
 
         add_lora(run.denoiser, cfg.train.lora)
     return run
+
+
+def load_start_weights(cfg: Config, denoiser) -> None:
+    """Into a freshly built denoiser (before any LoRA): the parent run's EMA weights at the
+    lineage's checkpoint, or a diffusers folder's / hub id's network (and text encoder)."""
+    lineage = cfg.train.lineage
+    if lineage.parent is not None:
+        if load_run_config(lineage.parent).train.lora is not None:
+            raise ValueError(f"finetune.parent {lineage.parent} is a LoRA run: export it (`sfumato export` merges "
+                             "the adapter) and fine-tune from that export with finetune.pretrained")
+        folder = resolve_checkpoint(lineage.parent, lineage.checkpoint)
+        fill_parameters(denoiser, ckpt.load_ema(folder), f"the parent's {ckpt.ema_path(folder)}")
+        return
+    pretrained = lineage.pretrained
+    net_class = type(denoiser.net)
+    try:
+        net = net_class.from_pretrained(pretrained, subfolder="unet")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"finetune.pretrained={pretrained!r}: no {net_class.__name__} in its unet/ folder: {err}") from None
+    try:
+        missing = denoiser.net.load_state_dict(net.state_dict(), strict=False)
+    except RuntimeError as err:  # a shape that differs
+        raise ValueError(f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: {err}") from None
+    if missing.missing_keys or missing.unexpected_keys:
+        raise ValueError(f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: missing "
+                         f"{missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}")
+    if denoiser.text_encoder is not None:
+        encoder = type(denoiser.text_encoder).from_pretrained(pretrained, subfolder="text_encoder")
+        denoiser.text_encoder.load_state_dict(encoder.state_dict())
 
 
 def _build(cfg: Config, device: torch.device | str) -> RunModel:

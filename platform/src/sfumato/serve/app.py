@@ -40,6 +40,9 @@ class ServeSettings(BaseModel):
     model: str
     """An export folder (`sfumato export` output: diffusers/ and onnx/)."""
     backend: Literal["torch", "onnx"] = "torch"
+    lora: str | None = None
+    """A LoRA adapter folder (the lora/ of a LoRA fine-tune's export) loaded onto `model` and fused
+    (torch backend): one base export serves the fine-tune without a merged copy."""
     device: str = "cpu"
     token_env: str | None = None
     """Name of an environment variable holding the bearer token; unset or empty: no auth."""
@@ -136,7 +139,8 @@ class Generator:
         from ray.serve.metrics import Counter
 
         self.settings = ServeSettings(**settings)
-        self.backend = load_backend(self.settings.model, self.settings.backend, self.settings.device)
+        self.backend = load_backend(self.settings.model, self.settings.backend, self.settings.device,
+                                    self.settings.lora)
         self.cancelled: set[str] = set()
         self.stats = {"completed": 0, "cancelled": 0, "batches": 0}
         self.images_generated = Counter("sfumato_images_generated", description="images generated")
@@ -267,7 +271,7 @@ def build_ingress(settings: ServeSettings, info) -> type:
 def build_app(args: dict):
     """The application for `serve run` / `serve.run`: `args` are ServeSettings' fields."""
     settings = ServeSettings(**args)
-    info = load_backend(settings.model, settings.backend, settings.device).info()  # limits shape the schema
+    info = load_backend(settings.model, settings.backend, settings.device, settings.lora).info()  # limits shape the schema
     generator = Generator.options(max_ongoing_requests=settings.max_ongoing_requests,
                                   max_queued_requests=settings.max_queued_requests,
                                   backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},

@@ -73,7 +73,7 @@ def _stepper(should_stop):
 
 
 class TorchBackend:
-    def __init__(self, export_dir: Path, device: str = "cpu"):
+    def __init__(self, export_dir: Path, device: str = "cpu", lora: Path | None = None):
         import torch
         from diffusers import DiffusionPipeline
 
@@ -84,6 +84,14 @@ class TorchBackend:
         self.pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.meta = _meta(ExportFolder(export_dir).meta)
+        if lora is not None:  # a LoRA run's adapter (its export's lora/) onto this base, fused once
+            from sfumato.models.lora import LORA_WEIGHTS_FILE
+
+            if not (Path(lora) / LORA_WEIGHTS_FILE).is_file():
+                raise FileNotFoundError(f"{lora} holds no {LORA_WEIGHTS_FILE}: give the lora/ folder of a LoRA run's export")
+            self.pipe.load_lora_weights(str(lora))
+            self.pipe.fuse_lora()
+            self.meta = {**self.meta, "lora": str(lora)}
         self._pipes = {}
 
     def info(self) -> ModelInfo:
@@ -180,9 +188,12 @@ def _split(images: np.ndarray, jobs: list[Job]) -> list[list[np.ndarray]]:
     return out
 
 
-def load_backend(export_dir: Path, backend: str, device: str = "cpu"):
+def load_backend(export_dir: Path, backend: str, device: str = "cpu", lora: Path | None = None):
     if backend == "torch":
-        return TorchBackend(export_dir, device)
+        return TorchBackend(export_dir, device, lora)
+    if lora is not None:
+        raise ValueError("a LoRA adapter (--lora) is served by the torch backend; the ONNX export of a LoRA run "
+                         "already holds it merged")
     if backend == "onnx":
         return OnnxBackend(export_dir)
     raise ValueError(f"serve backend {backend!r} is not one of torch, onnx")

@@ -26,9 +26,6 @@ from pathlib import Path
 from sfumato.config import Config, apply, content_hash, run_tree, validated
 from sfumato.layout import DataFolder, RunFolder, atomic_write
 
-SELECTED_IDS = "selected_ids.txt"
-
-
 def selected_rows(data_dir: Path, sel):
     """The manifest rows the select section (config.SelectConfig) keeps: every condition that is
     set must hold. A filter that keeps nothing is an error naming the key that emptied it."""
@@ -135,7 +132,7 @@ def prepare(cfg: Config) -> None:
     """Before any worker starts (the first start only): the selected ids in the run folder and the
     parent's classes (the label -> index map the weights were trained with)."""
     run = RunFolder(cfg.train.output_dir)
-    target = run.root / SELECTED_IDS
+    target = run.selected_ids
     if not target.exists():
         from sfumato.config import SelectConfig
 
@@ -159,43 +156,9 @@ def selected_ids(cfg: Config) -> frozenset[str] | None:
     """The ids a fine-tune trains and validates on; None for any other run."""
     if not is_finetune(cfg):
         return None
-    path = RunFolder(cfg.train.output_dir).root / SELECTED_IDS
+    path = RunFolder(cfg.train.output_dir).selected_ids
     return frozenset(line for line in path.read_text().splitlines() if line)
 
 
 def is_finetune(cfg: Config) -> bool:
     return cfg.train.lineage is not None
-
-
-def load_start_weights(cfg: Config, denoiser) -> None:
-    """Into a freshly built denoiser (before any LoRA): the parent run's EMA weights at the
-    lineage's checkpoint, or a diffusers folder's / hub id's network (and text encoder)."""
-    from sfumato import checkpoint as ckpt
-    from sfumato.models.run import fill_parameters, resolve_checkpoint
-
-    lineage = cfg.train.lineage
-    if lineage.parent is not None:
-        from sfumato.config import load_run_config
-
-        if load_run_config(lineage.parent).train.lora is not None:
-            raise ValueError(f"finetune.parent {lineage.parent} is a LoRA run: export it (`sfumato export` merges "
-                             "the adapter) and fine-tune from that export with finetune.pretrained")
-        folder = resolve_checkpoint(lineage.parent, lineage.checkpoint)
-        fill_parameters(denoiser, ckpt.load_ema(folder), f"the parent's {ckpt.ema_path(folder)}")
-        return
-    pretrained = lineage.pretrained
-    net_class = type(denoiser.net)
-    try:
-        net = net_class.from_pretrained(pretrained, subfolder="unet")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"finetune.pretrained={pretrained!r}: no {net_class.__name__} in its unet/ folder: {err}") from None
-    try:
-        missing = denoiser.net.load_state_dict(net.state_dict(), strict=False)
-    except RuntimeError as err:  # a shape that differs
-        raise ValueError(f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: {err}") from None
-    if missing.missing_keys or missing.unexpected_keys:
-        raise ValueError(f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: missing "
-                         f"{missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}")
-    if denoiser.text_encoder is not None:
-        encoder = type(denoiser.text_encoder).from_pretrained(pretrained, subfolder="text_encoder")
-        denoiser.text_encoder.load_state_dict(encoder.state_dict())
