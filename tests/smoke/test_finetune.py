@@ -159,3 +159,23 @@ def test_a_full_finetune_starts_from_the_parents_ema_weights(cifar_shards, strai
     model = build_run_model(cfg).denoiser
     parent = ckpt.load_ema(ckpt.latest(RunFolder(straight.train.output_dir).checkpoints))
     assert all(p.requires_grad and torch.equal(p, parent[n]) for n, p in model.named_parameters())
+
+
+def test_a_finetune_starts_from_a_diffusers_export_and_refuses_a_folder_without_one(cifar_shards, straight, tmp_path):
+    """finetune.pretrained / --pretrained: the network of a diffusers folder (here the parent's
+    own export, which holds its EMA weights), not a run folder; a folder without one is a clear
+    error naming the key."""
+    from sfumato.export.export_run import run_export
+    from sfumato.models.run import build_run_model
+
+    exported = run_export(straight.train.output_dir, overrides=["export.onnx=false"], out_dir=tmp_path / "base")
+    tree = run_config(cifar_shards, "straight", "finetune.select.tags=[bird]",
+                      f"finetune.overrides={{train.output_dir: {tmp_path / 'tuned'}}}")
+    cfg = finetune.run_config(tree, pretrained=exported["diffusers"])
+    assert cfg.train.lineage.pretrained == exported["diffusers"] and cfg.train.lineage.parent is None
+    model = build_run_model(cfg).denoiser
+    parent = ckpt.load_ema(ckpt.latest(RunFolder(straight.train.output_dir).checkpoints))
+    assert all(torch.equal(p, parent[n]) for n, p in model.named_parameters()), "the export's weights, unchanged"
+    elsewhere = finetune.run_config(tree, pretrained=str(tmp_path / "base" / "no-such"))
+    with pytest.raises(ValueError, match=r"finetune\.pretrained=.*no-such"):
+        build_run_model(elsewhere)

@@ -43,8 +43,10 @@ def _exported(run_cfg):
 
 
 @pytest.fixture(scope="module")
-def serve_port(monkeypatch_module):
-    """One Serve HTTP proxy on this port for every app of the module, shut down after the last."""
+def serve_port(monkeypatch_module, flow_run):
+    """One Serve HTTP proxy on this port for every app of the module, shut down after the last.
+    The flow run trains first: once the Serve replicas hold both CPUs, Ray Train could not start
+    (the module run alone would hang in flow_server's training)."""
     from ray import serve
 
     monkeypatch_module.setenv("SFUMATO_TEST_TOKEN", TOKEN)
@@ -115,6 +117,55 @@ def test_each_invalid_field_is_a_422_naming_it(server, field, value):
     response = _generate(server, {"steps": 2, field: value})
     assert response.status_code == 422, response.text
     assert field in json.dumps(response.json()["detail"]), response.text
+
+
+def _malformed_bodies(count: int, seed: int = 0) -> list[tuple[str, bytes, str]]:
+    """(what, raw body, content type): a valid body with one field made hostile, or a broken body.
+    Raw bytes, because NaN, Infinity, 1e400, lone surrogates and invalid UTF-8 are what clients
+    send and what `json=` would refuse to write. The server's model is class-conditional, so a
+    prompt of any kind is invalid too."""
+    import random
+
+    rng = random.Random(seed)
+    anything = ["NaN", "-NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" + "0" * 400, "-" + "9" * 50,
+                "[]", "{}", "[1, 2]", '{"a": 1}', '"x"', '"\\ud800"', '"\\udfff\\ud800"', "-1",
+                "[" * 5000 + "]" * 5000, '"' + "a" * 2_000_000 + '"']
+    per_field = {"steps": ["1.5"], "seed": ["1.5"], "num_images": ["1.5"], "width": ["1.5"], "height": ["1.5"],
+                 "guidance_scale": [], "timeout_s": [], "class_label": ["1.5", "true", '"\\u0000"'],
+                 "prompt": ["true", '"a dog"', '"\\u0000"'], "negative_prompt": ["1.5", '"blurry"'],
+                 "sampler": ["1.5", "true", '"\\u0000"', '"DDIM"']}
+    cases = []
+    for _ in range(count):
+        field = rng.choice(sorted(per_field))
+        value = rng.choice(anything + per_field[field])
+        cases.append((f"{field}={value[:24]}", f'{{"steps": 2, "{field}": {value}}}'.encode(), "application/json"))
+    cases += [
+        ("top-level NaN", b"NaN", "application/json"), ("top-level list", b"[]", "application/json"),
+        ("top-level string", b'"steps"', "application/json"), ("empty body", b"", "application/json"),
+        ("truncated", b'{"steps": 2', "application/json"), ("invalid UTF-8", b'{"prompt": "\xff\xfe\xfd"}', "application/json"),
+        ("invalid UTF-8 key", b'{"\xc3\x28": 1}', "application/json"), ("nested body", b'{"steps": {"steps": {"steps": 2}}}', "application/json"),
+        ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "application/json"),
+        ("form", b"steps=2", "application/x-www-form-urlencoded"), ("text", b'{"steps": 2}', "text/plain"),
+        ("binary", bytes(range(256)) * 64, "application/octet-stream"), ("duplicate keys", b'{"steps": 2, "steps": NaN}', "application/json"),
+    ]
+    return cases
+
+
+def test_no_malformed_body_ends_in_a_500_and_the_server_serves_afterwards(server):
+    """The fuzz property: every hostile body gets a 4xx with a JSON detail (never a 500, never an
+    echo of the value); afterwards the endpoint still generates."""
+    answers = {}
+    for what, raw, content_type in _malformed_bodies(160):
+        response = requests.post(f"{server}/v1/generate", data=raw, timeout=60,
+                                 headers={**HEADERS, "Content-Type": content_type})
+        answers[what] = response.status_code
+        assert 400 <= response.status_code < 500, f"{what}: {response.status_code} {response.text[:300]}"
+        assert "detail" in response.json(), what
+        assert len(response.content) < 20_000, f"{what}: the answer echoes the input ({len(response.content)} bytes)"
+    named = requests.post(f"{server}/v1/generate", data=b'{"steps": 2, "guidance_scale": NaN}', timeout=60,
+                          headers={**HEADERS, "Content-Type": "application/json"})
+    assert named.status_code == 422 and "guidance_scale" in json.dumps(named.json()["detail"]), named.text
+    assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200, f"still serving after {len(answers)} bad bodies"
 
 
 def test_the_token_is_required_and_checked_before_validation(server):

@@ -53,6 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint", default=None, help="the parent's checkpoint, e.g. step-00000500 (default: newest)")
     ft.add_argument("--pretrained", default=None, metavar="FOLDER_OR_HUB_ID",
                     help="start from a diffusers export folder or hub id instead of a run")
+    al = sub.add_parser("align", help="post-training: Diffusion-DPO of a trained run (or a diffusers export) on "
+                                      "preference pairs (align.pairs, written by `sfumato pairs`)")
+    _with_config(al)
+    al.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR",
+                    help="the run to align (default: align.parent, else the config's train.output_dir)")
+    al.add_argument("--checkpoint", default=None, help="its checkpoint, e.g. step-00000500 (default: newest)")
+    al.add_argument("--pretrained", default=None, metavar="FOLDER_OR_HUB_ID",
+                    help="start from a diffusers export folder or hub id instead of a run")
+    al.add_argument("--pairs", default=None, metavar="PAIRS_PARQUET", help="default: align.pairs")
+    ab = sub.add_parser("abtest", help="a blind A/B comparison page of two exports; votes -> votes.jsonl, results page")
+    ab.add_argument("--a", required=True, metavar="[NAME=]EXPORT_DIR[+LORA_DIR]", help="one model (an `sfumato export` folder)")
+    ab.add_argument("--b", required=True, metavar="[NAME=]EXPORT_DIR[+LORA_DIR]",
+                    help="the other (the same export twice: a preference-collection round, the sides from different noise)")
+    ab.add_argument("--out", required=True, metavar="DIR", help="the test's folder: votes.jsonl and images/ (resumed)")
+    ab.add_argument("--conditions", default=None, metavar="FILE", help="the classes or prompts to compare on, one a "
+                                                                         "line (default: the models' classes)")
+    ab.add_argument("--planned", type=int, default=400, help="the planned number of counted votes")
+    ab.add_argument("--steps", type=int, default=25, help="denoising steps per image")
+    ab.add_argument("--guidance-scale", type=float, default=3.0)
+    ab.add_argument("--seed", type=int, default=None, help="the trials' conditions, seeds and sides (default: random)")
+    ab.add_argument("--host", default="127.0.0.1")
+    ab.add_argument("--port", type=int, default=8300)
+    ab.add_argument("--token-env", default=None, metavar="VAR", help="an environment variable holding the access token")
+    pairs = sub.add_parser("pairs", help="A/B test folders and preference tables (Pick-a-Pic layout) -> one DPO pairs "
+                                         "table; ties and skips are dropped and counted")
+    pairs.add_argument("sources", nargs="+", metavar="ABTEST_DIR_OR_PARQUET")
+    pairs.add_argument("--out", required=True, metavar="PAIRS_PARQUET")
     tune = sub.add_parser("tune", help=_help("tune"))
     _with_config(tune)
     tune.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir (finished trials are kept)")
@@ -80,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-batch-size", type=int, default=None, help="requests per denoising loop (1: off)")
     serve_parser.add_argument("--request-timeout-s", type=float, default=None)
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
-    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune", "quality", "finetune"])
+    bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune", "quality", "finetune",
+                                          "align"])
+    bench.add_argument("overrides", nargs="*", help="finetune: dotted overrides of --config, e.g. finetune.lora.rank=16")
     bench.add_argument("--config", default=None, help="finetune: a config with a finetune section")
     bench.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR", help="finetune: the trained run")
     bench.add_argument("--workers", type=int, default=2, help="processes on the Ray side (and the Pool's); tune: trials at once")
@@ -111,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--score-every", type=float, default=100.0, help="quality: CPU seconds between scores")
     bench.add_argument("--samples", type=int, default=160, help="quality: generated images per score; finetune: images per measure")
     bench.add_argument("--trainers", default="plain,sfumato-ddpm,sfumato-flow", help="quality: which trainers race")
+    bench.add_argument("--votes", type=int, default=400, help="align: judged trials of the base model (the DPO pairs)")
+    bench.add_argument("--eval-votes", type=int, default=200, help="align: judged trials of aligned against base")
+    bench.add_argument("--sides", default="lora,full", help="finetune: which fine-tunes run (lora, full or both)")
     bench.add_argument("--quality-datasets", default="shapes,cifar10", help="quality: shapes and/or cifar10")
     bench.add_argument("--shapes-images", type=int, default=2000, help="quality: demo shapes drawn (the pilot's count)")
     bench.add_argument("--cifar-per-class", type=int, default=500, help="quality: CIFAR-10 images per class")
@@ -166,6 +198,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.stage in ("evaluate", "export", "report"):
         return _run_folder_stage(args)
+    if args.stage == "abtest":
+        from sfumato.abtest.app import run_abtest
+
+        run_abtest([args.a, args.b], Path(args.out), Path(args.conditions) if args.conditions else None, args.planned,
+                   args.steps, args.guidance_scale, args.host, args.port, args.token_env, args.seed)
+        return 0
+    if args.stage == "pairs":
+        from sfumato.abtest.pairs import run_pairs
+
+        try:
+            summary = run_pairs([Path(s) for s in args.sources], Path(args.out))
+        except (ValueError, FileNotFoundError) as err:
+            print(f"sfumato: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2))
+        return 0
     try:
         if args.stage == "train" and args.resume:
             cfg = load_config(RunFolder(args.resume).require().config, args.overrides)
@@ -187,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps({k: v for k, v in result.items() if k != "trials_by_id"}, indent=2, default=str))
         return 0
-    if args.stage == "finetune":
-        return _finetune(args, cfg)
+    if args.stage in ("finetune", "align"):
+        return _post_training(args, cfg)
     if args.stage == "pipeline":
         from sfumato.pipeline import run_pipeline
 
@@ -213,18 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _finetune(args, cfg) -> int:
-    """The fine-tune's config resolved (lineage, selection: errors before any work), trained."""
-    from sfumato.train.finetune import run_config
+def _post_training(args, cfg) -> int:
+    """A fine-tune's or an alignment's config resolved (lineage, selection or pairs: errors before
+    any work), trained."""
     from sfumato.train.loop import run_training
 
     try:
-        tuned = run_config(cfg, Path(args.parent) if args.parent else None, args.checkpoint, args.pretrained)
+        if args.stage == "align":
+            from sfumato.train.align import run_config
+
+            tuned = run_config(cfg, Path(args.parent) if args.parent else None, args.checkpoint, args.pretrained,
+                               Path(args.pairs) if args.pairs else None)
+        else:
+            from sfumato.train.finetune import run_config
+
+            tuned = run_config(cfg, Path(args.parent) if args.parent else None, args.checkpoint, args.pretrained)
     except (ValueError, FileNotFoundError) as err:
         print(f"sfumato: {err}", file=sys.stderr)
         return 2
     last = run_training(tuned)
-    print(json.dumps({"finetune": {"run_dir": str(tuned.train.output_dir),
+    print(json.dumps({args.stage: {"run_dir": str(tuned.train.output_dir),
                                    "lineage": tuned.train.lineage.model_dump(mode="json", exclude_none=True),
                                    "last": last}}, indent=2, default=str))
     return 0

@@ -645,6 +645,11 @@ class LoraSection(Frozen):
     """With target_modules None: the convolutions too (all but the first and the last)."""
     text_encoder: bool = False
     """Text models: adapters on the text encoder's attention too."""
+    learning_rate: float | None = Field(None, gt=0)
+    """finetune.lora only: the fine-tune's train.optimizer.lr when it trains adapters (they want a
+    higher rate than full weights: a rank-r update starts at zero and moves through a small
+    subspace; kohya and diffusers' LoRA scripts use ~10x the full fine-tuning rate). None: the rate
+    the overrides give. Resolved into train.optimizer.lr; the run's train.lora keeps None."""
 
 
 class LineageConfig(Frozen):
@@ -660,7 +665,12 @@ class LineageConfig(Frozen):
     """Or: a diffusers folder or hub id of a model family sfumato trains."""
     select: dict[str, Any] = {}
     """The finetune.select filter the run's data came from (selected_ids.txt in the run folder)."""
-    selected_rows: int = Field(0, ge=1)
+    selected_rows: int = Field(0, ge=0)
+    """Rows the filter selected (0: an alignment, whose data are its pairs)."""
+    pairs: Path | None = None
+    """An alignment's preference pairs (align.pairs) and their SHA-256."""
+    pairs_sha256: str | None = None
+    pair_count: int | None = None
 
     @model_validator(mode="after")
     def _one_start(self) -> "LineageConfig":
@@ -701,6 +711,53 @@ class FinetuneConfig(Frozen):
         if self.parent is not None and self.pretrained is not None:
             raise ValueError("give finetune.parent or finetune.pretrained, not both")
         return self
+
+
+class AlignConfig(Frozen):
+    """`sfumato align` (and the pipeline's align stage): Diffusion-DPO (Wallace et al. 2023) of a
+    trained model on preference pairs (`sfumato pairs` writes them from A/B votes), against a
+    frozen reference copy of the starting weights, fully or with LoRA. Like a fine-tune, the
+    alignment is the run of this config with `overrides` applied (its own output_dir, steps,
+    learning rate); it starts from the parent's EMA weights (or a diffusers export)."""
+
+    parent: Path | None = None
+    """A run folder to start from (its EMA weights; a fine-tune's, for the SFT -> DPO order);
+    None (and no pretrained): train.output_dir."""
+    checkpoint: str | None = None
+    pretrained: str | None = None
+    pairs: Path
+    """A pairs table (sfumato.abtest.pairs: id, condition, chosen, rejected)."""
+    beta: float = Field(2000.0, gt=0)
+    """The KL penalty's strength against the reference, on per-pixel mean errors (diffusers'
+    SD1.5 example: 2500; larger keeps the policy closer to the reference)."""
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    """Pairs held out (by a hash of their id) to measure the implicit reward accuracy on."""
+    lora: LoraSection | None = None
+    """None: every weight trains."""
+    overrides: dict[str, Any] = Field(min_length=1)
+    """Dotted keys applied to this config for the alignment; train.output_dir is required."""
+
+    @field_validator("parent", "pairs")
+    @classmethod
+    def _abs(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
+
+    @model_validator(mode="after")
+    def _own_folder(self) -> "AlignConfig":
+        if "train.output_dir" not in self.overrides:
+            raise ValueError("align.overrides must set train.output_dir (the alignment's own run folder)")
+        if self.parent is not None and self.pretrained is not None:
+            raise ValueError("give align.parent or align.pretrained, not both")
+        return self
+
+
+class DPOConfig(Frozen):
+    """train.dpo: the run trains on preference pairs with the Diffusion-DPO loss (set from the
+    align section by `sfumato align`, never by hand)."""
+
+    pairs: Path
+    beta: float = Field(gt=0)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
 
 
 class TrainConfig(Frozen):
@@ -753,6 +810,15 @@ class TrainConfig(Frozen):
     """Post-training: train LoRA adapters only (set from finetune.lora by `sfumato finetune`)."""
     lineage: LineageConfig | None = None
     """Post-training: the weights the run starts from and its data filter (set by `sfumato finetune`)."""
+    dpo: DPOConfig | None = None
+    """Alignment: Diffusion-DPO on preference pairs (set from the align section by `sfumato align`)."""
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_rate(cls, value: LoraSection | None) -> LoraSection | None:
+        if value is not None and value.learning_rate is not None:
+            raise ValueError("train.lora.learning_rate is not read: set finetune.lora.learning_rate (or train.optimizer.lr)")
+        return value
 
     @field_validator("output_dir")
     @classmethod
@@ -778,6 +844,10 @@ class TrainConfig(Frozen):
             raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("train.lora trains under ZeRO 0-2: set train.zero_stage (finetune.overrides) to 2")
+        if self.dpo is not None and self.lineage is None:
+            raise ValueError("train.dpo aligns a trained model: it needs train.lineage (run `sfumato align`)")
+        if self.dpo is not None and self.zero_stage == 3:
+            raise ValueError("train.dpo keeps a whole reference copy beside the policy: use ZeRO 0-2")
         return self
 
     @property
@@ -959,6 +1029,9 @@ class PipelineConfig(Frozen):
     """FID / FD-CLIP and CLIPScore when a feature network is configured (evaluate.inception_weights,
     evaluate.clip_model or data.curate.clip.model); the report and cards in any case."""
     export: bool = True
+    align: bool = False
+    """After training (and the fine-tune, when on): the `align` section's Diffusion-DPO of the run
+    (of the fine-tune, when align.parent names it), then its report and export."""
     finetune: bool = False
     """After training (and its evaluation): the `finetune` section's fine-tune of the run, then its
     report and export."""
@@ -978,6 +1051,8 @@ class Config(Frozen):
     """`sfumato tune`: the proxy and search space of a sweep over this run."""
     finetune: FinetuneConfig | None = None
     """`sfumato finetune`: a post-training run of this config's model on a selected subset."""
+    align: AlignConfig | None = None
+    """`sfumato align`: Diffusion-DPO of this config's model on preference pairs."""
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="before")
@@ -1017,6 +1092,8 @@ class Config(Frozen):
             raise ValueError("pipeline.tune needs a `tune` and a `train` section")
         if self.pipeline.finetune and (self.finetune is None or self.train is None):
             raise ValueError("pipeline.finetune needs a `finetune` and a `train` section")
+        if self.pipeline.align and (self.align is None or self.train is None):
+            raise ValueError("pipeline.align needs an `align` and a `train` section")
         return self
 
     @model_validator(mode="after")

@@ -96,7 +96,7 @@ def main(args) -> dict:
 
     if not args.config or not args.parent:
         raise SystemExit("sfumato bench finetune needs --config (with a finetune section) and --from RUN_DIR")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if cfg.finetune is None:
         raise SystemExit(f"{args.config} has no finetune section")
     parent = Path(args.parent)
@@ -117,7 +117,12 @@ def main(args) -> dict:
               "yardstick_real_accuracy": yardstick.real_accuracy,
               "parent_model": {"trainable_parameters": sum(p.numel() for p in run.denoiser.parameters()),
                                **measure_model(parent_cfg, run, yardstick, subset, args.samples, steps)}}
+    sides = [side.strip() for side in args.sides.split(",") if side.strip()]
+    if not sides or set(sides) - {"lora", "full"}:
+        raise SystemExit(f"--sides {args.sides!r}: a comma list of lora and full")
     for side, lora in (("lora", True), ("full", False)):
+        if side not in sides:
+            continue
         tuned, figures = _train_side(cfg, parent, lora, out_root / side)
         _, run, _ = load_trained(tuned.train.output_dir)
         trainable = sum(p.numel() for n, p in run.denoiser.named_parameters() if not lora or "lora_" in n)
@@ -125,9 +130,9 @@ def main(args) -> dict:
         result[side] = {**figures, "trainable_parameters": trainable, "trainable_share": round(trainable / total, 4),
                         **measure_model(tuned, run, yardstick, subset, args.samples, steps)}
         print(json.dumps({side: result[side]}, default=str))
-    lines = [f"\nfine-tune of {parent} on {sorted(subset)} ({len(rows)} rows), {result['lora']['steps']} steps",
+    lines = [f"\nfine-tune of {parent} on {sorted(subset)} ({len(rows)} rows), {result[sides[0]]['steps']} steps",
              f"{'':8} {'trainable':>12} {'samples/s':>10} {'peak MB':>9} {'ckpt MB':>9} {'subset share':>13} {'others acc':>11}"]
-    for side in ("parent_model", "lora", "full"):
+    for side in ("parent_model", *sides):
         r = result[side]
         lines.append(f"{side:8.8} {r['trainable_parameters']:>12,} {r.get('samples_per_s', '-'):>10} "
                      f"{r.get('peak_memory_mb', '-'):>9} {r.get('checkpoint_mb', '-'):>9} {r['subset_share']:>13} "

@@ -5,7 +5,8 @@ owns the accelerator, composed with `.bind()`.
     sfumato serve --model RUN_DIR/export        # the same app, settings from the command line
 
 Requests are validated by pydantic against the model's limits (422 naming the field) before any
-model work. Compatible concurrent requests (same sampler, steps, guidance, size) share one
+model work; no input reaches a 500: non-finite numbers (NaN, Infinity, 1e400) are 422s, and a 422
+names the field without echoing the value (which may be huge or unencodable). Compatible concurrent requests (same sampler, steps, guidance, size) share one
 denoising loop through `@serve.batch`. Every request has a deadline; the loop checks it and a
 cancel flag before every step, so a timeout (408) or a client that goes away frees the replica.
 Overload is refused, not queued without bound: `max_queued_requests` answers 503 (or 429) with
@@ -16,6 +17,7 @@ Retry-After. An optional bearer token guards everything but /healthz.
 import asyncio
 import base64
 import io
+import json
 import logging
 import os
 import secrets
@@ -24,7 +26,7 @@ import uuid
 from dataclasses import asdict
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
 from ray import serve
 
 from sfumato.serve.backends import Cancelled, Job, load_backend
@@ -77,6 +79,13 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
         size.update(ge=min(sides), le=max(sides))
 
     def _check(self):
+        for name in ("prompt", "negative_prompt", "class_label"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         if trained and (self.width, self.height) not in trained:
             offered = ", ".join(f"{w}x{h}" for w, h in sorted(trained))
             raise ValueError(f"width x height {self.width}x{self.height} is not a size this model was trained at: {offered}")
@@ -88,7 +97,7 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
             if info.conditioning != "class":
                 raise ValueError("class_label: this model is not class-conditional")
             if isinstance(self.class_label, str) and self.class_label not in info.class_names:
-                raise ValueError(f"class_label {self.class_label!r} is not one of {info.class_names}")
+                raise ValueError(f"class_label {self.class_label[:64]!r} is not one of {info.class_names}")
             if isinstance(self.class_label, int) and not 0 <= self.class_label < len(info.class_names):
                 raise ValueError(f"class_label {self.class_label} is outside 0..{len(info.class_names) - 1}")
         if (self.prompt or self.negative_prompt) and info.conditioning != "text":
@@ -97,11 +106,11 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
 
     return create_model(
         "GenerateRequest",
-        __config__=ConfigDict(extra="forbid"),
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
         __validators__={"_check": model_validator(mode="after")(_check)},
         prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
         negative_prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
-        class_label=(int | str | None, Field(None, description="class index or name (class-conditional models)")),
+        class_label=(StrictInt | str | None, Field(None, description="class index or name (class-conditional models); true is neither")),
         seed=(int | None, Field(None, ge=0, le=2**31 - 1, description="None: a random seed, returned")),
         steps=(int, Field(min(30, settings.max_steps), ge=1, le=settings.max_steps)),
         guidance_scale=(float, Field(1.0, ge=0, le=30)),
@@ -190,6 +199,7 @@ class Generator:
 def build_ingress(settings: ServeSettings, info) -> type:
     """The FastAPI ingress class for this model's limits (they shape the request schema)."""
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from ray.serve.exceptions import BackPressureError
     from ray.serve.metrics import Gauge, Histogram
@@ -198,6 +208,14 @@ def build_ingress(settings: ServeSettings, info) -> type:
     app = FastAPI(title="sfumato", description="Image generation with a model trained by sfumato.")
 
     token = os.environ.get(settings.token_env, "") if settings.token_env else ""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """422 naming each field; the value is not echoed (a 1e400, a NaN or a lone surrogate cannot
+        be encoded, and a megabyte of prompt should not come back)."""
+        detail = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
+                   "type": str(error.get("type", ""))} for error in exc.errors()]
+        return Response(json.dumps({"detail": detail}, ensure_ascii=True), 422, media_type="application/json")
 
     @app.middleware("http")
     async def authorised(request: Request, call_next):

@@ -77,51 +77,65 @@ def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None =
     train.lineage resolved; the rows it selects are counted (none is an error, before any work).
     The command line's --from / --checkpoint / --pretrained take precedence over the section's.
     A fine-tune folder that already exists must have started from the same weights."""
-    from sfumato import checkpoint as ckpt
-    from sfumato.models.run import resolve_checkpoint
-
     ft = cfg.finetune
     if ft is None:
         raise ValueError("the config has no `finetune` section (README: Post-training)")
-    parent = parent or ft.parent
-    pretrained = pretrained or ft.pretrained
+    tree, lineage = start_from(cfg, ft, "finetune", parent, checkpoint, pretrained)
+    lineage["select"] = ft.select.model_dump(mode="json", exclude_none=True)
+    probe = validated(tree, "finetune.overrides applied to the run")
+    lineage["selected_rows"] = len(selected_rows(probe.data.output_dir, ft.select))
+    same_start(Path(tree["train"]["output_dir"]).resolve(), lineage)
+    return validated(tree, "finetune.overrides applied to the run")
+
+
+def start_from(cfg: Config, section, key: str, parent: Path | None, checkpoint: str | None,
+               pretrained: str | None) -> tuple[dict, dict]:
+    """What every post-training run (finetune, align) resolves alike: the run's config tree (the
+    section's overrides applied, section.lora as train.lora, train.lineage set to the returned
+    lineage dict, which the caller completes) and where its weights come from."""
+    from sfumato import checkpoint as ckpt
+    from sfumato.models.run import resolve_checkpoint
+
+    parent = parent or section.parent
+    pretrained = pretrained or section.pretrained
     if parent is not None and pretrained is not None:
-        raise ValueError("finetune: give either a parent run (finetune.parent, --from) or finetune.pretrained "
+        raise ValueError(f"{key}: give either a parent run ({key}.parent, --from) or {key}.pretrained "
                          "(--pretrained), not both")
     if parent is None and pretrained is None:
         parent = cfg.train.output_dir  # the pipeline's own pre-training run
-    lineage: dict = {"select": ft.select.model_dump(mode="json", exclude_none=True)}
+    lineage: dict = {}
     if parent is not None:
         run = RunFolder(parent).require()
-        folder = resolve_checkpoint(run.root, checkpoint or ft.checkpoint)
+        folder = resolve_checkpoint(run.root, checkpoint or section.checkpoint)
         lineage.update(parent=str(run.root.resolve()), checkpoint=folder.name,
                        parent_step=ckpt.load_meta(folder)["step"],
                        parent_config_sha256=content_hash(run.config.read_text()))
     else:
         lineage["pretrained"] = pretrained
-    tree = apply(run_tree(cfg), ft.overrides)
-    tree.pop("finetune", None)
+    tree = apply(run_tree(cfg), section.overrides)
+    for recipe in ("finetune", "align"):
+        tree.pop(recipe, None)
     out = Path(tree["train"]["output_dir"]).resolve()
     if parent is not None and out == Path(parent).resolve():
-        raise ValueError(f"finetune.overrides must set train.output_dir to a folder of its own: {out} is the "
+        raise ValueError(f"{key}.overrides must set train.output_dir to a folder of its own: {out} is the "
                          "parent run's")
-    tree["train"]["lora"] = None if ft.lora is None else ft.lora.model_dump(mode="json")
+    lora = section.lora
+    tree["train"]["lora"] = None if lora is None else lora.model_dump(mode="json", exclude={"learning_rate"})
+    if lora is not None and lora.learning_rate is not None:
+        tree["train"]["optimizer"] = {**tree["train"].get("optimizer", {}), "lr": lora.learning_rate}
     tree["train"]["lineage"] = lineage
-    probe = validated(tree, "finetune.overrides applied to the run")
-    lineage["selected_rows"] = len(selected_rows(probe.data.output_dir, ft.select))
-    _same_start(out, lineage)
-    return validated(tree, "finetune.overrides applied to the run")
+    return tree, lineage
 
 
-def _same_start(out: Path, lineage: dict) -> None:
-    """A fine-tune folder resumes only from the weights it started from."""
+def same_start(out: Path, lineage: dict) -> None:
+    """A post-training run folder resumes only from the weights (and data) it started from."""
     run = RunFolder(out)
     if not run.config.exists():
         return
     from sfumato.config import load_run_config
 
     before = load_run_config(out).train.lineage
-    keys = ("parent", "checkpoint", "pretrained", "select")
+    keys = ("parent", "checkpoint", "pretrained", "select", "pairs")
     if before is None or any(before.model_dump(mode="json").get(k) != lineage.get(k) for k in keys):
         was = None if before is None else {k: v for k, v in before.model_dump(mode="json").items() if k in keys and v}
         raise ValueError(f"{out} already holds a run started from {was}, not {({k: lineage[k] for k in keys if lineage.get(k)})}: "
@@ -133,7 +147,7 @@ def prepare(cfg: Config) -> None:
     parent's classes (the label -> index map the weights were trained with)."""
     run = RunFolder(cfg.train.output_dir)
     target = run.selected_ids
-    if not target.exists():
+    if cfg.train.dpo is None and not target.exists():  # an alignment's data are its pairs
         from sfumato.config import SelectConfig
 
         ids = sorted(selected_rows(cfg.data.output_dir, SelectConfig(**cfg.train.lineage.select))["id"])
@@ -154,7 +168,7 @@ def prepare(cfg: Config) -> None:
 
 def selected_ids(cfg: Config) -> frozenset[str] | None:
     """The ids a fine-tune trains and validates on; None for any other run."""
-    if not is_finetune(cfg):
+    if not is_finetune(cfg) or cfg.train.dpo is not None:  # an alignment trains on its pairs
         return None
     path = RunFolder(cfg.train.output_dir).selected_ids
     return frozenset(line for line in path.read_text().splitlines() if line)

@@ -116,6 +116,9 @@ class TrainState:
     stats: dict = field(default_factory=dict)
     bad_loss: torch.Tensor | None = None
     """A non-finite loss since the last optimizer step, kept on the device until the boundary."""
+    reference: object = None
+    """Alignment (train.dpo): the frozen reference denoiser; batches are then preference pairs."""
+    dpo_beta: float = 0.0
 
 
 def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +196,13 @@ def train_step(state: TrainState, batch: dict) -> dict:
     """One micro-batch: forward, backward and, at an accumulation boundary, the finite checks on
     all ranks and the optimizer step. Returns the micro-batch's loss and stats as device tensors
     (read them back only when logging: each read waits for the GPU) and `optimizer_step`."""
-    x0, classes = model_inputs(batch, state, state.generator, state.dtype)
-    loss, stats = loss_fn(state.engine, x0, conditions(batch, classes, state), state)
+    if state.reference is not None:  # a preference pair batch: the Diffusion-DPO loss
+        from sfumato.train.align import pair_loss_fn
+
+        loss, stats = pair_loss_fn(state.engine, batch, state)
+    else:
+        x0, classes = model_inputs(batch, state, state.generator, state.dtype)
+        loss, stats = loss_fn(state.engine, x0, conditions(batch, classes, state), state)
     bad = ~torch.isfinite(loss.detach())
     state.bad_loss = bad if state.bad_loss is None else state.bad_loss | bad
     state.engine.backward(loss)

@@ -48,6 +48,7 @@ class Worker:
     validation_sets: dict = field(default_factory=dict)  # resolution -> held-out batches (rank 0)
     spike_guard: SpikeGuard = field(default_factory=SpikeGuard)  # train.spike_guard; its lr scale
     selected_ids: frozenset | None = None  # a fine-tune's data (sfumato.train.finetune); None: all
+    pairs: tuple | None = None  # an alignment's (PairSet, training rows, held-out rows) (train.align)
     wandb_run: object = None
 
     @property
@@ -84,6 +85,11 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     torch.manual_seed(cfg.seed)
     run_model = build_run_model(cfg, device)
     model = run_model.denoiser
+    reference = None
+    if t.dpo is not None:  # the starting weights, frozen, before anything trains or is partitioned
+        from sfumato.train.align import reference_copy
+
+        reference = reference_copy(model)
     speed_up(model, t, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # torch's fused AdamW: one kernel for all parameters (CPU and CUDA), 3.5x faster than the
@@ -103,10 +109,15 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
         null_class=engine.module.null_class if num_classes else None, tokenizer=run_model.tokenizer,
         max_length=t.text.max_length, codec=run_model.codec, watch=GradientWatch(engine.module),
         all_ranks_any=lambda flag: _all_reduce_any(flag, device),
+        reference=reference, dpo_beta=t.dpo.beta if t.dpo is not None else 0.0,
     )
     worker = Worker(cfg, run, rank, world, device, engine, ema, state, run_model,
                     _grid_conditions(cfg, run, run_model), _class_weights(cfg), list(hooks),
                     spike_guard=SpikeGuard(t.spike_guard), selected_ids=selected_ids(cfg))
+    if t.dpo is not None:
+        from sfumato.train.align import load_pairs
+
+        worker.pairs = load_pairs(cfg, run_model.class_names)
     if rank == 0 and t.wandb:
         worker.wandb_run = _wandb(cfg)
     return worker
@@ -254,6 +265,15 @@ def run_stage(worker: Worker) -> None:
     if w.position is not None and w.position.get("stage") != index:
         w.position = None  # the checkpoint was taken in an earlier stage
     # Validation reads only held-out samples, training only the rest (a data fraction of it).
+    if w.pairs is not None:  # an alignment: preference pairs, not shards
+        from sfumato.abtest.pairs import pair_batches
+
+        pairs, rows, _ = w.pairs
+        batches = pair_batches(pairs, rows, stage.micro_batch_size, stage.resolution_px, w.rank, w.world,
+                               w.cfg.seed + index, w.position)
+        while w.state.step < start + stage.steps:
+            after_step(w, index, optimizer_step(w, index, batches))
+        return
     split = training_range(t.validation.holdout_fraction if t.validation else 0.0, t.data_fraction)
     batches = iter_training_batches(shard_paths(w.shards.root, stage.resolution_px), stage.micro_batch_size,
                                     stage.resolution_px, w.rank, w.world, w.cfg.seed + index, w.position,
@@ -316,8 +336,11 @@ def after_step(worker: Worker, stage_index: int, out: dict) -> None:
     last = step == t.total_steps
     logged = step % t.log_every_steps == 0 or last
     record = log_record(worker, stage_index, out) if logged else {}
-    validate_now = t.validation is not None and (step % t.validation.every_steps == 0 or last)
     sample_now = step % t.sample_every_steps == 0 or last
+    if t.dpo is None:
+        validate_now = t.validation is not None and (step % t.validation.every_steps == 0 or last)
+    else:  # an alignment: the held-out pairs' reward accuracy, with every grid
+        validate_now = sample_now or (t.validation is not None and step % t.validation.every_steps == 0)
     if validate_now or sample_now:
         record.update(evaluate_ema(worker, stage_index, validate_now, sample_now))
     if record or validate_now:  # every rank reports, or none (Ray Train counts the reports)
@@ -394,6 +417,7 @@ def log_record(worker: Worker, stage_index: int, out: dict) -> dict:
         "ema_halflife_images": halflife_images(w.ema.beta, t.effective_batch(stage)),
         "memory_mb": _memory_mb(w.device),
         **_source_shares(w),
+        **{key: float(out[key]) for key in ("reward_accuracy", "reward_margin") if key in out},  # alignment
     }
 
 
@@ -420,7 +444,14 @@ def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_no
     ema_weights = w.ema.state_dict(w.engine.module)
     if w.rank == 0:
         ema_model = _ema_copy(w.run_model.denoiser, ema_weights, w.device, lora=w.cfg.train.lora is not None)
-        if validate_now:
+        if validate_now and w.pairs is not None:
+            from sfumato.train.align import heldout_stats, policy_distance
+
+            pairs, _, heldout = w.pairs
+            found.update(heldout_stats(ema_model, pairs, heldout, stage.resolution_px, stage.micro_batch_size, w.state,
+                                       v.seed if v is not None else 0))
+            found["policy_distance"] = policy_distance(ema_model, w.state.reference)
+        elif validate_now:
             if stage.resolution_px not in w.validation_sets:
                 w.validation_sets[stage.resolution_px] = validation_batches(
                     shard_paths(w.shards.root, stage.resolution_px), stage.resolution_px,

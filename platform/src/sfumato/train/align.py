@@ -1,0 +1,135 @@
+"""Post-training, part 2 (`sfumato align`): Diffusion-DPO of a trained model on preference pairs.
+
+An alignment is an ordinary run (Ray Train + DeepSpeed, checkpoints, exact resume, metrics,
+grids, report) resolved like a fine-tune (sfumato.train.finetune.start_from: the parent's EMA
+weights or a diffusers export, align.overrides, align.lora as train.lora) whose data are the
+pairs table and whose loss is sfumato.diffusion.dpo's, against a frozen copy of the weights it
+started from (the reference: rebuilt from the lineage at every start, so a resumed run compares
+with the same reference). `train.dpo` in the run's config.yaml says so; the lineage records the
+pairs file, its SHA-256 and its pair count, so the report and model card name the data.
+
+Logged: the DPO loss and the implicit reward accuracy and margin of every logged step's batch;
+on the held-out pairs (align.holdout_fraction), with the EMA weights, at every grid / validation
+point and at the end: `heldout_dpo_loss`, `heldout_reward_accuracy`, `heldout_reward_margin`,
+and `policy_distance`, ||theta - theta_ref|| / ||theta_ref|| over the trained parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from sfumato.config import Config, validated
+
+
+def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None = None,
+               pretrained: str | None = None, pairs: Path | None = None) -> Config:
+    """The alignment's own config (see the module docstring); errors before any work: no pairs
+    file, a table that is not one, too few pairs."""
+    from sfumato.abtest.pairs import PairSet
+    from sfumato.train.finetune import same_start, start_from
+
+    al = cfg.align
+    if al is None:
+        raise ValueError("the config has no `align` section (README: Alignment)")
+    tree, lineage = start_from(cfg, al, "align", parent, checkpoint, pretrained)
+    pairs = Path(pairs or al.pairs).resolve()
+    count = len(PairSet(pairs, "none"))  # readable, with the columns a pairs table has
+    if count == 0:
+        raise ValueError(f"align.pairs: {pairs} holds no pair")
+    lineage.update(pairs=str(pairs), pairs_sha256=hashlib.sha256(pairs.read_bytes()).hexdigest(), pair_count=count)
+    tree["train"]["dpo"] = {"pairs": str(pairs), "beta": al.beta, "holdout_fraction": al.holdout_fraction}
+    same_start(Path(tree["train"]["output_dir"]).resolve(), lineage)
+    return validated(tree, "align.overrides applied to the run")
+
+
+def is_alignment(cfg: Config) -> bool:
+    return cfg.train.dpo is not None
+
+
+def reference_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """The frozen reference: a copy of the starting weights, in eval mode, never trained."""
+    import copy
+
+    reference = copy.deepcopy(denoiser).eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return reference
+
+
+def load_pairs(cfg: Config, class_names: list[str]):
+    """(the PairSet, its training rows, its held-out rows)."""
+    from sfumato.abtest.pairs import PairSet
+
+    d = cfg.train.dpo
+    classes = {name: index for index, name in enumerate(class_names)}
+    pairs = PairSet(d.pairs, cfg.train.conditioning, classes)
+    training, heldout = pairs.split(d.holdout_fraction)
+    if len(training) == 0:
+        raise ValueError(f"{d.pairs}: all {len(pairs)} pairs are held out (align.holdout_fraction={d.holdout_fraction})")
+    return pairs, training, heldout
+
+
+def pair_inputs(batch: dict, state, generator: torch.Generator, dtype: torch.dtype):
+    """(chosen x0, rejected x0, conditions without dropout) of a pair batch."""
+    from sfumato.train.step import conditions, model_inputs
+
+    chosen, classes = model_inputs(batch, state, generator, dtype)
+    rejected, _ = model_inputs({**batch, "image": batch["rejected"]}, state, generator, dtype)
+    return chosen, rejected, conditions(batch, classes, state, dropout=0.0)
+
+
+def pair_loss_fn(model, batch: dict, state) -> tuple[torch.Tensor, dict]:
+    """The training step's loss for a pair batch (sfumato.train.step.train_step calls it)."""
+    from sfumato.diffusion.dpo import pair_loss
+
+    chosen, rejected, cond = pair_inputs(batch, state, state.generator, state.dtype)
+    resolution_px = chosen.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
+    return pair_loss(model, state.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
+                     state.dpo_beta, state.generator, resolution_px)
+
+
+@torch.no_grad()
+def heldout_stats(model, pairs, rows, resolution_px: int, batch_size: int, state, seed: int) -> dict:
+    """DPO loss, reward accuracy and margin of `model` (the EMA weights) on the held-out pairs,
+    each batch noised from (seed, batch index): every evaluation sees the same noise."""
+    from sfumato.diffusion.dpo import pair_loss
+
+    if len(rows) == 0:
+        return {}
+    dtype = next(model.parameters()).dtype
+    totals, count = {"heldout_dpo_loss": 0.0, "heldout_reward_accuracy": 0.0, "heldout_reward_margin": 0.0}, 0
+    for index, start in enumerate(range(0, len(rows), batch_size)):
+        batch = pairs.batch(rows[start:start + batch_size], resolution_px)
+        generator = torch.Generator(state.device).manual_seed(seed * 100_003 + index)
+        chosen, rejected, cond = pair_inputs(batch, state, generator, dtype)
+        loss, stats = pair_loss(model, state.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
+                                state.dpo_beta, generator, resolution_px)
+        n = len(batch["id"])
+        totals["heldout_dpo_loss"] += float(loss) * n
+        totals["heldout_reward_accuracy"] += float(stats["reward_accuracy"]) * n
+        totals["heldout_reward_margin"] += float(stats["reward_margin"]) * n
+        count += n
+    return {k: v / count for k, v in totals.items()}
+
+
+@torch.no_grad()
+def policy_distance(model: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """||theta - theta_ref|| / ||theta_ref|| over the parameters that train (LoRA: the adapters,
+    whose reference is their zero update)."""
+    ref = dict(reference.named_parameters())
+    moved, norm = 0.0, 0.0
+    for name, parameter in model.named_parameters():
+        if name not in ref or not name_trains(name, model):
+            continue
+        moved += float((parameter.float() - ref[name].float()).pow(2).sum())
+        norm += float(ref[name].float().pow(2).sum())
+    return (moved ** 0.5) / (norm ** 0.5) if norm else moved ** 0.5
+
+
+def name_trains(name: str, model: torch.nn.Module) -> bool:
+    """LoRA runs train only the adapters (names with lora_); full runs every parameter."""
+    has_lora = any("lora_" in n for n, _ in model.named_parameters())
+    return "lora_" in name if has_lora else True
