@@ -164,7 +164,7 @@ def test_pipeline_job_on_a_two_node_cluster(cluster, tmp_path):
     assert first.returncode == 0 and "succeeded" in first.stdout, (first.stdout + first.stderr)[-4000:]
 
     assert _summary(run) == {"ingest": "ran", "safety": "off", "dedup": "off", "caption": "off", "shards": "ran",
-                             "cache": "off", "tune": "off", "train": "ran", "evaluate": "ran", "export": "ran", "finetune": "off"}
+                             "cache": "off", "tune": "off", "train": "ran", "evaluate": "ran", "export": "ran", "finetune": "off", "align": "off"}
     for path in (data / "manifest.parquet", data / "shards" / "shard_manifest.csv", run / "checkpoints" / "step-00000010"
                  / "ema.safetensors", run / "report.md", run / "model_card.md", data / "dataset_card.md",
                  run / "export" / "diffusers" / "model_index.json", run / "export" / "onnx" / "denoiser.onnx",
@@ -186,7 +186,7 @@ def test_pipeline_job_on_a_two_node_cluster(cluster, tmp_path):
     assert second.returncode == 0 and "succeeded" in second.stdout, (second.stdout + second.stderr)[-4000:]
     assert _summary(run) == {"ingest": "skipped", "safety": "off", "dedup": "off", "caption": "off",
                              "shards": "skipped", "cache": "off", "tune": "off", "train": "skipped", "evaluate": "skipped",
-                             "export": "ran", "finetune": "off"}
+                             "export": "ran", "finetune": "off", "align": "off"}
     assert (run / "checkpoints" / "step-00000010" / "ema.safetensors").stat().st_mtime_ns == trained
     assert (run / "export" / "onnx" / "denoiser.onnx").exists()
     assert not (run / "export" / "onnx" / "denoiser.int8.onnx").exists()

@@ -6,7 +6,7 @@ stages on a config that records every key read and fails on an undeclared one), 
 pipeline record lives in, what it leaves behind, and which files' content is its output hash.
 
     ingest -> safety -> dedup -> caption -> shards -> cache -> tune -> train -> evaluate -> export
-      -> finetune (post-training: off by default)
+      -> finetune -> align (post-training: off by default)
 """
 
 from __future__ import annotations
@@ -364,3 +364,39 @@ def finetune(cfg: Config):
             f"step {last.get('step')} of {tuned.train.total_steps}, loss_ema {last.get('loss_ema')}"
             + (f" -> {export['diffusers']}" if export else "")), \
         {"run_dir": str(tuned.train.output_dir), "selected_rows": lineage.selected_rows, **last}
+
+
+def _align_folder(cfg: Config) -> Path:
+    return Path(cfg.align.overrides["train.output_dir"]).resolve() if cfg.align else _run(cfg).root / "align"
+
+
+def _align_reads(cfg: Config) -> list[str]:
+    """The alignment of the fine-tune when align.parent names the fine-tune's folder."""
+    if cfg.pipeline.finetune and cfg.align is not None and cfg.align.parent is not None \
+            and cfg.align.parent.resolve() == _finetune_folder(cfg):
+        return ["finetune"]
+    return ["train"]
+
+
+@stage("align", keys=("align",), folder=_align_folder, reads=_align_reads,
+       enabled=lambda cfg: _training(cfg) or (None if cfg.pipeline.align else "pipeline.align is false"),
+       artifacts=lambda cfg: {"alignment run folder": _align_folder(cfg),
+                              "alignment report": RunFolder(_align_folder(cfg)).report},
+       produced=lambda cfg: [RunFolder(_align_folder(cfg)).report])
+def align(cfg: Config):
+    """post-training: Diffusion-DPO of the run (or its fine-tune) on the align.pairs preferences, then its report and export"""
+    from sfumato.evaluate.cards import write_run_documents
+    from sfumato.export.export_run import run_export
+    from sfumato.train.align import run_config
+    from sfumato.train.loop import run_training
+
+    aligned = run_config(cfg)
+    last = run_training(aligned)
+    write_run_documents(aligned.train.output_dir, aligned.data.output_dir)
+    export = run_export(aligned.train.output_dir) if cfg.pipeline.export else None
+    lineage = aligned.train.lineage
+    kind = f"LoRA rank {aligned.train.lora.rank}" if aligned.train.lora else "full weights"
+    return (f"align: Diffusion-DPO ({kind}, beta {aligned.train.dpo.beta:g}) from {lineage.checkpoint or lineage.pretrained} "
+            f"on {lineage.pair_count} pairs, step {last.get('step')} of {aligned.train.total_steps}, held-out reward "
+            f"accuracy {last.get('heldout_reward_accuracy')}" + (f" -> {export['diffusers']}" if export else "")), \
+        {"run_dir": str(aligned.train.output_dir), "pairs": lineage.pair_count, **last}

@@ -180,8 +180,7 @@ def main(args) -> dict:
                                    "train.stages": [{"resolution_px": last_px, "steps": 200, "micro_batch_size": 16}],
                                    "train.optimizer.lr": 1e-4, "train.optimizer.warmup_steps": 10,
                                    "train.ema.halflife_samples": 500, "train.sample_every_steps": 100,
-                                   "train.checkpoint_every_steps": 100, "train.log_every_steps": 25,
-                                   "train.spike_guard": None}}
+                                   "train.checkpoint_every_steps": 100, "train.log_every_steps": 25}}
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
     cfg = validated(apply(tree, overrides), "the bench's align config")
     aligned_cfg = run_config(cfg, parent=parent)

@@ -329,9 +329,27 @@ def lineage_lines(cfg: Config) -> list[str]:
     select = ", ".join(f"{k}: {v}" for k, v in lineage.select.items()) or "every ok row"
     method = "full weights" if lora is None else \
         f"LoRA rank {lora.rank}, alpha {lora.alpha if lora.alpha is not None else lora.rank:g} (peft; the base is frozen)"
-    rows = [["started from", start], ["data filter", select], ["selected manifest rows", f"{lineage.selected_rows:,}"],
-            ["method", method]]
-    return ["## Lineage (post-training)", ""] + table(["", ""], rows)
+    dpo = cfg.train.dpo
+    if dpo is None:
+        rows = [["started from", start], ["data filter", select], ["selected manifest rows", f"{lineage.selected_rows:,}"],
+                ["method", method]]
+        return ["## Lineage (post-training)", ""] + table(["", ""], rows)
+    rows = [["started from", start], ["preference pairs", f"`{lineage.pairs}` ({lineage.pair_count:,} pairs, sha256 "
+                                                          f"`{lineage.pairs_sha256}`)"],
+            ["method", f"Diffusion-DPO, beta {dpo.beta:g}, against a frozen reference copy of the start; {method}"],
+            ["held-out pairs", f"{dpo.holdout_fraction:.0%} (by id hash): the heldout_reward_accuracy in metrics.jsonl"]]
+    return ["## Lineage (alignment)", ""] + table(["", ""], rows) + _alignment_figures(cfg)
+
+
+def _alignment_figures(cfg: Config) -> list[str]:
+    """The last held-out reward figures of an alignment run."""
+    held = [m for m in read_metrics(RunFolder(cfg.train.output_dir).metrics) if "heldout_reward_accuracy" in m]
+    if not held:
+        return []
+    last = held[-1]
+    return [f"At step {last['step']:,}: held-out implicit reward accuracy {last['heldout_reward_accuracy']:.3f}, "
+            f"margin {last['heldout_reward_margin']:.3g}, DPO loss {last['heldout_dpo_loss']:.4f} (log 2 = 0.6931 at "
+            f"the reference), policy distance from the reference {last['policy_distance']:.3g}.", ""]
 
 
 def write_report(run_dir: Path) -> Path:

@@ -36,13 +36,35 @@ def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None =
         raise ValueError("the config has no `align` section (README: Alignment)")
     tree, lineage = start_from(cfg, al, "align", parent, checkpoint, pretrained)
     pairs = Path(pairs or al.pairs).resolve()
-    count = len(PairSet(pairs, "none"))  # readable, with the columns a pairs table has
+    conditioning = tree["train"].get("conditioning", "class")
+    classes = _start_classes(lineage) if conditioning == "class" else None
+    # Readable, with a pairs table's columns and (class models) only the model's classes.
+    count = len(PairSet(pairs, conditioning if classes is not None else "none", classes))
     if count == 0:
         raise ValueError(f"align.pairs: {pairs} holds no pair")
     lineage.update(pairs=str(pairs), pairs_sha256=hashlib.sha256(pairs.read_bytes()).hexdigest(), pair_count=count)
     tree["train"]["dpo"] = {"pairs": str(pairs), "beta": al.beta, "holdout_fraction": al.holdout_fraction}
+    if "train.spike_guard" not in al.overrides:
+        # The DPO loss heads for 0 and a hard pair lifts a batch to ~0.7 again: "k x its running
+        # average" is then no spike. Non-finite losses still stop the run; a guard set in the
+        # overrides is kept.
+        tree["train"]["spike_guard"] = None
     same_start(Path(tree["train"]["output_dir"]).resolve(), lineage)
     return validated(tree, "align.overrides applied to the run")
+
+
+def _start_classes(lineage: dict) -> dict | None:
+    """The class -> index map of the weights the alignment starts from (None: not known here)."""
+    import json
+
+    from sfumato.layout import RunFolder
+
+    if lineage.get("parent"):
+        path = RunFolder(lineage["parent"]).classes
+        return json.loads(path.read_text()) if path.exists() else None
+    index = Path(lineage["pretrained"]) / "model_index.json"
+    names = json.loads(index.read_text()).get("class_names") if index.is_file() else None
+    return None if not names else {name: i for i, name in enumerate(names)}
 
 
 def is_alignment(cfg: Config) -> bool:
