@@ -12,7 +12,7 @@ import torch
 
 from sfumato import checkpoint as ckpt
 from sfumato.abtest.app import ABTest, conditions_for, load_arm
-from sfumato.abtest.pairs import run_pairs
+from sfumato.data.pairs import run_pairs
 from sfumato.bench.align import judge
 from sfumato.config import apply, run_tree, validated
 from sfumato.layout import RunFolder, read_metrics

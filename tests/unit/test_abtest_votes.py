@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sfumato.abtest.pairs import PairSet, from_abtest, pair_batches, run_pairs
-from sfumato.abtest.votes import VoteLog, read_votes, results, votes_table, wilson_interval, winner
+from sfumato.data.pairs import PairSet, from_abtest, pair_batches, run_pairs
+from sfumato.data.votes import VoteLog, read_votes, results, votes_table, wilson_interval, winner
 
 
 def _png(value: int, size: int = 8) -> bytes:
@@ -49,7 +49,7 @@ def test_a_cut_off_last_line_is_counted_not_read_and_the_next_vote_is_whole(tmp_
 
 WRITER = """
 import sys
-from sfumato.abtest.votes import VoteLog, winner
+from sfumato.data.votes import VoteLog, winner
 log = VoteLog(sys.argv[1])
 n = 0
 while True:

@@ -44,7 +44,7 @@ LAYERS = [
     ("sfumato.data", "sfumato.diffusion"),
     ("sfumato.models",),
     ("sfumato.train", "sfumato.evaluate", "sfumato.export"),
-    ("sfumato.tune", "sfumato.serve"),
+    ("sfumato.tune", "sfumato.serve", "sfumato.abtest"),
     ("sfumato.stages", "sfumato.pipeline", "sfumato.bench", "sfumato.cli"),
 ]
 

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    args.steps, args.guidance_scale, args.host, args.port, args.token_env, args.seed)
         return 0
     if args.stage == "pairs":
-        from sfumato.abtest.pairs import run_pairs
+        from sfumato.data.pairs import run_pairs
 
         try:
             summary = run_pairs([Path(s) for s in args.sources], Path(args.out))

@@ -726,7 +726,7 @@ class AlignConfig(Frozen):
     checkpoint: str | None = None
     pretrained: str | None = None
     pairs: Path
-    """A pairs table (sfumato.abtest.pairs: id, condition, chosen, rejected)."""
+    """A pairs table (sfumato.data.pairs: id, condition, chosen, rejected)."""
     beta: float = Field(2000.0, gt=0)
     """The KL penalty's strength against the reference, on per-pixel mean errors (diffusers'
     SD1.5 example: 2500; larger keeps the policy closer to the reference)."""

@@ -1,1 +1,1 @@
-"""Blind A/B tests of two models (app), their votes (votes) and the DPO pairs they become (pairs)."""
+"""The blind A/B test page (app); its votes and the DPO pairs they become live in sfumato.data (votes, pairs)."""

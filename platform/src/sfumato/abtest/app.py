@@ -7,7 +7,7 @@ model drew which: the page and the image URLs carry only the trial's random id. 
 right, tie, skip) is recorded with the rater's name, the time, the condition, the seeds, both
 model ids and both images' SHA-256 (votes.VoteLog: fsynced before the page hears it counted), and
 the images are kept, content-addressed, in the folder's images/ (so the votes become training
-pairs: sfumato.abtest.pairs). When both sides are the same model (a preference-collection round
+pairs: sfumato.data.pairs). When both sides are the same model (a preference-collection round
 on one model's samples), the right image is drawn from another seed.
 
 It is a FastAPI app served by uvicorn in one process (one writer of the vote log). A token
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sfumato.abtest.votes import CHOICES, VoteLog, results, votes_table, winner
+from sfumato.data.votes import CHOICES, VoteLog, results, votes_table, winner
 from sfumato.layout import atomic_write
 
 COOKIE = "sfumato_abtest_token"

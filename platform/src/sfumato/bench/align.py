@@ -144,7 +144,7 @@ def yardstick_figures(cfg, export_dir: Path, yardstick, samples: int, steps: int
 
 def main(args) -> dict:
     from sfumato.abtest.app import load_arm
-    from sfumato.abtest.pairs import run_pairs
+    from sfumato.data.pairs import run_pairs
     from sfumato.bench.ingest import machine
     from sfumato.config import apply, load_run_config, run_tree, validated
     from sfumato.evaluate.evaluate import domain_yardstick

@@ -28,7 +28,7 @@ def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None =
                pretrained: str | None = None, pairs: Path | None = None) -> Config:
     """The alignment's own config (see the module docstring); errors before any work: no pairs
     file, a table that is not one, too few pairs."""
-    from sfumato.abtest.pairs import PairSet
+    from sfumato.data.pairs import PairSet
     from sfumato.train.finetune import same_start, start_from
 
     al = cfg.align
@@ -83,7 +83,7 @@ def reference_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
 
 def load_pairs(cfg: Config, class_names: list[str]):
     """(the PairSet, its training rows, its held-out rows)."""
-    from sfumato.abtest.pairs import PairSet
+    from sfumato.data.pairs import PairSet
 
     d = cfg.train.dpo
     classes = {name: index for index, name in enumerate(class_names)}
@@ -94,30 +94,12 @@ def load_pairs(cfg: Config, class_names: list[str]):
     return pairs, training, heldout
 
 
-def pair_inputs(batch: dict, state, generator: torch.Generator, dtype: torch.dtype):
-    """(chosen x0, rejected x0, conditions without dropout) of a pair batch."""
-    from sfumato.train.step import conditions, model_inputs
-
-    chosen, classes = model_inputs(batch, state, generator, dtype)
-    rejected, _ = model_inputs({**batch, "image": batch["rejected"]}, state, generator, dtype)
-    return chosen, rejected, conditions(batch, classes, state, dropout=0.0)
-
-
-def pair_loss_fn(model, batch: dict, state) -> tuple[torch.Tensor, dict]:
-    """The training step's loss for a pair batch (sfumato.train.step.train_step calls it)."""
-    from sfumato.diffusion.dpo import pair_loss
-
-    chosen, rejected, cond = pair_inputs(batch, state, state.generator, state.dtype)
-    resolution_px = chosen.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
-    return pair_loss(model, state.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
-                     state.dpo_beta, state.generator, resolution_px)
-
-
 @torch.no_grad()
 def heldout_stats(model, pairs, rows, resolution_px: int, batch_size: int, state, seed: int) -> dict:
     """DPO loss, reward accuracy and margin of `model` (the EMA weights) on the held-out pairs,
     each batch noised from (seed, batch index): every evaluation sees the same noise."""
     from sfumato.diffusion.dpo import pair_loss
+    from sfumato.train.step import pair_inputs
 
     if len(rows) == 0:
         return {}

@@ -174,6 +174,23 @@ def loss_fn(model, x0: torch.Tensor, cond: torch.Tensor | None, state: TrainStat
     return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator, resolution_px)
 
 
+def pair_inputs(batch: dict, state, generator: torch.Generator, dtype: torch.dtype):
+    """(chosen x0, rejected x0, conditions without dropout) of a pair batch."""
+    chosen, classes = model_inputs(batch, state, generator, dtype)
+    rejected, _ = model_inputs({**batch, "image": batch["rejected"]}, state, generator, dtype)
+    return chosen, rejected, conditions(batch, classes, state, dropout=0.0)
+
+
+def pair_loss_fn(model, batch: dict, state) -> tuple[torch.Tensor, dict]:
+    """The training step's loss for a pair batch (sfumato.train.step.train_step calls it)."""
+    from sfumato.diffusion.dpo import pair_loss
+
+    chosen, rejected, cond = pair_inputs(batch, state, state.generator, state.dtype)
+    resolution_px = chosen.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
+    return pair_loss(model, state.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
+                     state.dpo_beta, state.generator, resolution_px)
+
+
 def _check_finite(state: TrainState) -> None:
     """At the accumulation boundary, before the optimizer step: one read-back (and one
     all-reduce) of the loss and gradient flags gathered on the device over the micro-steps, so
@@ -197,8 +214,6 @@ def train_step(state: TrainState, batch: dict) -> dict:
     all ranks and the optimizer step. Returns the micro-batch's loss and stats as device tensors
     (read them back only when logging: each read waits for the GPU) and `optimizer_step`."""
     if state.reference is not None:  # a preference pair batch: the Diffusion-DPO loss
-        from sfumato.train.align import pair_loss_fn
-
         loss, stats = pair_loss_fn(state.engine, batch, state)
     else:
         x0, classes = model_inputs(batch, state, state.generator, state.dtype)

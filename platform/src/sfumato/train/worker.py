@@ -266,7 +266,7 @@ def run_stage(worker: Worker) -> None:
         w.position = None  # the checkpoint was taken in an earlier stage
     # Validation reads only held-out samples, training only the rest (a data fraction of it).
     if w.pairs is not None:  # an alignment: preference pairs, not shards
-        from sfumato.abtest.pairs import pair_batches
+        from sfumato.data.pairs import pair_batches
 
         pairs, rows, _ = w.pairs
         batches = pair_batches(pairs, rows, stage.micro_batch_size, stage.resolution_px, w.rank, w.world,

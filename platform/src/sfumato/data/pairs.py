@@ -44,7 +44,7 @@ def _pair_id(condition: str, chosen: bytes, rejected: bytes) -> str:
 
 def from_abtest(folder: Path) -> tuple[list[dict], dict]:
     """The decided votes of one A/B test folder as pairs, and the counts of what was dropped."""
-    from sfumato.abtest.votes import read_votes
+    from sfumato.data.votes import read_votes
 
     folder = Path(folder)
     votes, damaged = read_votes(folder / "votes.jsonl")
