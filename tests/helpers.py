@@ -89,3 +89,13 @@ def cifar_batch(cifar_dir: Path, start: int, stop: int, classes: list[str] | Non
     labels = [classes.index(p.parent.name) if classes and p.parent.name in classes else -1 for p in paths]
     captions = [f"a photo of a {p.parent.name.replace('_', ' ')}" for p in paths]
     return {"image": images, "class": np.array(labels), "caption": captions, "id": [str(p) for p in paths]}
+
+
+def exported(run_cfg) -> Path:
+    """The run's export folder (diffusers + ONNX), exported once and reused by every test module."""
+    from sfumato.export.export_run import run_export
+
+    export = run_cfg.train.output_dir / "export"
+    if not (export / "diffusers" / "sfumato_pipeline.py").exists() or not (export / "onnx").exists():
+        run_export(run_cfg.train.output_dir)
+    return export

@@ -16,6 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
+from helpers import exported
 from sfumato.abtest.app import ABTest, build_app, conditions_for, load_arm
 from sfumato.bench.align import Served
 
@@ -23,18 +24,9 @@ TOKEN = "abtest-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _exported(run_cfg):
-    from sfumato.export.export_run import run_export
-
-    export = run_cfg.train.output_dir / "export"
-    if not (export / "diffusers" / "model_index.json").exists():
-        run_export(run_cfg.train.output_dir)
-    return export
-
-
 @pytest.fixture(scope="module")
 def arms(straight, flow_run):
-    return [load_arm(f"ddpm-model={_exported(straight)}"), load_arm(f"flow-model={_exported(flow_run)}")]
+    return [load_arm(f"ddpm-model={exported(straight)}"), load_arm(f"flow-model={exported(flow_run)}")]
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import hashlib
 import pytest
 import torch
 
+from helpers import exported
 from sfumato import checkpoint as ckpt
 from sfumato.abtest.app import ABTest, conditions_for, load_arm
 from sfumato.data.pairs import run_pairs
@@ -21,15 +22,6 @@ from sfumato.train.faults import KillWorkerAt
 from sfumato.train.loop import run_training
 
 
-def _exported(run_cfg):
-    from sfumato.export.export_run import run_export
-
-    export = run_cfg.train.output_dir / "export"
-    if not (export / "diffusers" / "model_index.json").exists():
-        run_export(run_cfg.train.output_dir)
-    return export
-
-
 @pytest.fixture(scope="module")
 def pairs(straight, tmp_path_factory):
     """Pairs from 40 judged trials of the straight run's export against itself."""
@@ -39,7 +31,7 @@ def pairs(straight, tmp_path_factory):
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("align") / "collect"
-    arm = load_arm(f"base={_exported(straight)}")
+    arm = load_arm(f"base={exported(straight)}")
     test = ABTest(folder, [arm, arm], conditions_for([arm], None), steps=4, seed=3)
     for _ in range(40):
         trial = test.new_trial()

@@ -18,6 +18,8 @@ requests = pytest.importorskip("requests")
 
 from PIL import Image  # noqa: E402
 
+from helpers import exported  # noqa: E402
+
 TOKEN = "test-token-123"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -31,15 +33,6 @@ def _free_port() -> int:
 # Capacity 2 running + 2 queued: small enough that a test can exceed it.
 COMMON = dict(token_env="SFUMATO_TEST_TOKEN", request_timeout_s=120.0, max_steps=1000, max_images=8,
               max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)
-
-
-def _exported(run_cfg):
-    from sfumato.export.export_run import run_export
-
-    export = run_cfg.train.output_dir / "export"
-    if not (export / "diffusers" / "sfumato_pipeline.py").exists() or not (export / "onnx").exists():
-        run_export(run_cfg.train.output_dir)
-    return export
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def serve_port(monkeypatch_module, flow_run):
 def server(straight, serve_port):
     from sfumato.serve.app import ServeSettings, run_server
 
-    common = dict(model=str(_exported(straight)), **COMMON)
+    common = dict(model=str(exported(straight)), **COMMON)
     run_server(ServeSettings(**common), port=serve_port, blocking=False)
     run_server(ServeSettings(**common, backend="onnx"), port=serve_port, blocking=False, name="onnx",
                route_prefix="/onnx")
@@ -71,7 +64,7 @@ def flow_server(flow_run, serve_port):
     replicas reserve no CPU: the DDPM apps' replicas hold the session's two."""
     from sfumato.serve.app import ServeSettings, run_server
 
-    common = dict(model=str(_exported(flow_run)), num_cpus=0, **COMMON)
+    common = dict(model=str(exported(flow_run)), num_cpus=0, **COMMON)
     for backend in ("torch", "onnx"):
         run_server(ServeSettings(**common, backend=backend), port=serve_port, blocking=False, name=f"flow-{backend}",
                    route_prefix=f"/flow-{backend}")
