@@ -73,13 +73,23 @@ class Cluster:
         """Ray names the GCS by the machine's address, not always loopback: match on the port."""
         return _cluster_processes(f":{self.gcs_port}") + _cluster_processes(str(self.temp_dir))
 
+    @staticmethod
+    def _agent_ports() -> list[str]:
+        """Free ports for a node's agents. Ray's defaults (52365 for the dashboard agent, ...) are
+        fixed, so another Ray on this machine (the test session's own) or the other node of this
+        cluster holds them already: the head's job agent would then never come up and every
+        submission is refused with "No available agent to submit job"."""
+        return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+                "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+
     def start(self) -> None:
         head = self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                        "--num-cpus", "1", "--temp-dir", str(self.temp_dir), "--disable-usage-stats")
+                        "--num-cpus", "1", "--temp-dir", str(self.temp_dir), "--disable-usage-stats",
+                        *self._agent_ports())
         assert head.returncode == 0, head.stdout + head.stderr
         worker = self.ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                          "--disable-usage-stats")
+                          "--disable-usage-stats", *self._agent_ports())
         assert worker.returncode == 0, worker.stdout + worker.stderr
 
     def node_ids(self, expected: int, timeout_s: float = 90) -> tuple[set[str], str]:
@@ -97,10 +107,11 @@ class Cluster:
     def submit(self, *args: str, log: Path) -> subprocess.CompletedProcess:
         # The head's job agent starts a few seconds after the dashboard answers; until then Ray
         # refuses the submission ("No available agent to submit job"), before running anything.
-        for attempt in range(6):
+        deadline = time.monotonic() + 120
+        while True:
             done = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".", "--",
                             "python", "jobs/pipeline.py", *args, timeout=900)
-            if "No available agent to submit job" not in done.stdout + done.stderr:
+            if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
                 break
             time.sleep(5)
         log.write_text(done.stdout + done.stderr)
