@@ -5,7 +5,11 @@ on both backends."""
 import base64
 import io
 import json
+import os
+import re
+import shutil
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +22,7 @@ requests = pytest.importorskip("requests")
 
 from PIL import Image  # noqa: E402
 
-from helpers import exported  # noqa: E402
+from helpers import REPO, exported  # noqa: E402
 
 TOKEN = "test-token-123"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -69,6 +73,33 @@ def flow_server(flow_run, serve_port):
         run_server(ServeSettings(**common, backend=backend), port=serve_port, blocking=False, name=f"flow-{backend}",
                    route_prefix=f"/flow-{backend}")
     return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="module")
+def safe_server(straight, server, serve_port, tmp_path_factory):
+    """The class run's export behind the output safety filter (a tiny CLIP), at /safe. The filter's
+    scores of seeds 20..27 are computed here first, and the threshold put in the widest gap
+    between them: some of those images are flagged, the others pass."""
+    from sfumato.bench.tiny import save_tiny_clip
+    from sfumato.serve.app import ServeSettings, run_server
+    from sfumato.serve.backends import Job, TorchBackend
+    from sfumato.serve.safety import OutputFilter
+
+    clip = tmp_path_factory.mktemp("safety-clip")
+    save_tiny_clip(clip)
+    export = exported(straight)
+    images = TorchBackend(export).generate([Job("offline", **SAFE_JOB)])[0]
+    defaults = ServeSettings(model=str(export))
+    scores = sorted(v.score for _, v in OutputFilter(str(clip), 1.0, "withhold", defaults.safety_unsafe_prompts,
+                                                     defaults.safety_safe_prompts)(images))
+    gap = max(range(len(scores) - 1), key=lambda k: scores[k + 1] - scores[k])
+    threshold = (scores[gap] + scores[gap + 1]) / 2
+    run_server(ServeSettings(model=str(export), **{**COMMON, "num_cpus": 0}, safety_model=str(clip),
+                             safety_threshold=threshold), port=serve_port, blocking=False, name="safe", route_prefix="/safe")
+    return server, threshold
+
+
+SAFE_JOB = dict(seed=20, steps=4, guidance_scale=1.0, num_images=8, sampler="ddim", width=32, height=32, class_label=1)
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +260,134 @@ def test_a_flow_model_is_served_by_both_backends_and_takes_only_flow_samplers(fl
         for ddpm_sampler in ("ddim", "dpm-solver++"):
             wrong = _generate(flow_server, {**body, "sampler": ddpm_sampler}, route=route)
             assert wrong.status_code == 422 and "sampler" in json.dumps(wrong.json()["detail"]), wrong.text
+
+
+def test_the_safety_filter_withholds_flagged_images_and_passes_the_others_unchanged(safe_server):
+    server, threshold = safe_server
+    body = {k: SAFE_JOB[k] for k in ("seed", "steps", "guidance_scale", "num_images", "sampler", "class_label")}
+    json_headers = {**HEADERS, "Accept": "application/json"}
+    filtered = _generate(server, body, route="/safe", headers=json_headers)
+    assert filtered.status_code == 200, filtered.text
+    answer = filtered.json()
+    unfiltered = _generate(server, body, headers=json_headers).json()
+    assert unfiltered["safety"] == [{"action": "unchecked", "score": None}] * 8 and unfiltered["withheld"] == []
+    flagged = [k for k, v in enumerate(answer["safety"]) if v["score"] >= threshold]
+    assert 0 < len(flagged) < 8, answer["safety"]
+    assert answer["withheld"] == flagged
+    for k, (image, verdict) in enumerate(zip(answer["images"], answer["safety"])):
+        if k in flagged:
+            assert image is None and verdict["action"] == "withheld", "no pixels of a flagged image leave"
+        else:
+            assert verdict["action"] == "passed" and image == unfiltered["images"][k], "a passed image is untouched"
+
+    # One image as a PNG: a flagged one is a 451 naming its score, a passed one a PNG saying so.
+    single = {**body, "num_images": 1}
+    withheld = _generate(server, {**single, "seed": body["seed"] + flagged[0]}, route="/safe")
+    assert withheld.status_code == 451 and withheld.headers["x-safety"] == "withheld", withheld.text
+    assert "safety filter" in withheld.json()["detail"] and withheld.json()["withheld"] == [0]
+    passed = next(k for k in range(8) if k not in flagged)
+    png = _generate(server, {**single, "seed": body["seed"] + passed}, route="/safe")
+    assert png.status_code == 200 and png.headers["x-safety"] == "passed", png.text
+    assert base64.b64encode(png.content).decode() == unfiltered["images"][passed]
+
+    on = requests.get(f"{server}/safe/v1/info", headers=HEADERS, timeout=30).json()
+    assert on["safety"]["enabled"] and on["safety"]["threshold"] == threshold
+    assert on["stats"]["withheld"] == len(flagged) + 1
+    off = requests.get(f"{server}/v1/info", headers=HEADERS, timeout=30).json()["safety"]
+    assert off["enabled"] is False and "no safety_model" in off["reason"], "a server without a filter says so"
+
+
+MONITORING = REPO / "serve" / "monitoring"
+
+
+def _scrape() -> dict[str, float]:
+    """Every sample of Ray's Prometheus endpoint on this node, summed over label sets, keyed by
+    name plus the `status`/`action` label where a sample has one."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if not sample.name.startswith("ray_sfumato_"):
+                continue
+            tag = sample.labels.get("status") or sample.labels.get("action")
+            for key in (sample.name, f"{sample.name}{{{tag}}}") if tag else (sample.name,):
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _scrape_until(ready, timeout_s: float = 90) -> dict[str, float]:
+    """Ray's metrics agent exports every few seconds: poll until `ready(totals)`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        totals = _scrape()
+        if ready(totals) or time.monotonic() > deadline:
+            return totals
+        time.sleep(2)
+
+
+def _settled(window_s: float = 12, timeout_s: float = 90) -> dict[str, float]:
+    """The totals once every replica has exported its latest values: unchanged over a window
+    longer than Ray's export interval."""
+    deadline, last = time.monotonic() + timeout_s, _scrape()
+    while True:
+        time.sleep(window_s)
+        now = _scrape()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+def _monitored_names() -> set[str]:
+    """The metric names the alert rules and the Grafana dashboard query."""
+    text = (MONITORING / "alerts.yml").read_text() + (MONITORING / "grafana-dashboard.json").read_text()
+    return set(re.findall(r"ray_sfumato_[a-z_]+", text))
+
+
+def test_every_metric_reads_back_and_grows_with_traffic_and_the_dashboards_name_only_real_ones(safe_server):
+    """Runs after the module's other tests: their traffic (200s, 401, 403, 408, 422, 451, 503,
+    withheld images) is what the metrics must show."""
+    server, _ = safe_server
+    expected = {"ray_sfumato_responses_total{200}", "ray_sfumato_responses_total{401}", "ray_sfumato_responses_total{403}",
+                "ray_sfumato_responses_total{408}", "ray_sfumato_responses_total{422}", "ray_sfumato_responses_total{451}",
+                "ray_sfumato_responses_total{503}", "ray_sfumato_safety_triggers_total{withheld}",
+                *(f"ray_sfumato_{h}_count" for h in ("request_latency_s", "queue_wait_s", "denoise_s", "encode_s",
+                                                     "batch_requests", "safety_score", "image_brightness",
+                                                     "image_colourfulness")),
+                "ray_sfumato_images_generated_total"}
+    _scrape_until(lambda t: expected <= {k for k, v in t.items() if v > 0})
+    before = _settled()
+    missing = sorted(k for k in expected if before.get(k, 0) <= 0)
+    assert not missing, f"not exported after traffic: {missing} (have {sorted(before)})"
+    assert "ray_sfumato_requests_in_flight" in before
+
+    # Four more images through the filter: every per-image count grows by 4, the loop counts by 1.
+    body = {"seed": 40, "steps": 2, "num_images": 4, "class_label": 0}
+    assert _generate(server, body, route="/safe", headers={**HEADERS, "Accept": "application/json"}).status_code == 200
+    grows_by = {"ray_sfumato_images_generated_total": 4, "ray_sfumato_image_brightness_count": None,
+                "ray_sfumato_safety_score_count": 4, "ray_sfumato_denoise_s_count": 1,
+                "ray_sfumato_responses_total{200}": 1, "ray_sfumato_request_latency_s_count": 1}
+    after = _scrape_until(lambda t: all(t.get(k, 0) >= before[k] + (n or 1) for k, n in grows_by.items()))
+    for name, n in grows_by.items():
+        if n is None:  # withheld images are not measured for drift: 0..4 more
+            assert before[name] <= after[name] <= before[name] + 4, name
+        else:
+            assert after[name] == before[name] + n, (name, before[name], after[name])
+
+    names = {re.sub(r"\{.*", "", k) for k in after}
+    for name in _monitored_names():
+        assert name in names or f"{name}_bucket" in names, f"serve/monitoring names {name}, which the endpoint does not export"
+
+
+def test_the_alert_rules_are_valid_prometheus_rules():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed: .ci/run installs Debian's prometheus package")
+        pytest.skip("no promtool here (apt-get install prometheus)")
+    checked = subprocess.run([promtool, "check", "rules", str(MONITORING / "alerts.yml")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    assert all(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                               help="require the bearer token held in this environment variable")
     serve_parser.add_argument("--max-batch-size", type=int, default=None, help="requests per denoising loop (1: off)")
     serve_parser.add_argument("--request-timeout-s", type=float, default=None)
+    serve_parser.add_argument("--safety-model", default=None, metavar="CLIP",
+                              help="CLIP model (hub id or folder) of the output safety filter; unset: filter off")
+    serve_parser.add_argument("--safety-threshold", type=float, default=None, help="flag at or above (default 0.5)")
+    serve_parser.add_argument("--safety-action", choices=["withhold", "blur"], default=None,
+                              help="what a flagged image becomes (default: withhold)")
     bench = sub.add_parser("bench", help="measure a stage against a baseline in the same run")
     bench.add_argument("what", choices=["ingest", "train", "dedup", "export", "serve", "tune", "quality", "finetune",
                                           "align"])
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "serve":
         from sfumato.serve.app import ServeSettings, run_server
 
-        given = {k: getattr(args, k) for k in ("backend", "lora", "token_env", "max_batch_size", "request_timeout_s")}
+        given = {k: getattr(args, k) for k in ("backend", "lora", "token_env", "max_batch_size", "request_timeout_s",
+                                             "safety_model", "safety_threshold", "safety_action")}
         run_server(ServeSettings(model=args.model, **{k: v for k, v in given.items() if v is not None}),
                    args.host, args.port)
         return 0

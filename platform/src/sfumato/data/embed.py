@@ -36,7 +36,8 @@ ROWS_PER_PART = 100_000
 class ClipEmbedder:
     """Ray Data stage: manifest rows (id, filepath, caption) -> image and caption embeddings."""
 
-    def __init__(self, model_source: str, limits: DecodeLimits, device: str = "cpu"):
+    def __init__(self, model_source: str, limits: DecodeLimits | None = None, device: str = "cpu"):
+        """`limits`: how manifest files are decoded (__call__); not needed for embed_images/texts."""
         import torch
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -54,11 +55,16 @@ class ClipEmbedder:
             with open(path, "rb") as fh:  # the ingest decode: EXIF orientation, sRGB, 8-bit RGB
                 images.append(decode_image(fh.read(), self.limits, draft_px=224).image)
         captions = [c or "" for c in batch["caption"]]
-        with self.torch.no_grad():
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-            image_emb = _normalised(self.model.get_image_features(pixel_values=pixels)).astype(np.float16)
-        return {"id": batch["id"], "image": image_emb, "text": self.embed_texts(captions).astype(np.float16),
+        return {"id": batch["id"], "image": self.embed_images(images).astype(np.float16),
+                "text": self.embed_texts(captions).astype(np.float16),
                 "has_caption": np.array([bool(c) for c in captions])}
+
+    def embed_images(self, images: list) -> np.ndarray:
+        """L2-normalised float32 image embeddings of RGB images (PIL images or uint8 HWC arrays):
+        the manifest's files here, generated images in the serving safety filter."""
+        with self.torch.no_grad():
+            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+            return _normalised(self.model.get_image_features(pixel_values=pixels))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 text embeddings (captions here, zero-shot prompts in safety)."""

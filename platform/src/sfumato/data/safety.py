@@ -28,14 +28,26 @@ from sfumato.layout import DataFolder
 log = logging.getLogger(__name__)
 
 
-def nsfw_scores(image_emb: np.ndarray, clip: ClipEmbedder, unsafe: list[str], safe: list[str]) -> np.ndarray:
+class NsfwScorer:
     """CLIP zero-shot: the unsafe prompts' share of the softmax over all prompts, the cosines
-    scaled by the model's own logit scale (as CLIP's zero-shot classifier does)."""
-    prompts = clip.embed_texts(unsafe + safe)
-    logits = clip.model.logit_scale.detach().exp().item() * image_emb.astype(np.float32) @ prompts.T
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    return probs[:, : len(unsafe)].sum(axis=1) / probs.sum(axis=1)
+    scaled by the model's own logit scale (as CLIP's zero-shot classifier does). The prompts are
+    embedded once; the curation stage scores stored embeddings, the serving filter
+    (sfumato.serve.safety) the images it is about to send."""
+
+    def __init__(self, clip: ClipEmbedder, unsafe: list[str], safe: list[str]):
+        self.clip, self.unsafe_count = clip, len(unsafe)
+        self.prompts = clip.embed_texts(list(unsafe) + list(safe))
+        self.scale = clip.model.logit_scale.detach().exp().item()
+
+    def __call__(self, image_emb: np.ndarray) -> np.ndarray:
+        logits = self.scale * image_emb.astype(np.float32) @ self.prompts.T
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return probs[:, : self.unsafe_count].sum(axis=1) / probs.sum(axis=1)
+
+    def images(self, images: list) -> np.ndarray:
+        """Scores of RGB images (uint8 HWC arrays or PIL images)."""
+        return self(self.clip.embed_images(images)) if len(images) else np.zeros(0)
 
 
 class AestheticHead:
@@ -77,7 +89,7 @@ def run_safety(cfg: Config) -> dict:
 
     nsfw = np.full(len(manifest), np.nan)
     clip = ClipEmbedder(cfg.data.curate.clip.model, DecodeLimits.from_config(cfg.data.ingest))
-    nsfw[scored] = nsfw_scores(emb[rows], clip, scfg.unsafe_prompts, scfg.safe_prompts)
+    nsfw[scored] = NsfwScorer(clip, scfg.unsafe_prompts, scfg.safe_prompts)(emb[rows])
     manifest["nsfw_score"] = nsfw
     manifest["nsfw_flag"] = [None if np.isnan(s) else bool(s >= scfg.nsfw_threshold) for s in nsfw]
     aesthetic = np.full(len(manifest), np.nan)

@@ -11,6 +11,11 @@ denoising loop through `@serve.batch`. Every request has a deadline; the loop ch
 cancel flag before every step, so a timeout (408) or a client that goes away frees the replica.
 Overload is refused, not queued without bound: `max_queued_requests` answers 503 (or 429) with
 Retry-After. An optional bearer token guards everything but /healthz.
+
+With `safety_model` set, every generated image is scored by the output safety filter
+(sfumato.serve.safety) before it leaves: a flagged image is withheld (HTTP 451 for a single PNG;
+a null image and its verdict in a JSON answer) or sent blurred (`safety_action: blur`). With none
+set the filter is off, and the startup log, /v1/model and every response say so.
 """
 
 
@@ -23,13 +28,16 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
 from ray import serve
 
+from sfumato.config import SafetyConfig
 from sfumato.serve.backends import Cancelled, Job, load_backend
+from sfumato.serve.metrics import IngressMetrics, ModelMetrics
+from sfumato.serve.safety import UNCHECKED, WITHHELD, OutputFilter, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,22 @@ class ServeSettings(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     """Model deployment: CPUs Ray reserves per replica (Serve's own default, 1). 0 lets several
     models share a small machine; serve/config.yaml's ray_actor_options replace it."""
+    safety_model: str | None = None
+    """The output safety filter's CLIP model (hub id or local folder, transformers format: the
+    curation stage's data.curate.clip.model); None: no filter, said loudly at startup."""
+    safety_threshold: float = Field(SafetyConfig.model_fields["nsfw_threshold"].default, ge=0, le=1)
+    """A generated image scoring at or above it is flagged (the curation stage's nsfw_threshold)."""
+    safety_action: Literal["withhold", "blur"] = "withhold"
+    """What happens to a flagged image: withheld (no pixels leave) or blurred beyond recognition."""
+    safety_unsafe_prompts: list[str] = Field(SafetyConfig.model_fields["unsafe_prompts"].default, min_length=1)
+    safety_safe_prompts: list[str] = Field(SafetyConfig.model_fields["safe_prompts"].default, min_length=1)
+
+    def safety(self) -> dict:
+        """What /v1/model and the startup log say about the output filter."""
+        if self.safety_model is None:
+            return {"enabled": False, "reason": "no safety_model configured: generated images are not checked"}
+        return {"enabled": True, "model": self.safety_model, "threshold": self.safety_threshold,
+                "action": self.safety_action}
 
 
 def request_model(info, settings: ServeSettings) -> type[BaseModel]:
@@ -123,6 +147,14 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
     )
 
 
+@dataclass(frozen=True)
+class Output:
+    """One generated image as it leaves the replica: its PNG (None when withheld) and verdict."""
+
+    png: bytes | None
+    verdict: Verdict
+
+
 def _png(image) -> bytes:
     from PIL import Image
 
@@ -145,19 +177,39 @@ class Generator:
     """Owns the model (and the accelerator: give it num_gpus in the Serve config)."""
 
     def __init__(self, settings: dict):
-        from ray.serve.metrics import Counter
-
         self.settings = ServeSettings(**settings)
         self.backend = load_backend(self.settings.model, self.settings.backend, self.settings.device,
                                     self.settings.lora)
+        self.filter = None
+        if self.settings.safety_model is not None:
+            self.filter = OutputFilter(self.settings.safety_model, self.settings.safety_threshold,
+                                       self.settings.safety_action, self.settings.safety_unsafe_prompts,
+                                       self.settings.safety_safe_prompts, self.settings.device)
+        log.log(logging.INFO if self.filter else logging.WARNING, "output safety filter: %s", self.settings.safety())
         self.cancelled: set[str] = set()
-        self.stats = {"completed": 0, "cancelled": 0, "batches": 0}
-        self.images_generated = Counter("sfumato_images_generated", description="images generated")
+        self.stats = {"completed": 0, "cancelled": 0, "batches": 0, "withheld": 0, "blurred": 0}
+        self.metrics = ModelMetrics()
         self.generate_batch.set_max_batch_size(self.settings.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     def info(self) -> dict:
-        return {**asdict(self.backend.info()), "stats": dict(self.stats)}
+        return {**asdict(self.backend.info()), "stats": dict(self.stats), "safety": self.settings.safety()}
+
+    def _outputs(self, images: list) -> list[Output]:
+        """Each image scored (filter on), measured for the drift histograms and encoded: what
+        leaves the replica."""
+        checked = self.filter(images) if self.filter else [(image, Verdict(UNCHECKED)) for image in images]
+        outputs = []
+        for image, verdict in checked:
+            if verdict.score is not None:
+                self.metrics.safety_score.observe(verdict.score)
+            if verdict.action in ("withheld", "blurred"):
+                self.stats[verdict.action] += 1
+                self.metrics.safety_triggers.inc(tags={"action": verdict.action})
+            if image is not None:
+                self.metrics.observe_image(image)
+            outputs.append(Output(None if image is None else _png(image), verdict))
+        return outputs
 
     async def generate(self, job: Job) -> list[bytes]:
         try:
@@ -179,6 +231,10 @@ class Generator:
                 now = time.time()
                 return all(j.id in self.cancelled or now > j.deadline for j in group)
 
+            started = time.time()
+            for job in group:
+                self.metrics.queue_wait.observe(max(0.0, started - job.created))
+            self.metrics.batch_size.observe(len(group))
             try:
                 images = await asyncio.to_thread(self.backend.generate, group, should_stop)
             except Cancelled as err:
@@ -187,10 +243,13 @@ class Generator:
                     results[i] = err
                 continue
             self.stats["batches"] += 1
+            encoding = time.time()
+            self.metrics.denoise.observe(encoding - started)
             for i, job_images in zip(indices, images):
-                results[i] = [_png(image) for image in job_images]
+                results[i] = await asyncio.to_thread(self._outputs, job_images)
                 self.stats["completed"] += 1
-                self.images_generated.inc(len(job_images))
+                self.metrics.images.inc(len(job_images))
+            self.metrics.encode.observe(time.time() - encoding)
         for job in jobs:
             self.cancelled.discard(job.id)
         return results
@@ -202,7 +261,6 @@ def build_ingress(settings: ServeSettings, info) -> type:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from ray.serve.exceptions import BackPressureError
-    from ray.serve.metrics import Gauge, Histogram
 
     GenerateRequest = request_model(info, settings)
     app = FastAPI(title="sfumato", description="Image generation with a model trained by sfumato.")
@@ -228,6 +286,16 @@ def build_ingress(settings: ServeSettings, info) -> type:
                 return JSONResponse({"detail": "the bearer token is not valid"}, 403)
         return await call_next(request)
 
+    metrics: list[IngressMetrics] = []  # the replica's, once it is constructed (in its own process)
+
+    @app.middleware("http")
+    async def counted(request: Request, call_next):
+        """Outermost: every answer of /v1/generate, refusals included, counted by status."""
+        response = await call_next(request)
+        if metrics and request.url.path.endswith("/v1/generate"):
+            metrics[0].responses.inc(tags={"status": str(response.status_code)})
+        return response
+
     @serve.deployment(max_ongoing_requests=64, max_queued_requests=64, ray_actor_options={"num_cpus": 0},
                       backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s})
     @serve.ingress(app)
@@ -235,15 +303,15 @@ def build_ingress(settings: ServeSettings, info) -> type:
         def __init__(self, generator):
             self.generator = generator
             self.in_flight = 0
-            self.latency = Histogram("sfumato_request_latency_s", description="POST /v1/generate latency",
-                                     boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60])
-            self.queue = Gauge("sfumato_requests_in_flight", description="generate requests being served or queued")
+            self.metrics = IngressMetrics()
+            metrics[:] = [self.metrics]
 
         @app.get("/healthz")
         async def healthz(self) -> dict:
             return {"status": "ok"}
 
         @app.get("/v1/model")
+        @app.get("/v1/info")
         async def model(self) -> dict:
             model_info = await self.generator.info.remote()
             return {**model_info, "limits": {"max_steps": settings.max_steps, "max_images": settings.max_images,
@@ -259,9 +327,9 @@ def build_ingress(settings: ServeSettings, info) -> type:
             job = Job(id=uuid.uuid4().hex, seed=seed, steps=body.steps, guidance_scale=body.guidance_scale,
                       num_images=body.num_images, sampler=body.sampler, width=body.width, height=body.height,
                       prompt=body.prompt, negative_prompt=body.negative_prompt, class_label=body.class_label,
-                      deadline=time.time() + timeout_s)
+                      deadline=time.time() + timeout_s, created=time.time())
             self.in_flight += 1
-            self.queue.set(self.in_flight)
+            self.metrics.in_flight.set(self.in_flight)
             response = self.generator.generate.remote(job)
             try:
                 images = await asyncio.wait_for(response, timeout=timeout_s)
@@ -273,15 +341,26 @@ def build_ingress(settings: ServeSettings, info) -> type:
                                     headers={"Retry-After": str(settings.retry_after_s)})
             finally:
                 self.in_flight -= 1
-                self.queue.set(self.in_flight)
+                self.metrics.in_flight.set(self.in_flight)
             if isinstance(images, Cancelled):
                 return JSONResponse({"detail": "generation was cancelled at its deadline"}, 408)
-            self.latency.observe(time.perf_counter() - started)
+            self.metrics.latency.observe(time.perf_counter() - started)
             seeds = [seed + k for k in range(len(images))]
+            verdicts = [{"action": out.verdict.action, "score": out.verdict.score} for out in images]
+            withheld = [k for k, out in enumerate(images) if out.verdict.action == WITHHELD]
             if len(images) == 1 and "application/json" not in request.headers.get("accept", ""):
-                return Response(images[0], media_type="image/png", headers={"X-Seed": str(seed)})
-            return {"images": [base64.b64encode(png).decode() for png in images], "seeds": seeds,
-                    "width": body.width, "height": body.height}
+                if withheld:  # no pixels of a flagged image leave; 451 says why (README: Serving)
+                    return JSONResponse({"detail": f"the image was withheld by the output safety filter (score "
+                                                   f"{images[0].verdict.score:.3f} >= {settings.safety_threshold})",
+                                         "withheld": withheld, "safety": verdicts, "seeds": seeds}, 451,
+                                        headers={"X-Seed": str(seed), "X-Safety": WITHHELD})
+                headers = {"X-Seed": str(seed), "X-Safety": images[0].verdict.action}
+                if images[0].verdict.score is not None:
+                    headers["X-Safety-Score"] = f"{images[0].verdict.score:.6f}"
+                return Response(images[0].png, media_type="image/png", headers=headers)
+            return {"images": [None if out.png is None else base64.b64encode(out.png).decode() for out in images],
+                    "seeds": seeds, "width": body.width, "height": body.height, "safety": verdicts,
+                    "withheld": withheld}
 
     return Ingress
 
@@ -289,6 +368,8 @@ def build_ingress(settings: ServeSettings, info) -> type:
 def build_app(args: dict):
     """The application for `serve run` / `serve.run`: `args` are ServeSettings' fields."""
     settings = ServeSettings(**args)
+    if settings.safety_model is None:
+        log.warning("output safety filter: OFF, no safety_model configured: generated images leave unchecked")
     info = load_backend(settings.model, settings.backend, settings.device, settings.lora).info()  # limits shape the schema
     generator = Generator.options(max_ongoing_requests=settings.max_ongoing_requests,
                                   max_queued_requests=settings.max_queued_requests,

@@ -38,6 +38,8 @@ class Job:
     class_label: int | str | None = None
     deadline: float = float("inf")
     """time.time() after which nobody waits for the result any more."""
+    created: float = 0.0
+    """time.time() when the request arrived (its queue wait is measured from it)."""
 
     def group_key(self) -> tuple:
         """Jobs with equal keys share one denoising loop."""
