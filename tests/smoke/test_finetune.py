@@ -129,6 +129,31 @@ print("DIFF", float((adapted - merged).abs().max()), float((adapted - before).ab
     with pytest.raises(ValueError, match="torch backend"):
         load_backend(tmp_path / "base", "onnx", lora=tmp_path / "tuned" / "lora")
 
+    # Named adapters, not fused: a job naming one runs the merged export's network; every other
+    # job the base's, before and after (switching leaves nothing behind).
+    from sfumato.serve.backends import Job
+
+    plain = load_backend(tmp_path / "base", "torch")
+    both = load_backend(tmp_path / "base", "torch", adapters={"tuned": tmp_path / "tuned" / "lora"})
+
+    def draw(model):
+        """Generate one job through the backend's routing, then the network it left active."""
+        job = Job("j", seed=3, steps=2, guidance_scale=1.0, num_images=1, sampler="ddim", width=32, height=32,
+                  class_label=2, model=model)
+        both.generate([job])
+        with torch.no_grad():
+            return both.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample
+
+    def net(backend):
+        with torch.no_grad():
+            return backend.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample
+
+    base_out, merged_out = net(plain), net(merged)
+    assert (base_out - merged_out).abs().max() > 1e-3, "the adapter changes the network"
+    torch.testing.assert_close(draw("base"), base_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(draw("tuned"), merged_out, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(draw("base"), base_out, atol=1e-6, rtol=0)
+
 
 @pytest.mark.slow
 def test_a_killed_lora_finetune_resumes_to_the_same_weights(cifar_shards, straight, lora_run):

@@ -56,7 +56,7 @@ def server(straight, serve_port):
     from sfumato.serve.app import ServeSettings, run_server
 
     common = dict(model=str(exported(straight)), **COMMON)
-    run_server(ServeSettings(**common), port=serve_port, blocking=False)
+    run_server(ServeSettings(**common, models={"twin": common["model"]}), port=serve_port, blocking=False)
     run_server(ServeSettings(**common, backend="onnx"), port=serve_port, blocking=False, name="onnx",
                route_prefix="/onnx")
     return f"http://127.0.0.1:{serve_port}"
@@ -231,6 +231,21 @@ def test_a_burst_beyond_capacity_is_refused_with_retry_after_and_nothing_breaks(
     assert all(r.headers.get("retry-after") == "2" for r in refused)
     assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
     assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200
+
+
+def test_a_request_picks_a_held_model_by_name_and_an_unknown_name_is_a_422(server):
+    """The torch app holds the export twice, as `base` and `twin`: a name routes, a wrong one is refused."""
+    info = requests.get(f"{server}/v1/model", headers=HEADERS, timeout=30).json()
+    assert info["models"] == ["base", "twin"]
+    body = {"seed": 11, "steps": 3, "class_label": 1}
+    base = _generate(server, body)
+    assert base.status_code == 200 and _generate(server, {**body, "model": "base"}).content == base.content
+    twin = _generate(server, {**body, "model": "twin"})
+    assert twin.status_code == 200 and twin.content == base.content, "the same export under another name"
+    for wrong in ("nope", 3, ""):
+        refused = _generate(server, {**body, "model": wrong})
+        assert refused.status_code == 422 and "model" in json.dumps(refused.json()["detail"]), refused.text
+    assert _generate(server, {**body, "model": "twin"}, route="/onnx").status_code == 422, "the ONNX app holds one"
 
 
 def test_the_onnx_backend_serves_too(server):

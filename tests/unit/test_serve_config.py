@@ -44,3 +44,31 @@ def test_the_request_schema_bounds_every_field_by_the_model_and_settings():
                          ("sampler", "ddpm"), ("class_label", 1)]:
         with pytest.raises(ValidationError, match=field):
             Request(**{field: value})
+
+
+def test_a_request_names_a_served_model_or_adapter_and_nothing_else():
+    from pydantic import ValidationError
+
+    info = ModelInfo("m", "torch", "class", ["cat", "dog"], ["ddim"], 32, 8)
+    settings = ServeSettings(model="x", models={"v2": "y"}, adapters={"brand-look": "z"})
+    Request = request_model(info, settings)
+    assert Request().model == "base" and settings.model_names() == ["base", "v2", "brand-look"]
+    assert Request(model="brand-look").model == "brand-look"
+    for wrong in ("nope", "", 1, None):
+        with pytest.raises(ValidationError, match="model"):
+            Request(model=wrong)
+    with pytest.raises(ValidationError, match="share a name"):
+        ServeSettings(model="x", models={"base": "y"})
+    with pytest.raises(ValidationError, match="adapters"):
+        ServeSettings(model="x", adapters={"../up": "z"})
+
+
+def test_a_second_model_must_take_the_same_requests():
+    from sfumato.serve.app import check_compatible
+
+    base = ModelInfo("m", "torch", "class", ["cat", "dog"], ["ddim"], 32, 8)
+    check_compatible(base, ModelInfo("other-run", "torch", "class", ["cat", "dog"], ["ddim"], 32, 8), "v2")
+    with pytest.raises(ValueError, match="models.v2: its class_names"):
+        check_compatible(base, ModelInfo("m", "torch", "class", ["cat", "bird"], ["ddim"], 32, 8), "v2")
+    with pytest.raises(ValueError, match="models.v2: its samplers"):
+        check_compatible(base, ModelInfo("m", "torch", "class", ["cat", "dog"], ["flow-euler"], 32, 8), "v2")

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                               help="require the bearer token held in this environment variable")
     serve_parser.add_argument("--max-batch-size", type=int, default=None, help="requests per denoising loop (1: off)")
     serve_parser.add_argument("--request-timeout-s", type=float, default=None)
+    serve_parser.add_argument("--model-name", default=None, help="--model's name in a request's `model` (default: base)")
+    serve_parser.add_argument("--extra-model", action="append", default=[], metavar="NAME=EXPORT_DIR",
+                              help="another compatible export the endpoint holds (repeatable)")
+    serve_parser.add_argument("--adapter", action="append", default=[], metavar="NAME=ADAPTER_DIR",
+                              help="a LoRA adapter over --model, not fused, picked per request (repeatable)")
     serve_parser.add_argument("--safety-model", default=None, metavar="CLIP",
                               help="CLIP model (hub id or folder) of the output safety filter; unset: filter off")
     serve_parser.add_argument("--safety-threshold", type=float, default=None, help="flag at or above (default 0.5)")
@@ -175,6 +180,17 @@ def run_stage(name: str, cfg, **options) -> dict:
     return {name: result}
 
 
+def _named(pairs: list[str], flag: str) -> dict[str, str]:
+    """NAME=PATH flags as a dict; a malformed one is an error naming the flag."""
+    named = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{flag} {pair!r}: expected NAME=PATH")
+        named[name] = path
+    return named
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after --config; anything else unknown is an error.
@@ -198,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         from sfumato.serve.app import ServeSettings, run_server
 
         given = {k: getattr(args, k) for k in ("backend", "lora", "token_env", "max_batch_size", "request_timeout_s",
-                                             "safety_model", "safety_threshold", "safety_action")}
+                                             "safety_model", "safety_threshold", "safety_action", "model_name")}
+        given["models"], given["adapters"] = _named(args.extra_model, "--extra-model"), _named(args.adapter, "--adapter")
         run_server(ServeSettings(model=args.model, **{k: v for k, v in given.items() if v is not None}),
                    args.host, args.port)
         return 0

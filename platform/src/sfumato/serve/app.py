@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import time
 import uuid
@@ -42,6 +43,9 @@ from sfumato.serve.safety import UNCHECKED, WITHHELD, OutputFilter, Verdict
 log = logging.getLogger(__name__)
 
 
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class ServeSettings(BaseModel):
     """The app's arguments (`args:` in serve/config.yaml, flags of `sfumato serve`)."""
 
@@ -53,6 +57,14 @@ class ServeSettings(BaseModel):
     lora: str | None = None
     """A LoRA adapter folder (the lora/ of a LoRA fine-tune's export) loaded onto `model` and fused
     (torch backend): one base export serves the fine-tune without a merged copy."""
+    model_name: str = Field("base", pattern=NAME)
+    """The name a request's `model` field gives `model` (its default)."""
+    models: dict[str, str] = {}
+    """More exports the replica holds, by name: a request picks one with `model`. Each must be
+    compatible with `model` (same conditioning, classes, sizes and samplers; checked at startup)."""
+    adapters: dict[str, str] = {}
+    """LoRA adapters over `model` (lora/ folders of LoRA runs' exports), by name, loaded beside each
+    other and not fused (torch backend): a request naming one runs with it alone, others with none."""
     device: str = "cpu"
     token_env: str | None = None
     """Name of an environment variable holding the bearer token; unset or empty: no auth."""
@@ -82,6 +94,21 @@ class ServeSettings(BaseModel):
     """What happens to a flagged image: withheld (no pixels leave) or blurred beyond recognition."""
     safety_unsafe_prompts: list[str] = Field(SafetyConfig.model_fields["unsafe_prompts"].default, min_length=1)
     safety_safe_prompts: list[str] = Field(SafetyConfig.model_fields["safe_prompts"].default, min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self):
+        for field in ("models", "adapters"):
+            for name in getattr(self, field):
+                if not re.match(NAME, name):
+                    raise ValueError(f"{field}: the name {name[:64]!r} is not letters, digits, '.', '_' or '-'")
+        taken = [self.model_name, *self.models, *self.adapters]
+        if len(set(taken)) < len(taken):
+            raise ValueError(f"model_name, models and adapters share a name: {taken}")
+        return self
+
+    def model_names(self) -> list[str]:
+        """What a request's `model` may say: the base first."""
+        return [self.model_name, *self.models, *self.adapters]
 
     def safety(self) -> dict:
         """What /v1/model and the startup log say about the output filter."""
@@ -132,6 +159,8 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
         "GenerateRequest",
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
         __validators__={"_check": model_validator(mode="after")(_check)},
+        model=(Literal[tuple(settings.model_names())], Field(settings.model_name,  # type: ignore[valid-type]
+                                                             description="a served model or adapter by name")),
         prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
         negative_prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
         class_label=(StrictInt | str | None, Field(None, description="class index or name (class-conditional models); true is neither")),
@@ -179,7 +208,9 @@ class Generator:
     def __init__(self, settings: dict):
         self.settings = ServeSettings(**settings)
         self.backend = load_backend(self.settings.model, self.settings.backend, self.settings.device,
-                                    self.settings.lora)
+                                    self.settings.lora, self.settings.adapters)
+        self.backends = {name: load_backend(folder, self.settings.backend, self.settings.device)
+                         for name, folder in self.settings.models.items()}
         self.filter = None
         if self.settings.safety_model is not None:
             self.filter = OutputFilter(self.settings.safety_model, self.settings.safety_threshold,
@@ -193,7 +224,8 @@ class Generator:
         self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     def info(self) -> dict:
-        return {**asdict(self.backend.info()), "stats": dict(self.stats), "safety": self.settings.safety()}
+        return {**asdict(self.backend.info()), "stats": dict(self.stats), "safety": self.settings.safety(),
+                "models": self.settings.model_names()}
 
     def _outputs(self, images: list) -> list[Output]:
         """Each image scored (filter on), measured for the drift histograms and encoded: what
@@ -236,7 +268,8 @@ class Generator:
                 self.metrics.queue_wait.observe(max(0.0, started - job.created))
             self.metrics.batch_size.observe(len(group))
             try:
-                images = await asyncio.to_thread(self.backend.generate, group, should_stop)
+                backend = self.backends.get(group[0].model, self.backend)  # the base also runs its adapters
+                images = await asyncio.to_thread(backend.generate, group, should_stop)
             except Cancelled as err:
                 self.stats["cancelled"] += len(group)
                 for i in indices:
@@ -327,7 +360,7 @@ def build_ingress(settings: ServeSettings, info) -> type:
             job = Job(id=uuid.uuid4().hex, seed=seed, steps=body.steps, guidance_scale=body.guidance_scale,
                       num_images=body.num_images, sampler=body.sampler, width=body.width, height=body.height,
                       prompt=body.prompt, negative_prompt=body.negative_prompt, class_label=body.class_label,
-                      deadline=time.time() + timeout_s, created=time.time())
+                      deadline=time.time() + timeout_s, created=time.time(), model=body.model)
             self.in_flight += 1
             self.metrics.in_flight.set(self.in_flight)
             response = self.generator.generate.remote(job)
@@ -365,12 +398,22 @@ def build_ingress(settings: ServeSettings, info) -> type:
     return Ingress
 
 
+def check_compatible(base, other, name: str) -> None:
+    """One request schema serves every model: a second export must take the same requests."""
+    for field in ("conditioning", "class_names", "samplers", "default_size_px", "size_multiple_px", "trained_sizes_px"):
+        if getattr(base, field) != getattr(other, field):
+            raise ValueError(f"models.{name}: its {field} {getattr(other, field)!r} differs from the base model's "
+                             f"{getattr(base, field)!r}; serve it as an application of its own")
+
+
 def build_app(args: dict):
     """The application for `serve run` / `serve.run`: `args` are ServeSettings' fields."""
     settings = ServeSettings(**args)
     if settings.safety_model is None:
         log.warning("output safety filter: OFF, no safety_model configured: generated images leave unchecked")
     info = load_backend(settings.model, settings.backend, settings.device, settings.lora).info()  # limits shape the schema
+    for name, folder in settings.models.items():
+        check_compatible(info, load_backend(folder, settings.backend, settings.device).info(), name)
     generator = Generator.options(max_ongoing_requests=settings.max_ongoing_requests,
                                   max_queued_requests=settings.max_queued_requests,
                                   backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},

@@ -40,10 +40,13 @@ class Job:
     """time.time() after which nobody waits for the result any more."""
     created: float = 0.0
     """time.time() when the request arrived (its queue wait is measured from it)."""
+    model: str | None = None
+    """One of the served models or adapters by name (ServeSettings.model_name, models,
+    adapters); None: the base."""
 
     def group_key(self) -> tuple:
         """Jobs with equal keys share one denoising loop."""
-        return self.sampler, self.steps, self.guidance_scale, self.width, self.height
+        return self.model, self.sampler, self.steps, self.guidance_scale, self.width, self.height
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,11 @@ def _stepper(should_stop):
 
 
 class TorchBackend:
-    def __init__(self, export_dir: Path, device: str = "cpu", lora: Path | None = None):
+    def __init__(self, export_dir: Path, device: str = "cpu", lora: Path | None = None,
+                 adapters: dict[str, Path] | None = None):
+        """`lora`: one adapter fused into the weights. `adapters`: named adapters loaded beside
+        each other and not fused (diffusers' multi-adapter LoRA); a job naming one runs with it
+        alone active, any other job with none."""
         import torch
         from diffusers import DiffusionPipeline
 
@@ -87,14 +94,29 @@ class TorchBackend:
         self.pipe.set_progress_bar_config(disable=True)
         self.meta = _meta(ExportFolder(export_dir).meta)
         if lora is not None:  # a LoRA run's adapter (its export's lora/) onto this base, fused once
-            from sfumato.models.lora import LORA_WEIGHTS_FILE
-
-            if not (Path(lora) / LORA_WEIGHTS_FILE).is_file():
-                raise FileNotFoundError(f"{lora} holds no {LORA_WEIGHTS_FILE}: give the lora/ folder of a LoRA run's export")
+            _check_adapter(lora)
             self.pipe.load_lora_weights(str(lora))
             self.pipe.fuse_lora()
             self.meta = {**self.meta, "lora": str(lora)}
+        self.adapters = dict(adapters or {})
+        for name, folder in self.adapters.items():
+            _check_adapter(folder)
+            self.pipe.load_lora_weights(str(folder), adapter_name=name)
+        self._active: str | None = None
+        if self.adapters:
+            self.pipe.disable_lora()
         self._pipes = {}
+
+    def _activate(self, adapter: str | None) -> None:
+        """Only this adapter on (None: none), switched only when it changes."""
+        if adapter == self._active:
+            return
+        if adapter is None:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([adapter])
+        self._active = adapter
 
     def info(self) -> ModelInfo:
         from sfumato.diffusion.sample import DDPM_SAMPLERS, FLOW_SAMPLERS, is_flow
@@ -125,6 +147,8 @@ class TorchBackend:
     def generate(self, jobs: list[Job], should_stop=lambda: False) -> list[list[np.ndarray]]:
         """uint8 HWC images per job."""
         first = jobs[0]
+        if self.adapters:
+            self._activate(first.model if first.model in self.adapters else None)
         pipe = self._pipe_for(first.sampler)
         kwargs: dict = {}
         if pipe.text_encoder is not None:
@@ -172,6 +196,13 @@ class OnnxBackend:
         return _split(_to_uint8(images), jobs)
 
 
+def _check_adapter(folder: Path) -> None:
+    from sfumato.models.lora import LORA_WEIGHTS_FILE
+
+    if not (Path(folder) / LORA_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no {LORA_WEIGHTS_FILE}: give the lora/ folder of a LoRA run's export")
+
+
 def _meta(path: Path) -> dict:
     import json
 
@@ -190,12 +221,13 @@ def _split(images: np.ndarray, jobs: list[Job]) -> list[list[np.ndarray]]:
     return out
 
 
-def load_backend(export_dir: Path, backend: str, device: str = "cpu", lora: Path | None = None):
+def load_backend(export_dir: Path, backend: str, device: str = "cpu", lora: Path | None = None,
+                 adapters: dict[str, Path] | None = None):
     if backend == "torch":
-        return TorchBackend(export_dir, device, lora)
-    if lora is not None:
-        raise ValueError("a LoRA adapter (--lora) is served by the torch backend; the ONNX export of a LoRA run "
-                         "already holds it merged")
+        return TorchBackend(export_dir, device, lora, adapters)
+    if lora is not None or adapters:
+        raise ValueError("a LoRA adapter (--lora, adapters) is served by the torch backend; the ONNX export of a "
+                         "LoRA run already holds it merged")
     if backend == "onnx":
         return OnnxBackend(export_dir)
     raise ValueError(f"serve backend {backend!r} is not one of torch, onnx")
