@@ -65,3 +65,16 @@ def test_the_filter_scores_as_the_curation_stage_does(clip_dir, photos):
 def test_an_unknown_action_is_refused(clip_dir):
     with pytest.raises(ValueError, match="safety_action"):
         OutputFilter(clip_dir, 0.5, "delete", **PROMPTS)
+
+
+def test_the_drift_statistics_rank_real_photos_as_a_person_would(photos):
+    from sfumato.serve.metrics import image_stats
+
+    grey = np.full((32, 32, 3), 128, np.uint8)
+    assert image_stats(grey) == pytest.approx((128 / 255, 0.0))
+    assert image_stats(np.zeros_like(grey))[0] == 0 and image_stats(np.full_like(grey, 255))[0] == pytest.approx(1.0)
+    for photo in photos:
+        brightness, colourfulness = image_stats(photo)
+        desaturated = np.repeat(photo.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
+        assert image_stats(desaturated)[1] < 1 < colourfulness, "a flower photo is more colourful than its grey copy"
+        assert image_stats((photo // 2).astype(np.uint8))[0] == pytest.approx(brightness / 2, abs=0.01)
