@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--trainers", default="plain,sfumato-ddpm,sfumato-flow", help="quality: which trainers race")
     bench.add_argument("--votes", type=int, default=400, help="align: judged trials of the base model (the DPO pairs)")
     bench.add_argument("--eval-votes", type=int, default=200, help="align: judged trials of aligned against base")
+    bench.add_argument("--pairs", default=None, metavar="PAIRS_PARQUET",
+                       help="align: reuse an earlier collection's pairs (its pairs.parquet) instead of judging --votes trials")
     bench.add_argument("--sides", default="lora,full", help="finetune: which fine-tunes run (lora, full or both)")
     bench.add_argument("--quality-datasets", default="shapes,cifar10", help="quality: shapes and/or cifar10")
     bench.add_argument("--shapes-images", type=int, default=2000, help="quality: demo shapes drawn (the pilot's count)")

@@ -160,6 +160,7 @@ def main(args) -> dict:
     if not (base_export / "diffusers" / "model_index.json").exists():
         run_export(parent)
     out = Path(args.out_dir or "runs/bench-align").resolve()
+    reused = Path(args.pairs).read_bytes() if args.pairs else None  # read before `out` (which may hold it) goes
     shutil.rmtree(out, ignore_errors=True)
     parent_cfg = load_run_config(parent)
     steps, guidance = 25, parent_cfg.evaluate.guidance_scale
@@ -167,20 +168,29 @@ def main(args) -> dict:
               "eval_votes_asked": args.eval_votes, "sampling_steps": steps, "guidance_scale": guidance}
 
     base = load_arm(f"base={base_export}")
-    collect = ab_round(out / "collect", [base, base], args.votes, 1, steps, guidance)  # one model: two noises
-    result["collect"] = {"choices": collect["choices"], "wall_s": collect["wall_s"]}
-    print(json.dumps({"collect": result["collect"]}), flush=True)
-    result["pairs"] = run_pairs([out / "collect"], out / "pairs.parquet")
+    if reused is not None:  # a sweep over training settings on one collection
+        import pyarrow.parquet as pq
+
+        out.mkdir(parents=True)
+        (out / "pairs.parquet").write_bytes(reused)
+        result["votes_asked"] = None
+        result["pairs"] = {"reused": str(Path(args.pairs).resolve()), "pairs": pq.read_metadata(out / "pairs.parquet").num_rows,
+                           "ties": "(reused)"}
+    else:
+        collect = ab_round(out / "collect", [base, base], args.votes, 1, steps, guidance)  # one model: two noises
+        result["collect"] = {"choices": collect["choices"], "wall_s": collect["wall_s"]}
+        print(json.dumps({"collect": result["collect"]}), flush=True)
+        result["pairs"] = run_pairs([out / "collect"], out / "pairs.parquet")
 
     last_px = parent_cfg.train.stages[-1].resolution_px
     tree = run_tree(parent_cfg)
     tree["train"]["lineage"] = None
     tree["align"] = {"pairs": str(out / "pairs.parquet"), "beta": 2000.0, "holdout_fraction": 0.1,
                      "overrides": {"train.output_dir": str(out / "aligned"),
-                                   "train.stages": [{"resolution_px": last_px, "steps": 200, "micro_batch_size": 16}],
+                                   "train.stages": [{"resolution_px": last_px, "steps": 80, "micro_batch_size": 16}],
                                    "train.optimizer.lr": 1e-4, "train.optimizer.warmup_steps": 10,
-                                   "train.ema.halflife_samples": 500, "train.sample_every_steps": 100,
-                                   "train.checkpoint_every_steps": 100, "train.log_every_steps": 25}}
+                                   "train.ema.halflife_samples": 500, "train.sample_every_steps": 40,
+                                   "train.checkpoint_every_steps": 40, "train.log_every_steps": 20}}
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
     cfg = validated(apply(tree, overrides), "the bench's align config")
     aligned_cfg = run_config(cfg, parent=parent)
@@ -205,7 +215,7 @@ def main(args) -> dict:
     fd_base, fd_aligned = result["yardstick"]["base"]["fd_domain"], result["yardstick"]["aligned"]["fd_domain"]
     result["yardstick"]["fd_domain_change"] = round(fd_aligned / fd_base - 1, 4)
     print(f"\nalignment of {parent} on {result['pairs']['pairs']} pairs ({result['pairs']['ties']} ties dropped) "
-          f"from {args.votes} judged trials\n"
+          f"from {args.votes if reused is None else 'earlier'} judged trials\n"
           f"aligned vs base, {args.eval_votes} fresh trials: win rate {rate['win_rate']:.3f} "
           f"(95% {rate['ci95'][0]:.3f}-{rate['ci95'][1]:.3f}; {rate['wins']} wins, {rate['ties']} ties, {rate['losses']} losses)\n"
           f"FD-domain {fd_base} -> {fd_aligned} ({result['yardstick']['fd_domain_change']:+.1%}), class accuracy "
