@@ -243,7 +243,7 @@ class Generator:
             outputs.append(Output(None if image is None else _png(image), verdict))
         return outputs
 
-    async def generate(self, job: Job) -> list[bytes]:
+    async def generate(self, job: Job) -> "list[Output] | Cancelled":
         try:
             return await self.generate_batch(job)
         except asyncio.CancelledError:  # the caller timed out or its client went away
