@@ -372,7 +372,8 @@ def test_every_metric_reads_back_and_grows_with_traffic_and_the_dashboards_name_
                                                      "batch_requests", "safety_score", "image_brightness",
                                                      "image_colourfulness")),
                 "ray_sfumato_images_generated_total"}
-    _scrape_until(lambda t: expected <= {k for k, v in t.items() if v > 0})
+    # A gauge is exported on the agent's own schedule, possibly later than the counters: wait for it too.
+    _scrape_until(lambda t: expected <= {k for k, v in t.items() if v > 0} and "ray_sfumato_requests_in_flight" in t)
     before = _settled()
     missing = sorted(k for k in expected if before.get(k, 0) <= 0)
     assert not missing, f"not exported after traffic: {missing} (have {sorted(before)})"
