@@ -178,7 +178,10 @@ class IngestConfig(Frozen):
     batch_size: int = Field(256, ge=1)
     """Rows per call of an ingest task: larger batches amortise Ray's per-task overhead."""
     num_workers: int | None = Field(None, ge=1)
-    """Concurrent ingest tasks (None: one per CPU of the cluster)."""
+    """A cap on concurrent ingest tasks. None (the fast default): one task per free CPU of the
+    cluster, the next ones queued at Ray's scheduler so no process waits between tasks; a cap
+    makes each process wait for Ray Data to hand it the next task (0.1-0.2 s per task here,
+    BENCHMARKS.md, ingest)."""
     download: DownloadConfig = DownloadConfig()
 
     @field_validator("allowed_formats")
@@ -236,6 +239,7 @@ class ShardsConfig(Frozen):
     allow_hflip: bool = True
     """Recorded with every sample: whether training may mirror it (off for text, logos)."""
     num_workers: int | None = Field(None, ge=1)
+    """A cap on concurrent shard-writing tasks (None: every free CPU; see ingest.num_workers)."""
     buckets: BucketsConfig | None = None
     """Set: images keep their aspect ratio, stored at their nearest aspect bucket of each
     resolution (instead of resize_mode's square crop). None: every image square."""

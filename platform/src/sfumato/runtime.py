@@ -48,6 +48,15 @@ def init_ray(cfg, dashboard: bool = False) -> None:
     quiet_ray_data()
 
 
+def cpu_tasks(cap: int | None):
+    """Ray Data's compute strategy for the CPU stages' tasks (ingest, shards): at most `cap` at
+    once, or, with no cap, as many as the cluster has free CPUs (each task takes one), the rest
+    submitted ahead and queued at Ray's scheduler, which starts one the moment a CPU frees. A cap
+    is enforced by Ray Data itself, which submits the next task only after it has seen one finish:
+    every process then waits 0.1-0.2 s between tasks (a task trace: BENCHMARKS.md, ingest)."""
+    return ray.data.TaskPoolStrategy(size=cap)
+
+
 def _free_port() -> int:
     import socket
 

@@ -30,7 +30,7 @@ from sfumato.data.download import Downloader
 from sfumato.data.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_table
 from sfumato.data.sources import enumerate_sources
 from sfumato.layout import DataFolder, atomic_write, atomic_write_json
-from sfumato.runtime import cluster_cpus, init_ray
+from sfumato.runtime import cluster_cpus, cpu_tasks, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,8 @@ def run_ingest(cfg: Config) -> IngestSummary:
     if not records:
         raise ValueError(f"the sources {[s.name for s in cfg.data.sources]} hold no files at all")
     init_ray(cfg.ray)
-    workers = cfg.data.ingest.num_workers or cluster_cpus()
+    cap = cfg.data.ingest.num_workers
+    workers = cap or cluster_cpus()
     # Enough blocks to keep every worker busy; a block is a few dozen input records (metadata).
     rows_per_block = max(1, min(4 * cfg.data.ingest.batch_size, math.ceil(len(records) / (4 * workers))))
     blocks = [pa.Table.from_pylist(records[i:i + rows_per_block], schema=INPUT_SCHEMA)
@@ -225,7 +226,7 @@ def run_ingest(cfg: Config) -> IngestSummary:
         fn_kwargs={"ingest_cfg": cfg.data.ingest, "blobs_dir": str(folder.blobs)},
         batch_size=cfg.data.ingest.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=workers),
+        compute=cpu_tasks(cap),
         num_cpus=1,
     )
     # One operator fed from memory: there is no downstream operator to reserve CPUs for, and

@@ -32,7 +32,7 @@ from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image
 from sfumato.data.manifest import OK
 from sfumato.layout import (DataFolder, ShardFolder, atomic_write, atomic_write_json, commit_file, is_temporary,
                             temporary_sibling)
-from sfumato.runtime import cluster_cpus, init_ray
+from sfumato.runtime import cpu_tasks, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,13 @@ def run_shards(cfg: Config) -> ShardSummary:
     _remove_stale(shards_dir, scfg.resolutions_px, len(specs))
     if pending:
         init_ray(cfg.ray)
-        workers = min(len(pending), scfg.num_workers or cluster_cpus())
         limits = DecodeLimits.from_config(cfg.data.ingest)
         # One row per shard; its sample list travels as JSON (plain Arrow, no nested inference).
         items = [{"index": s["index"], "spec_hash": s["spec_hash"], "rows_json": json.dumps(s["rows"])} for s in pending]
         # Tasks, not an actor pool: the writer holds no state worth keeping, and Ray's
         # already-started workers run tasks without the seconds an actor pool spends starting up.
         done = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            ShardWriter(scfg, limits, str(shards_dir)), num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
+            ShardWriter(scfg, limits, str(shards_dir)), num_cpus=1, compute=cpu_tasks(scfg.num_workers),
         )
         done.context.op_resource_reservation_enabled = False  # one operator: see ingest
         for _ in done.iter_rows():

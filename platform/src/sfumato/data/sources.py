@@ -69,20 +69,25 @@ def _tag(name: str) -> str:
 
 
 def enumerate_folder(index: int, src: FolderSource) -> Iterator[dict]:
+    """Files under the folder in sorted order. The walk does not follow directory links, so every
+    folder it enters is a real one under the root: only a file that is itself a link can point
+    outside, and only links pay for resolving their path."""
     root = src.path
+    real_root = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        parts = [] if rel_dir == "." else rel_dir.split(os.sep)
+        tags = [_tag(part) for part in parts]  # the same for every file of the folder
+        caption = src.caption_template.format(tag=tags[-1]) if src.caption_template and tags else None
+        prefix = "" if not parts else "/".join(parts) + "/"
         for filename in sorted(filenames):
-            path = Path(dirpath) / filename
-            rel = path.relative_to(root).as_posix()
-            tags = [_tag(part) for part in Path(rel).parent.parts]
-            caption = None
-            if src.caption_template and tags:
-                caption = src.caption_template.format(tag=tags[-1])
-            fields = {"tags": tags, "caption": caption, "license": src.license}
-            if not inside(root, path):
+            path = os.path.join(dirpath, filename)
+            rel = prefix + filename
+            fields = {"tags": list(tags), "caption": caption, "license": src.license}
+            if os.path.islink(path) and not inside(real_root, path):
                 fields.update(precheck=PATH_ESCAPES_ROOT, precheck_detail=f"{rel} -> {os.path.realpath(path)}")
-            yield record(index, src.name, rel, str(path), **fields)
+            yield record(index, src.name, rel, path, **fields)
 
 
 def _read_table(path: Path, text_columns: list[str]):
