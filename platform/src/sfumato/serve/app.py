@@ -335,8 +335,8 @@ def build_ingress(settings: ServeSettings, info) -> type:
     class Ingress:
         def __init__(self, generator):
             self.generator = generator
-            self.in_flight = 0
             self.metrics = IngressMetrics()
+            self.metrics.keep_gauges_alive()
             metrics[:] = [self.metrics]
 
         @app.get("/healthz")
@@ -361,8 +361,8 @@ def build_ingress(settings: ServeSettings, info) -> type:
                       num_images=body.num_images, sampler=body.sampler, width=body.width, height=body.height,
                       prompt=body.prompt, negative_prompt=body.negative_prompt, class_label=body.class_label,
                       deadline=time.time() + timeout_s, created=time.time(), model=body.model)
-            self.in_flight += 1
-            self.metrics.in_flight.set(self.in_flight)
+            self.metrics.in_flight_now += 1
+            self.metrics.in_flight.set(self.metrics.in_flight_now)
             response = self.generator.generate.remote(job)
             try:
                 images = await asyncio.wait_for(response, timeout=timeout_s)
@@ -373,8 +373,8 @@ def build_ingress(settings: ServeSettings, info) -> type:
                 return JSONResponse({"detail": "the model is at capacity, retry later"}, 503,
                                     headers={"Retry-After": str(settings.retry_after_s)})
             finally:
-                self.in_flight -= 1
-                self.metrics.in_flight.set(self.in_flight)
+                self.metrics.in_flight_now -= 1
+                self.metrics.in_flight.set(self.metrics.in_flight_now)
             if isinstance(images, Cancelled):
                 return JSONResponse({"detail": "generation was cancelled at its deadline"}, 408)
             self.metrics.latency.observe(time.perf_counter() - started)

@@ -13,6 +13,8 @@ mean brightness and colourfulness.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
@@ -44,6 +46,20 @@ class IngressMetrics:
         self.latency = Histogram("sfumato_request_latency_s", description="POST /v1/generate latency, end to end",
                                  boundaries=SECONDS)
         self.in_flight = Gauge("sfumato_requests_in_flight", description="generate requests being served or queued")
+        self.in_flight_now = 0
+
+    def keep_gauges_alive(self, every_s: float = 2.0) -> None:
+        """Ray's metrics agent drops a gauge not set again within two export intervals, so a gauge
+        set only when a request starts or ends vanishes from /metrics a few seconds after traffic
+        stops (a dashboard shows "no data", not 0). A daemon thread sets it again every `every_s`."""
+        import threading
+
+        def refresh():
+            while True:
+                self.in_flight.set(self.in_flight_now)
+                time.sleep(every_s)
+
+        threading.Thread(target=refresh, name="sfumato-gauges", daemon=True).start()
 
 
 class ModelMetrics:
