@@ -8,6 +8,10 @@ sfumato.bench.serve URL ...`) keeps `c` requests in flight for `--duration` seco
 sends its next request when the last one returns) and reports requests/s, p50/p99 latency and
 errors. Every request asks for one image at `--steps` steps with its own seed and class; capacity
 (max_ongoing_requests 32, max_queued_requests 64) is set so that no request has to be refused.
+
+The output safety filter's price: torch with batching, at concurrency 1 and 32, once more with
+`safety_model` set to a randomly initialised CLIP of ViT-B/32's shapes (the compute of the usual
+safety model; flagged images blurred, so every answer is a 200), and the filter alone on a batch.
 """
 
 from __future__ import annotations
@@ -118,9 +122,34 @@ def model_ceiling(export: Path, backend: str, steps: int, repeats: int = 3) -> d
             "batch_8_speedup": round(rates[8] / rates[1], 2)}
 
 
+def filter_alone(clip: Path, resolution: int, repeats: int = 3) -> dict:
+    """The output safety filter alone, one thread as in a replica: ms per image on a batch of 8."""
+    import numpy as np
+    import torch
+
+    from sfumato.config import SafetyConfig
+    from sfumato.serve.safety import OutputFilter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        defaults = SafetyConfig()
+        flt = OutputFilter(str(clip), 0.5, "blur", defaults.unsafe_prompts, defaults.safe_prompts)
+        images = [np.random.default_rng(i).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8) for i in range(8)]
+        flt(images)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            flt(images)
+        ms = (time.perf_counter() - start) / (repeats * len(images)) * 1000
+    finally:
+        torch.set_num_threads(threads)
+    return {"ms_per_image": round(ms, 1)}
+
+
 def main(args) -> dict:
     from ray import serve
 
+    from sfumato.bench.tiny import save_clip_b32_shaped
     from sfumato.serve.app import ServeSettings, run_server
 
     result = {"machine": machine(), "model": args.model, "resolution_px": args.resolution, "steps": args.serve_steps,
@@ -128,23 +157,28 @@ def main(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-serve-") as tmp:
         export = _export(Path(tmp), args.model, args.resolution)
         result["model_alone"] = {backend: model_ceiling(export, backend, args.serve_steps) for backend in ("torch", "onnx")}
+        clip = Path(tmp) / "clip-b32-shaped"
+        save_clip_b32_shaped(clip)
+        result["safety_filter_alone"] = filter_alone(clip, args.resolution)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        for backend in ("torch", "onnx"):
-            for batch in (8, 1):
-                settings = ServeSettings(model=str(export), backend=backend, max_batch_size=batch, max_steps=1000,
-                                         max_ongoing_requests=32, max_queued_requests=64, request_timeout_s=120)
-                run_server(settings, port=port, blocking=False)
-                url = f"http://127.0.0.1:{port}"
-                for concurrency in CONCURRENCY:
-                    done = subprocess.run([sys.executable, "-m", "sfumato.bench.serve", url, str(concurrency),
-                                           str(args.duration), str(args.serve_steps)],
-                                          capture_output=True, text=True, check=True)
-                    figures = json.loads(done.stdout.strip().splitlines()[-1])
-                    result["runs"].append({"backend": backend, "max_batch_size": batch, **figures})
-                    print(json.dumps(result["runs"][-1]), flush=True)
-                serve.delete("sfumato")
+        cells = [(backend, batch, None, CONCURRENCY) for backend in ("torch", "onnx") for batch in (8, 1)]
+        cells.append(("torch", 8, clip, (1, max(CONCURRENCY))))
+        for backend, batch, safety, concurrencies in cells:
+            settings = ServeSettings(model=str(export), backend=backend, max_batch_size=batch, max_steps=1000,
+                                     max_ongoing_requests=32, max_queued_requests=64, request_timeout_s=120,
+                                     safety_model=None if safety is None else str(safety), safety_action="blur")
+            run_server(settings, port=port, blocking=False)
+            url = f"http://127.0.0.1:{port}"
+            for concurrency in concurrencies:
+                done = subprocess.run([sys.executable, "-m", "sfumato.bench.serve", url, str(concurrency),
+                                       str(args.duration), str(args.serve_steps)],
+                                      capture_output=True, text=True, check=True)
+                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                result["runs"].append({"backend": backend, "max_batch_size": batch, "safety": safety is not None, **figures})
+                print(json.dumps(result["runs"][-1]), flush=True)
+            serve.delete("sfumato")
         serve.shutdown()
     return publish(result, report(result), args.out)
 
@@ -153,17 +187,25 @@ def report(r: dict) -> str:
     m = r["machine"]
     lines = [f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB",
              f"model: {r['model']} at {r['resolution_px']} px, {r['steps']} steps per image, {r['duration_s']} s per cell", "",
-             f"{'backend':8} {'batch':>5} {'conc.':>5} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}"]
+             f"{'backend':8} {'batch':>5} {'safety':>6} {'conc.':>5} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}"]
     for run in r["runs"]:
-        lines.append(f"{run['backend']:8} {run['max_batch_size']:>5} {run['concurrency']:>5} {run['requests_per_s']:>7} "
+        lines.append(f"{run['backend']:8} {run['max_batch_size']:>5} {'on' if run['safety'] else 'off':>6} "
+                     f"{run['concurrency']:>5} {run['requests_per_s']:>7} "
                      f"{run['p50_ms']!s:>8} {run['p99_ms']!s:>8} {sum(run['errors'].values()):>8}")
     lines.append("")
     for backend, c in r["model_alone"].items():
         served = {run["max_batch_size"]: run["requests_per_s"] for run in r["runs"]
-                  if run["backend"] == backend and run["concurrency"] == max(CONCURRENCY)}
+                  if run["backend"] == backend and run["concurrency"] == max(CONCURRENCY) and not run["safety"]}
         lines.append(f"{backend}: batching on/off at concurrency {max(CONCURRENCY)}: "
                      f"{served[8] / served[1]:.2f}x; the model alone, 8 images in one loop vs 1: {c['batch_8_speedup']}x "
                      f"({c['images_per_s_batch_1']} -> {c['images_per_s_batch_8']} images/s)")
+    cost = {(run["safety"], run["concurrency"]): run["requests_per_s"] for run in r["runs"]
+            if run["backend"] == "torch" and run["max_batch_size"] == 8}
+    for concurrency in (1, max(CONCURRENCY)):
+        lines.append(f"torch, batching, concurrency {concurrency}: the safety filter (ViT-B/32-shaped CLIP) takes "
+                     f"requests/s {cost[False, concurrency]} -> {cost[True, concurrency]} "
+                     f"({cost[True, concurrency] / cost[False, concurrency] - 1:+.0%})")
+    lines.append(f"the filter alone: {r['safety_filter_alone']['ms_per_image']} ms per image (batch of 8, one thread)")
     return "\n".join(lines)
 
 
