@@ -393,6 +393,13 @@ def test_every_metric_reads_back_and_grows_with_traffic_and_the_dashboards_name_
         else:
             assert after[name] == before[name] + n, (name, before[name], after[name])
 
+    # Idle past Ray's gauge time-to-live (two export intervals, after which its agent drops a gauge
+    # nobody set again): the in-flight gauge must still be there, at 0, not "no data".
+    import ray
+
+    time.sleep(2 * max(ray._config.metrics_report_interval_ms(), 1000) / 1000 + 5)
+    assert _scrape().get("ray_sfumato_requests_in_flight") == 0
+
     names = {re.sub(r"\{.*", "", k) for k in after}
     for name in _monitored_names():
         assert name in names or f"{name}_bucket" in names, f"serve/monitoring names {name}, which the endpoint does not export"
