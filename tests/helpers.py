@@ -1,9 +1,9 @@
-"""What tests import: the repository's paths, configs for tests, tiny pretrained stand-ins,
-real-image batches. Fixtures live in conftest.py (unit) and smoke/conftest.py (Ray, trained runs)."""
+"""What tests import: the repository's paths, its real-image fixtures, configs for tests, tiny
+pretrained stand-ins, real-image batches. Fixtures live in conftest.py (unit) and
+smoke/conftest.py (Ray, trained runs)."""
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,26 +11,20 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
-def extract(archive: Path, dest: Path, limit_per_class: int) -> Path:
-    """Extract up to `limit_per_class` files of every class folder of a tar(.gz)."""
-    if not archive.exists():
-        pytest.skip(f"{archive} is not there (../shared/datasets)")
-    taken: dict[str, int] = {}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = str(Path(member.name).parent)
-            if taken.get(cls, 0) >= limit_per_class:
-                continue
-            taken[cls] = taken.get(cls, 0) + 1
-            target = dest / member.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-    return dest
+def fixture_images(name: str, classes: int, per_class: int) -> Path:
+    """tests/fixtures/<name>: `classes` class folders of `per_class` real JPEGs each, used in place
+    (a test that changes a file copies the folder to its tmp_path first). A missing or short set
+    fails, never skips: the images are part of the repository (tests/fixtures/README.md)."""
+    folder = FIXTURES / name
+    counts = {d.name: len(list(d.glob("*.jpg"))) for d in folder.iterdir() if d.is_dir()} if folder.is_dir() else {}
+    if len(counts) != classes or set(counts.values()) != {per_class}:
+        pytest.fail(f"{folder}: expected {classes} class folders of {per_class} JPEGs each, found {counts or 'none'}. "
+                    "These images are part of the repository: restore them from git (tests/fixtures/README.md says "
+                    "how they were cut).", pytrace=False)
+    return folder
 
 
 def debug_config(tmp_path: Path, sources: list[dict], *overrides: str):

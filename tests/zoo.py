@@ -1,7 +1,7 @@
 """A zoo of inputs a user's raw data really contains, made from real photos where it matters.
 
 `zoo_files(photo)` returns {filename: (bytes, expected reject reason or None)}; `photo` is the
-bytes of a real JPEG from ../shared/datasets.
+bytes of a real JPEG from the repository's fixtures (tests/fixtures/flowers).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def cifar_shards(tmp_path_factory, cifar_dir, ray_local) -> Path:
-    """A data folder: 80 real CIFAR-10 images ingested and sharded at 16 and 32 px."""
+    """A data folder: the 80 real CIFAR-10 images of tests/fixtures/cifar10 ingested and sharded
+    at 16 and 32 px."""
     from sfumato.data.ingest import run_ingest
     from sfumato.data.shards import run_shards
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from helpers import exported
 from sfumato.abtest.app import ABTest, build_app, conditions_for, load_arm
-from sfumato.bench.align import Served
+from sfumato.testing.served import Served
 
 TOKEN = "abtest-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

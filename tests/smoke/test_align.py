@@ -14,9 +14,9 @@ from helpers import exported
 from sfumato import checkpoint as ckpt
 from sfumato.abtest.app import ABTest, conditions_for, load_arm
 from sfumato.data.pairs import run_pairs
-from sfumato.bench.align import judge
 from sfumato.config import apply, run_tree, validated
 from sfumato.layout import RunFolder, read_metrics
+from sfumato.testing.judge import judge
 from sfumato.train.align import run_config
 from sfumato.train.faults import KillWorkerAt
 from sfumato.train.loop import run_training

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("faiss")
 
 from helpers import debug_config  # noqa: E402
-from sfumato.bench.tiny import save_tiny_clip  # noqa: E402
+from sfumato.testing.tiny import save_tiny_clip  # noqa: E402
 from sfumato.cli import main  # noqa: E402
 from sfumato.data.embed import load_embeddings  # noqa: E402
 from sfumato.data.ingest import run_ingest  # noqa: E402
@@ -104,7 +104,7 @@ def test_rerun_skips_embedding_and_changes_nothing(curated):
 
 
 def test_caption_modes_record_origin_and_keep_the_source_caption(tmp_path, flowers_dir, ray_local):
-    from sfumato.bench.tiny import save_tiny_blip
+    from sfumato.testing.tiny import save_tiny_blip
     from sfumato.data.caption import run_caption
 
     save_tiny_blip(tmp_path / "blip")

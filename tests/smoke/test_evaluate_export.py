@@ -127,7 +127,7 @@ def test_latent_run_exports_its_vae(latent_run):
 def test_evaluate_writes_metrics_report_and_cards_with_real_counts(straight, tmp_path):
     import pyarrow.parquet as pq
 
-    from sfumato.bench.tiny import save_tiny_clip
+    from sfumato.testing.tiny import save_tiny_clip
     from sfumato.cli import main
     from sfumato.models.registry import parameter_count
 

@@ -80,7 +80,7 @@ def safe_server(straight, server, serve_port, tmp_path_factory):
     """The class run's export behind the output safety filter (a tiny CLIP), at /safe. The filter's
     scores of seeds 20..27 are computed here first, and the threshold put in the widest gap
     between them: some of those images are flagged, the others pass."""
-    from sfumato.bench.tiny import save_tiny_clip
+    from sfumato.testing.tiny import save_tiny_clip
     from sfumato.serve.app import ServeSettings, run_server
     from sfumato.serve.backends import Job, TorchBackend
     from sfumato.serve.safety import OutputFilter

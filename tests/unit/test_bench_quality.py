@@ -1,6 +1,8 @@
-"""`sfumato bench quality`'s parts on real data: CIFAR-10 read balanced from the shared archive,
-a held-out split the trainers never see, each trainer's step and sampler, and the time-to-target
-read off a curve. (The race itself is the bench: figures in BENCHMARKS.md.)"""
+"""`sfumato bench quality`'s parts on real data: CIFAR-10 read balanced (from the repository's
+fixture images here, from the shared archive in the bench), a held-out split the trainers never
+see, each trainer's step and sampler, and the time-to-target read off a curve. (The race itself
+is the bench: figures in BENCHMARKS.md.) A bench's own test, the one kind of test that may import
+a bench (tests/unit/test_imports.py)."""
 
 import numpy as np
 import pytest
@@ -8,13 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from helpers import DATASETS, REPO  # noqa: E402
+from helpers import REPO  # noqa: E402
 from sfumato.bench.quality import (Curve, PlainTrainer, SfumatoTrainer, batches, cifar10, first_reaching,  # noqa: E402
                                    recipe, shapes, split)
 
 
-def test_cifar_is_read_balanced_and_the_held_out_split_is_disjoint():
-    data = cifar10(DATASETS, per_class=3)
+def test_cifar_is_read_balanced_and_the_held_out_split_is_disjoint(cifar_dir):
+    data = cifar10(cifar_dir, per_class=3)
     assert data.images.shape == (30, 32, 32, 3) and data.images.dtype == np.uint8
     assert len(data.class_names) == 10 and np.bincount(data.labels).tolist() == [3] * 10
     train, held = split(data, 0.2, seed=0)

@@ -1,8 +1,11 @@
-"""The default install (the data platform) imports without torch; nothing imports torchvision."""
+"""The default install (the data platform) imports without torch; nothing imports torchvision;
+imports follow the layers; benches and test support are consumers, never dependencies."""
 
+import ast
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import sfumato
 
@@ -44,32 +47,38 @@ LAYERS = [
     ("sfumato.data", "sfumato.diffusion"),
     ("sfumato.models",),
     ("sfumato.train", "sfumato.evaluate", "sfumato.export"),
-    ("sfumato.tune", "sfumato.serve", "sfumato.abtest"),
+    ("sfumato.tune", "sfumato.serve", "sfumato.abtest", "sfumato.testing"),
     ("sfumato.stages", "sfumato.pipeline", "sfumato.bench", "sfumato.cli"),
 ]
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """Every sfumato module -> the sfumato modules it imports, at the top or inside a function."""
-    import ast
-    from pathlib import Path
-
+def _modules() -> dict[str, Path]:
     root = Path(sfumato.__file__).parent
-    modules = {}
-    for path in root.rglob("*.py"):
-        name = ".".join(("sfumato", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
-        modules[name] = path
-    graph = {}
-    for name, path in modules.items():
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sfumato":
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                          for a in node.names}
-            elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names if a.name.split(".")[0] == "sfumato"}
-        graph[name] = {m for m in found if m in modules and m != "sfumato"}
-    return graph
+    return {".".join(("sfumato", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): path
+            for path in root.rglob("*.py")}
+
+
+def _sfumato_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The sfumato modules a file imports, at the top or inside a function, or by name
+    (importlib.import_module, pytest.importorskip)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sfumato":
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                      for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "sfumato"}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "importorskip", "__import__") and node.args
+              and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("sfumato.")):
+            found.add(node.args[0].value)
+    return {m for m in found if m != "sfumato"}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every sfumato module -> the sfumato modules it imports."""
+    modules = _modules()
+    return {name: {m for m in _sfumato_imports(path, modules) if m in modules} for name, path in modules.items()}
 
 
 def _layer(module: str) -> int:
@@ -100,3 +109,33 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+# Who may import the benches and the test stand-ins (issue 33): benches measure the product and
+# tests check it; neither is a dependency of the product, and tests never lean on a bench.
+BENCH_RUNNERS = ("sfumato.bench", "sfumato.cli")  # the CLI's `sfumato bench` runs them
+TEST_SUPPORT_USERS = ("sfumato.bench", "sfumato.testing")
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_no_product_module_imports_a_bench_or_the_test_stand_ins():
+    wrong = [f"{a} -> {b}" for a, targets in _import_graph().items() for b in sorted(targets)
+             if (_under(b, ("sfumato.bench",)) and not _under(a, BENCH_RUNNERS))
+             or (_under(b, ("sfumato.testing",)) and not _under(a, TEST_SUPPORT_USERS))]
+    assert not wrong, "product code importing sfumato.bench or sfumato.testing:\n" + "\n".join(wrong)
+
+
+def test_no_test_imports_a_bench():
+    """Tests take their tiny models and helpers from sfumato.testing or tests/. The one exception is
+    a bench's own test, tests/unit/test_bench_<name>.py, which imports sfumato.bench.<name> alone."""
+    modules, tests = _modules(), Path(__file__).resolve().parents[1]
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        own = f"sfumato.bench.{path.stem.removeprefix('test_bench_')}" if path.stem.startswith("test_bench_") else None
+        wrong += [f"{path.relative_to(tests)} -> {m}" for m in sorted(_sfumato_imports(path, modules))
+                  if _under(m, ("sfumato.bench",)) and m != own]
+    assert len(list(tests.rglob("test_*.py"))) > 40, f"{tests}: the test files were not found"
+    assert not wrong, "tests importing bench code (move what they need to sfumato.testing):\n" + "\n".join(wrong)

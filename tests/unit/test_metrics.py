@@ -18,7 +18,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from sfumato.bench.tiny import save_tiny_clip  # noqa: E402
+from sfumato.testing.tiny import save_tiny_clip  # noqa: E402
 from sfumato.data.shards import tar_add  # noqa: E402
 from sfumato.layout import ShardFolder  # noqa: E402
 from sfumato.evaluate.clipscore import clip_score, clip_scores  # noqa: E402

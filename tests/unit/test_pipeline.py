@@ -3,11 +3,12 @@ inputs, what its upstream stages wrote), and the refusal to continue a run folde
 The whole job, on a real two-node cluster, is tests/smoke/test_cluster.py."""
 
 import os
+import shutil
 
 import pytest
 
 from sfumato.config import ConfigError, load_config
-from sfumato.pipeline import _check_run_folder, fingerprint
+from sfumato.pipeline import StageRecord, _check_run_folder, fingerprint
 from sfumato.stages import REGISTRY as STAGES_BY_NAME
 
 from helpers import REPO
@@ -51,16 +52,14 @@ def test_the_data_stages_read_the_manifest_the_last_enabled_one_wrote():
 
 
 def test_ingest_sees_a_changed_source_file(tmp_path, cifar_dir):
-    source = f"data.sources=[{{kind: folder, name: c, path: {cifar_dir}, license: CC0-1.0}}]"
+    images = shutil.copytree(cifar_dir, tmp_path / "cifar")  # the test changes a file: not the fixture's
+    source = f"data.sources=[{{kind: folder, name: c, path: {images}, license: CC0-1.0}}]"
     before = _fp("ingest", source)
     assert _fp("ingest", source) == before
-    image = next(cifar_dir.rglob("*.jpg"))
+    image = next(images.rglob("*.jpg"))
     stat = image.stat()
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    try:
-        assert _fp("ingest", source) != before
-    finally:
-        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _fp("ingest", source) != before
 
 
 def test_a_run_folder_of_another_run_is_refused_not_continued(tmp_path):
@@ -72,7 +71,7 @@ def test_a_run_folder_of_another_run_is_refused_not_continued(tmp_path):
     with pytest.raises(ConfigError, match="did not start"):
         _check_run_folder(cfg, None)
     with pytest.raises(ConfigError, match="another config or other data"):
-        _check_run_folder(cfg, {"fingerprint": "0" * 16, "state": "done"})
+        _check_run_folder(cfg, StageRecord("train", "done", "0" * 16))
 
 
 def test_two_colour_share_tells_demo_images_from_noise():

@@ -17,7 +17,7 @@ PROMPTS = dict(unsafe=SafetyConfig().unsafe_prompts, safe=SafetyConfig().safe_pr
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from sfumato.bench.tiny import save_tiny_clip
+    from sfumato.testing.tiny import save_tiny_clip
 
     folder = tmp_path_factory.mktemp("clip")
     save_tiny_clip(folder)

@@ -24,54 +24,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-JUDGE = "scripted judge: prefers the brighter background (mean luminance of the outer 3-px frame)"
-TIE_LEVELS = 2.0
-
-
-def background_luminance(image: np.ndarray, frame: int = 3) -> float:
-    """Mean luminance (0-255) of the outer `frame` pixels of an HWC uint8 image."""
-    rgb = image.astype(np.float64)
-    lum = 0.2126 * rgb[..., 0] + 0.7152 * rgb[..., 1] + 0.0722 * rgb[..., 2]
-    mask = np.ones(lum.shape, bool)
-    mask[frame:-frame, frame:-frame] = False
-    return float(lum[mask].mean())
-
-
-def judge(left: np.ndarray, right: np.ndarray) -> str:
-    a, b = background_luminance(left), background_luminance(right)
-    if abs(a - b) < TIE_LEVELS:
-        return "tie"
-    return "left" if a > b else "right"
-
-
-class Served:
-    """An A/B test app on a free loopback port, in a thread of this process."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+from sfumato.testing.judge import JUDGE, background_luminance, judge
+from sfumato.testing.served import Served
 
 
 def judge_votes(url: str, count: int, headers: dict | None = None) -> dict:

@@ -76,7 +76,7 @@ def embedding_throughput(args, tmp: Path) -> dict:
     from sfumato.data.ingest import run_ingest
     from sfumato.layout import DataFolder
     from sfumato.runtime import init_ray
-    from sfumato.bench.tiny import save_tiny_clip
+    from sfumato.testing.tiny import save_tiny_clip
 
     with tarfile.open(Path(args.datasets) / "flowers-val.tar") as tar:
         tar.extractall(tmp / "flowers", filter="data")

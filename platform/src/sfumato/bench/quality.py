@@ -76,27 +76,42 @@ def shapes(num_images: int, seed: int = 0) -> Dataset:
     return Dataset("shapes", np.stack(images), np.array(labels, np.int64), list(SHAPES))
 
 
-def cifar10(datasets_dir: Path, per_class: int) -> Dataset:
-    """The first `per_class` images of each class of ../shared/datasets/cifar10-train.tar.gz
-    (train/<class>/NNNN.jpg), decoded in memory."""
-    archive = Path(datasets_dir) / "cifar10-train.tar.gz"
-    if not archive.exists():
+def _cifar_files(source: Path, per_class: int):
+    """(class, name, bytes) of the first `per_class` images of each class: from the folder holding
+    cifar10-train.tar.gz (train/<class>/NNNN.jpg, archive order), else from a folder of class
+    folders (<class>/*.jpg, name order; the tests' fixture set)."""
+    taken: dict[str, int] = {}
+    archive = source / "cifar10-train.tar.gz"
+    if archive.exists():
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if not member.isfile() or len(parts) < 3 or not member.name.lower().endswith((".jpg", ".jpeg", ".png")):
+                    continue
+                if taken.setdefault(parts[-2], 0) < per_class:
+                    taken[parts[-2]] += 1
+                    yield parts[-2], member.name, tar.extractfile(member).read()
+    elif source.is_dir() and any(source.glob("*/*.jpg")):
+        for path in sorted(source.glob("*/*.jpg")):
+            if taken.setdefault(path.parent.name, 0) < per_class:
+                taken[path.parent.name] += 1
+                yield path.parent.name, str(path), path.read_bytes()
+    else:
         raise FileNotFoundError(f"{archive} does not exist: pass --datasets with the folder holding it")
+
+
+def cifar10(source: Path, per_class: int) -> Dataset:
+    """The first `per_class` images of each class of CIFAR-10's JPEGs, decoded in memory: `source`
+    holds ../shared/datasets/cifar10-train.tar.gz, or is a folder of class folders."""
     by_class: dict[str, list[np.ndarray]] = {}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or not member.name.lower().endswith((".jpg", ".jpeg", ".png")):
-                continue
-            taken = by_class.setdefault(parts[-2], [])
-            if len(taken) < per_class:
-                image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                if image.size != (RESOLUTION_PX, RESOLUTION_PX):
-                    raise ValueError(f"{archive}:{member.name} is {image.size}, CIFAR-10 images are 32x32")
-                taken.append(np.asarray(image))
+    for cls, name, data in _cifar_files(Path(source), per_class):
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        if image.size != (RESOLUTION_PX, RESOLUTION_PX):
+            raise ValueError(f"{source}:{name} is {image.size}, CIFAR-10 images are 32x32")
+        by_class.setdefault(cls, []).append(np.asarray(image))
     names = sorted(by_class)
     if len(names) < 2:
-        raise ValueError(f"{archive} holds {len(names)} class folders under train/: expected CIFAR-10's 10")
+        raise ValueError(f"{source} holds {len(names)} CIFAR-10 class folders: expected 10")
     labels = np.concatenate([np.full(len(by_class[n]), i, np.int64) for i, n in enumerate(names)])
     return Dataset("cifar10", np.concatenate([np.stack(by_class[n]) for n in names]), labels, names)
 

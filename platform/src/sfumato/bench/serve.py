@@ -149,7 +149,7 @@ def filter_alone(clip: Path, resolution: int, repeats: int = 3) -> dict:
 def main(args) -> dict:
     from ray import serve
 
-    from sfumato.bench.tiny import save_clip_b32_shaped
+    from sfumato.testing.tiny import save_clip_b32_shaped
     from sfumato.serve.app import ServeSettings, run_server
 
     result = {"machine": machine(), "model": args.model, "resolution_px": args.resolution, "steps": args.serve_steps,

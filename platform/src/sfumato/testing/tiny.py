@@ -1,4 +1,5 @@
-"""Tiny randomly initialised models of the real classes, for tests and benchmarks."""
+"""Tiny randomly initialised models of the real classes, saved as local pretrained folders: what
+tests and benchmarks load through the real `from_pretrained` path, since no hub is reachable."""
 
 from __future__ import annotations
 
