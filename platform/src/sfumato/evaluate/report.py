@@ -21,18 +21,21 @@ from pathlib import Path
 
 from sfumato.config import Config, load_run_config
 from sfumato.documents import format_duration, new_figure, table
-from sfumato.layout import RunFolder, atomic_write, metric_events, read_jsonl, read_metrics
+from sfumato.layout import RunFolder, atomic_write, read_jsonl
+from sfumato.records import (GRAD_NORM, LOSS, LOSS_EMA, LR, SAMPLES_PER_S, VAL_LOSS, AlignmentValidationRecord,
+                             MetricsLine, QualityRecord, TrainStepRecord, read_metric_lines, read_rollbacks,
+                             read_timeline)
 
 SAMPLES_FIGURE = "samples_over_steps.png"
 MAX_SAMPLES_IN_FIGURE = 6
 
 # (file, title, y label, metrics.jsonl columns, log y)
 CURVES = [
-    ("loss.png", "Loss", "loss", ["loss", "loss_ema"], False),
-    ("val_loss.png", "Validation loss (EMA weights, held-out images)", "val loss", ["val_loss"], False),
-    ("lr.png", "Learning rate", "lr", ["lr"], False),
-    ("grad_norm.png", "Gradient norm", "grad norm", ["grad_norm"], True),
-    ("throughput.png", "Throughput", "samples / s", ["samples_per_s"], False),
+    ("loss.png", "Loss", "loss", [LOSS, LOSS_EMA], False),
+    ("val_loss.png", "Validation loss (EMA weights, held-out images)", "val loss", [VAL_LOSS], False),
+    ("lr.png", "Learning rate", "lr", [LR], False),
+    ("grad_norm.png", "Gradient norm", "grad norm", [GRAD_NORM], True),
+    ("throughput.png", "Throughput", "samples / s", [SAMPLES_PER_S], False),
 ]
 
 
@@ -56,51 +59,59 @@ def training_compute(run_dir: Path) -> dict:
     `world_size`, else train.num_workers) / 3600, summed over attempts.
     """
     cfg = load_run_config(run_dir)
-    metrics = read_jsonl(RunFolder(run_dir).metrics)
+    metrics = read_timeline(RunFolder(run_dir).metrics)
     starts = [a["time"] for a in read_jsonl(RunFolder(run_dir).attempts) if "time" in a]
-    timed = bool(metrics) and all("time" in m for m in metrics)
+    timed = bool(metrics) and all(m.time is not None for m in metrics)
     window_steps = cfg.train.log_every_steps
     wall_s = device_s = 0.0
     segments = _attempt_segments(metrics, starts if timed else [])
     for segment in segments:
-        seconds = (segment[0].get("step_time_s") or 0.0) * window_steps
+        seconds = _step_time_s(segment[0]) * window_steps
         if timed:
-            seconds += segment[-1]["time"] - segment[0]["time"]
+            seconds += segment[-1].time - segment[0].time
         else:
-            seconds += sum((m.get("step_time_s") or 0.0) * window_steps for m in segment[1:])
+            seconds += sum(_step_time_s(m) * window_steps for m in segment[1:])
         wall_s += seconds
-        device_s += seconds * (segment[-1].get("world_size") or cfg.train.num_workers)
-    elapsed_s = metrics[-1]["time"] - min(starts) if timed and starts else None
+        device_s += seconds * (segment[-1].world_size or cfg.train.num_workers)
+    elapsed_s = metrics[-1].time - min(starts) if timed and starts else None
     return {
         "wall_s": wall_s, "wall_hours": wall_s / 3600, "device_hours": device_s / 3600,
         "device": "GPU" if cfg.train.use_gpu else "CPU worker",
-        "world_size": max([m.get("world_size") or cfg.train.num_workers for m in metrics], default=cfg.train.num_workers),
+        "world_size": max([m.world_size or cfg.train.num_workers for m in metrics], default=cfg.train.num_workers),
         "attempts": len(segments), "elapsed_s": elapsed_s,
         "method": ("timestamps" if timed else "step_time_s") if metrics else "no metrics.jsonl lines",
     }
 
 
-def _attempt_segments(metrics: list[dict], attempt_starts: list[float]) -> list[list[dict]]:
+def _step_time_s(line: MetricsLine) -> float:
+    """A logged step's seconds per step over its window; 0 for a line without one (an event)."""
+    train = line.get(TrainStepRecord)
+    return (train.step_time_s if train is not None else None) or 0.0
+
+
+def _attempt_segments(metrics: list[MetricsLine], attempt_starts: list[float]) -> list[list[MetricsLine]]:
     """metrics.jsonl lines grouped by attempt: by the attempts' start times when given, else a
     new attempt wherever the step does not increase (a resume repeats steps)."""
-    groups: dict[int, list[dict]] = {}
+    groups: dict[int, list[MetricsLine]] = {}
     starts = sorted(attempt_starts)
     attempt, previous_step = 0, None
-    for record in metrics:
+    for line in metrics:
         if starts:
-            attempt = bisect.bisect_right(starts, record["time"])
-        elif previous_step is not None and record["step"] <= previous_step:
+            attempt = bisect.bisect_right(starts, line.time)
+        elif previous_step is not None and line.step <= previous_step:
             attempt += 1
-        previous_step = record["step"]
-        groups.setdefault(attempt, []).append(record)
+        previous_step = line.step
+        groups.setdefault(attempt, []).append(line)
     return [groups[k] for k in sorted(groups)]
 
 
 def evaluation_lines(evaluations: list[dict]) -> list[str]:
-    """The evaluations as tables: the domain yardstick's (when measured), then the Fréchet distances
-    in pretrained feature spaces (when measured), with what each number can be compared with."""
+    """The evaluations (evaluations.jsonl's lines) as tables: the domain yardstick's (when
+    measured), then the Fréchet distances in pretrained feature spaces (when measured), with
+    what each number can be compared with."""
     lines = domain_lines(evaluations)
-    fd = [e for e in evaluations if e.get("fd") is not None or e.get("clip_score") is not None]
+    records = [QualityRecord.from_json(e) for e in evaluations]
+    fd = [e for e in records if e.fd is not None or e.clip_score is not None]
     if not fd:
         if not lines:
             lines = ["No metric was computed: the data has no classes for the domain yardstick and no feature "
@@ -109,12 +120,10 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
                         "(evaluate.inception_weights, evaluate.clip_model), none configured.", ""]
     header = ["checkpoint", "step", "metric", "features", "FD ↓", "CLIPScore ↑", "samples", "sampler (steps)",
               "guidance", "seed", "reference images"]
-    rows = [[e.get("checkpoint"), e.get("step"), e.get("metric"), e.get("features"), e.get("fd"), e.get("clip_score"),
-             e.get("num_samples"), f"{e.get('sampler')} ({e.get('steps')})", e.get("guidance_scale"), e.get("seed"),
-             (e.get("reference") or {}).get("count")] for e in fd]
-    features = sorted({f"{e.get('metric')}: `{e.get('features')}`" for e in fd})
-    clip_models = sorted({e["clip_score_model"] for e in fd if e.get("clip_score") is not None
-                          and e.get("clip_score_model")})
+    rows = [[e.checkpoint, e.step, e.metric, e.features, e.fd, e.clip_score, e.num_samples, f"{e.sampler} ({e.steps})",
+             e.guidance_scale, e.seed, (e.reference or {}).get("count")] for e in fd]
+    features = sorted({f"{e.metric}: `{e.features}`" for e in fd})
+    clip_models = sorted({e.clip_score_model for e in fd if e.clip_score is not None and e.clip_score_model})
     notes = [
         "FD is the Fréchet distance between generated and reference images in the named feature space "
         f"(lower is better). Features used: {'; '.join(features)}.",
@@ -129,16 +138,15 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
 
 def domain_lines(evaluations: list[dict]) -> list[str]:
     """The domain yardstick's numbers per evaluation and the last one's confusion matrix."""
-    measured = [e for e in evaluations if e.get("domain")]
+    measured = [e for e in (QualityRecord.from_json(e) for e in evaluations) if e.domain]
     if not measured:
         return []
     header = ["checkpoint", "step", "class accuracy ↑", "real (ceiling)", "noise (floor)", "FD-domain ↓",
               "noise FD-domain", "samples", "sampler (steps)", "guidance", "seed"]
-    rows = [[e.get("checkpoint"), e.get("step"), e["domain"]["class_accuracy"], e["domain"]["real_accuracy"],
-             e["domain"]["noise_accuracy"], e["domain"]["fd_domain"], e["domain"]["noise_fd_domain"],
-             e.get("num_samples"), f"{e.get('sampler')} ({e.get('steps')})", e.get("guidance_scale"), e.get("seed")]
-            for e in measured]
-    last = measured[-1]["domain"]
+    rows = [[e.checkpoint, e.step, e.domain["class_accuracy"], e.domain["real_accuracy"], e.domain["noise_accuracy"],
+             e.domain["fd_domain"], e.domain["noise_fd_domain"], e.num_samples, f"{e.sampler} ({e.steps})",
+             e.guidance_scale, e.seed] for e in measured]
+    last = measured[-1].domain
     y = last.get("yardstick") or {}
     lines = ["### Domain yardstick (offline)", ""] + table(header, rows)
     lines += [f"- A classifier trained on this run's own training shards ({y.get('train_images')} images, "
@@ -157,9 +165,10 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ plots
-def _series(records: list[dict], column: str, positive: bool) -> tuple[list[int], list[float]]:
-    points = [(r["step"], float(r[column])) for r in records
-              if isinstance(r.get(column), (int, float)) and math.isfinite(r[column]) and (r[column] > 0 or not positive)]
+def _series(lines: list[MetricsLine], column: str, positive: bool) -> tuple[list[int], list[float]]:
+    values = [(line.step, line.value(column)) for line in lines]
+    points = [(step, float(v)) for step, v in values
+              if isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -173,7 +182,7 @@ def stage_boundaries(cfg: Config) -> list[tuple[int, int]]:
     return bounds
 
 
-def plot_curve(path: Path, records: list[dict], title: str, ylabel: str, columns: list[str], log_y: bool,
+def plot_curve(path: Path, records: list[MetricsLine], title: str, ylabel: str, columns: list[str], log_y: bool,
                boundaries: list[tuple[int, int]]) -> bool:
     """One metric (or a raw/averaged pair) against step; False, and no file, without data."""
     series = {c: _series(records, c, positive=log_y) for c in columns}
@@ -231,7 +240,7 @@ def plot_samples_over_steps(path: Path, grids: list[tuple[int, Path]]) -> None:
 
 
 # ----------------------------------------------------------------------------------- report
-def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> list[str]:
+def _summary(cfg: Config, run_dir: Path, metrics: list[MetricsLine], compute: dict) -> list[str]:
     from sfumato import checkpoint as ckpt
 
     t = cfg.train
@@ -242,7 +251,7 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
         ["name", cfg.name], ["model", f"`{t.model}`" + (" (latent, VAE)" if t.vae else " (pixel space)")],
         ["conditioning", t.conditioning],
         ["resolution curriculum", " → ".join(f"{s.resolution_px} px × {s.steps:,} steps" for s in t.stages)],
-        ["steps done / configured", f"{metrics[-1]['step'] if metrics else 0:,} / {t.total_steps:,}"],
+        ["steps done / configured", f"{metrics[-1].step if metrics else 0:,} / {t.total_steps:,}"],
         ["effective batch", ", ".join(f"{cfg.train.effective_batch(s)} at {s.resolution_px} px" for s in t.stages)
          + f" (micro batch × {t.grad_accum_steps} accumulation × {t.num_workers} workers)"],
         ["precision", t.precision], ["ZeRO stage", t.zero_stage],
@@ -250,8 +259,8 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
         [f"{compute['device']}-hours", f"{compute['device_hours']:.3g} ({compute['world_size']} × wall time)"],
         ["attempts", f"{len(attempts)} start(s), {max(0, len(attempts) - 1)} restart(s)"
          + (f", resumed from {', '.join(resumed)}" if resumed else "")],
-        ["final loss_ema", _last(metrics, "loss_ema")],
-        ["final val_loss", _last(metrics, "val_loss")],
+        [f"final {LOSS_EMA}", _last(metrics, LOSS_EMA)],
+        [f"final {VAL_LOSS}", _last(metrics, VAL_LOSS)],
         ["latest committed checkpoint", latest.name if latest else None],
     ]
     if compute["elapsed_s"] is not None:
@@ -265,30 +274,30 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[dict], compute: dict) -> 
 
 def _rollbacks(run_dir: Path) -> list[str]:
     """The loss-spike guard's rollbacks (train.spike_guard), from metrics.jsonl's event lines."""
-    events = metric_events(RunFolder(run_dir).metrics, "rollback")
+    events = read_rollbacks(RunFolder(run_dir).metrics)
     lines = ["## Rollbacks (loss spikes)", ""]
     if not events:
         return lines + ["None: no lasting loss spike (train.spike_guard).", ""]
-    rows = [[e.get("rollback"), e.get("spike_step"), e.get("first_spike_step"), e.get("loss"), e.get("loss_average"),
-             e.get("factor"), e.get("step"), e.get("lr_scale")] for e in events]
+    rows = [[e.rollback, e.spike_step, e.first_spike_step, e.loss, e.loss_average, e.factor, e.step, e.lr_scale]
+            for e in events]
     return lines + table(["rollback", "confirmed at step", "spike began at step", "loss", "running average before",
                           "factor", "back to step", "lr scale after"], rows) + [
         "- Each rollback reloaded the newest committed checkpoint from before the spike and continued with the "
         "learning rate scaled by the lr scale; the steps after it were trained and logged again.", ""]
 
 
-def _last(metrics: list[dict], column: str):
-    return next((m[column] for m in reversed(metrics) if m.get(column) is not None), None)
+def _last(metrics: list[MetricsLine], column: str):
+    return next((m.value(column) for m in reversed(metrics) if m.value(column) is not None), None)
 
 
-def _curves(cfg: Config, run_dir: Path, metrics: list[dict]) -> list[str]:
+def _curves(cfg: Config, run_dir: Path, metrics: list[MetricsLine]) -> list[str]:
     lines, folder = ["## Training curves", ""], RunFolder(run_dir)
     metrics_name = folder.metrics.name
     if not metrics:
         return lines + [f"No {metrics_name} lines yet: nothing to plot.", ""]
     bounds = stage_boundaries(cfg)
     for filename, title, ylabel, columns, log_y in CURVES:
-        if columns == ["val_loss"] and cfg.train.validation is None:
+        if columns == [VAL_LOSS] and cfg.train.validation is None:
             continue
         if plot_curve(folder.report_plots / filename, metrics, title, ylabel, columns, log_y, bounds):
             lines += [f"![{title}]({folder.relative(folder.report_plots / filename)})", ""]
@@ -343,20 +352,21 @@ def lineage_lines(cfg: Config) -> list[str]:
 
 def _alignment_figures(cfg: Config) -> list[str]:
     """The last held-out reward figures of an alignment run."""
-    held = [m for m in read_metrics(RunFolder(cfg.train.output_dir).metrics) if "heldout_reward_accuracy" in m]
+    held = [(m.step, m.get(AlignmentValidationRecord)) for m in read_metric_lines(RunFolder(cfg.train.output_dir).metrics)]
+    held = [(step, a) for step, a in held if a is not None and a.heldout_reward_accuracy is not None]
     if not held:
         return []
-    last = held[-1]
-    return [f"At step {last['step']:,}: held-out implicit reward accuracy {last['heldout_reward_accuracy']:.3f}, "
-            f"margin {last['heldout_reward_margin']:.3g}, DPO loss {last['heldout_dpo_loss']:.4f} (log 2 = 0.6931 at "
-            f"the reference), policy distance from the reference {last['policy_distance']:.3g}.", ""]
+    step, last = held[-1]
+    return [f"At step {step:,}: held-out implicit reward accuracy {last.heldout_reward_accuracy:.3f}, "
+            f"margin {last.heldout_reward_margin:.3g}, DPO loss {last.heldout_dpo_loss:.4f} (log 2 = 0.6931 at "
+            f"the reference), policy distance from the reference {last.policy_distance:.3g}.", ""]
 
 
 def write_report(run_dir: Path) -> Path:
     """run_dir/report.md and its plots in run_dir/report/; returns the report's path."""
     run_dir, folder = Path(run_dir), RunFolder(run_dir)
     cfg = load_run_config(run_dir)
-    metrics = read_metrics(folder.metrics)
+    metrics = read_metric_lines(folder.metrics)
     folder.report_plots.mkdir(exist_ok=True)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Run report: {cfg.name}", "", f"Generated {generated} from `{run_dir}`.", ""]

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfumato.config import Config, dump_yaml
-from sfumato.layout import RunFolder, TuneFolder, atomic_write, atomic_write_json, read_json, read_metrics
+from sfumato.layout import RunFolder, TuneFolder, atomic_write, atomic_write_json, read_json
+from sfumato.records import read_metric_lines
 
 
 @dataclass
@@ -40,9 +41,9 @@ def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
         trial_id = Path(result.path).name
         run_dir = trial_dir(cfg, trial_id)
         params = read_json(TuneFolder.params(RunFolder(run_dir))) or dict(result.config)
-        records = read_metrics(RunFolder(run_dir).metrics)
-        curve = [(r["step"], r[METRIC]) for r in records if r.get(METRIC) is not None]
-        steps = records[-1]["step"] if records else 0
+        lines = read_metric_lines(RunFolder(run_dir).metrics)
+        curve = [(line.step, line.value(METRIC)) for line in lines if line.value(METRIC) is not None]
+        steps = lines[-1].step if lines else 0
         if result.error is not None:
             status = "error"
         elif RunFolder(run_dir).stopped.exists():
@@ -51,7 +52,7 @@ def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
             status = "completed"
         else:
             status = "stopped early"
-        times = [r["time"] for r in records if "time" in r]
+        times = [line.time for line in lines if line.time is not None]
         rows.append(TrialRow(
             trial_id=trial_id, params=params, status=status, steps=steps,
             final_val_loss=curve[-1][1] if curve else None, best_val_loss=min(v for _, v in curve) if curve else None,

@@ -17,8 +17,9 @@ from typing import Any
 
 from sfumato.config import EMA_DECAY_KEY, LR_KEY, apply, proxy_tree, run_tree, validated
 from sfumato.layout import TuneFolder
+from sfumato.records import VAL_LOSS
 
-METRIC, MODE = "val_loss", "min"  # what trials are ranked on (validation loss, EMA weights)
+METRIC, MODE = VAL_LOSS, "min"  # what trials are ranked on (validation loss, EMA weights)
 
 
 def trial_dir(cfg, trial_id: str) -> Path:
