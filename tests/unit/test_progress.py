@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from sfumato.console import duration, progress_text
+from sfumato.records import MetricsLine
 from sfumato.train.progress import LossAverage, Progress, progress_line, remaining_work
 
 
@@ -93,10 +94,11 @@ def test_eta_is_the_true_remaining_time_when_every_image_pixel_costs_the_same():
 def test_progress_line_reads_step_bar_loss_rate_elapsed_and_eta():
     record = {"step": 40, "resolution_px": 16, "loss": 0.1234, "loss_ema": 0.13, "lr": 1e-3,
               "samples_per_s": 41.26, "elapsed_s": 25.0, "eta_s": 331.0}
-    line = progress_line(record, 600)
+    line = progress_line(MetricsLine.from_json(record), 600)
     assert line == ("step  40/600 [#...................]   7% | 16px | loss 0.1234 (ema 0.1300) | lr 1.00e-03 | "
                     "41.3 samples/s | 0:25 elapsed | ETA 5:31")
-    assert progress_line({"step": 600, "val_loss": 0.5}, 600) == "step 600/600 [####################] 100% | val_loss 0.5000"
+    assert progress_line(MetricsLine.from_json({"step": 600, "val_loss": 0.5}), 600) == \
+        "step 600/600 [####################] 100% | val_loss 0.5000"
     assert duration(3723.4) == "1:02:03" and duration(59.6) == "1:00"
     assert progress_text(32, 128, 4.0, "images") == \
         "32/128 images [#####...............]  25% | 8.0 images/s | 0:04 elapsed | ETA 0:12"

@@ -4,11 +4,12 @@ Every worker of a data-parallel job reads a disjoint, deterministic slice: shard
 i % world_size. Tars are read sequentially ("r|"), one sample at a time, so memory holds one
 batch, never a shard. `smoke()` is what `sfumato dataloader` runs to measure samples/s.
 
-Training batches come in one of three kinds, each with a small JSON position that resumes it
-exactly: square crops in shard order (`iter_training_batches`), single-aspect-bucket batches
-(`bucketed`, data.shards.buckets) and a weighted mixture of sources (`mixture_batches`,
-data.sources[i].weight). Readers that want squares (validation without buckets, FID references,
-the domain classifier) get a centre crop of a bucketed image.
+Training batches come in one of three kinds, one iterator class each, each with a small JSON
+position that resumes it exactly: square crops in shard order (`SquareBatches`), single-aspect-
+bucket batches (`BucketBatches`, data.shards.buckets) and a weighted mixture of sources
+(`MixtureBatches`, data.sources[i].weight). All three read what a `ReadPlan` says one rank reads;
+`training_batches` picks the kind the config asks for. Readers that want squares (validation
+without buckets, FID references, the domain classifier) get a centre crop of a bucketed image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import json
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -146,65 +148,119 @@ def _balanced(samples: Iterator[dict], weights: dict[int, float], rng: np.random
             yield sample
 
 
+# ----------------------------------------------------------------------- training batches
+@dataclass(frozen=True)
+class ReadPlan:
+    """What one rank of a training run reads, whatever the batches it makes of it: the shards of
+    one resolution, its place among the ranks, the seed its orders come from, the [low, high)
+    range of split positions it trains on (`training_range`), `ids` (a fine-tune's selection:
+    only these samples) and `class_weights` (class -> probability of keeping a sample, drawn
+    from (seed, epoch, rank), so a resumed run keeps exactly the same ones)."""
+
+    paths: list[Path]
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    split: tuple[float, float] = (0.0, 1.0)
+    ids: frozenset | None = None
+    class_weights: dict[int, float] | None = None
+
+    def in_split(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """The samples in the split (and in the selection)."""
+        if self.split == (0.0, 1.0) and self.ids is None:
+            return samples
+        return _in_range(samples, *self.split, self.ids)
+
+    def balanced(self, samples: Iterator[dict], *stream: int) -> Iterator[dict]:
+        """With class weights: each sample kept with its class's probability, drawn from the random
+        stream (seed, *stream)."""
+        if self.class_weights is None:
+            return samples
+        return _balanced(samples, self.class_weights, np.random.default_rng([self.seed, *stream]))
+
+    def epoch_samples(self, epoch: int) -> Iterator[dict]:
+        """One epoch's samples for this rank: the shard order reshuffled from (seed, epoch), then
+        dealt round-robin to ranks. A selection may sit in a few shards (a class, a source):
+        then every rank reads every shard and takes every world_size-th selected sample (reading
+        is cheap, decoding is not)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
+        shuffled = [self.paths[i] for i in order]
+        samples = self.in_split(iter_samples(shuffled[self.rank::self.world_size] if self.ids is None else shuffled))
+        if self.ids is not None:
+            samples = (sample for i, sample in enumerate(samples) if i % self.world_size == self.rank)
+        return self.balanced(samples, epoch, self.rank, 1)
+
+    def check_enough_shards(self, resolution_px: int) -> None:
+        if len(self.paths) < self.world_size and self.ids is None:
+            raise ValueError(f"{len(self.paths)} shards at {resolution_px}px cannot feed {self.world_size} workers: "
+                             "lower data.shards.samples_per_shard")
+
+
+class SquareBatches:
+    """Endless square batches (centre crops) for one rank, epoch after epoch, in shard order
+    (`ReadPlan.epoch_samples`). Yields (batch, position after it: {"epoch", "batches"}); from a
+    saved position it resumes at exactly the next batch (skipped samples are not decoded)."""
+
+    def __init__(self, plan: ReadPlan, batch_size: int, resolution_px: int, position: dict | None = None):
+        self.plan, self.batch_size, self.resolution_px, self.position = plan, batch_size, resolution_px, position or {}
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        self.plan.check_enough_shards(self.resolution_px)
+        epoch, skip = self.position.get("epoch", 0), self.position.get("batches", 0)
+        while True:
+            samples = self.plan.epoch_samples(epoch)
+            for _ in range(skip * self.batch_size):
+                next(samples, None)
+            done = skip
+            for batch in iter_batches_from(samples, self.batch_size, self.resolution_px):
+                done += 1
+                yield batch, {"epoch": epoch, "batches": done}
+            if done == 0:
+                raise ValueError(f"rank {self.plan.rank} got no full batch of {self.batch_size} from its shards at "
+                                 f"{self.resolution_px}px: lower the micro batch or data.shards.samples_per_shard")
+            epoch, skip = epoch + 1, 0
+
+
+class BucketBatches:
+    """Endless single-aspect-bucket batches (data.shards.buckets; `_bucket_groups`) for one rank,
+    images at their stored size, in shard order. The position also counts the samples read in
+    the epoch ({"epoch", "batches", "samples"}), to refill the part-filled groups on resume."""
+
+    def __init__(self, plan: ReadPlan, batch_size: int, resolution_px: int, position: dict | None = None):
+        self.plan, self.batch_size, self.resolution_px, self.position = plan, batch_size, resolution_px, position or {}
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        self.plan.check_enough_shards(self.resolution_px)
+        epoch, skip = self.position.get("epoch", 0), self.position.get("batches", 0)
+        while True:
+            done = 0
+            read = self.position.get("samples", 0) if skip else 0
+            for group, done, read_then in _bucket_groups(self.plan.epoch_samples(epoch), self.batch_size, read, skip):
+                yield _as_batch(group, None), {"epoch": epoch, "batches": done, "samples": read_then}
+            done = max(done, skip)
+            epoch, skip = epoch + 1, 0
+            if done == 0:
+                raise ValueError(f"rank {self.plan.rank} got no sample from its shards at {self.resolution_px}px")
+
+
+def training_batches(plan: ReadPlan, batch_size: int, resolution_px: int, position: dict | None = None,
+                     source_weights: dict[str, float] | None = None, bucketed: bool = False):
+    """The iterator of (batch, position) the data config asks for: a weighted mixture of sources
+    (data.sources weights), single-bucket batches (data.shards.buckets), or squares."""
+    if source_weights is not None:
+        return MixtureBatches(plan, batch_size, resolution_px, source_weights, position, bucketed)
+    return (BucketBatches if bucketed else SquareBatches)(plan, batch_size, resolution_px, position)
+
+
 def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int,
                           seed: int, position: dict | None = None,
                           class_weights: dict[int, float] | None = None,
                           split: tuple[float, float] = (0.0, 1.0),
                           source_weights: dict[str, float] | None = None,
                           bucketed: bool = False, ids: frozenset | None = None) -> Iterator[tuple[dict, dict]]:
-    """Endless batches for one rank, epoch after epoch: the shard order is reshuffled per epoch
-    from (seed, epoch), then dealt round-robin to ranks. Yields (batch, position after it);
-    given a saved position, it resumes at exactly the next batch (skipped samples are not
-    decoded). Only samples whose split position is in `split` (`training_range`) are read. With
-    `class_weights`, samples are kept with their class's probability, drawn from
-    (seed, epoch, rank), so a resumed run keeps exactly the same ones. With `source_weights`
-    (source name -> share), samples come from the sources in those shares instead
-    (`mixture_batches`); `bucketed`: every batch holds one aspect bucket's images
-    (`_bucket_groups`), and the position also counts the samples read in the epoch. `ids`: only
-    these samples are read (a fine-tune's selection); the split then carries them along."""
-    if ids is not None:
-        split = (*split, ids)  # (low, high, ids): every `_in_range(samples, *split)` keeps only them
-    if source_weights is not None:
-        yield from mixture_batches(paths, batch_size, resolution_px, rank, world_size, seed, position,
-                                   class_weights, split, source_weights, bucketed)
-        return
-    if len(paths) < world_size and ids is None:
-        raise ValueError(f"{len(paths)} shards at {resolution_px}px cannot feed {world_size} workers: "
-                         "lower data.shards.samples_per_shard")
-    epoch = (position or {}).get("epoch", 0)
-    skip = (position or {}).get("batches", 0)
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(paths))
-        # A selection may sit in a few shards (a class, a source): then every rank reads every
-        # shard and takes every world_size-th selected sample (reading is cheap, decoding is not).
-        mine = [paths[i] for i in order][rank::world_size] if ids is None else [paths[i] for i in order]
-        samples = iter_samples(mine)
-        if split != (0.0, 1.0):
-            samples = _in_range(samples, *split)
-        if ids is not None:
-            samples = (sample for i, sample in enumerate(samples) if i % world_size == rank)
-        if class_weights is not None:
-            samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1]))
-        if bucketed:
-            done = 0
-            read = (position or {}).get("samples", 0) if skip else 0
-            for group, done, read_then in _bucket_groups(samples, batch_size, read, skip):
-                yield _as_batch(group, None), {"epoch": epoch, "batches": done, "samples": read_then}
-            done = max(done, skip)
-            epoch, skip = epoch + 1, 0
-            if done == 0:
-                raise ValueError(f"rank {rank} got no sample from its shards at {resolution_px}px")
-            continue
-        for _ in range(skip * batch_size):
-            next(samples, None)
-        done = skip
-        for batch in iter_batches_from(samples, batch_size, resolution_px):
-            done += 1
-            yield batch, {"epoch": epoch, "batches": done}
-        if done == 0:
-            raise ValueError(f"rank {rank} got no full batch of {batch_size} from its shards at {resolution_px}px: "
-                             "lower the micro batch or data.shards.samples_per_shard")
-        epoch, skip = epoch + 1, 0
+    """`training_batches` with the plan's fields as arguments: an iterator, for benches and tests."""
+    plan = ReadPlan(paths, rank, world_size, seed, split, ids, class_weights)
+    return iter(training_batches(plan, batch_size, resolution_px, position, source_weights, bucketed))
 
 
 # --------------------------------------------------------------------- aspect-ratio buckets
@@ -257,26 +313,21 @@ def _shards_holding(paths: list[Path], name: str) -> tuple[list[Path], bool]:
     return held, known
 
 
-def _source_epoch(name: str, paths: list[Path], rank: int, world_size: int, seed: int, epoch: int,
-                  split: tuple[float, float], class_weights: dict[int, float] | None,
-                  by_shard: bool = True) -> Iterator[dict]:
-    """One epoch of one source's samples for one rank: its shards in an order from (seed, epoch,
-    source), dealt to ranks like `iter_training_batches` deals all shards; a source in fewer
-    shards than ranks, or in shards whose per-source counts are unknown (`by_shard` False), has
-    its samples dealt instead, so every rank gets its share."""
-    key = _source_key(name)
-    order = np.random.default_rng([seed, epoch, key]).permutation(len(paths))
+def _source_epoch(plan: ReadPlan, name: str, held: tuple[list[Path], bool], epoch: int) -> Iterator[dict]:
+    """One epoch of one source's samples for one rank: the shards holding it (`_shards_holding`)
+    in an order from (seed, epoch, source), dealt to ranks like `ReadPlan.epoch_samples` deals all
+    shards; a source in fewer shards than ranks, or in shards whose per-source counts are unknown,
+    has its samples dealt instead, so every rank gets its share."""
+    (paths, known), key = held, _source_key(name)
+    rank, world_size = plan.rank, plan.world_size
+    order = np.random.default_rng([plan.seed, epoch, key]).permutation(len(paths))
     shuffled = [paths[i] for i in order]
-    by_shard = by_shard and len(paths) >= world_size
+    by_shard = known and len(paths) >= world_size
     samples = (s for s in iter_samples(shuffled[rank::world_size] if by_shard else shuffled)
                if json.loads(s["json"]).get("source") == name)
     if not by_shard:
         samples = (s for i, s in enumerate(samples) if i % world_size == rank)
-    if split != (0.0, 1.0):
-        samples = _in_range(samples, *split)
-    if class_weights is not None:
-        samples = _balanced(samples, class_weights, np.random.default_rng([seed, epoch, rank, 1, key]))
-    return samples
+    return plan.balanced(plan.in_split(samples), epoch, rank, 1, key)
 
 
 def _no_sample(name: str, rank: int, paths: list[Path]) -> ValueError:
@@ -284,36 +335,31 @@ def _no_sample(name: str, rank: int, paths: list[Path]) -> ValueError:
                       "give it weight 0, or lower train.validation.holdout_fraction / raise train.data_fraction")
 
 
-def _source_samples(name: str, held: tuple[list[Path], bool], rank: int, world_size: int, seed: int,
-                    split: tuple[float, float], class_weights: dict[int, float] | None, state: dict) -> Iterator[dict]:
+def _source_samples(plan: ReadPlan, name: str, held: tuple[list[Path], bool], state: dict) -> Iterator[dict]:
     """One source's samples for one rank, epoch after epoch. `state` ({"epoch", "samples"}:
     samples taken in that epoch) is kept current as samples are taken, and resumed from."""
-    paths, known = held
     while True:
         epoch, taken = state["epoch"], 0
-        for taken, sample in enumerate(_source_epoch(name, paths, rank, world_size, seed, epoch, split, class_weights,
-                                                     known), start=1):
+        for taken, sample in enumerate(_source_epoch(plan, name, held, epoch), start=1):
             if taken > state["samples"]:  # the ones before were taken before the saved position
                 state["samples"] = taken
                 yield sample
         if taken == 0:
-            raise _no_sample(name, rank, paths)
+            raise _no_sample(name, plan.rank, held[0])
         state["epoch"], state["samples"] = epoch + 1, 0
 
 
-def _source_groups(name: str, held: tuple[list[Path], bool], rank: int, world_size: int, seed: int,
-                   split: tuple[float, float], class_weights: dict[int, float] | None, batch_size: int,
+def _source_groups(plan: ReadPlan, name: str, held: tuple[list[Path], bool], batch_size: int,
                    state: dict) -> Iterator[list[dict]]:
     """One source's single-bucket groups for one rank (`_bucket_groups`), epoch after epoch;
     `state` ({"epoch", "batches", "samples"} of that epoch) is kept current and resumed from."""
-    paths, known = held
     while True:
         epoch, skip = state["epoch"], state["batches"]
-        samples = _source_epoch(name, paths, rank, world_size, seed, epoch, split, class_weights, known)
+        samples = _source_epoch(plan, name, held, epoch)
         for group, state["batches"], state["samples"] in _bucket_groups(samples, batch_size, state["samples"], skip):
             yield group
         if state["batches"] == 0:
-            raise _no_sample(name, rank, paths)
+            raise _no_sample(name, plan.rank, held[0])
         state.update(epoch=epoch + 1, batches=0, samples=0)
 
 
@@ -328,56 +374,59 @@ def _source_draws(seed: int, rank: int, done: int, weights: np.ndarray) -> Itera
         yield from np.searchsorted(edges, generator.random(1024), side="right").tolist()
 
 
-def mixture_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int, seed: int,
-                    position: dict | None, class_weights: dict[int, float] | None, split: tuple[float, float],
-                    source_weights: dict[str, float], bucketed: bool = False) -> Iterator[tuple[dict, dict]]:
-    """Batches whose every sample's source is drawn with `source_weights` (e.g. 90% real photos,
-    10% synthetic), whatever the sources' sizes: each source is its own endless stream of epochs,
-    so a small source repeats and a large one is read in part. The position holds, per source,
-    its epoch, the samples taken in it and the samples drawn so far ("drawn": the realised
-    shares), and resumes exactly without reading the epochs before it again. `bucketed`: each
-    batch's source is drawn instead (a batch holds one source's one bucket), from every source's
-    own single-bucket groups (`_source_groups`)."""
-    names = [name for name, weight in source_weights.items() if weight > 0]
-    weights = np.asarray([source_weights[name] for name in names], dtype=np.float64)
-    weights /= weights.sum()
-    saved = (position or {}).get("sources", {})
-    states = {n: {"epoch": 0, "samples": 0, "drawn": 0, **saved.get(n, {})} for n in names}
-    held = {n: _shards_holding(paths, n) for n in names}
-    for name in names:
-        if not held[name][0]:
-            raise ValueError(f"no shard at {resolution_px}px holds source {name!r} (data.sources weight "
-                             f"{source_weights[name]:.3g}): re-run `sfumato shards`, or give it weight 0")
-    if bucketed:
-        yield from _mixed_groups(names, weights, held, rank, world_size, seed, split, class_weights, batch_size,
-                                 states, (position or {}).get("batches", 0))
-        return
-    streams = {n: _source_samples(n, held[n], rank, world_size, seed, split, class_weights, states[n]) for n in names}
+class MixtureBatches:
+    """Endless batches whose every sample's source is drawn with `source_weights` (e.g. 90% real
+    photos, 10% synthetic), whatever the sources' sizes: each source is its own endless stream of
+    epochs, so a small source repeats and a large one is read in part. The position holds, per
+    source, its epoch, the samples taken in it and the samples drawn so far ("drawn": the
+    realised shares, `source_shares`), and resumes exactly without reading the epochs before it
+    again. `bucketed`: each batch's source is drawn instead (a batch holds one source's one
+    bucket), from every source's own single-bucket groups (`_source_groups`)."""
 
-    def mixed() -> Iterator[dict]:
-        for index in _source_draws(seed, rank, sum(s["drawn"] for s in states.values()), weights):
-            states[names[index]]["drawn"] += 1
-            yield next(streams[names[index]])
+    def __init__(self, plan: ReadPlan, batch_size: int, resolution_px: int, source_weights: dict[str, float],
+                 position: dict | None = None, bucketed: bool = False):
+        self.plan, self.batch_size, self.resolution_px, self.bucketed = plan, batch_size, resolution_px, bucketed
+        self.source_weights, self.position = source_weights, position or {}
+        self.names = [name for name, weight in source_weights.items() if weight > 0]
+        weights = np.asarray([source_weights[name] for name in self.names], dtype=np.float64)
+        self.weights = weights / weights.sum()
 
-    done = (position or {}).get("batches", 0)
-    for batch in iter_batches_from(mixed(), batch_size, resolution_px):
-        done += 1
-        yield batch, {"batches": done, "sources": {n: dict(s) for n, s in states.items()}}
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        saved = self.position.get("sources", {})
+        states = {n: {"epoch": 0, "samples": 0, "drawn": 0, **saved.get(n, {})} for n in self.names}
+        held = {n: _shards_holding(self.plan.paths, n) for n in self.names}
+        for name in self.names:
+            if not held[name][0]:
+                raise ValueError(f"no shard at {self.resolution_px}px holds source {name!r} (data.sources weight "
+                                 f"{self.source_weights[name]:.3g}): re-run `sfumato shards`, or give it weight 0")
+        done = self.position.get("batches", 0)
+        yield from (self._groups if self.bucketed else self._squares)(states, held, done)
 
+    def _squares(self, states: dict, held: dict, done: int) -> Iterator[tuple[dict, dict]]:
+        """One draw per sample, from draw `sum(drawn)` on."""
+        names, plan = self.names, self.plan
+        streams = {n: _source_samples(plan, n, held[n], states[n]) for n in names}
 
-def _mixed_groups(names: list[str], weights: np.ndarray, held: dict, rank: int, world_size: int, seed: int,
-                  split: tuple[float, float], class_weights: dict[int, float] | None, batch_size: int, states: dict,
-                  done: int) -> Iterator[tuple[dict, dict]]:
-    """The bucketed mixture: one draw per batch (draw `done` on, so `done` batches came before)."""
-    for state in states.values():
-        state.setdefault("batches", 0)
-    groups = {n: _source_groups(n, held[n], rank, world_size, seed, split, class_weights, batch_size, states[n])
-              for n in names}
-    for index in _source_draws(seed, rank, done, weights):
-        group = next(groups[names[index]])
-        states[names[index]]["drawn"] += len(group)
-        done += 1
-        yield _as_batch(group, None), {"batches": done, "sources": {n: dict(s) for n, s in states.items()}}
+        def mixed() -> Iterator[dict]:
+            for index in _source_draws(plan.seed, plan.rank, sum(s["drawn"] for s in states.values()), self.weights):
+                states[names[index]]["drawn"] += 1
+                yield next(streams[names[index]])
+
+        for batch in iter_batches_from(mixed(), self.batch_size, self.resolution_px):
+            done += 1
+            yield batch, {"batches": done, "sources": {n: dict(s) for n, s in states.items()}}
+
+    def _groups(self, states: dict, held: dict, done: int) -> Iterator[tuple[dict, dict]]:
+        """One draw per batch (draw `done` on, so `done` batches came before)."""
+        names, plan = self.names, self.plan
+        for state in states.values():
+            state.setdefault("batches", 0)
+        groups = {n: _source_groups(plan, n, held[n], self.batch_size, states[n]) for n in names}
+        for index in _source_draws(plan.seed, plan.rank, done, self.weights):
+            group = next(groups[names[index]])
+            states[names[index]]["drawn"] += len(group)
+            done += 1
+            yield _as_batch(group, None), {"batches": done, "sources": {n: dict(s) for n, s in states.items()}}
 
 
 def source_shares(position: dict | None) -> dict[str, float] | None:

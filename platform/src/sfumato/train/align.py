@@ -17,11 +17,13 @@ and `policy_distance`, ||theta - theta_ref|| / ||theta_ref|| over the trained pa
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 from sfumato.config import Config, validated
+from sfumato.records import AlignmentStepRecord, AlignmentValidationRecord
 
 
 def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None = None,
@@ -67,10 +69,6 @@ def _start_classes(lineage: dict) -> dict | None:
     return None if not names else {name: i for i, name in enumerate(names)}
 
 
-def is_alignment(cfg: Config) -> bool:
-    return cfg.train.dpo is not None
-
-
 def reference_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
     """The frozen reference: a copy of the starting weights, in eval mode, never trained."""
     import copy
@@ -94,29 +92,88 @@ def load_pairs(cfg: Config, class_names: list[str]):
     return pairs, training, heldout
 
 
-@torch.no_grad()
-def heldout_stats(model, pairs, rows, resolution_px: int, batch_size: int, state, seed: int) -> dict:
-    """DPO loss, reward accuracy and margin of `model` (the EMA weights) on the held-out pairs,
-    each batch noised from (seed, batch index): every evaluation sees the same noise."""
-    from sfumato.diffusion.dpo import pair_loss
-    from sfumato.train.step import pair_inputs
+def pair_inputs(batch: dict, state, generator: torch.Generator, dtype: torch.dtype):
+    """(chosen x0, rejected x0, conditions without dropout) of a pair batch."""
+    from sfumato.train.step import conditions, model_inputs
 
-    if len(rows) == 0:
-        return {}
-    dtype = next(model.parameters()).dtype
-    totals, count = {"heldout_dpo_loss": 0.0, "heldout_reward_accuracy": 0.0, "heldout_reward_margin": 0.0}, 0
-    for index, start in enumerate(range(0, len(rows), batch_size)):
-        batch = pairs.batch(rows[start:start + batch_size], resolution_px)
-        generator = torch.Generator(state.device).manual_seed(seed * 100_003 + index)
-        chosen, rejected, cond = pair_inputs(batch, state, generator, dtype)
-        loss, stats = pair_loss(model, state.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
-                                state.dpo_beta, generator, resolution_px)
-        n = len(batch["id"])
-        totals["heldout_dpo_loss"] += float(loss) * n
-        totals["heldout_reward_accuracy"] += float(stats["reward_accuracy"]) * n
-        totals["heldout_reward_margin"] += float(stats["reward_margin"]) * n
-        count += n
-    return {k: v / count for k, v in totals.items()}
+    chosen, classes = model_inputs(batch, state, generator, dtype)
+    rejected, _ = model_inputs({**batch, "image": batch["rejected"]}, state, generator, dtype)
+    return chosen, rejected, conditions(batch, classes, state, dropout=0.0)
+
+
+class Alignment:
+    """The Diffusion-DPO training task (the interface: sfumato.train.tasks.Task): batches of
+    preference pairs dealt to the ranks (sfumato.data.pairs.pair_batches), the DPO loss against
+    the frozen reference, and as validation, with every grid and at validation steps, the held-out
+    pairs' figures and the policy's distance from the reference. Built before the denoiser is
+    compiled or partitioned: the reference is a copy of the weights the alignment starts from."""
+
+    def __init__(self, cfg: Config, denoiser: torch.nn.Module, class_names: list[str]):
+        self.cfg, self.beta = cfg, cfg.train.dpo.beta
+        self.reference = reference_copy(denoiser)
+        self.pairs, self.training_rows, self.heldout_rows = load_pairs(cfg, class_names)
+
+    def batches(self, stage_index: int, rank: int, world: int, position: dict | None):
+        from sfumato.data.pairs import pair_batches
+
+        stage = self.cfg.train.stages[stage_index]
+        return pair_batches(self.pairs, self.training_rows, stage.micro_batch_size, stage.resolution_px, rank, world,
+                            self.cfg.seed + stage_index, position)
+
+    def loss(self, model, batch: dict, state) -> tuple[torch.Tensor, dict]:
+        """The DPO loss of a pair batch (sfumato.diffusion.dpo), and its reward statistics."""
+        from sfumato.diffusion.dpo import pair_loss
+
+        chosen, rejected, cond = pair_inputs(batch, state, state.generator, state.dtype)
+        resolution_px = chosen.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
+        return pair_loss(model, self.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
+                         self.beta, state.generator, resolution_px)
+
+    def validation_due(self, step: int, last: bool, sample_now: bool) -> bool:
+        """With every grid, and at train.validation.every_steps."""
+        v = self.cfg.train.validation
+        return sample_now or (v is not None and step % v.every_steps == 0)
+
+    def validate(self, model, stage_index: int, state) -> tuple[AlignmentValidationRecord]:
+        v, stage = self.cfg.train.validation, self.cfg.train.stages[stage_index]
+        held = self.heldout_stats(model, stage.resolution_px, stage.micro_batch_size, state, v.seed if v is not None else 0)
+        return (replace(held, policy_distance=policy_distance(model, self.reference)),)
+
+    def log_records(self, out: dict, position: dict | None) -> tuple[AlignmentStepRecord]:
+        """The batch's reward accuracy and margin: stats of the DPO loss, named as the record's fields."""
+        return (_rewards(out),)
+
+    @torch.no_grad()
+    def heldout_stats(self, model, resolution_px: int, batch_size: int, state, seed: int) -> AlignmentValidationRecord:
+        """DPO loss, reward accuracy and margin of `model` (the EMA weights) on the held-out pairs,
+        each batch noised from (seed, batch index): every evaluation sees the same noise. None of
+        them without held-out pairs."""
+        from sfumato.diffusion.dpo import pair_loss
+
+        rows = self.heldout_rows
+        if len(rows) == 0:
+            return AlignmentValidationRecord()
+        dtype = next(model.parameters()).dtype
+        loss_sum = accuracy_sum = margin_sum = 0.0
+        count = 0
+        for index, start in enumerate(range(0, len(rows), batch_size)):
+            batch = self.pairs.batch(rows[start:start + batch_size], resolution_px)
+            generator = torch.Generator(state.device).manual_seed(seed * 100_003 + index)
+            chosen, rejected, cond = pair_inputs(batch, state, generator, dtype)
+            loss, stats = pair_loss(model, self.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
+                                    self.beta, generator, resolution_px)
+            n, rewards = len(batch["id"]), _rewards(stats)
+            loss_sum += float(loss) * n
+            accuracy_sum += rewards.reward_accuracy * n
+            margin_sum += rewards.reward_margin * n
+            count += n
+        return AlignmentValidationRecord(loss_sum / count, accuracy_sum / count, margin_sum / count)
+
+
+def _rewards(stats: dict) -> AlignmentStepRecord:
+    """The DPO loss's reward statistics (sfumato.diffusion.dpo names them as the record's fields),
+    read back from the device."""
+    return AlignmentStepRecord(**{f.name: float(stats[f.name]) for f in fields(AlignmentStepRecord)})
 
 
 @torch.no_grad()

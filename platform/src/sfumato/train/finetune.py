@@ -166,13 +166,7 @@ def prepare(cfg: Config) -> None:
                              "were rebuilt with other tags; fine-tune on shards with the parent's classes")
 
 
-def selected_ids(cfg: Config) -> frozenset[str] | None:
-    """The ids a fine-tune trains and validates on; None for any other run."""
-    if not is_finetune(cfg) or cfg.train.dpo is not None:  # an alignment trains on its pairs
-        return None
+def selected_ids(cfg: Config) -> frozenset[str]:
+    """The ids a fine-tune trains and validates on (sfumato.train.tasks.FineTuning), listed by `prepare`."""
     path = RunFolder(cfg.train.output_dir).selected_ids
     return frozenset(line for line in path.read_text().splitlines() if line)
-
-
-def is_finetune(cfg: Config) -> bool:
-    return cfg.train.lineage is not None

@@ -29,7 +29,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     import ray.train
 
-    from sfumato.train.worker import resume, setup, train
+    from sfumato.train.checkpointing import resume
+    from sfumato.train.worker import setup, train
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from sfumato.console import bar, duration
+from sfumato.records import VAL_LOSS, MetricsLine, TrainStepRecord, ValidationRecord
 
 
 @dataclass
@@ -92,15 +93,16 @@ class Progress:
         return record
 
 
-def progress_line(record: dict, total_steps: int) -> str:
+def progress_line(line: MetricsLine, total_steps: int) -> str:
     """step  40/600 [#...]   7% | 16px | loss 0.1234 (ema 0.1300) | lr 1.00e-03 | 41.3 samples/s |
-    0:25 elapsed | ETA 5:31 (and val_loss when the record has one)."""
-    parts = [f"step {record['step']:>{len(str(total_steps))}}/{total_steps} {bar(record['step'] / total_steps)}"]
-    if "loss" in record:
-        eta = "?" if record["eta_s"] is None else duration(record["eta_s"])
-        parts += [f"{record['resolution_px']}px", f"loss {record['loss']:.4f} (ema {record['loss_ema']:.4f})",
-                  f"lr {record['lr']:.2e}", f"{record['samples_per_s']:.1f} samples/s",
-                  f"{duration(record['elapsed_s'])} elapsed", f"ETA {eta}"]
-    if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f}")
+    0:25 elapsed | ETA 5:31 (and val_loss when the line has one)."""
+    parts = [f"step {line.step:>{len(str(total_steps))}}/{total_steps} {bar(line.step / total_steps)}"]
+    train, validation = line.get(TrainStepRecord), line.get(ValidationRecord)
+    if train is not None:
+        eta = "?" if train.eta_s is None else duration(train.eta_s)
+        parts += [f"{train.resolution_px}px", f"loss {train.loss:.4f} (ema {train.loss_ema:.4f})",
+                  f"lr {train.lr:.2e}", f"{train.samples_per_s:.1f} samples/s",
+                  f"{duration(train.elapsed_s)} elapsed", f"ETA {eta}"]
+    if validation is not None:
+        parts.append(f"{VAL_LOSS} {validation.val_loss:.4f}")
     return " | ".join(parts)

@@ -116,9 +116,6 @@ class TrainState:
     stats: dict = field(default_factory=dict)
     bad_loss: torch.Tensor | None = None
     """A non-finite loss since the last optimizer step, kept on the device until the boundary."""
-    reference: object = None
-    """Alignment (train.dpo): the frozen reference denoiser; batches are then preference pairs."""
-    dpo_beta: float = 0.0
 
 
 def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,21 +171,11 @@ def loss_fn(model, x0: torch.Tensor, cond: torch.Tensor | None, state: TrainStat
     return diffusion_loss(model, x0, cond, state.schedule, state.diffusion_cfg, state.generator, resolution_px)
 
 
-def pair_inputs(batch: dict, state, generator: torch.Generator, dtype: torch.dtype):
-    """(chosen x0, rejected x0, conditions without dropout) of a pair batch."""
-    chosen, classes = model_inputs(batch, state, generator, dtype)
-    rejected, _ = model_inputs({**batch, "image": batch["rejected"]}, state, generator, dtype)
-    return chosen, rejected, conditions(batch, classes, state, dropout=0.0)
-
-
-def pair_loss_fn(model, batch: dict, state) -> tuple[torch.Tensor, dict]:
-    """The training step's loss for a pair batch (sfumato.train.step.train_step calls it)."""
-    from sfumato.diffusion.dpo import pair_loss
-
-    chosen, rejected, cond = pair_inputs(batch, state, state.generator, state.dtype)
-    resolution_px = chosen.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
-    return pair_loss(model, state.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
-                     state.dpo_beta, state.generator, resolution_px)
+def image_loss(model, batch: dict, state: TrainState) -> tuple[torch.Tensor, dict]:
+    """The diffusion loss of a micro-batch of images (pre-training, fine-tuning): the batch's x0
+    and its conditions with classifier-free-guidance dropout, then `loss_fn`."""
+    x0, classes = model_inputs(batch, state, state.generator, state.dtype)
+    return loss_fn(model, x0, conditions(batch, classes, state), state)
 
 
 def _check_finite(state: TrainState) -> None:
@@ -209,15 +196,13 @@ def _check_finite(state: TrainState) -> None:
         raise NonFiniteError(f"non-finite gradient {where}")
 
 
-def train_step(state: TrainState, batch: dict) -> dict:
+def train_step(state: TrainState, batch: dict, batch_loss=image_loss) -> dict:
     """One micro-batch: forward, backward and, at an accumulation boundary, the finite checks on
-    all ranks and the optimizer step. Returns the micro-batch's loss and stats as device tensors
-    (read them back only when logging: each read waits for the GPU) and `optimizer_step`."""
-    if state.reference is not None:  # a preference pair batch: the Diffusion-DPO loss
-        loss, stats = pair_loss_fn(state.engine, batch, state)
-    else:
-        x0, classes = model_inputs(batch, state, state.generator, state.dtype)
-        loss, stats = loss_fn(state.engine, x0, conditions(batch, classes, state), state)
+    all ranks and the optimizer step. `batch_loss(model, batch, state) -> (loss, stats)` is the
+    training task's (sfumato.train.tasks): the diffusion loss of images by default. Returns the
+    micro-batch's loss and stats as device tensors (read them back only when logging: each read
+    waits for the GPU) and `optimizer_step`."""
+    loss, stats = batch_loss(state.engine, batch, state)
     bad = ~torch.isfinite(loss.detach())
     state.bad_loss = bad if state.bad_loss is None else state.bad_loss | bad
     state.engine.backward(loss)

@@ -1,11 +1,15 @@
 """One Ray Train worker's training, layered the way torchtitan's is:
 
     train_loop_per_worker (loop.py)  adapts Ray: the config in, the worker's loop run
-      setup + resume                 model, DeepSpeed engine, EMA, state; the newest checkpoint
-      run_stage                      one curriculum stage: its beta, its loader, its steps
+      setup + resume                 model, task, DeepSpeed engine, EMA, state; the newest checkpoint
+      run_stage                      one curriculum stage: its beta, the task's batches, its steps
         optimizer_step               LR, micro-batches to the accumulation boundary, EMA, hooks
           after_step                 log, validate, sample, checkpoint: each a small named step
-            train_step (step.py)     plain PyTorch: forward, finite checks, backward, step
+            train_step (step.py)     plain PyTorch: the task's loss, finite checks, backward, step
+
+What is trained comes from the run's task (sfumato.train.tasks: pre-training, fine-tuning, DPO):
+its batches, its loss, when and how it validates, its own log fields. The loop never asks which
+task it runs. Checkpoints, resume and loss-spike rollbacks: sfumato.train.checkpointing.
 
 Rank 0 alone writes the run folder's files; every rank takes part in the collective calls
 (barriers, the EMA gather under ZeRO-3, checkpoints).
@@ -19,11 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sfumato import checkpoint as ckpt
 from sfumato.config import Config
-from sfumato.layout import DataFolder, RunFolder, append_jsonl, atomic_write_json, truncate_metrics
+from sfumato.layout import RunFolder, append_jsonl, atomic_write_json
+from sfumato.records import MetricsLine, Record, TrainStepRecord
+from sfumato.train.checkpointing import roll_back, save_checkpoint
 from sfumato.train.faults import Hooks
-from sfumato.train.spike import LossSpikeError, RollBack, SpikeGuard, rollback_target
+from sfumato.train.ranks import all_reduce_any, all_reduce_mean, say
+from sfumato.train.spike import LossSpikeError, RollBack, SpikeGuard
+from sfumato.train.tasks import Task, make_task
 
 
 @dataclass
@@ -39,24 +46,17 @@ class Worker:
     ema: object  # sfumato.train.ema.EMA
     state: object  # sfumato.train.step.TrainState
     run_model: object  # sfumato.models.run.RunModel: what sample grids are drawn with
+    task: Task  # what is trained: its batches, loss, validation (sfumato.train.tasks)
     grid_conditions: list | None  # the sample grid's classes or prompts, cycled
-    class_weights: dict | None  # train.class_balanced: class index -> acceptance probability
     hooks: list[Hooks] = field(default_factory=list)
     position: dict | None = None  # this rank's loader position (resumes mid-epoch)
     loss_average: object = None  # sfumato.train.progress.LossAverage
     progress: object = None  # sfumato.train.progress.Progress
-    validation_sets: dict = field(default_factory=dict)  # resolution -> held-out batches (rank 0)
     spike_guard: SpikeGuard = field(default_factory=SpikeGuard)  # train.spike_guard; its lr scale
-    selected_ids: frozenset | None = None  # a fine-tune's data (sfumato.train.finetune); None: all
-    pairs: tuple | None = None  # an alignment's (PairSet, training rows, held-out rows) (train.align)
     wandb_run: object = None
 
-    @property
-    def shards(self):
-        return DataFolder(self.cfg.data.output_dir).shard_folder
 
-
-# ---------------------------------------------------------------------------- setup + resume
+# ------------------------------------------------------------------------------------ setup
 def deepspeed_config(cfg: Config, micro_batch_size: int) -> dict:
     t = cfg.train
     return {
@@ -72,24 +72,19 @@ def deepspeed_config(cfg: Config, micro_batch_size: int) -> dict:
 
 
 def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[Hooks]) -> Worker:
-    """The model with the same initial weights on every rank, its engine, EMA and state."""
+    """The model with the same initial weights on every rank, its task, engine, EMA and state."""
     import deepspeed
 
     from sfumato.diffusion.schedule import NoiseSchedule
     from sfumato.models.run import build_run_model
     from sfumato.train.ema import EMA, stage_beta
-    from sfumato.train.finetune import selected_ids
     from sfumato.train.step import GradientWatch, TrainState
 
     t, run = cfg.train, RunFolder(cfg.train.output_dir)
     torch.manual_seed(cfg.seed)
     run_model = build_run_model(cfg, device)
     model = run_model.denoiser
-    reference = None
-    if t.dpo is not None:  # the starting weights, frozen, before anything trains or is partitioned
-        from sfumato.train.align import reference_copy
-
-        reference = reference_copy(model)
+    task = make_task(cfg, run_model)  # before anything trains or is partitioned (an alignment's reference)
     speed_up(model, t, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # torch's fused AdamW: one kernel for all parameters (CPU and CUDA), 3.5x faster than the
@@ -108,16 +103,10 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
         dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision],
         null_class=engine.module.null_class if num_classes else None, tokenizer=run_model.tokenizer,
         max_length=t.text.max_length, codec=run_model.codec, watch=GradientWatch(engine.module),
-        all_ranks_any=lambda flag: _all_reduce_any(flag, device),
-        reference=reference, dpo_beta=t.dpo.beta if t.dpo is not None else 0.0,
+        all_ranks_any=lambda flag: all_reduce_any(flag, device),
     )
-    worker = Worker(cfg, run, rank, world, device, engine, ema, state, run_model,
-                    _grid_conditions(cfg, run, run_model), _class_weights(cfg), list(hooks),
-                    spike_guard=SpikeGuard(t.spike_guard), selected_ids=selected_ids(cfg))
-    if t.dpo is not None:
-        from sfumato.train.align import load_pairs
-
-        worker.pairs = load_pairs(cfg, run_model.class_names)
+    worker = Worker(cfg, run, rank, world, device, engine, ema, state, run_model, task,
+                    _grid_conditions(cfg, run, run_model), list(hooks), spike_guard=SpikeGuard(t.spike_guard))
     if rank == 0 and t.wandb:
         worker.wandb_run = _wandb(cfg)
     return worker
@@ -144,78 +133,6 @@ def _grid_conditions(cfg: Config, run: RunFolder, run_model) -> list | None:
     if run_model.class_names:
         return [i % len(run_model.class_names) for i in range(n)]
     return None
-
-
-def _class_weights(cfg: Config) -> dict | None:
-    if not cfg.train.class_balanced:
-        return None
-    shards = DataFolder(cfg.data.output_dir).shard_folder
-    classes = json.loads(shards.classes.read_text())
-    if not classes:
-        raise ValueError("train.class_balanced needs classes (tags) in the shards, and they have none")
-    weights = json.loads(shards.class_weights.read_text())
-    return {classes[tag]: weight for tag, weight in weights.items()}
-
-
-def resume(worker: Worker) -> None:
-    """From the newest committed checkpoint of the run folder, if any (`load_checkpoint`): weights,
-    optimizer, EMA, RNG, loader position, step, loss average and spike guard. Rank 0 first drops
-    what a killed attempt left: partial checkpoints, and metrics lines past the checkpoint (those
-    steps are logged again)."""
-    import ray
-    import torch.distributed as dist
-
-    from sfumato.train.progress import LossAverage, Progress
-
-    checkpoints, w = worker.run.checkpoints, worker
-    latest = ckpt.latest(checkpoints)
-    if w.rank == 0:
-        ckpt.clean_partials(checkpoints)
-        truncate_metrics(w.run.metrics, ckpt.load_meta(latest)["step"] if latest is not None else 0)
-    dist.barrier()
-    w.loss_average = LossAverage()
-    if latest is not None:
-        load_checkpoint(w, latest)
-    nodes = [None] * w.world  # the Ray node of every rank: where the worker group ran
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if w.rank == 0:
-        _record_attempt(w.run, latest, w.state.step, w.world, nodes)
-    w.progress = Progress(w.cfg.train, w.state.step)
-
-
-def load_checkpoint(worker: Worker, folder) -> None:
-    """Every rank, from a committed checkpoint: weights, optimizer, EMA, RNG, loader position,
-    step, loss average and the spike guard's rollbacks and learning-rate scale."""
-    from sfumato.train.progress import LossAverage
-
-    w = worker
-    # LoRA: the checkpoint holds the adapters alone; the frozen base came from the lineage (setup).
-    w.engine.load_checkpoint(str(folder / "deepspeed"), tag=ckpt.DEEPSPEED_TAG,
-                             load_module_strict=w.cfg.train.lora is None)
-    w.ema.load_state_dict(w.engine.module, ckpt.load_ema(folder))
-    ckpt.load_rng(folder, w.rank, w.state.generator)
-    w.position = ckpt.load_loader_position(folder, w.rank)
-    meta = ckpt.load_meta(folder)
-    w.state.step = meta["step"]
-    w.loss_average = LossAverage.from_state(meta.get("loss_average"))
-    average = w.loss_average.value  # None on every rank alike (the same number of updates)
-    w.spike_guard.load_state_dict(meta.get("spike_guard"),
-                                  None if average is None else _all_reduce_mean([average], w.device)[0])
-
-
-def _record_attempt(run: RunFolder, latest, step: int, world: int, nodes: list) -> None:
-    """A line in attempts.jsonl at every start of the worker group (restarts are visible in the
-    run folder) and, from the second on, on the console (Ray Train's own retry notice is INFO,
-    quiet unless --verbose)."""
-    from sfumato.layout import read_jsonl
-
-    number = 1 + len([a for a in read_jsonl(run.attempts) if "event" not in a])  # rollbacks are no starts
-    append_jsonl(run.attempts, {"time": time.time(), "resumed_from": latest and latest.name, "world_size": world,
-                                "nodes": nodes})
-    if latest is not None:
-        say(f"attempt {number} of this run folder: resumed from {latest.name} at step {step}")
-    elif number > 1:
-        say(f"attempt {number} of this run folder: no checkpoint yet, training from step 0")
 
 
 # ------------------------------------------------------------------------------ the loops
@@ -253,8 +170,8 @@ def stage_at(cfg: Config, step: int) -> tuple[int, int]:
 
 def run_stage(worker: Worker) -> None:
     """The rest of the current curriculum stage: its EMA beta (the same half-life in images
-    whatever its batch), its resolution's shards, from the saved position if it was cut off."""
-    from sfumato.data.loader import iter_training_batches, shard_paths, training_range
+    whatever its batch), the task's batches at its resolution, from the saved position if it
+    was cut off."""
     from sfumato.train.ema import stage_beta
 
     t, w = worker.cfg.train, worker
@@ -264,44 +181,10 @@ def run_stage(worker: Worker) -> None:
     w.progress.start_stage(stage)
     if w.position is not None and w.position.get("stage") != index:
         w.position = None  # the checkpoint was taken in an earlier stage
-    # Validation reads only held-out samples, training only the rest (a data fraction of it).
-    if w.pairs is not None:  # an alignment: preference pairs, not shards
-        from sfumato.data.pairs import pair_batches
-
-        pairs, rows, _ = w.pairs
-        batches = pair_batches(pairs, rows, stage.micro_batch_size, stage.resolution_px, w.rank, w.world,
-                               w.cfg.seed + index, w.position)
-        while w.state.step < start + stage.steps:
-            after_step(w, index, optimizer_step(w, index, batches))
-        return
-    split = training_range(t.validation.holdout_fraction if t.validation else 0.0, t.data_fraction)
-    batches = iter_training_batches(shard_paths(w.shards.root, stage.resolution_px), stage.micro_batch_size,
-                                    stage.resolution_px, w.rank, w.world, w.cfg.seed + index, w.position,
-                                    w.class_weights, split, source_weights=w.cfg.data.source_weights,
-                                    bucketed=w.cfg.data.shards.buckets is not None, ids=w.selected_ids)
-    cache = _latent_cache(w, stage.resolution_px)
-    if cache is not None:
-        batches = cache.attach_all(batches)
+    batches = w.task.batches(index, w.rank, w.world, w.position)
     while w.state.step < start + stage.steps:
         out = optimizer_step(w, index, batches)
         after_step(w, index, out)
-
-
-def _latent_cache(worker: Worker, resolution_px: int, announce: bool = True):
-    """The stage's cache (sfumato.models.cache) when it is complete for these shards and this
-    VAE / frozen text encoder: batches then carry each image's posterior mean and std (and its
-    caption's encoder states) and those encoders never run. None: encode on the fly (nothing to
-    cache, no cache, or an incomplete one)."""
-    from sfumato.models.cache import LatentCache, cache_enabled
-
-    if cache_enabled(worker.cfg) is not None:
-        return None
-    cache = LatentCache.open(worker.cfg, resolution_px)
-    if announce and worker.rank == 0:
-        say(f"{resolution_px}px: training from the cache {cache.folder.root}" if cache is not None else
-            f"{resolution_px}px: no complete latent cache for this VAE (`sfumato cache` builds it): "
-            "the VAE encodes every batch")
-    return cache
 
 
 def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
@@ -317,7 +200,7 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
     while True:
         batch, position = next(batches)
         w.position = {**position, "stage": stage_index}
-        out = train_step(w.state, batch)
+        out = train_step(w.state, batch, w.task.loss)
         w.progress.add_samples(len(batch["id"]) * w.world)
         if out["optimizer_step"]:
             break
@@ -329,22 +212,19 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
 
 
 def after_step(worker: Worker, stage_index: int, out: dict) -> None:
-    """What follows an optimizer step, each when it is due: the log record, validation and the
-    sample grid (from the EMA weights), the metrics line, the loss-spike guard, the checkpoint
-    (never one of a confirmed spike)."""
+    """What follows an optimizer step, each when it is due: the log records, validation (when
+    the task says it is due) and the sample grid, both from the EMA weights, the metrics line,
+    the loss-spike guard, the checkpoint (never one of a confirmed spike)."""
     t, step = worker.cfg.train, worker.state.step
     last = step == t.total_steps
     logged = step % t.log_every_steps == 0 or last
-    record = log_record(worker, stage_index, out) if logged else {}
+    records = log_records(worker, stage_index, out) if logged else ()
     sample_now = step % t.sample_every_steps == 0 or last
-    if t.dpo is None:
-        validate_now = t.validation is not None and (step % t.validation.every_steps == 0 or last)
-    else:  # an alignment: the held-out pairs' reward accuracy, with every grid
-        validate_now = sample_now or (t.validation is not None and step % t.validation.every_steps == 0)
+    validate_now = worker.task.validation_due(step, last, sample_now)
     if validate_now or sample_now:
-        record.update(evaluate_ema(worker, stage_index, validate_now, sample_now))
-    if record or validate_now:  # every rank reports, or none (Ray Train counts the reports)
-        write_metrics(worker, record)
+        records += evaluate_ema(worker, stage_index, validate_now, sample_now)
+    if records or validate_now:  # every rank reports, or none (Ray Train counts the reports)
+        write_metrics(worker, records)
     if logged:
         watch_loss(worker, out)
     if step % t.checkpoint_every_steps == 0 or last:
@@ -359,152 +239,64 @@ def watch_loss(worker: Worker, out: dict) -> None:
     w = worker
     if w.spike_guard.cfg is None:
         return
-    loss, average = _all_reduce_mean([float(out["loss"]), w.loss_average.value], w.device)
+    loss, average = all_reduce_mean([float(out["loss"]), w.loss_average.value], w.device)
     spike = w.spike_guard.observe(w.state.step, loss, average, w.loss_average.updates)
     if spike is not None:
         raise w.spike_guard.decide(spike)
 
 
-def roll_back(worker: Worker, spike) -> None:
-    """Every rank: back to the newest committed checkpoint from before the spike began, then on
-    with the learning rate scaled by train.spike_guard.lr_scale once more. No such checkpoint
-    stops the run: going back to step 0 would silently restart it, which a user should choose.
-    Rank 0 drops the later checkpoints and metrics lines (those steps are trained and logged
-    again) and records the rollback in metrics.jsonl and attempts.jsonl."""
-    import torch.distributed as dist
-
-    from sfumato.train.progress import Progress
-
-    w, guard = worker, worker.spike_guard
-    done = {ckpt.load_meta(folder)["step"]: folder for folder in ckpt.committed(w.run.checkpoints)}
-    to_step = rollback_target(sorted(done), spike.first_step)
-    if to_step is None:
-        raise LossSpikeError(f"{spike.describe()}; no committed checkpoint from before step {spike.first_step} to "
-                             f"roll back to (train.checkpoint_every_steps={w.cfg.train.checkpoint_every_steps})")
-    run_state = guard.state_dict()  # the run's rollbacks so far, not the older checkpoint's
-    load_checkpoint(w, done[to_step])
-    guard.rollbacks, guard.lr_scale = run_state["rollbacks"], run_state["lr_scale"]
-    guard.rolled_back()
-    w.progress = Progress(w.cfg.train, w.state.step)
-    dist.barrier()  # every rank has loaded before rank 0 discards what came later
-    if w.rank == 0:
-        ckpt.discard_after(w.run.checkpoints, to_step)
-        truncate_metrics(w.run.metrics, to_step)
-        now = time.time()
-        append_jsonl(w.run.metrics, {"event": "rollback", "step": to_step, "time": now, "spike_step": spike.step,
-                                     "first_spike_step": spike.first_step, "loss": spike.loss,
-                                     "loss_average": spike.average, "factor": spike.factor,
-                                     "rollback": guard.rollbacks, "lr_scale": guard.lr_scale})
-        append_jsonl(w.run.attempts, {"time": now, "event": "rollback", "resumed_from": done[to_step].name,
-                                      "spike_step": spike.step, "world_size": w.world})
-        say(f"{spike.describe()}: rolled back to step {to_step} (rollback {guard.rollbacks} of at most "
-            f"{guard.cfg.max_rollbacks}), learning rate x {guard.lr_scale:g} from here")
-    dist.barrier()
-
-
-def log_record(worker: Worker, stage_index: int, out: dict) -> dict:
+def log_records(worker: Worker, stage_index: int, out: dict) -> tuple[Record, ...]:
+    """A logged step's records: the step's own, then the task's."""
     from sfumato.train.ema import halflife_images
 
     w, t = worker, worker.cfg.train
     stage = t.stages[stage_index]
     grad_norm = w.engine.get_global_grad_norm()
-    return {
-        "stage": stage_index, "resolution_px": stage.resolution_px,
-        "loss": float(out["loss"]), "loss_ema": w.loss_average.value, "lr": out["lr"],
-        "grad_norm": None if grad_norm is None else float(grad_norm),
+    step = TrainStepRecord(
+        stage=stage_index, resolution_px=stage.resolution_px,
+        loss=float(out["loss"]), loss_ema=w.loss_average.value, lr=out["lr"],
+        grad_norm=None if grad_norm is None else float(grad_norm),
         **w.progress.measure(w.state.step),  # samples_per_s, step_time_s, elapsed_s, eta_s
-        "effective_batch": t.effective_batch(stage), "ema_beta": w.ema.beta,
-        "ema_halflife_images": halflife_images(w.ema.beta, t.effective_batch(stage)),
-        "memory_mb": _memory_mb(w.device),
-        **_source_shares(w),
-        **{key: float(out[key]) for key in ("reward_accuracy", "reward_margin") if key in out},  # alignment
-    }
+        effective_batch=t.effective_batch(stage), ema_beta=w.ema.beta,
+        ema_halflife_images=halflife_images(w.ema.beta, t.effective_batch(stage)),
+        memory_mb=_memory_mb(w.device),
+    )
+    return (step, *w.task.log_records(out, w.position))
 
 
-def _source_shares(worker: Worker) -> dict:
-    """With data.sources weights: this rank's realised share of each source in the stage so far
-    (every rank draws with the same weights)."""
-    from sfumato.data.loader import source_shares
-
-    shares = source_shares(worker.position)
-    return {} if shares is None else {"source_shares": {name: round(share, 4) for name, share in shares.items()}}
-
-
-def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_now: bool) -> dict:
-    """Rank 0, from a copy holding the EMA weights: the validation loss and/or the sample grid.
-    Every rank joins the EMA gather (collective under ZeRO-3) and the barrier after."""
+def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_now: bool) -> tuple[Record, ...]:
+    """Rank 0, from a copy holding the EMA weights: the task's validation records and/or the
+    sample grid. Every rank joins the EMA gather (collective under ZeRO-3) and the barrier after."""
     import torch.distributed as dist
 
-    from sfumato.data.loader import shard_paths, validation_batches
-    from sfumato.train.step import validate
-
-    w, v = worker, worker.cfg.train.validation
-    stage = w.cfg.train.stages[stage_index]
-    found = {}
+    w = worker
+    found = ()
     ema_weights = w.ema.state_dict(w.engine.module)
     if w.rank == 0:
         ema_model = _ema_copy(w.run_model.denoiser, ema_weights, w.device, lora=w.cfg.train.lora is not None)
-        if validate_now and w.pairs is not None:
-            from sfumato.train.align import heldout_stats, policy_distance
-
-            pairs, _, heldout = w.pairs
-            found.update(heldout_stats(ema_model, pairs, heldout, stage.resolution_px, stage.micro_batch_size, w.state,
-                                       v.seed if v is not None else 0))
-            found["policy_distance"] = policy_distance(ema_model, w.state.reference)
-        elif validate_now:
-            if stage.resolution_px not in w.validation_sets:
-                w.validation_sets[stage.resolution_px] = validation_batches(
-                    shard_paths(w.shards.root, stage.resolution_px), stage.resolution_px,
-                    v.holdout_fraction, v.max_samples, v.batch_size, bucketed=w.cfg.data.shards.buckets is not None,
-                    ids=w.selected_ids)
-                cache = _latent_cache(w, stage.resolution_px, announce=False)
-                if cache is not None:
-                    w.validation_sets[stage.resolution_px] = [cache.attach(b) for b in w.validation_sets[stage.resolution_px]]
-            found["val_loss"] = validate(ema_model, w.validation_sets[stage.resolution_px], w.state,
-                                         v.num_timesteps, v.seed)
+        if validate_now:
+            found = w.task.validate(ema_model, stage_index, w.state)
         if sample_now:
-            sample_grid(w, ema_model, stage.resolution_px)
+            sample_grid(w, ema_model, w.cfg.train.stages[stage_index].resolution_px)
     dist.barrier()
-    return found if validate_now else {}
+    return found
 
 
-def write_metrics(worker: Worker, record: dict) -> None:
-    """metrics.jsonl, wandb and the console (rank 0); every rank reports to Ray Train."""
+def write_metrics(worker: Worker, records: tuple[Record, ...]) -> None:
+    """One metrics line: metrics.jsonl, wandb and the console (rank 0); every rank reports to Ray Train."""
     import ray.train
 
     from sfumato.train.progress import progress_line
 
     w = worker
-    record = {"step": w.state.step, "time": time.time(), "world_size": w.world, **record}
+    line = MetricsLine(w.state.step, time.time(), w.world, records)
+    record = line.to_json()
     if w.rank == 0:
         append_jsonl(w.run.metrics, record)
         if w.wandb_run:
             w.wandb_run.log(record, step=w.state.step)
-        say(progress_line(record, w.cfg.train.total_steps))
+        say(progress_line(line, w.cfg.train.total_steps))
     ray.train.report(record)  # Ray Train forwards rank 0's
-
-
-def save_checkpoint(worker: Worker) -> None:
-    """Every rank writes its part into the partial folder; rank 0 commits it (sfumato.checkpoint)."""
-    import torch.distributed as dist
-
-    w = worker
-    work = ckpt.partial_dir(w.run.checkpoints, w.state.step)
-    if w.rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    w.engine.save_checkpoint(str(work / "deepspeed"), tag=ckpt.DEEPSPEED_TAG,
-                             exclude_frozen_parameters=w.cfg.train.lora is not None)
-    ckpt.save_rng(work, w.rank, w.state.generator)
-    ckpt.save_loader_position(work, w.rank, w.position)
-    dist.barrier()  # every rank's part is on disk before rank 0 commits
-    ema_weights = w.ema.state_dict(w.engine.module)  # collective under ZeRO-3
-    if w.rank == 0:
-        meta = {"step": w.state.step, "micro_step": w.state.micro_step, "model": w.cfg.train.model, "time": time.time(),
-                "loss_average": w.loss_average.state_dict(),  # the logged loss_ema continues on resume
-                "spike_guard": w.spike_guard.state_dict()}  # a restart keeps the rollbacks' lower lr
-        ckpt.commit(w.run.checkpoints, w.state.step, ema_weights, meta, w.cfg.train.num_to_keep)
-    dist.barrier()
 
 
 def sample_grid(worker: Worker, model, resolution_px: int) -> None:
@@ -527,31 +319,6 @@ def sample_grid(worker: Worker, model, resolution_px: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def say(line: str) -> None:
-    """One line to the driver's console. Not print(): Ray Train V2 patches print in its workers
-    to log and also echo each line, and the console would show every line twice."""
-    import sys
-
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _all_reduce_any(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
-    value = flag.to(device=device, dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.bool().cpu()
-
-
-def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
-    total = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return (total / dist.get_world_size()).tolist()
-
-
 def _ema_copy(denoiser, ema_weights: dict, device, lora: bool = False) -> torch.nn.Module:
     """A copy of the denoiser holding the EMA weights, for grids and validation (LoRA: the frozen
     base and the adapters' EMA)."""
