@@ -201,29 +201,16 @@ class ABTest:
 
 
 def build_app(test: ABTest, token: str = ""):
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
+    from fastapi import FastAPI, Query
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+    from sfumato.serve.guard import answer_invalid_requests, require_token, token_matches
+
     app = FastAPI(title="sfumato A/B test", description="Blind pairwise comparison of two models.")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        import json
-
-        detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
-        return Response(json.dumps({"detail": detail}, ensure_ascii=True), 422, media_type="application/json")
-
-    @app.middleware("http")
-    async def authorised(request: Request, call_next):
-        if token and request.url.path not in ("/healthz", "/login"):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            given = given if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
-            if not given:
-                return JSONResponse({"detail": "a token is required: open /login?token=... or send a bearer header"},
-                                    401, headers={"WWW-Authenticate": "Bearer"})
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"detail": "the token is not valid"}, 403)
-        return await call_next(request)
+    answer_invalid_requests(app)
+    # A browser cannot send a header with an <img> request: /login sets the token as a cookie.
+    require_token(app, token, open_paths=("/healthz", "/login"), cookie=COOKIE,
+                  how="open /login?token=... or send a bearer header")
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -231,7 +218,7 @@ def build_app(test: ABTest, token: str = ""):
 
     @app.get("/login")
     def login(token_given: str = Query("", alias="token", max_length=1024)):
-        if token and not secrets.compare_digest(token_given.encode(), token.encode()):
+        if token and not token_matches(token_given, token):
             return JSONResponse({"detail": "the token is not valid"}, 403)
         response = RedirectResponse("/", 303)
         if token:

@@ -22,7 +22,6 @@ set the filter is off, and the startup log, /v1/model and every response say so.
 import asyncio
 import base64
 import io
-import json
 import logging
 import os
 import re
@@ -291,33 +290,19 @@ class Generator:
 def build_ingress(settings: ServeSettings, info) -> type:
     """The FastAPI ingress class for this model's limits (they shape the request schema)."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from ray.serve.exceptions import BackPressureError
+
+    from sfumato.serve.guard import answer_invalid_requests, require_token
 
     GenerateRequest = request_model(info, settings)
     app = FastAPI(title="sfumato", description="Image generation with a model trained by sfumato.")
 
     token = os.environ.get(settings.token_env, "") if settings.token_env else ""
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        """422 naming each field; the value is not echoed (a 1e400, a NaN or a lone surrogate cannot
-        be encoded, and a megabyte of prompt should not come back)."""
-        detail = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
-                   "type": str(error.get("type", ""))} for error in exc.errors()]
-        return Response(json.dumps({"detail": detail}, ensure_ascii=True), 422, media_type="application/json")
-
-    @app.middleware("http")
-    async def authorised(request: Request, call_next):
-        """Before validation and any model work; /healthz stays open for probes."""
-        if token and request.url.path != "/healthz":
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not given:
-                return JSONResponse({"detail": "a bearer token is required"}, 401, headers={"WWW-Authenticate": "Bearer"})
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"detail": "the bearer token is not valid"}, 403)
-        return await call_next(request)
+    # Before validation and any model work; /healthz stays open for probes (sfumato.serve.guard).
+    answer_invalid_requests(app)
+    require_token(app, token)
 
     metrics: list[IngressMetrics] = []  # the replica's, once it is constructed (in its own process)
 
