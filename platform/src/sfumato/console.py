@@ -13,6 +13,9 @@ Quiet by default, each for a named reason:
   "Requesting resources", "Attempting to start training worker group", "Setting up process group"
   lines. Errors stay: a worker's traceback still prints, and the trainer says which attempt it is.
 - HARMLESS_WARNINGS and HARMLESS_LOGS below: known, harmless, each with why.
+- HARMLESS_WORKER_LINES: lines of Ray's worker processes that the driver would print (Ray
+  forwards every worker's stdout and stderr to it), known and harmless, each with why; the
+  session's `logs/worker-*.out|err` files still get them.
 """
 
 from __future__ import annotations
@@ -42,7 +45,22 @@ HARMLESS_LOGS = [
      "onnxruntime's hint; export quantises a copy without recorded shapes on purpose (onnx_export.quantize_int8)"),
     ("", r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
      "DeepSpeed prints it per rank and start; under Ray Train's print patch it comes twice: this drops "
-     "the logged copy (the printed one stays)"),
+     "the logged copy (HARMLESS_WORKER_LINES the printed one)"),
+]
+# (regex of a line a Ray worker writes, why it is harmless here): dropped where the driver prints
+# the workers' output, by Ray's own log filter (its RAY_DEDUP_LOGS_SKIP_REGEX).
+HARMLESS_WORKER_LINES = [
+    (r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the "
+     r"object store and max_restarts > 0",
+     "Ray Train's controller starts a PreemptionWatcher actor per worker group with max_restarts=-1 and the "
+     "workers' handles as constructor arguments, which Ray holds in its object store; Ray Core logs this at "
+     "ERROR level for any such actor (ray-project/ray#53727). "
+     "It is a notice about a restart that has not happened, not an error; the watcher is killed when the group "
+     "stops. Turning the watcher off (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0) would lose Ray Train's handling of "
+     "node preemption on clusters, so the line is hidden instead"),
+    (r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
+     "DeepSpeed's torch backend builds (or loads from its cache) its shared-memory collectives op on every rank "
+     "at each start and prints this; a failed build raises, so the success line says nothing"),
 ]
 
 
@@ -91,6 +109,26 @@ def quiet_ray_data() -> None:
         # The console handler (Ray's PlainRayHandler); the file handlers keep every record.
         if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _RayDataConsole) for f in handler.filters):
             handler.addFilter(_RayDataConsole())
+
+
+def quiet_ray_workers() -> None:
+    """The driver's console: HARMLESS_WORKER_LINES of Ray's workers are not printed. Ray reads
+    RAY_DEDUP_LOGS_SKIP_REGEX once, when it is imported, into the two log deduplicators that every
+    forwarded line passes (stdout and stderr); this adds to their skip pattern (a user's own
+    RAY_DEDUP_LOGS_SKIP_REGEX kept). With RAY_DEDUP_LOGS=0 Ray prints every line unfiltered."""
+    if is_verbose():
+        return
+    from ray._private import ray_logging
+
+    users = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    patterns = ([users] if users else []) + [pattern for pattern, _why in HARMLESS_WORKER_LINES]
+    skip = re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        if not hasattr(dedup, "skip_re"):  # a Ray other than the pinned 2.60 may lay it out differently
+            logging.getLogger(__name__).warning("Ray's log deduplicator has no skip_re: known-harmless worker "
+                                                "lines will be printed (sfumato.console.HARMLESS_WORKER_LINES)")
+            return
+        dedup.skip_re = skip
 
 
 def train_log_level() -> str:

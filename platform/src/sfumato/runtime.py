@@ -16,7 +16,7 @@ def init_ray(cfg, dashboard: bool = False) -> None:
     """`cfg` is the config's `ray` section. `dashboard`: a local Ray also runs the dashboard, whose
     state API Ray Train's placement-group cleaner needs to free the workers of a trainer whose
     controller was killed (a Tune trial stopped early); clusters always have it."""
-    from sfumato.console import quiet_ray_data, ray_env_vars
+    from sfumato.console import quiet_ray_data, quiet_ray_workers, ray_env_vars
 
     if ray.is_initialized():
         return
@@ -46,6 +46,7 @@ def init_ray(cfg, dashboard: bool = False) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     quiet_ray_data()
+    quiet_ray_workers()  # Ray Train's PreemptionWatcher notice, DeepSpeed's shm op line: console.py says why
 
 
 def cpu_tasks(cap: int | None):
