@@ -226,7 +226,6 @@ class DataFolder(_Folder):
     ingest_config = property(lambda self: self.root / "ingest.config.yaml")  # data.* as ingest ran it
     blobs = property(lambda self: self.root / "blobs")  # content-addressed bytes of URLs and tar members
     demo = property(lambda self: self.root / "demo")  # demo/<source name>/: the drawn shapes
-    pipeline_records = property(lambda self: self.root / PIPELINE_RECORDS)
     pipeline_summary = property(lambda self: self.root / PIPELINE_SUMMARY)  # of a data-only pipeline
 
 
@@ -250,7 +249,6 @@ class RunFolder(_Folder):
     sample_prompts = property(lambda self: self.text / "sample_prompts.json")
     tokenizer = property(lambda self: self.text / "tokenizer")  # trained on the captions, or the pretrained one's
     ray_storage = property(lambda self: self.root / "ray")
-    pipeline_records = property(lambda self: self.root / PIPELINE_RECORDS)
     pipeline_summary = property(lambda self: self.root / PIPELINE_SUMMARY)
     injected_failure = property(lambda self: self.root / ".injected")
     selected_ids = property(lambda self: self.root / "selected_ids.txt")  # a fine-tune's data (train/finetune)

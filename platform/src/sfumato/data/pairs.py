@@ -25,8 +25,6 @@ import numpy as np
 
 from sfumato.layout import commit_file, temporary_sibling
 
-COLUMNS = ("id", "condition", "chosen", "rejected", "origin")
-
 
 def _schema():
     import pyarrow as pa

@@ -44,7 +44,6 @@ from sfumato.layout import ShardFolder, atomic_write_json, commit_file, temporar
 log = logging.getLogger(__name__)
 
 VERSION = 1  # of the network and its training: part of the fingerprint, so a change retrains
-CACHE = "domain_classifier"  # under the data folder
 WEIGHTS, META, REFERENCE, YARDSTICK = "classifier.safetensors", "meta.json", "reference.safetensors", "yardstick.json"
 BATCH = 256  # images per forward pass when scoring
 
