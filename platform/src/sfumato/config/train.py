@@ -1,0 +1,257 @@
+"""The `train` section: the model and its conditioning (text encoder, VAE), the curriculum's
+stages, optimizer, EMA, sample grids, validation loss, the loss-spike guard, and the
+post-training keys (lora, lineage, dpo) that `sfumato finetune` and `sfumato align` set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sfumato.config.base import Frozen, _absolute
+from sfumato.config.diffusion import Sampler
+from sfumato.config.posttrain import DPOConfig, LineageConfig, LoraSection
+from sfumato.models.names import DIT, MODEL_FAMILIES, TEXT_MODELS
+
+
+class VAEConfig(Frozen):
+    """Latent mode: the denoiser trains on the latents of this frozen AutoencoderKL."""
+
+    pretrained: str
+    """Hub id or local folder (safetensors weights), e.g. stabilityai/sd-vae-ft-mse."""
+    subfolder: str | None = None
+    """Where the VAE sits inside `pretrained` (vae in a Stable Diffusion repo)."""
+    scaling_factor: float | None = Field(None, gt=0)
+    """Latents are multiplied by this to reach about unit variance; None: the VAE config's."""
+    shift_factor: float | None = None
+    """Subtracted before scaling (SD3/Flux VAEs); None: the VAE config's, else 0."""
+
+
+class TextConfig(Frozen):
+    """The caption encoder of text-conditional models (train.conditioning: text)."""
+
+    pretrained: str | None = None
+    """Hub id or local folder of a CLIP text encoder and its tokenizer (safetensors weights),
+    e.g. openai/clip-vit-large-patch14. None: from scratch, a BPE tokenizer trained on the
+    manifest's captions and a randomly initialised CLIPTextModel of the size below."""
+    encoder_subfolder: str | None = None
+    """Where the encoder sits inside `pretrained` (e.g. text_encoder in a Stable Diffusion repo)."""
+    tokenizer_subfolder: str | None = None
+    train_encoder: bool = True
+    """Train the encoder jointly (always, from scratch); False freezes a pretrained one."""
+    max_length: int = Field(32, ge=4, le=512)
+    """Tokens per caption, start and end tokens included; longer captions are truncated."""
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    """From scratch: the BPE vocabulary, of which the 256 byte tokens and 3 special tokens come first."""
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TextConfig":
+        if self.pretrained is None and not self.train_encoder:
+            raise ValueError("train_encoder: false needs a pretrained encoder (a random one would stay random)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class StageConfig(Frozen):
+    """One resolution of the curriculum; it continues from the previous stage's weights."""
+
+    resolution_px: int = Field(ge=8, le=4096)
+    steps: int = Field(ge=1)
+    """Optimizer steps in this stage."""
+    micro_batch_size: int = Field(ge=1)
+    """Samples per worker per forward/backward."""
+
+
+class OptimizerConfig(Frozen):
+    lr: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine schedule decays to lr * min_lr_ratio at the last step."""
+
+
+class EMAConfig(Frozen):
+    decay: float | None = Field(None, gt=0, lt=1)
+    """Per-step decay at the run's mean effective batch; a stage with another batch B gets
+    decay ** (B / mean batch), so every stage keeps the same half-life in images."""
+    halflife_samples: float | None = Field(None, gt=0)
+    """EDM-style: the average forgets half its past every this many training images (in every
+    stage: each stage's per-step beta comes from its own effective batch)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> "EMAConfig":
+        if (self.decay is None) == (self.halflife_samples is None):
+            raise ValueError("set exactly one of ema.decay and ema.halflife_samples")
+        return self
+
+
+class SampleConfig(Frozen):
+    """The fixed-seed grids written while training (EMA weights): image i always starts from
+    seed + i, so grids of two steps differ only by the weights."""
+
+    num_images: int = Field(16, ge=1, le=256)
+    seed: int = 0
+    steps: int = Field(50, ge=1, le=1000)
+    sampler: Sampler = "ddim"
+    guidance_scale: float = Field(1.0, ge=0, le=50)
+    """Classifier-free guidance (1: none) for class- and text-conditional models."""
+    prompts: list[str] | None = Field(None, min_length=1)
+    """Text-conditional runs: the grid's captions, cycled. None: the manifest's most frequent
+    captions, chosen at the run's first start and kept in text/sample_prompts.json."""
+    aspect_ratio: float | None = None
+    """With data.shards.buckets: the grid's images at each stage's bucket of this width / height
+    (one of the buckets' aspect_ratios, within 1%). None: square, at the stage's resolution."""
+
+
+class ValidationConfig(Frozen):
+    """A validation loss on images held out of training, chosen by a hash of their id: the same
+    split for every run, resolution, worker count and data fraction of the same shards."""
+
+    holdout_fraction: float = Field(0.05, gt=0, le=0.5)
+    """Share of the samples (by id hash) that training never sees."""
+    max_samples: int = Field(256, ge=1)
+    """Held-out images in the loss (the first ones found in the stage's shards)."""
+    every_steps: int = Field(100, ge=1)
+    """Also at the last step. Tune's early stopping compares trials on these points."""
+    num_timesteps: int = Field(8, ge=1, le=1000)
+    """Every image is noised at these many evenly spaced timesteps, with fixed noise."""
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class SpikeGuardConfig(Frozen):
+    """The loss-spike guard (issue 16): a logged loss above `factor` x its running average
+    (train.progress.LossAverage, all ranks' mean) for `patience_logged_steps` logged steps in a
+    row rolls every rank back to the newest committed checkpoint from before the spike began and
+    continues at `lr_scale` x the learning rate, or stops the run (`action`). The average a
+    loss is compared with is the one of the last logged step that was not above it, so a
+    lasting spike cannot pull its own yardstick up and hide. NaN/Inf always stops (NonFiniteError)."""
+
+    factor: float = Field(3.0, gt=1)
+    """k: a logged loss above k x the running average counts as spiking. Per-batch diffusion
+    losses scatter around their average by the timesteps drawn (about 0.4x-1.3x at 8 images a
+    batch); 3x is a divergence, not noise."""
+    patience_logged_steps: int = Field(2, ge=1)
+    """m: consecutive spiking logged steps (train.log_every_steps apart) before the guard acts."""
+    armed_after_steps: int = Field(100, ge=1)
+    """The guard compares only once the average has seen this many optimizer steps (its
+    horizon is ~50 at beta 0.98): the first losses fall fast and the average is still young."""
+    action: Literal["rollback", "stop"] = "rollback"
+    """rollback: reload the newest committed checkpoint from before the spike and continue;
+    stop: end the run with a LossSpikeError (STOPPED.json), not retried."""
+    lr_scale: float = Field(0.5, gt=0, le=1)
+    """Each rollback multiplies the learning rate by this, for the rest of the run."""
+    max_rollbacks: int = Field(2, ge=0)
+    """A spike after this many rollbacks stops the run instead."""
+
+
+class TrainConfig(Frozen):
+    output_dir: Path
+    """The run folder: config.yaml, checkpoints/, samples/, metrics.jsonl."""
+    model: str = "unet-tiny"
+    """A name from sfumato.models.registry.MODELS."""
+    conditioning: Literal["none", "class", "text"] = "class"
+    """class: the innermost tag of each sample; text: its caption (needs a *-text-* model)."""
+    text: TextConfig = TextConfig()
+    vae: VAEConfig | None = None
+    """Set: latent diffusion through this VAE (stage resolutions are pixels; the denoiser sees
+    resolution / the VAE's downsampling factor). None: pixel space."""
+    class_balanced: bool = False
+    """Draw every class (a sample's innermost tag) equally often by subsampling frequent ones."""
+    data_fraction: float = Field(1.0, gt=0, le=1)
+    """Train on this share of the (not held-out) samples, chosen by id hash: a tuning proxy's
+    data subset."""
+    validation: ValidationConfig | None = None
+    """None: no validation loss (the training loss alone is logged)."""
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each training worker (with its GPU, when use_gpu)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool | None = None
+    """Compile the denoiser's network with torch.compile (inductor); None: with GPUs only (on a
+    CPU the first steps spend minutes compiling what a short run never earns back)."""
+    channels_last: bool | None = None
+    """Channels-last (NHWC) memory format for the network; None: with GPUs only."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """ZeRO 0-3: 1 partitions optimizer state, 2 also gradients, 3 also the weights (and the EMA
+    with them) across the data-parallel workers."""
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    ema: EMAConfig = EMAConfig(halflife_samples=10_000)
+    stages: list[StageConfig] = Field(min_length=1)
+    log_every_steps: int = Field(10, ge=1)
+    sample_every_steps: int = Field(500, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    spike_guard: SpikeGuardConfig | None = SpikeGuardConfig()
+    """Roll back (or stop) on a lasting loss spike; None: no guard (NaN/Inf still stops the run)."""
+    wandb: bool = True
+    """Log to wandb too (offline mode without WANDB_API_KEY)."""
+    sample: SampleConfig = SampleConfig()
+    lora: LoraSection | None = None
+    """Post-training: train LoRA adapters only (set from finetune.lora by `sfumato finetune`)."""
+    lineage: LineageConfig | None = None
+    """Post-training: the weights the run starts from and its data filter (set by `sfumato finetune`)."""
+    dpo: DPOConfig | None = None
+    """Alignment: Diffusion-DPO on preference pairs (set from the align section by `sfumato align`)."""
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_rate(cls, value: LoraSection | None) -> LoraSection | None:
+        if value is not None and value.learning_rate is not None:
+            raise ValueError("train.lora.learning_rate is not read: set finetune.lora.learning_rate (or train.optimizer.lr)")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _abs(cls, value: Path) -> Path:
+        return _absolute(value)
+
+    @field_validator("model")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model {value!r}; registered: {sorted(MODEL_FAMILIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _stages(self) -> "TrainConfig":
+        res = [s.resolution_px for s in self.stages]
+        if res != sorted(res):
+            raise ValueError(f"curriculum stages must go from low to high resolution, got {res}")
+        if (self.conditioning == "text") != (self.model in TEXT_MODELS):
+            raise ValueError(f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
+                             "text conditioning needs a *-text-* model and those need text conditioning")
+        if MODEL_FAMILIES[self.model] == DIT and len(set(res)) > 1:
+            raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("train.lora trains under ZeRO 0-2: set train.zero_stage (finetune.overrides) to 2")
+        if self.dpo is not None and self.lineage is None:
+            raise ValueError("train.dpo aligns a trained model: it needs train.lineage (run `sfumato align`)")
+        if self.dpo is not None and self.zero_stage == 3:
+            raise ValueError("train.dpo keeps a whole reference copy beside the policy: use ZeRO 0-2")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def effective_batch(self, stage: StageConfig) -> int:
+        """Images per optimizer step: micro batch x accumulation x data-parallel workers."""
+        return stage.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+    @property
+    def mean_effective_batch(self) -> float:
+        """Images per optimizer step averaged over the run's steps (stages may differ)."""
+        return sum(self.effective_batch(s) * s.steps for s in self.stages) / self.total_steps
