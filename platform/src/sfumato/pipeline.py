@@ -140,14 +140,6 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
     ours = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     # With a trainer: the dashboard too, whose state API Ray Train uses to free the workers of a
     # stopped trainer (a tune trial stopped early) and to watch its controller.
-    if cfg.train is not None:
-        # The training stack (torch, diffusers, torch._dynamo) is imported before the data stages.
-        # In a `ray job submit` driver on the two-node test cluster the job's working directory,
-        # the driver's cwd, is gone by the time training starts, and torch needs a cwd when first
-        # imported (oneMKL's loader; dynamo's debug dir): imported then, the driver crashed. The
-        # config's model check used to import this as a side effect. Why Ray removes the folder
-        # mid-job is not found yet (issue note).
-        import sfumato.models.registry  # noqa: F401
     init_ray(cfg.ray, dashboard=cfg.train is not None)
     outputs: dict[str, str] = {}  # stage -> content hash of what it wrote
     outcomes: list[Outcome] = []
