@@ -367,7 +367,7 @@ def build_ingress(settings: ServeSettings, info) -> type:
             verdicts = [{"action": out.verdict.action, "score": out.verdict.score} for out in images]
             withheld = [k for k, out in enumerate(images) if out.verdict.action == WITHHELD]
             if len(images) == 1 and "application/json" not in request.headers.get("accept", ""):
-                if withheld:  # no pixels of a flagged image leave; 451 says why (README: Serving)
+                if withheld:  # no pixels of a flagged image leave; 451 says why (docs/export-and-serving.md)
                     return JSONResponse({"detail": f"the image was withheld by the output safety filter (score "
                                                    f"{images[0].verdict.score:.3f} >= {settings.safety_threshold})",
                                          "withheld": withheld, "safety": verdicts, "seeds": seeds}, 451,
