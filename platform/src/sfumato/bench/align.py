@@ -109,7 +109,8 @@ def main(args) -> dict:
     from sfumato.config import apply, load_run_config, run_tree, validated
     from sfumato.evaluate.evaluate import domain_yardstick
     from sfumato.export.export_run import run_export
-    from sfumato.layout import RunFolder, read_metrics
+    from sfumato.layout import RunFolder
+    from sfumato.records import HELDOUT_REWARD_ACCURACY, read_metric_lines
     from sfumato.train.align import run_config
     from sfumato.train.loop import run_training
 
@@ -161,8 +162,8 @@ def main(args) -> dict:
                        "steps": aligned_cfg.train.total_steps, "lr": aligned_cfg.train.optimizer.lr,
                        "micro_batch": aligned_cfg.train.stages[-1].micro_batch_size,
                        "lora": None if aligned_cfg.train.lora is None else aligned_cfg.train.lora.model_dump(mode="json"),
-                       "last_metrics": [m for m in read_metrics(RunFolder(out / "aligned").metrics)
-                                        if "heldout_reward_accuracy" in m][-1:]}
+                       "last_metrics": [m.to_json() for m in read_metric_lines(RunFolder(out / "aligned").metrics)
+                                        if m.value(HELDOUT_REWARD_ACCURACY) is not None][-1:]}
     run_export(out / "aligned")
     aligned = load_arm(f"aligned={RunFolder(out / 'aligned').export}")
     evaluation = ab_round(out / "evaluate", [base, aligned], args.eval_votes, 2, steps, guidance)
