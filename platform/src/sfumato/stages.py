@@ -17,6 +17,7 @@ from typing import Callable
 
 from sfumato.config import Config
 from sfumato.layout import DataFolder, ExportFolder, RunFolder, TuneFolder
+from sfumato.records import HELDOUT_REWARD_ACCURACY, LOSS_EMA, MetricsLine, QualityRecord
 
 # Where a stage writes, not what it computes: never part of a fingerprint (the record lives in
 # that folder), so reading them needs no declaration.
@@ -257,7 +258,8 @@ def train(cfg: Config):
     from sfumato.train.loop import run_training
 
     last = run_training(cfg)
-    return f"train: step {last.get('step')} of {cfg.train.total_steps}, loss_ema {last.get('loss_ema')}", last
+    line = MetricsLine.from_json(last)
+    return f"train: step {line.step} of {cfg.train.total_steps}, {LOSS_EMA} {line.value(LOSS_EMA)}", last
 
 
 def _feature_network(cfg: Config) -> str | None:
@@ -279,15 +281,16 @@ def evaluate(cfg: Config):
     run_dir = _run(cfg).root
     if _feature_network(cfg) or has_domain_yardstick(cfg):
         record = run_evaluate(run_dir)
-        parts = [domain_summary(record["domain"])] if record.get("domain") else []
-        if record["fd"] is not None:
-            parts.append(f"{record['metric']} {record['fd']:.2f}")
+        quality = QualityRecord.from_json(record)
+        parts = [domain_summary(quality.domain)] if quality.domain else []
+        if quality.fd is not None:
+            parts.append(f"{quality.metric} {quality.fd:.2f}")
         else:
             parts.append("no FID or CLIPScore (no feature network: evaluate.inception_weights, evaluate.clip_model "
                          "or data.curate.clip.model)")
-        if record["clip_score"] is not None:
-            parts.append(f"CLIPScore {record['clip_score']:.2f}")
-        line = f"evaluate: {record['num_samples']} samples, " + ", ".join(parts)
+        if quality.clip_score is not None:
+            parts.append(f"CLIPScore {quality.clip_score:.2f}")
+        line = f"evaluate: {quality.num_samples} samples, " + ", ".join(parts)
     else:
         write_run_documents(run_dir, cfg.data.output_dir)
         record = {"fd": None}
@@ -361,7 +364,8 @@ def finetune(cfg: Config):
     lineage = tuned.train.lineage
     kind = f"LoRA rank {tuned.train.lora.rank}" if tuned.train.lora else "full weights"
     return (f"finetune: {kind} from {lineage.checkpoint or lineage.pretrained} on {lineage.selected_rows} selected rows, "
-            f"step {last.get('step')} of {tuned.train.total_steps}, loss_ema {last.get('loss_ema')}"
+            f"step {MetricsLine.from_json(last).step} of {tuned.train.total_steps}, "
+            f"{LOSS_EMA} {MetricsLine.from_json(last).value(LOSS_EMA)}"
             + (f" -> {export['diffusers']}" if export else "")), \
         {"run_dir": str(tuned.train.output_dir), "selected_rows": lineage.selected_rows, **last}
 
@@ -397,6 +401,7 @@ def align(cfg: Config):
     lineage = aligned.train.lineage
     kind = f"LoRA rank {aligned.train.lora.rank}" if aligned.train.lora else "full weights"
     return (f"align: Diffusion-DPO ({kind}, beta {aligned.train.dpo.beta:g}) from {lineage.checkpoint or lineage.pretrained} "
-            f"on {lineage.pair_count} pairs, step {last.get('step')} of {aligned.train.total_steps}, held-out reward "
-            f"accuracy {last.get('heldout_reward_accuracy')}" + (f" -> {export['diffusers']}" if export else "")), \
+            f"on {lineage.pair_count} pairs, step {MetricsLine.from_json(last).step} of {aligned.train.total_steps}, "
+            f"held-out reward accuracy {MetricsLine.from_json(last).value(HELDOUT_REWARD_ACCURACY)}"
+            + (f" -> {export['diffusers']}" if export else "")), \
         {"run_dir": str(aligned.train.output_dir), "pairs": lineage.pair_count, **last}
