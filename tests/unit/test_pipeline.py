@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from sfumato.config import ConfigError, load_config
-from sfumato.pipeline import _check_run_folder, fingerprint
+from sfumato.pipeline import StageRecord, _check_run_folder, fingerprint
 from sfumato.stages import REGISTRY as STAGES_BY_NAME
 
 from helpers import REPO
@@ -71,7 +71,7 @@ def test_a_run_folder_of_another_run_is_refused_not_continued(tmp_path):
     with pytest.raises(ConfigError, match="did not start"):
         _check_run_folder(cfg, None)
     with pytest.raises(ConfigError, match="another config or other data"):
-        _check_run_folder(cfg, {"fingerprint": "0" * 16, "state": "done"})
+        _check_run_folder(cfg, StageRecord("train", "done", "0" * 16))
 
 
 def test_two_colour_share_tells_demo_images_from_noise():

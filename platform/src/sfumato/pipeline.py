@@ -26,14 +26,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from sfumato import checkpoint as ckpt
 from sfumato.config import Config, ConfigError, content_hash, load_config, to_dict, write_resolved
 from sfumato.layout import PIPELINE_RECORDS, DataFolder, RunFolder, TuneFolder, atomic_write, atomic_write_json
-from sfumato.stages import REGISTRY, Stage, pipeline_stages
+from sfumato.stages import REGISTRY, Stage, StageResult, pipeline_stages
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,31 @@ class Outcome:
     note: str = ""  # what it did, or why it was off or skipped
     seconds: float = 0.0
     artifacts: dict[str, str] = field(default_factory=dict)
-    result: dict = field(default_factory=dict)
+    result: dict = field(default_factory=dict)  # the stage's StageResult.values
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """`<stage folder>/pipeline/<stage>.json`: written when a stage starts (state running) and
+    when it finishes (state done, with what it wrote); what a later run compares to skip it."""
+
+    stage: str
+    state: str  # running | done
+    fingerprint: str
+    started: float | None = None
+    finished: float | None = None
+    seconds: float = 0.0
+    output_hash: str | None = None
+    """The content hash of the stage's produced files (what later stages' fingerprints see)."""
+    artifacts: dict[str, str] = field(default_factory=dict)
+    result: dict = field(default_factory=dict)  # the stage's StageResult.values
+
+    @classmethod
+    def from_json(cls, tree: dict) -> StageRecord:
+        return cls(**{f.name: tree[f.name] for f in fields(cls) if f.name in tree})
+
+    def done(self) -> bool:
+        return self.state == "done"
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -86,19 +110,19 @@ def _record_path(stage: Stage, cfg: Config) -> Path:
     return stage.folder(cfg) / PIPELINE_RECORDS / f"{stage.name}.json"
 
 
-def read_record(stage: Stage, cfg: Config) -> dict | None:
+def read_record(stage: Stage, cfg: Config) -> StageRecord | None:
     path = _record_path(stage, cfg)
     try:
-        return json.loads(path.read_text())
+        return StageRecord.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:  # never written whole (records are replaced atomically): ignore
-        log.warning("%s is not readable JSON; the stage will run again", path)
+    except (json.JSONDecodeError, TypeError):  # never written whole (records are replaced atomically): ignore
+        log.warning("%s is not a readable stage record; the stage will run again", path)
         return None
 
 
-def _write_record(stage: Stage, cfg: Config, record: dict) -> None:
-    atomic_write_json(_record_path(stage, cfg), record)
+def _write_record(stage: Stage, cfg: Config, record: StageRecord) -> None:
+    atomic_write_json(_record_path(stage, cfg), asdict(record))
 
 
 def fingerprint(stage: Stage, cfg: Config, outputs: dict[str, str]) -> str:
@@ -112,7 +136,7 @@ def fingerprint(stage: Stage, cfg: Config, outputs: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------------- the job
-def _check_run_folder(cfg: Config, record: dict | None) -> None:
+def _check_run_folder(cfg: Config, record: StageRecord | None) -> None:
     """Training continues a run folder only if the run in it is this config's on this data."""
     run = cfg.train.output_dir
     latest = ckpt.latest(RunFolder(run).checkpoints)
@@ -122,7 +146,7 @@ def _check_run_folder(cfg: Config, record: dict | None) -> None:
         raise ConfigError(f"train.output_dir={run} already holds a training run ({latest.name}) that this pipeline "
                           "did not start: set train.output_dir to a new folder, or delete that one to train again")
     raise ConfigError(f"train.output_dir={run} holds a run of another config or other data (its fingerprint "
-                      f"{record['fingerprint']} was recorded in {_record_path(REGISTRY['train'], cfg)}): "
+                      f"{record.fingerprint} was recorded in {_record_path(REGISTRY['train'], cfg)}): "
                       "set train.output_dir to a new folder, or delete that one to train again")
 
 
@@ -154,34 +178,34 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
         fp = fingerprint(stage, cfg, outputs)
         record = read_record(stage, cfg)
         artifacts = stage.artifacts(cfg)
-        if record and record.get("state") == "done" and record["fingerprint"] == fp and \
-                all(p.exists() for p in artifacts.values()):
-            outputs[stage.name] = record["output_hash"]
+        if record and record.done() and record.fingerprint == fp and all(p.exists() for p in artifacts.values()):
+            outputs[stage.name] = record.output_hash
             outcomes.append(Outcome(stage.name, "skipped", f"complete for this config ({_record_path(stage, cfg)})",
-                                    record.get("seconds", 0.0), {k: str(v) for k, v in artifacts.items()},
-                                    record.get("result", {})))
+                                    record.seconds, {k: str(v) for k, v in artifacts.items()}, record.result))
             print_fn(f"{tag}: skipped, complete for this config and inputs (fingerprint {fp})")
             if stage.name == "tune":
                 cfg = _tuned(cfg, print_fn)
             elif stage.name == "train":
                 write_resolved(cfg, RunFolder(cfg.train.output_dir).config)  # evaluate and export read theirs from it
             continue
-        if stage.name == "train" and not (record and record["fingerprint"] == fp):
+        same_config = record is not None and record.fingerprint == fp
+        if stage.name == "train" and not same_config:
             _check_run_folder(cfg, record)
-        resumed = " (again: an earlier attempt did not finish)" if record and record["fingerprint"] == fp else ""
+        resumed = " (again: an earlier attempt did not finish)" if same_config else ""
         print_fn(f"{tag}: running{resumed}, fingerprint {fp}")
-        _write_record(stage, cfg, {"stage": stage.name, "state": "running", "fingerprint": fp, "started": time.time()})
+        running = StageRecord(stage.name, "running", fp, started=time.time())
+        _write_record(stage, cfg, running)
         t0 = time.perf_counter()
-        line, result = stage.run(cfg)
+        result: StageResult = stage.run(cfg)
         seconds = round(time.perf_counter() - t0, 1)
         output_hash = _file_hash(stage.produced(cfg))
         outputs[stage.name] = output_hash
-        artifacts = stage.artifacts(cfg)  # names that depend on what the stage wrote (the last grid)
-        _write_record(stage, cfg, {"stage": stage.name, "state": "done", "fingerprint": fp, "output_hash": output_hash,
-                                   "finished": time.time(), "seconds": seconds,
-                                   "artifacts": {k: str(v) for k, v in artifacts.items()}, "result": result})
-        outcomes.append(Outcome(stage.name, "ran", line, seconds, {k: str(v) for k, v in artifacts.items()}, result))
-        print_fn(f"{tag}: done in {seconds:.0f} s. {line}")
+        # Names that depend on what the stage wrote (the last grid).
+        artifacts = {k: str(v) for k, v in stage.artifacts(cfg).items()}
+        _write_record(stage, cfg, StageRecord(stage.name, "done", fp, running.started, time.time(), seconds,
+                                              output_hash, artifacts, result.values))
+        outcomes.append(Outcome(stage.name, "ran", result.line, seconds, artifacts, result.values))
+        print_fn(f"{tag}: done in {seconds:.0f} s. {result.line}")
         if stage.name == "tune":
             cfg = _tuned(cfg, print_fn)
     if ours:

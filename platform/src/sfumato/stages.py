@@ -1,21 +1,25 @@
 """The stage registry: every stage `sfumato pipeline` runs and the CLI dispatches, in order.
 
-A stage is a function `(cfg, **options) -> (one line for the log, a small result dict)`,
-registered with the config keys it reads (what its pipeline fingerprint hashes; a test runs the
+A stage is a function `(cfg, **options) -> StageResult` (one line for the log, a small JSON
+dict of figures), registered with the config keys it reads (what its pipeline fingerprint hashes; a test runs the
 stages on a config that records every key read and fails on an undeclared one), the folder its
 pipeline record lives in, what it leaves behind, and which files' content is its output hash.
 
     ingest -> safety -> dedup -> caption -> shards -> cache -> tune -> train -> evaluate -> export
       -> finetune -> align (post-training: off by default)
+
+The pipeline calls a stage with the config alone; `sfumato <stage>` (sfumato.cli) calls the same
+function, with the options its flags give (a checkpoint, a parent run, the dedup review): one
+definition of each stage, reached by both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from sfumato.config import Config
+from sfumato.config import Config, ConfigError
 from sfumato.layout import DataFolder, ExportFolder, RunFolder, TuneFolder
 from sfumato.records import HELDOUT_REWARD_ACCURACY, LOSS_EMA, MetricsLine, QualityRecord
 
@@ -25,9 +29,20 @@ LOCATION_KEYS = ("name", "ray", "pipeline", "data.output_dir", "train.output_dir
 
 
 @dataclass(frozen=True)
+class StageResult:
+    """What a stage returns: the pipeline logs `line` and keeps `values` in the stage's record
+    (pipeline/<stage>.json) and summary; `sfumato <stage>` prints `values` as JSON."""
+
+    line: str
+    """One line for the log: what the stage did, its main figures."""
+    values: dict[str, Any] = field(default_factory=dict)
+    """Its figures, JSON-serialisable (paths and numbers)."""
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[..., tuple[str, dict]]
+    run: Callable[..., StageResult]
     keys: tuple[str, ...]
     """Dotted config keys the stage reads (a key covers everything under it)."""
     folder: Callable[[Config], Path]
@@ -120,7 +135,7 @@ def ingest(cfg: Config):
     from sfumato.data.ingest import run_ingest
 
     summary = run_ingest(cfg)
-    return summary.line(), summary.__dict__
+    return StageResult(summary.line(), summary.__dict__)
 
 
 @stage("embed", keys=("data.ingest", "data.curate.clip"), folder=_data_root, in_pipeline=False,
@@ -130,7 +145,7 @@ def embed(cfg: Config):
     from sfumato.data.embed import run_embed
 
     meta = run_embed(cfg)
-    return f"embed: {meta['images']} images, {meta['captions']} captions", meta
+    return StageResult(f"embed: {meta['images']} images, {meta['captions']} captions", meta)
 
 
 @stage("safety", keys=("data.ingest", "data.curate.clip", "data.curate.safety"), folder=_data_root,
@@ -141,7 +156,7 @@ def safety(cfg: Config):
     from sfumato.data.safety import run_safety
 
     result = run_safety(cfg)
-    return f"safety: {result['unsafe_dropped']} unsafe rows dropped", result
+    return StageResult(f"safety: {result['unsafe_dropped']} unsafe rows dropped", result)
 
 
 @stage("dedup", keys=("seed", "data.ingest", "data.curate.clip", "data.curate.dedup"), folder=_data_root,
@@ -149,11 +164,13 @@ def safety(cfg: Config):
        artifacts=lambda cfg: {"dedup report": _data(cfg).dedup_report},
        produced=lambda cfg: [_data(cfg).manifest, _data(cfg).dedup_report])
 def dedup(cfg: Config, review: int = 0):
-    """embeddings -> FAISS near-duplicate clusters, dedup_report.json, manifest marks"""
+    """embeddings -> FAISS near-duplicate clusters, dedup_report.json, manifest marks
+
+    `review`: also dedup_review.png, the `review` clusters nearest the threshold."""
     from sfumato.data.dedup import run_dedup
 
     result = run_dedup(cfg, review)
-    return f"dedup: {result['dropped']} near-duplicates dropped", result
+    return StageResult(f"dedup: {result['dropped']} near-duplicates dropped", result)
 
 
 @stage("caption", keys=("data.ingest", "data.curate.caption"), folder=_data_root,
@@ -164,7 +181,7 @@ def caption(cfg: Config):
     from sfumato.data.caption import run_caption
 
     result = run_caption(cfg)
-    return f"caption: {result['generated']} captions generated", result
+    return StageResult(f"caption: {result['generated']} captions generated", result)
 
 
 @stage("shards", keys=("seed", "data.ingest", "data.shards"), folder=_data_root, reads=_previous_data_stage("shards"),
@@ -175,7 +192,7 @@ def shards(cfg: Config):
     from sfumato.data.shards import run_shards
 
     summary = run_shards(cfg)
-    return summary.line(), summary.__dict__
+    return StageResult(summary.line(), summary.__dict__)
 
 
 def _cache_meta(cfg: Config) -> Path:
@@ -198,7 +215,7 @@ def cache(cfg: Config):
     from sfumato.models.cache import run_cache
 
     summary = run_cache(cfg)
-    return summary.line(), summary.__dict__
+    return StageResult(summary.line(), summary.__dict__)
 
 
 @stage("dataloader", keys=("seed", "data.shards", "data.loader"), folder=_data_root, in_pipeline=False,
@@ -208,7 +225,7 @@ def dataloader(cfg: Config):
     from sfumato.data.loader import smoke
 
     result = smoke(cfg)
-    return f"dataloader: {result['samples']} samples at {result['resolution_px']} px", result
+    return StageResult(f"dataloader: {result['samples']} samples at {result['resolution_px']} px", result)
 
 
 # ------------------------------------------------------------------------------ model
@@ -217,7 +234,10 @@ def dataloader(cfg: Config):
        artifacts=lambda cfg: {"sweep results": _tune(cfg).results_md, "best config": _tune(cfg).best_config},
        produced=lambda cfg: [_tune(cfg).best_config])
 def tune(cfg: Config, resume: bool | None = None):
-    """Ray Tune sweep of the trainer on a proxy run -> results, best_config.yaml"""
+    """Ray Tune sweep of the trainer on a proxy run -> results, best_config.yaml
+
+    `resume`: continue the sweep in tune.output_dir (finished trials are kept); None: if this stage
+    began one there."""
     from ray.tune import Tuner
 
     from sfumato.tune.sweep import run_sweep
@@ -229,9 +249,9 @@ def tune(cfg: Config, resume: bool | None = None):
         raise RuntimeError(f"the sweep in {cfg.tune.output_dir} has no completed trial to train from "
                            f"(see {result['results']})")
     best = result["best"]
-    return (f"tune: {result['trials']} trials ({result['completed']} completed, {result['stopped_early']} stopped "
-            f"early); best {best['trial_id']} val_loss {best['final_val_loss']:.4g}"), \
-        {k: v for k, v in result.items() if k != "trials_by_id"}
+    return StageResult(f"tune: {result['trials']} trials ({result['completed']} completed, {result['stopped_early']} "
+                       f"stopped early); best {best['trial_id']} val_loss {best['final_val_loss']:.4g}",
+                       {k: v for k, v in result.items() if k != "trials_by_id"})
 
 
 def _last_checkpoint(cfg: Config) -> dict[str, Path]:
@@ -259,7 +279,8 @@ def train(cfg: Config):
 
     last = run_training(cfg)
     line = MetricsLine.from_json(last)
-    return f"train: step {line.step} of {cfg.train.total_steps}, {LOSS_EMA} {line.value(LOSS_EMA)}", last
+    return StageResult(f"train: step {line.step} of {cfg.train.total_steps}, {LOSS_EMA} {line.value(LOSS_EMA)}",
+                       last)
 
 
 def _feature_network(cfg: Config) -> str | None:
@@ -272,15 +293,18 @@ def _feature_network(cfg: Config) -> str | None:
        artifacts=lambda cfg: {"report": _run(cfg).report, "model card": _run(cfg).model_card,
                               "dataset card": _data(cfg).dataset_card},
        produced=lambda cfg: [_run(cfg).report])
-def evaluate(cfg: Config):
-    """the offline yardstick, FID / CLIPScore with weights; writes report.md and the cards"""
+def evaluate(cfg: Config, checkpoint: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """the offline yardstick, FID / CLIPScore with weights; writes report.md and the cards
+
+    `checkpoint`: which one (default: the newest); `overrides`: dotted keys over the run folder's
+    config.yaml, which the evaluation reads (`cfg` must be that config with them applied)."""
     from sfumato.evaluate.cards import write_run_documents
     from sfumato.evaluate.domain import summary as domain_summary
     from sfumato.evaluate.evaluate import has_domain_yardstick, run_evaluate
 
     run_dir = _run(cfg).root
     if _feature_network(cfg) or has_domain_yardstick(cfg):
-        record = run_evaluate(run_dir)
+        record = run_evaluate(run_dir, checkpoint, list(overrides) or None)
         quality = QualityRecord.from_json(record)
         parts = [domain_summary(quality.domain)] if quality.domain else []
         if quality.fd is not None:
@@ -301,7 +325,7 @@ def evaluate(cfg: Config):
         record["demo_structure"] = d = demo_structure(cfg)
         line += (f". Demo structure: {d['samples']:.2f} of the last grid's pixels are in its images' two palette "
                  f"colours (training images: {d['training_images']:.2f}; noise: about 0.06)")
-    return line, record
+    return StageResult(line, record)
 
 
 def demo_structure(cfg: Config) -> dict:
@@ -329,18 +353,43 @@ def demo_structure(cfg: Config) -> dict:
        enabled=lambda cfg: _training(cfg) or (None if cfg.pipeline.export else "pipeline.export is false"),
        artifacts=lambda cfg: {"export": _run(cfg).export, "export report": ExportFolder(_run(cfg).export).report_md},
        produced=lambda cfg: [ExportFolder(_run(cfg).export).report_json])
-def export(cfg: Config):
-    """a checkpoint's EMA weights as a diffusers folder, ONNX and INT8 under RUN_DIR/export"""
+def export(cfg: Config, checkpoint: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """a checkpoint's EMA weights as a diffusers folder, ONNX and INT8 under RUN_DIR/export
+
+    `checkpoint` and `overrides` as for evaluate."""
     from sfumato.export.export_run import run_export
 
-    report = run_export(_run(cfg).root)
+    report = run_export(_run(cfg).root, checkpoint, list(overrides) or None)
     onnx = report["onnx"]
     checked = f", ONNX within {onnx['tolerance_max_rel']:.0e} of PyTorch" if onnx else ""
-    return f"export: {report['checkpoint']} -> {_run(cfg).export}{checked}", \
-        {k: report[k] for k in ("checkpoint", "step", "parameters", "diffusers")}
+    return StageResult(f"export: {report['checkpoint']} -> {_run(cfg).export}{checked}",
+                       {k: report[k] for k in ("checkpoint", "step", "parameters", "diffusers")})
 
 
 # ----------------------------------------------------------------------- post-training
+def _resolved(resolve: Callable[[], Config]) -> Config:
+    """A post-training run's own config, resolved before any work. A wrong lineage, an empty
+    selection or an unreadable pairs table is a ConfigError: one line and exit status 2, from
+    `sfumato finetune` as from the pipeline, never a traceback."""
+    try:
+        return resolve()
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def _train_report_export(cfg: Config, run_cfg: Config) -> tuple[dict, dict | None]:
+    """A post-training run trained, then its report and cards, then its export (pipeline.export)."""
+    from sfumato.evaluate.cards import write_run_documents
+    from sfumato.export.export_run import run_export
+    from sfumato.train.loop import run_training
+
+    last = run_training(run_cfg)
+    write_run_documents(run_cfg.train.output_dir, run_cfg.data.output_dir)
+    return last, (run_export(run_cfg.train.output_dir) if cfg.pipeline.export else None)
+
+
 def _finetune_folder(cfg: Config) -> Path:
     return Path(cfg.finetune.overrides["train.output_dir"]).resolve() if cfg.finetune else _run(cfg).root / "finetune"
 
@@ -350,24 +399,23 @@ def _finetune_folder(cfg: Config) -> Path:
        artifacts=lambda cfg: {"fine-tune run folder": _finetune_folder(cfg),
                               "fine-tune report": RunFolder(_finetune_folder(cfg)).report},
        produced=lambda cfg: [RunFolder(_finetune_folder(cfg)).report])
-def finetune(cfg: Config):
-    """post-training: fine-tune the run on the finetune.select subset (LoRA with finetune.lora), then its report and export"""
-    from sfumato.evaluate.cards import write_run_documents
-    from sfumato.export.export_run import run_export
-    from sfumato.train.finetune import run_config
-    from sfumato.train.loop import run_training
+def finetune(cfg: Config, parent: Path | None = None, checkpoint: str | None = None, pretrained: str | None = None):
+    """post-training: fine-tune the run on the finetune.select subset (LoRA with finetune.lora), then its report and export
 
-    tuned = run_config(cfg)
-    last = run_training(tuned)
-    write_run_documents(tuned.train.output_dir, tuned.data.output_dir)
-    export = run_export(tuned.train.output_dir) if cfg.pipeline.export else None
+    `parent` (default finetune.parent, else train.output_dir), `checkpoint` (default: its newest) or
+    `pretrained` (a diffusers folder or hub id instead of a run): where the weights come from."""
+    from sfumato.train.finetune import run_config
+
+    tuned = _resolved(lambda: run_config(cfg, parent, checkpoint, pretrained))
+    last, export = _train_report_export(cfg, tuned)
     lineage = tuned.train.lineage
     kind = f"LoRA rank {tuned.train.lora.rank}" if tuned.train.lora else "full weights"
-    return (f"finetune: {kind} from {lineage.checkpoint or lineage.pretrained} on {lineage.selected_rows} selected rows, "
-            f"step {MetricsLine.from_json(last).step} of {tuned.train.total_steps}, "
-            f"{LOSS_EMA} {MetricsLine.from_json(last).value(LOSS_EMA)}"
-            + (f" -> {export['diffusers']}" if export else "")), \
-        {"run_dir": str(tuned.train.output_dir), "selected_rows": lineage.selected_rows, **last}
+    return StageResult(
+        f"finetune: {kind} from {lineage.checkpoint or lineage.pretrained} on {lineage.selected_rows} selected rows, "
+        f"step {MetricsLine.from_json(last).step} of {tuned.train.total_steps}, "
+        f"{LOSS_EMA} {MetricsLine.from_json(last).value(LOSS_EMA)}"
+        + (f" -> {export['diffusers']}" if export else ""),
+        {"run_dir": str(tuned.train.output_dir), "selected_rows": lineage.selected_rows, **last})
 
 
 def _align_folder(cfg: Config) -> Path:
@@ -387,21 +435,21 @@ def _align_reads(cfg: Config) -> list[str]:
        artifacts=lambda cfg: {"alignment run folder": _align_folder(cfg),
                               "alignment report": RunFolder(_align_folder(cfg)).report},
        produced=lambda cfg: [RunFolder(_align_folder(cfg)).report])
-def align(cfg: Config):
-    """post-training: Diffusion-DPO of the run (or its fine-tune) on the align.pairs preferences, then its report and export"""
-    from sfumato.evaluate.cards import write_run_documents
-    from sfumato.export.export_run import run_export
-    from sfumato.train.align import run_config
-    from sfumato.train.loop import run_training
+def align(cfg: Config, parent: Path | None = None, checkpoint: str | None = None, pretrained: str | None = None,
+          pairs: Path | None = None):
+    """post-training: Diffusion-DPO of the run (or its fine-tune) on the align.pairs preferences, then its report and export
 
-    aligned = run_config(cfg)
-    last = run_training(aligned)
-    write_run_documents(aligned.train.output_dir, aligned.data.output_dir)
-    export = run_export(aligned.train.output_dir) if cfg.pipeline.export else None
+    `parent`, `checkpoint`, `pretrained` as for finetune (default align.parent); `pairs`: the
+    preference table (default align.pairs)."""
+    from sfumato.train.align import run_config
+
+    aligned = _resolved(lambda: run_config(cfg, parent, checkpoint, pretrained, pairs))
+    last, export = _train_report_export(cfg, aligned)
     lineage = aligned.train.lineage
     kind = f"LoRA rank {aligned.train.lora.rank}" if aligned.train.lora else "full weights"
-    return (f"align: Diffusion-DPO ({kind}, beta {aligned.train.dpo.beta:g}) from {lineage.checkpoint or lineage.pretrained} "
-            f"on {lineage.pair_count} pairs, step {MetricsLine.from_json(last).step} of {aligned.train.total_steps}, "
-            f"held-out reward accuracy {MetricsLine.from_json(last).value(HELDOUT_REWARD_ACCURACY)}"
-            + (f" -> {export['diffusers']}" if export else "")), \
-        {"run_dir": str(aligned.train.output_dir), "pairs": lineage.pair_count, **last}
+    return StageResult(
+        f"align: Diffusion-DPO ({kind}, beta {aligned.train.dpo.beta:g}) from {lineage.checkpoint or lineage.pretrained} "
+        f"on {lineage.pair_count} pairs, step {MetricsLine.from_json(last).step} of {aligned.train.total_steps}, "
+        f"held-out reward accuracy {MetricsLine.from_json(last).value(HELDOUT_REWARD_ACCURACY)}"
+        + (f" -> {export['diffusers']}" if export else ""),
+        {"run_dir": str(aligned.train.output_dir), "pairs": lineage.pair_count, **last})

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sfumato.bench import add_out_argument
 from sfumato.testing.judge import JUDGE, background_luminance, judge
 from sfumato.testing.served import Served
 
@@ -102,7 +103,21 @@ def yardstick_figures(cfg, export_dir: Path, yardstick, samples: int, steps: int
             "background_luminance": round(float(np.mean([background_luminance(i) for i in images])), 2)}
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR",
+                        help="a trained run (required; exported first if it has no export)")
+    parser.add_argument("--votes", type=int, default=400, help="judged trials of the base model (the DPO pairs)")
+    parser.add_argument("--eval-votes", type=int, default=200, help="judged trials of aligned against base")
+    parser.add_argument("--pairs", default=None, metavar="PAIRS_PARQUET",
+                        help="reuse an earlier collection's pairs (its pairs.parquet) instead of judging --votes "
+                             "trials")
+    parser.add_argument("--samples", type=int, default=160, help="generated images per yardstick measure")
+    parser.add_argument("--out-dir", default=None, help="the bench's folder (default runs/bench-align)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the alignment's config, e.g. align.beta=500")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     from sfumato.abtest.app import load_arm
     from sfumato.data.pairs import run_pairs
     from sfumato.bench.ingest import machine

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfumato.bench import publish
+from sfumato.bench import add_datasets_argument, add_out_argument, publish
 from sfumato.bench.ingest import Monitor, machine, make_inputs
 from sfumato.data.neardup import SearchSettings, candidate_pairs
 
@@ -108,7 +108,16 @@ def embedding_throughput(args, tmp: Path) -> dict:
             "model": "tiny random CLIPModel (vision: 1 layer, 32 wide, 32 px)"}
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--vectors", type=int, default=1_000_000, help="synthetic embeddings, approximate search")
+    parser.add_argument("--exact-vectors", type=int, default=50_000, help="the subset searched exactly too")
+    parser.add_argument("--images", type=int, default=5000, help="real photos embedded by the embedding stage")
+    parser.add_argument("--workers", type=int, default=2, help="the embedding stage's actors (and torch threads)")
+    add_datasets_argument(parser, "flowers-val.tar")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     result = {"machine": machine()}
     emb, truth = planted(args.exact_vectors, seed=1)
     result["subset_exact"] = search(emb, truth, SearchSettings(exact_max=len(emb)))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfumato.bench import publish
+from sfumato.bench import add_out_argument, publish
 from sfumato.bench.ingest import machine, wait_for_quiet_cpu
 
 BATCHES = (1, 8)
@@ -38,7 +38,14 @@ def _median_s(call, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="unet-s", help="a registered model")
+    parser.add_argument("--resolution", type=int, default=32, help="image size in pixels")
+    parser.add_argument("--repeats", type=int, default=20, help="timed denoiser calls per setting")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     import onnxruntime as ort
 
     from sfumato.config import DiffusionConfig

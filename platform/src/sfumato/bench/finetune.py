@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sfumato.bench import add_out_argument
+
 
 def _checkpoint_mb(run_dir: Path) -> float:
     from sfumato import checkpoint as ckpt
@@ -86,7 +88,17 @@ def _train_side(cfg, parent: Path, lora: bool, out: Path) -> tuple[object, dict]
                    "checkpoint_mb": round(_checkpoint_mb(out), 3), "steps": tuned.train.total_steps}
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="a config with a finetune section (required)")
+    parser.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR", help="the trained run (required)")
+    parser.add_argument("--samples", type=int, default=160, help="images per measure")
+    parser.add_argument("--sides", default="lora,full", help="which fine-tunes run (lora, full or both)")
+    parser.add_argument("--out-dir", default=None, help="the fine-tune runs (default runs/bench-finetune)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of --config, e.g. finetune.lora.rank=16")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     import torch
 
     from sfumato.bench.ingest import machine

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from sfumato.bench import add_datasets_argument, add_out_argument
 from sfumato.config import Config
 from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, render
 from sfumato.data.shards import tar_add
@@ -247,7 +248,15 @@ def machine() -> dict:
             "pyarrow": pyarrow.__version__, "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--images", type=int, default=5000, help="images at 1x data size")
+    parser.add_argument("--memory-scale", type=int, default=10, help="also run at this multiple (0: skip)")
+    parser.add_argument("--workers", type=int, default=2, help="processes on the Ray side and the Pool's")
+    add_datasets_argument(parser, "flowers-val.tar")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     bench_start = time.perf_counter()
     result = {"machine": machine(), "workers": args.workers, "images": args.images,
               "resolutions_px": RESOLUTIONS_PX, "samples_per_shard": SAMPLES_PER_SHARD, "image_format": "jpeg"}

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sfumato.bench import publish
+from sfumato.bench import add_datasets_argument, add_out_argument, add_repo_argument, checkout, publish
 
 TRAINERS = ("plain", "sfumato-ddpm", "sfumato-flow")
 DATASETS = ("shapes", "cifar10")
@@ -368,10 +368,26 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--cpu-seconds", type=float, default=600.0, help="training CPU time per trainer")
+    parser.add_argument("--score-every", type=float, default=100.0, help="CPU seconds between scores")
+    parser.add_argument("--samples", type=int, default=160, help="generated images per score")
+    parser.add_argument("--trainers", default="plain,sfumato-ddpm,sfumato-flow", help="which trainers race")
+    parser.add_argument("--quality-datasets", default="shapes,cifar10", help="shapes and/or cifar10")
+    parser.add_argument("--shapes-images", type=int, default=2000, help="demo shapes drawn (the pilot's count)")
+    parser.add_argument("--cifar-per-class", type=int, default=500, help="CIFAR-10 images per class")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0, help="data split, batches, weights and noise")
+    parser.add_argument("--out-dir", default=None, help="plot, grids and quality.json (default runs/bench-quality)")
+    add_datasets_argument(parser, "cifar10-train.tar.gz")
+    add_repo_argument(parser, "configs/pilot.yaml, the recipe the sfumato trainers train")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     from sfumato.bench.ingest import machine
 
-    repo = Path(__file__).resolve().parents[4]
+    repo = checkout(args.repo, "configs/pilot.yaml")
     out_dir = Path(args.out_dir or "runs/bench-quality")
     out_dir.mkdir(parents=True, exist_ok=True)
     args.trainers = [t.strip() for t in args.trainers.split(",")]

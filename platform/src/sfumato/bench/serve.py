@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from sfumato.bench import publish
+from sfumato.bench import add_out_argument, publish
 from sfumato.bench.ingest import machine
 
 CONCURRENCY = (1, 8, 32)
@@ -146,7 +146,15 @@ def filter_alone(clip: Path, resolution: int, repeats: int = 3) -> dict:
     return {"ms_per_image": round(ms, 1)}
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="unet-s", help="a registered model, exported untrained")
+    parser.add_argument("--resolution", type=int, default=32, help="image size in pixels")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per cell")
+    parser.add_argument("--serve-steps", type=int, default=10, help="denoising steps per request")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     from ray import serve
 
     from sfumato.testing.tiny import save_clip_b32_shaped

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sfumato.bench import add_out_argument
 from sfumato.config import Config
 from sfumato.layout import DataFolder, RunFolder, read_jsonl
 
@@ -100,7 +101,24 @@ def loader_alone(cfg: Config, batches_wanted: int = 50) -> float:
     return batches_wanted * stage.micro_batch_size / (time.perf_counter() - start)
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="unet-s", help="a registered model")
+    parser.add_argument("--resolution", type=int, default=32, help="image size in pixels")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per side (--gpu: timed steps)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers; with --micro-batch, the global "
+                                                               "batch every layout splits")
+    parser.add_argument("--micro-batch", type=int, default=16, help="samples per worker per step at --workers workers")
+    parser.add_argument("--layouts", default="2x1,1x2", help="Ray layouts of the CPUs, workers x threads each")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+    parser.add_argument("--gpu", action="store_true",
+                        help="time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU")
+    parser.add_argument("--compile", action="store_true", help="--gpu: train.compile on (torch.compile)")
+    parser.add_argument("--gpu-matrix", action="store_true",
+                        help="every preset x ZeRO 0/2/3 (+ compiled rows) on one GPU, one process per row")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     if args.gpu_matrix:
         return gpu_matrix(args)
     if args.gpu:

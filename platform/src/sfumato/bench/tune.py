@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from sfumato.bench import publish
+from sfumato.bench import add_datasets_argument, add_out_argument, add_repo_argument, checkout, publish
 from sfumato.bench.ingest import machine
 
 
@@ -49,14 +49,25 @@ def _ranking(summary: dict) -> list[str]:
     return [_key(t["params"]) for t in done]
 
 
-def main(args) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--trials", type=int, default=12, help="trials per sweep")
+    parser.add_argument("--steps", type=int, default=40, help="proxy steps per trial")
+    parser.add_argument("--reduction-factor", type=float, default=4.0, help="ASHA's reduction factor")
+    parser.add_argument("--images", type=int, default=5000, help="CIFAR-10 images the sweeps train on")
+    parser.add_argument("--workers", type=int, default=2, help="trials at once (and Ray's CPUs)")
+    add_datasets_argument(parser, "cifar10-train.tar.gz")
+    add_repo_argument(parser, "configs/debug.yaml, whose sweep both runs are")
+    add_out_argument(parser)
+
+
+def run(args) -> dict:
     from sfumato.config import load_config
     from sfumato.data.ingest import run_ingest
     from sfumato.data.shards import run_shards
     from sfumato.runtime import init_ray
     from sfumato.tune.sweep import run_sweep
 
-    repo = Path(__file__).resolve().parents[4]
+    repo = checkout(args.repo, "configs/debug.yaml")
     grace = max(1, args.steps // round(args.reduction_factor ** 2))
     result = {"machine": machine(), "trials": args.trials, "proxy_steps": args.steps, "grace_period_steps": grace,
               "reduction_factor": args.reduction_factor, "concurrent_trials": args.workers, "sweeps": {}}
