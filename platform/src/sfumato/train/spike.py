@@ -13,7 +13,8 @@ Megatron watch the loss against its recent average. This is that rule, on the lo
 `patience_logged_steps` spiking logged steps in a row make a `Spike`. The worker feeds
 `observe` the mean over all ranks of the loss and of the average, so every rank decides the
 same and they roll back (collective loads) or stop together. Nothing here knows about Ray,
-DeepSpeed or the run folder; sfumato.train.worker acts on the decision.
+DeepSpeed or the run folder; sfumato.train.worker (watch_loss) and checkpointing (roll_back) act on
+the decision.
 """
 
 from __future__ import annotations
