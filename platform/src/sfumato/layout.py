@@ -112,7 +112,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def metric_events(path: Path, event: str) -> list[dict]:
     """A metrics.jsonl's event lines of one kind, in the order written: {"event": "rollback",
-    "step": the step training went back to, ...} (sfumato.train.worker.roll_back)."""
+    "step": the step training went back to, ...} (sfumato.train.checkpointing.roll_back)."""
     return [r for r in read_jsonl(path) if r.get("event") == event]
 
 

@@ -71,7 +71,8 @@ def measure_model(cfg, run, yardstick, subset: set[str], samples: int, steps: in
 
 def _train_side(cfg, parent: Path, lora: bool, out: Path) -> tuple[object, dict]:
     from sfumato.config import apply, run_tree, validated
-    from sfumato.layout import RunFolder, read_metrics
+    from sfumato.layout import RunFolder
+    from sfumato.records import TrainStepRecord, read_metric_lines
     from sfumato.train.finetune import run_config
     from sfumato.train.loop import run_training
 
@@ -84,12 +85,13 @@ def _train_side(cfg, parent: Path, lora: bool, out: Path) -> tuple[object, dict]
     start = time.perf_counter()
     run_training(tuned)
     wall = time.perf_counter() - start
-    windows = [m for m in read_metrics(RunFolder(out).metrics) if "samples_per_s" in m]
-    rate = [w["samples_per_s"] for w in windows[1:]] or [w["samples_per_s"] for w in windows]
+    windows = [line.get(TrainStepRecord) for line in read_metric_lines(RunFolder(out).metrics)]
+    windows = [w for w in windows if w is not None]
+    rate = [w.samples_per_s for w in windows[1:]] or [w.samples_per_s for w in windows]
     return tuned, {
         "wall_s": round(wall, 1),
         "samples_per_s": round(sum(rate) / len(rate), 2),
-        "peak_memory_mb": round(max(w["memory_mb"] for w in windows), 1),
+        "peak_memory_mb": round(max(w.memory_mb for w in windows), 1),
         "checkpoint_mb": round(_checkpoint_mb(out), 3),
         "steps": tuned.train.total_steps,
     }

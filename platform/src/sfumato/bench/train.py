@@ -21,7 +21,8 @@ import torch
 
 from sfumato.bench import add_out_argument
 from sfumato.config import Config
-from sfumato.layout import DataFolder, RunFolder, read_jsonl
+from sfumato.layout import DataFolder, RunFolder
+from sfumato.records import SAMPLES_PER_S, read_metric_lines
 
 
 def parse_layouts(text: str) -> list[tuple[int, int]]:
@@ -179,8 +180,9 @@ def run(args) -> dict:
         for workers, threads in layouts:
             layout_cfg = bench_config(Path(tmp), args, workers, threads)
             run_training(layout_cfg)
-            windows = read_jsonl(RunFolder(layout_cfg.train.output_dir).metrics)
-            ray_rates[f"{workers}x{threads}"] = sum(w["samples_per_s"] for w in windows[1:]) / max(1, len(windows) - 1)
+            windows = read_metric_lines(RunFolder(layout_cfg.train.output_dir).metrics)
+            rates = [w.value(SAMPLES_PER_S) for w in windows[1:]]
+            ray_rates[f"{workers}x{threads}"] = sum(rates) / max(1, len(rates))
         plain_rate = plain_loop(cfg, args.steps, warmup=max(1, args.steps // 4))
         loader_rate = loader_alone(cfg)
     best = max(ray_rates, key=ray_rates.get)

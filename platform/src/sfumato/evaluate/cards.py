@@ -23,6 +23,7 @@ from sfumato.data.manifest import ACCEPTED_STATUSES, LOW_AESTHETIC, NEAR_DUPLICA
 from sfumato.documents import format_duration, new_figure, table
 from sfumato.evaluate.report import evaluation_lines, lineage_lines, read_evaluations, training_compute
 from sfumato.layout import DataFolder, RunFolder, atomic_write, atomic_write_json, read_json, read_metrics
+from sfumato.records import SourceSharesRecord, read_metric_lines
 
 SIDE_EDGES_PX = [0, 32, 64, 128, 256, 512, 1024, 2048]  # shorter-side buckets: [edge, next edge)
 QUANTILES = {"min": 0.0, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
@@ -570,7 +571,8 @@ def run_mixture(run_dir: Path) -> dict | None:
     weights = cfg.data.source_weights
     if weights is None:
         return None
-    logged = [r["source_shares"] for r in read_metrics(RunFolder(run_dir).metrics) if "source_shares" in r]
+    lines = read_metric_lines(RunFolder(run_dir).metrics)
+    logged = [line.get(SourceSharesRecord).source_shares for line in lines if line.get(SourceSharesRecord)]
     return {"run": cfg.name, "weights": weights, "realised": logged[-1] if logged else None}
 
 

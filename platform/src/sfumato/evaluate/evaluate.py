@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sfumato.layout import DataFolder, RunFolder, append_jsonl
+from sfumato.records import QualityRecord
 
 log = logging.getLogger(__name__)
 
@@ -170,28 +171,28 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     out = RunFolder(run_dir).evaluation
     out.mkdir(exist_ok=True)
     to_grid(grid).save(out / f"samples-{folder.name}.png")
-    record = {
-        "time": time.time(),
-        "checkpoint": folder.name,
-        "step": step,
-        "features": None if extractor is None else extractor.name,
-        "metric": None if extractor is None else extractor.metric,
-        "fd": None if extractor is None else frechet_distance(generated.result(), reference),
-        "domain": None if scorer is None else scorer.result(),
-        "clip_score": float(np.concatenate(scores).mean()) if scores else None,
-        "clip_score_model": clip_source if scores else None,
-        "captions": caption_origin,
-        "num_samples": e.num_samples,
-        "sampler": e.sampler,
-        "steps": e.steps,
-        "guidance_scale": e.guidance_scale,
-        "seed": e.seed,
-        "resolution_px": resolution_px,
-        "generation_s": round(seconds, 2),
-        "reference": None
+    record = QualityRecord(
+        time=time.time(),
+        checkpoint=folder.name,
+        step=step,
+        features=None if extractor is None else extractor.name,
+        metric=None if extractor is None else extractor.metric,
+        fd=None if extractor is None else frechet_distance(generated.result(), reference),
+        domain=None if scorer is None else scorer.result(),
+        clip_score=float(np.concatenate(scores).mean()) if scores else None,
+        clip_score_model=clip_source if scores else None,
+        captions=caption_origin,
+        num_samples=e.num_samples,
+        sampler=e.sampler,
+        steps=e.steps,
+        guidance_scale=e.guidance_scale,
+        seed=e.seed,
+        resolution_px=resolution_px,
+        generation_s=round(seconds, 2),
+        reference=None
         if reference is None
         else {"count": reference.count, "resolution_px": resolution_px, "shards": str(shards)},
-    }
-    append_jsonl(RunFolder(run_dir).evaluations, record)
+    )
+    append_jsonl(RunFolder(run_dir).evaluations, record.to_json())
     write_run_documents(run_dir, cfg.data.output_dir)
-    return record
+    return record.to_json()
