@@ -21,9 +21,12 @@ def fixture_images(name: str, classes: int, per_class: int) -> Path:
     folder = FIXTURES / name
     counts = {d.name: len(list(d.glob("*.jpg"))) for d in folder.iterdir() if d.is_dir()} if folder.is_dir() else {}
     if len(counts) != classes or set(counts.values()) != {per_class}:
-        pytest.fail(f"{folder}: expected {classes} class folders of {per_class} JPEGs each, found {counts or 'none'}. "
-                    "These images are part of the repository: restore them from git (tests/fixtures/README.md says "
-                    "how they were cut).", pytrace=False)
+        pytest.fail(
+            f"{folder}: expected {classes} class folders of {per_class} JPEGs each, found {counts or 'none'}. "
+            "These images are part of the repository: restore them from git (tests/fixtures/README.md says "
+            "how they were cut).",
+            pytrace=False,
+        )
     return folder
 
 
@@ -33,7 +36,11 @@ def debug_config(tmp_path: Path, sources: list[dict], *overrides: str):
 
     return load_config(
         REPO / "configs" / "debug.yaml",
-        [f"data.output_dir={tmp_path / 'data'}", f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}", *overrides],
+        [
+            f"data.output_dir={tmp_path / 'data'}",
+            f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}",
+            *overrides,
+        ],
     )
 
 
@@ -43,9 +50,14 @@ def save_tiny_vae(folder: Path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        scaling_factor=0.5)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+    )
     vae.save_pretrained(folder / "vae")
     return vae
 
@@ -60,10 +72,15 @@ def plain_state(model, lr: float = 2e-3, condition_dropout: float = 0.1, **state
     from sfumato.train.step import GradientWatch, PlainEngine, TrainState
 
     cfg = DiffusionConfig(condition_dropout=condition_dropout)
-    return TrainState(engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
-                      schedule=NoiseSchedule.from_config(cfg), diffusion_cfg=cfg,
-                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                      watch=GradientWatch(model), **state_fields)
+    return TrainState(
+        engine=PlainEngine(model, OptimizerConfig(lr=lr), grad_clip_norm=1.0),
+        schedule=NoiseSchedule.from_config(cfg),
+        diffusion_cfg=cfg,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        watch=GradientWatch(model),
+        **state_fields,
+    )
 
 
 def run_config(tmp: Path, run: str, *overrides: str):

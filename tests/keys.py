@@ -4,8 +4,8 @@ dotted path from the Config it hangs off (`data.shards.resolutions_px`).
 It patches `Frozen.__getattribute__` (every config model's), so isinstance checks and the real
 objects are untouched; reads made while a Config is validated or dumped are not counted (a
 validator checks keys it does not use; writing the resolved config beside an output, or hashing
-it, serialises every key, and pydantic's serialiser reads a union's tag through getattr). Reads in other processes (Ray tasks and workers) are not
-seen: only what the driver reads.
+it, serialises every key, and pydantic's serialiser reads a union's tag through getattr). Reads in
+other processes (Ray tasks and workers) are not seen: only what the driver reads.
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ class KeyRecorder:
             return  # a model not reached from a Config (built on its own): not a key of the tree
         path = f"{base}.{name}" if base else name
         self.keys.add(path)
-        children = [(path, value)] if isinstance(value, BaseModel) else \
-            [(f"{path}.{i}", v) for i, v in enumerate(value)] if isinstance(value, (list, tuple)) else []
+        children = (
+            [(path, value)]
+            if isinstance(value, BaseModel)
+            else [(f"{path}.{i}", v) for i, v in enumerate(value)]
+            if isinstance(value, (list, tuple))
+            else []
+        )
         for child_path, child in children:
             if isinstance(child, BaseModel):
                 self._paths[id(child)] = child_path
@@ -62,12 +67,14 @@ def key_recorder(monkeypatch):
 
     def paused(call):
         """`call` with the recording paused (validating or dumping a config reads every key)."""
+
         def run(*args, **kwargs):
             recorder._validating += 1
             try:
                 return call(*args, **kwargs)
             finally:
                 recorder._validating -= 1
+
         return run
 
     model_validate, model_dump = paused(original_validate), paused(original_dump)
@@ -81,6 +88,8 @@ def key_recorder(monkeypatch):
 def undeclared(read: set[str], declared: tuple[str, ...]) -> list[str]:
     """Keys read that no declared key covers: a declared key covers itself and everything under
     it, and reading a node on the way to one (`data` for `data.ingest`) is no read of its own."""
+
     def covered(key: str) -> bool:
         return any(key == d or key.startswith(d + ".") or d.startswith(key + ".") for d in declared)
+
     return sorted(k for k in read if not covered(k))

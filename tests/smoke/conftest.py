@@ -50,10 +50,19 @@ def text_run(cifar_shards):
     """A text-conditional run with its own BPE tokenizer and CLIP text encoder (wandb offline)."""
     from sfumato.train.loop import run_training
 
-    cfg = run_config(cifar_shards, "text", "train.model=unet-text-tiny", "train.conditioning=text",
-                     "train.text.vocab_size=400", "train.text.hidden_size=32", "train.text.num_heads=2",
-                     "train.text.num_layers=1", "train.text.max_length=12", "train.class_balanced=true",
-                     "train.wandb=true")
+    cfg = run_config(
+        cifar_shards,
+        "text",
+        "train.model=unet-text-tiny",
+        "train.conditioning=text",
+        "train.text.vocab_size=400",
+        "train.text.hidden_size=32",
+        "train.text.num_heads=2",
+        "train.text.num_layers=1",
+        "train.text.max_length=12",
+        "train.class_balanced=true",
+        "train.wandb=true",
+    )
     run_training(cfg)
     return cfg
 
@@ -66,8 +75,9 @@ def latent_run(cifar_shards):
     from sfumato.train.loop import run_training
 
     save_tiny_vae(cifar_shards / "pretrained")
-    cfg = run_config(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}",
-                     "train.vae.subfolder=vae")
+    cfg = run_config(
+        cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}", "train.vae.subfolder=vae"
+    )
     run_cache(cfg)
     run_training(cfg)
     return cfg
@@ -79,7 +89,8 @@ def flow_run(cifar_shards):
     so 3.0 at the last stage's 32 px, the shift its export samples with."""
     from sfumato.train.loop import run_training
 
-    cfg = run_config(cifar_shards, "flow", "diffusion.objective=flow", "diffusion.flow.shift=1.5",
-                     "diffusion.flow.shift_base_px=16")
+    cfg = run_config(
+        cifar_shards, "flow", "diffusion.objective=flow", "diffusion.flow.shift=1.5", "diffusion.flow.shift_base_px=16"
+    )
     run_training(cfg)
     return cfg

@@ -57,10 +57,11 @@ def test_the_page_and_its_urls_never_say_which_model_drew_which(served, arms):
 
 def test_sides_are_balanced_and_recorded_and_both_models_get_the_same_noise(served, arms):
     test, url = served
-    for n in range(20):
+    for _ in range(20):
         trial = _trial(url)
-        assert requests.post(f"{url}/api/vote", json={"trial": trial["trial"], "choice": "left", "rater": "r"},
-                             headers=AUTH, timeout=30).json()["recorded"]
+        assert requests.post(
+            f"{url}/api/vote", json={"trial": trial["trial"], "choice": "left", "rater": "r"}, headers=AUTH, timeout=30
+        ).json()["recorded"]
     votes, damaged = test.log.read()
     assert len(votes) == 20 and damaged == 0
     found = requests.get(f"{url}/api/results", headers=AUTH, timeout=30).json()
@@ -86,8 +87,9 @@ def test_tokens_bad_votes_and_spent_trials_get_clear_answers(served):
     assert requests.post(f"{url}/api/trial", timeout=30).status_code == 401
     assert requests.post(f"{url}/api/trial", headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 403
     trial = _trial(url)
-    bad = requests.post(f"{url}/api/vote", json={"trial": trial["trial"], "choice": "both", "rater": "r"},
-                        headers=AUTH, timeout=30)
+    bad = requests.post(
+        f"{url}/api/vote", json={"trial": trial["trial"], "choice": "both", "rater": "r"}, headers=AUTH, timeout=30
+    )
     assert bad.status_code == 422 and "choice" in bad.text
     vote = {"trial": trial["trial"], "choice": "tie", "rater": "r"}
     assert requests.post(f"{url}/api/vote", json=vote, headers=AUTH, timeout=30).status_code == 200
@@ -126,11 +128,15 @@ def test_a_person_votes_in_a_real_browser_and_the_table_and_results_page_show_it
         assert not [arm.id for arm in arms if arm.id in browser.page_source]
         browser.find_element(By.ID, "rater").send_keys("browser-rater")
         for choice in ("left", "tie", "right", "skip"):
-            wait.until(lambda b: b.find_element(By.ID, f"vote-{choice}").is_enabled())
+            wait.until(lambda b, choice=choice: b.find_element(By.ID, f"vote-{choice}").is_enabled())
             before = browser.find_element(By.ID, "left").get_attribute("src")
             browser.find_element(By.ID, f"vote-{choice}").click()
-            wait.until(lambda b: b.find_element(By.ID, "left").get_attribute("src") != before
-                       and b.find_element(By.ID, "vote-left").is_enabled())
+            wait.until(
+                lambda b, before=before: (
+                    b.find_element(By.ID, "left").get_attribute("src") != before
+                    and b.find_element(By.ID, "vote-left").is_enabled()
+                )
+            )
         assert browser.find_element(By.ID, "count").text == "3"
         image = browser.find_element(By.ID, "left").screenshot_as_png
         assert Image.open(io.BytesIO(image)).size[0] > 100  # the image shows, scaled up
@@ -142,7 +148,9 @@ def test_a_person_votes_in_a_real_browser_and_the_table_and_results_page_show_it
     finally:
         browser.quit()
     votes, _ = test.log.read()
-    assert [(v["rater"], v["choice"]) for v in votes] == [("browser-rater", c) for c in ("left", "tie", "right", "skip")]
+    assert [(v["rater"], v["choice"]) for v in votes] == [
+        ("browser-rater", c) for c in ("left", "tie", "right", "skip")
+    ]
     table = pq.read_table(io.BytesIO(requests.get(f"{url}/api/votes.parquet", headers=AUTH, timeout=30).content))
     assert table.column("choice").to_pylist() == ["left", "tie", "right", "skip"]
     decided = [v for v in votes if v["choice"] in ("left", "right")]

@@ -13,8 +13,8 @@ import torch
 from helpers import exported
 from sfumato import checkpoint as ckpt
 from sfumato.abtest.app import ABTest, conditions_for, load_arm
-from sfumato.data.pairs import run_pairs
 from sfumato.config import apply, run_tree, validated
+from sfumato.data.pairs import run_pairs
 from sfumato.layout import RunFolder, read_metrics
 from sfumato.testing.judge import judge
 from sfumato.train.align import run_config
@@ -45,11 +45,19 @@ def pairs(straight, tmp_path_factory):
 
 def _align_cfg(straight, pairs, name: str, *overrides: str):
     tree = run_tree(straight)
-    tree["align"] = {"pairs": str(pairs), "beta": 1000.0, "holdout_fraction": 0.25,
-                     "overrides": {"train.output_dir": str(straight.train.output_dir.parent / name),
-                                   "train.stages": [{"resolution_px": 32, "steps": 6, "micro_batch_size": 4}],
-                                   "train.optimizer.lr": 1e-4, "train.checkpoint_every_steps": 3,
-                                   "train.sample_every_steps": 3, "train.log_every_steps": 1}}
+    tree["align"] = {
+        "pairs": str(pairs),
+        "beta": 1000.0,
+        "holdout_fraction": 0.25,
+        "overrides": {
+            "train.output_dir": str(straight.train.output_dir.parent / name),
+            "train.stages": [{"resolution_px": 32, "steps": 6, "micro_batch_size": 4}],
+            "train.optimizer.lr": 1e-4,
+            "train.checkpoint_every_steps": 3,
+            "train.sample_every_steps": 3,
+            "train.log_every_steps": 1,
+        },
+    }
     tree = apply(tree, dict(o.split("=", 1) for o in overrides))
     return run_config(validated(tree, "test"), parent=straight.train.output_dir)
 
@@ -100,8 +108,9 @@ def test_pairs_with_a_condition_the_model_lacks_are_refused_before_any_work(stra
     import pyarrow.parquet as pq
 
     bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"id": ["x"], "condition": ["unicorn"], "chosen": [b"1"], "rejected": [b"2"],
-                             "origin": ["o"]}), bad)
+    pq.write_table(
+        pa.table({"id": ["x"], "condition": ["unicorn"], "chosen": [b"1"], "rejected": [b"2"], "origin": ["o"]}), bad
+    )
     with pytest.raises(ValueError, match="row 0: condition 'unicorn' is not one of the model's classes"):
         _align_cfg(straight, bad, "refused")
     assert not (straight.train.output_dir.parent / "refused").exists()

@@ -23,8 +23,14 @@ BUCKETS = "data.shards.buckets={aspect_ratios: [0.5, 0.75, 1.0, 1.333, 2.0], mul
 
 def _cfg(tmp, flowers_dir, run: str):
     sources = [{"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"}]
-    return debug_config(tmp, sources, BUCKETS, f"train.output_dir={tmp / run}", "data.shards.samples_per_shard=30",
-                        "train.sample.aspect_ratio=2.0")
+    return debug_config(
+        tmp,
+        sources,
+        BUCKETS,
+        f"train.output_dir={tmp / run}",
+        "data.shards.samples_per_shard=30",
+        "train.sample.aspect_ratio=2.0",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +100,7 @@ def test_the_export_serves_exactly_the_trained_buckets(flower_buckets, flowers_d
     with pytest.raises(ValueError, match="not a size this model was trained at"):
         Request(width=40, height=40)
     # The exported pipeline (its own copy of the sampling code) generates the wide bucket.
-    (images,) = backend.generate([Job("a", seed=0, steps=2, guidance_scale=1.0, num_images=1, sampler="ddim",
-                                      width=48, height=24)])
+    (images,) = backend.generate(
+        [Job("a", seed=0, steps=2, guidance_scale=1.0, num_images=1, sampler="ddim", width=48, height=24)]
+    )
     assert images[0].shape == (24, 48, 3)

@@ -21,31 +21,53 @@ def _run(*args, cwd=REPO):
 
 def test_data_only_pipeline_job_then_dataloader(tmp_path):
     out = tmp_path / "data"
-    done = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null",
-                "tune=null")
+    done = _run(
+        "jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null", "tune=null"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ingest: 64 inputs -> 64 in manifest, 0 rejected" in done.stdout
     assert "train: off (the config has no train section)" in done.stdout
     # Again with a shards key changed: ingest is complete for this config, shards is not.
-    again = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null",
-                 "tune=null", "data.shards.samples_per_shard=16")
+    again = _run(
+        "jobs/pipeline.py",
+        "--config",
+        "configs/debug.yaml",
+        f"data.output_dir={out}",
+        "train=null",
+        "tune=null",
+        "data.shards.samples_per_shard=16",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     stages = {s["stage"]: s["status"] for s in json.loads((out / "pipeline_summary.json").read_text())["stages"]}
     assert stages["ingest"] == "skipped" and stages["shards"] == "ran", stages
     # Ingest forced to run again on the same inputs writes the same files (a row keeps the date it
     # was first collected), so the stages after it stay skipped.
     (out / "pipeline" / "ingest.json").unlink()
-    third = _run("jobs/pipeline.py", "--config", "configs/debug.yaml", f"data.output_dir={out}", "train=null",
-                 "tune=null", "data.shards.samples_per_shard=16")
+    third = _run(
+        "jobs/pipeline.py",
+        "--config",
+        "configs/debug.yaml",
+        f"data.output_dir={out}",
+        "train=null",
+        "tune=null",
+        "data.shards.samples_per_shard=16",
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     stages = {s["stage"]: s["status"] for s in json.loads((out / "pipeline_summary.json").read_text())["stages"]}
     assert stages["ingest"] == "ran" and stages["shards"] == "skipped", stages
-    for path in ("manifest.parquet", "rejects.parquet", "ingest.config.yaml", "shards/shard_manifest.csv",
-                 "shards/16/shard-000000.tar", "shards/32/shard-000001.tar", "shards/shards.config.yaml"):
+    for path in (
+        "manifest.parquet",
+        "rejects.parquet",
+        "ingest.config.yaml",
+        "shards/shard_manifest.csv",
+        "shards/16/shard-000000.tar",
+        "shards/32/shard-000001.tar",
+        "shards/shards.config.yaml",
+    ):
         assert (out / path).exists(), path
     smoke = _run("-m", "sfumato.cli", "dataloader", "--config", "configs/debug.yaml", f"data.output_dir={out}")
     assert smoke.returncode == 0, smoke.stderr[-3000:]
-    result = json.loads(smoke.stdout[smoke.stdout.index("{"):])["dataloader"]
+    result = json.loads(smoke.stdout[smoke.stdout.index("{") :])["dataloader"]
     assert result["batches"] == 4 and result["samples"] == 64 and result["samples_per_s"] > 0
 
 
@@ -68,14 +90,18 @@ def _files(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("settings", [
-    # The class yardstick (the run's data has classes; its classifier, cached in the shared data
-    # folder, is the other evaluation tests'): samples, metrics, report and cards.
-    ["evaluate.num_samples=8", "evaluate.steps=2"],
-    # Nothing to measure with: the stage writes the report and cards (where the command, calling
-    # run_evaluate itself, used to raise a ValueError).
-    ["evaluate.domain.enabled=false"],
-], ids=["yardstick", "documents-only"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # The class yardstick (the run's data has classes; its classifier, cached in the shared data
+        # folder, is the other evaluation tests'): samples, metrics, report and cards.
+        ["evaluate.num_samples=8", "evaluate.steps=2"],
+        # Nothing to measure with: the stage writes the report and cards (where the command, calling
+        # run_evaluate itself, used to raise a ValueError).
+        ["evaluate.domain.enabled=false"],
+    ],
+    ids=["yardstick", "documents-only"],
+)
 def test_evaluate_command_writes_what_the_pipelines_evaluate_stage_writes(straight, tmp_path, capsys, settings):
     pytest.importorskip("deepspeed")
     from sfumato.cli import main
@@ -85,14 +111,17 @@ def test_evaluate_command_writes_what_the_pipelines_evaluate_stage_writes(straig
 
     runs = {}
     for way in ("command", "pipeline"):
-        run = shutil.copytree(straight.train.output_dir, tmp_path / way,
-                              ignore=lambda folder, names: [n for n in names if n in EVALUATION_OUTPUTS])
+        run = shutil.copytree(
+            straight.train.output_dir,
+            tmp_path / way,
+            ignore=lambda folder, names: [n for n in names if n in EVALUATION_OUTPUTS],
+        )
         # The run's config.yaml, as the pipeline leaves it, with this case's evaluate settings.
         write_resolved(load_run_config(run, [f"train.output_dir={run}", *settings]), RunFolder(run).config)
         runs[way] = run
     assert main(["evaluate", str(runs["command"])]) == 0
     out = capsys.readouterr().out  # progress lines, then the stage's values as JSON
-    printed = json.loads(out[out.index("{\n"):])["evaluate"]
+    printed = json.loads(out[out.index("{\n") :])["evaluate"]
     stage = REGISTRY["evaluate"].run(load_run_config(runs["pipeline"]))  # what run_pipeline calls
     assert printed.keys() == stage.values.keys()
 
@@ -104,8 +133,10 @@ def test_evaluate_command_writes_what_the_pipelines_evaluate_stage_writes(straig
         assert any(name.startswith("evaluation/samples-") for name in written)
     # The same figures and words too, but for the folder's own name and the minute of writing.
     for name in ("report.md", "model_card.md"):
-        text = {way: re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d", "DATE", files[name].decode().replace(str(runs[way]), "RUN"))
-                for way, files in (("command", command), ("pipeline", pipeline))}
+        text = {
+            way: re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d", "DATE", files[name].decode().replace(str(runs[way]), "RUN"))
+            for way, files in (("command", command), ("pipeline", pipeline))
+        }
         assert text["command"] == text["pipeline"], name
 
 
@@ -116,9 +147,17 @@ def test_finetune_command_refuses_an_empty_selection_before_any_work(straight, t
 
     config = tmp_path / "finetune.yaml"
     shutil.copy(straight.train.output_dir / "config.yaml", config)
-    code = main(["finetune", "--config", str(config), "--from", str(straight.train.output_dir),
-                 f"finetune={{select: {{caption_contains: no such words}}, "
-                 f"overrides: {{train.output_dir: {tmp_path / 'tuned'}}}}}"])
+    code = main(
+        [
+            "finetune",
+            "--config",
+            str(config),
+            "--from",
+            str(straight.train.output_dir),
+            f"finetune={{select: {{caption_contains: no such words}}, "
+            f"overrides: {{train.output_dir: {tmp_path / 'tuned'}}}}}",
+        ]
+    )
     assert code == 2 and "finetune.select.caption_contains leaves no row" in capsys.readouterr().err
     assert not (tmp_path / "tuned").exists()
 
@@ -132,13 +171,22 @@ def test_finetune_command_writes_its_report_and_export_as_the_pipelines_stage(st
 
     config, tuned = tmp_path / "finetune.yaml", tmp_path / "tuned"
     shutil.copy(straight.train.output_dir / "config.yaml", config)
-    code = main(["finetune", "--config", str(config), "--from", str(straight.train.output_dir), "export.onnx=false",
-                 f"finetune={{select: {{tags: [bird, cat]}}, lora: {{rank: 4, alpha: 4}}, overrides: "
-                 f"{{train.output_dir: {tuned}, train.checkpoint_every_steps: 2, train.sample_every_steps: 2, "
-                 "train.stages: [{resolution_px: 32, steps: 2, micro_batch_size: 4}]}}"])
+    code = main(
+        [
+            "finetune",
+            "--config",
+            str(config),
+            "--from",
+            str(straight.train.output_dir),
+            "export.onnx=false",
+            f"finetune={{select: {{tags: [bird, cat]}}, lora: {{rank: 4, alpha: 4}}, overrides: "
+            f"{{train.output_dir: {tuned}, train.checkpoint_every_steps: 2, train.sample_every_steps: 2, "
+            "train.stages: [{resolution_px: 32, steps: 2, micro_batch_size: 4}]}}",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
-    printed = json.loads(out[out.index("{\n"):])["finetune"]
+    printed = json.loads(out[out.index("{\n") :])["finetune"]
     assert printed["run_dir"] == str(tuned) and printed["step"] == 2 and printed["selected_rows"] > 0
     assert (tuned / "report.md").exists() and (tuned / "model_card.md").exists()
     assert (tuned / "export" / "diffusers" / "model_index.json").exists() and (tuned / "export" / "lora").is_dir()

@@ -66,20 +66,28 @@ class Cluster:
         # Token authentication is on by default (the token in ~/.ray/auth_token): every client,
         # the joining node and `ray job` included, must say so. The state API address keeps Ray
         # Train's controller watcher on this cluster, not on another local Ray (pytest's).
-        self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token",
-                    "RAY_API_SERVER_ADDRESS": self.dashboard, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            "RAY_AUTH_MODE": "token",
+            "RAY_API_SERVER_ADDRESS": self.dashboard,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
         self.pids: set[int] = set()
 
     def ray(self, *args, timeout=180) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [str(BIN / "ray"), *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         self.pids |= {p.pid for p in self.processes()}
         return done
 
     def processes(self) -> list:
         """Ray names the GCS by the machine's address, not always loopback: match on the port."""
-        return _cluster_processes(f":{self.gcs_port}") + _cluster_processes(str(self.temp_dir)) + \
-            _cluster_processes(str(self.second_temp_dir))
+        return (
+            _cluster_processes(f":{self.gcs_port}")
+            + _cluster_processes(str(self.temp_dir))
+            + _cluster_processes(str(self.second_temp_dir))
+        )
 
     @staticmethod
     def _agent_ports() -> list[str]:
@@ -87,14 +95,36 @@ class Cluster:
         fixed, so another Ray on this machine (the test session's own) or the other node of this
         cluster holds them already: the head's job agent would then never come up and every
         submission is refused with "No available agent to submit job"."""
-        return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-                "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+        return [
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--dashboard-agent-grpc-port",
+            str(_free_port()),
+            "--runtime-env-agent-port",
+            str(_free_port()),
+            "--metrics-export-port",
+            str(_free_port()),
+        ]
 
     def start(self) -> None:
-        head = self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                        "--num-cpus", "1", "--temp-dir", str(self.temp_dir), "--disable-usage-stats",
-                        *self._agent_ports())
+        head = self.ray(
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--num-cpus",
+            "1",
+            "--temp-dir",
+            str(self.temp_dir),
+            "--disable-usage-stats",
+            *self._agent_ports(),
+        )
         assert head.returncode == 0, head.stdout + head.stderr
         # The second node's own temp dir. Without one it takes the head's, and both nodes'
         # runtime-env agents unpack a job's working_dir into the same folder,
@@ -105,8 +135,19 @@ class Cluster:
         # unzip): the driver's cwd is deleted under it and a new folder takes its path. A driver
         # then has no cwd (getcwd() fails; relative paths find nothing), and the pipeline's driver
         # crashed when it first imported torch (oneMKL's loader; dynamo's debug dir).
-        worker = self.ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                          "--temp-dir", str(self.second_temp_dir), "--disable-usage-stats", *self._agent_ports())
+        worker = self.ray(
+            "start",
+            "--address",
+            self.address,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "1",
+            "--temp-dir",
+            str(self.second_temp_dir),
+            "--disable-usage-stats",
+            *self._agent_ports(),
+        )
         assert worker.returncode == 0, worker.stdout + worker.stderr
 
     def node_ids(self, expected: int, timeout_s: float = 90) -> tuple[set[str], str]:
@@ -115,8 +156,11 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while True:
             listed = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json")
-            nodes = {n["node_id"] for n in json.loads(listed.stdout) if n["state"] == "ALIVE"} \
-                if listed.returncode == 0 else set()
+            nodes = (
+                {n["node_id"] for n in json.loads(listed.stdout) if n["state"] == "ALIVE"}
+                if listed.returncode == 0
+                else set()
+            )
             if len(nodes) >= expected or time.monotonic() > deadline:
                 return nodes, listed.stdout + listed.stderr
             time.sleep(2)
@@ -127,8 +171,18 @@ class Cluster:
         # refuses the submission ("No available agent to submit job"), before running anything.
         deadline = time.monotonic() + 120
         while True:
-            done = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", working_dir, "--",
-                            "python", *args, timeout=900)
+            done = self.ray(
+                "job",
+                "submit",
+                "--address",
+                self.dashboard,
+                "--working-dir",
+                working_dir,
+                "--",
+                "python",
+                *args,
+                timeout=900,
+            )
             if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
                 break
             time.sleep(5)
@@ -138,8 +192,12 @@ class Cluster:
     def removed_working_dirs(self) -> list[str]:
         """The agents' log lines saying they deleted an unpacked working_dir to unpack it again."""
         logs = [*self.temp_dir.glob("session_2*/logs/*.log"), *self.second_temp_dir.glob("session_2*/logs/*.log")]
-        return [line for log in logs for line in log.read_text(errors="replace").splitlines()
-                if "Removing" in line and "working_dir_files" in line]
+        return [
+            line
+            for log in logs
+            for line in log.read_text(errors="replace").splitlines()
+            if "Removing" in line and "working_dir_files" in line
+        ]
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, every process this cluster started, and what they started."""
@@ -234,20 +292,40 @@ def test_pipeline_job_on_a_two_node_cluster(cluster, tmp_path):
     first = cluster.submit("jobs/pipeline.py", *args, log=tmp_path / "first.log")
     assert first.returncode == 0 and "succeeded" in first.stdout, (first.stdout + first.stderr)[-4000:]
 
-    assert _summary(run) == {"ingest": "ran", "safety": "off", "dedup": "off", "caption": "off", "shards": "ran",
-                             "cache": "off", "tune": "off", "train": "ran", "evaluate": "ran", "export": "ran", "finetune": "off", "align": "off"}
-    for path in (data / "manifest.parquet", data / "shards" / "shard_manifest.csv", run / "checkpoints" / "step-00000010"
-                 / "ema.safetensors", run / "report.md", run / "model_card.md", data / "dataset_card.md",
-                 run / "export" / "diffusers" / "model_index.json", run / "export" / "onnx" / "denoiser.onnx",
-                 run / "export" / "onnx" / "denoiser.int8.onnx"):
+    assert _summary(run) == {
+        "ingest": "ran",
+        "safety": "off",
+        "dedup": "off",
+        "caption": "off",
+        "shards": "ran",
+        "cache": "off",
+        "tune": "off",
+        "train": "ran",
+        "evaluate": "ran",
+        "export": "ran",
+        "finetune": "off",
+        "align": "off",
+    }
+    for path in (
+        data / "manifest.parquet",
+        data / "shards" / "shard_manifest.csv",
+        run / "checkpoints" / "step-00000010" / "ema.safetensors",
+        run / "report.md",
+        run / "model_card.md",
+        data / "dataset_card.md",
+        run / "export" / "diffusers" / "model_index.json",
+        run / "export" / "onnx" / "denoiser.onnx",
+        run / "export" / "onnx" / "denoiser.int8.onnx",
+    ):
         assert path.exists(), path
     # The training workers ran on both nodes of the cluster, one each.
     attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
     assert attempts[0]["world_size"] == 2 and set(attempts[0]["nodes"]) == nodes, (attempts, nodes)
     assert "sfumato serve --model" in first.stdout
     # The demo data's structure is measured on the last grid and on the training images.
-    evaluated = next(s for s in json.loads((run / "pipeline_summary.json").read_text())["stages"]
-                     if s["stage"] == "evaluate")
+    evaluated = next(
+        s for s in json.loads((run / "pipeline_summary.json").read_text())["stages"] if s["stage"] == "evaluate"
+    )
     structure = evaluated["result"]["demo_structure"]
     assert structure["training_images"] > 0.9 and 0 <= structure["samples"] <= 1, structure
 
@@ -255,9 +333,20 @@ def test_pipeline_job_on_a_two_node_cluster(cluster, tmp_path):
     trained = (run / "checkpoints" / "step-00000010" / "ema.safetensors").stat().st_mtime_ns
     second = cluster.submit("jobs/pipeline.py", *args, "export.int8=false", log=tmp_path / "second.log")
     assert second.returncode == 0 and "succeeded" in second.stdout, (second.stdout + second.stderr)[-4000:]
-    assert _summary(run) == {"ingest": "skipped", "safety": "off", "dedup": "off", "caption": "off",
-                             "shards": "skipped", "cache": "off", "tune": "off", "train": "skipped", "evaluate": "skipped",
-                             "export": "ran", "finetune": "off", "align": "off"}
+    assert _summary(run) == {
+        "ingest": "skipped",
+        "safety": "off",
+        "dedup": "off",
+        "caption": "off",
+        "shards": "skipped",
+        "cache": "off",
+        "tune": "off",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "export": "ran",
+        "finetune": "off",
+        "align": "off",
+    }
     assert (run / "checkpoints" / "step-00000010" / "ema.safetensors").stat().st_mtime_ns == trained
     assert (run / "export" / "onnx" / "denoiser.onnx").exists()
     assert not (run / "export" / "onnx" / "denoiser.int8.onnx").exists()

@@ -21,11 +21,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("faiss")
 
 from helpers import debug_config  # noqa: E402
-from sfumato.testing.tiny import save_tiny_clip  # noqa: E402
 from sfumato.cli import main  # noqa: E402
 from sfumato.data.embed import load_embeddings  # noqa: E402
 from sfumato.data.ingest import run_ingest  # noqa: E402
 from sfumato.data.shards import run_shards  # noqa: E402
+from sfumato.testing.tiny import save_tiny_clip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,27 @@ def curated(tmp_path_factory, flowers_dir, ray_local):
         target = copies / path.parent.name / f"copy-{path.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(buf.getvalue())
-    sources = [{"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
-               {"kind": "folder", "name": "copies", "path": str(copies), "license": "CC-BY-4.0"}]
-    overrides = [f"data.curate.clip.model={tmp / 'clip'}", "data.curate.clip.batch_size=16",
-                 "data.curate.dedup.threshold=0.9993"]
+    sources = [
+        {"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
+        {"kind": "folder", "name": "copies", "path": str(copies), "license": "CC-BY-4.0"},
+    ]
+    overrides = [
+        f"data.curate.clip.model={tmp / 'clip'}",
+        "data.curate.clip.batch_size=16",
+        "data.curate.dedup.threshold=0.9993",
+    ]
     cfg = debug_config(tmp, sources, *overrides)
     run_ingest(cfg)
-    args = ["dedup", "--config", "configs/debug.yaml", f"data.output_dir={tmp / 'data'}",
-            f"data.sources={json.dumps(sources)}", *overrides, "--review", "3"]
+    args = [
+        "dedup",
+        "--config",
+        "configs/debug.yaml",
+        f"data.output_dir={tmp / 'data'}",
+        f"data.sources={json.dumps(sources)}",
+        *overrides,
+        "--review",
+        "3",
+    ]
     assert main(args) == 0
     return cfg, originals, args
 
@@ -104,8 +117,8 @@ def test_rerun_skips_embedding_and_changes_nothing(curated):
 
 
 def test_caption_modes_record_origin_and_keep_the_source_caption(tmp_path, flowers_dir, ray_local):
-    from sfumato.testing.tiny import save_tiny_blip
     from sfumato.data.caption import run_caption
+    from sfumato.testing.tiny import save_tiny_blip
 
     save_tiny_blip(tmp_path / "blip")
     photos = sorted(flowers_dir.rglob("*.jpg"))
@@ -113,8 +126,10 @@ def test_caption_modes_record_origin_and_keep_the_source_caption(tmp_path, flowe
     uncaptioned.mkdir()
     for path in photos[:6]:
         (uncaptioned / f"u-{path.name}").write_bytes(path.read_bytes())
-    sources = [{"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
-               {"kind": "folder", "name": "bare", "path": str(uncaptioned), "license": "CC-BY-2.0", "caption_template": None}]
+    sources = [
+        {"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
+        {"kind": "folder", "name": "bare", "path": str(uncaptioned), "license": "CC-BY-2.0", "caption_template": None},
+    ]
     model = [f"data.curate.caption.model={tmp_path / 'blip'}", "data.curate.caption.max_new_tokens=6"]
     run_ingest(debug_config(tmp_path, sources))
 
@@ -164,20 +179,37 @@ def test_safety_scores_flags_and_filters_from_the_embeddings(tmp_path, flowers_d
 
     # Identical unsafe and safe prompt sets: by symmetry every image scores exactly 0.5.
     same = ["a photo of a flower", "a garden"]
-    run_safety(debug_config(tmp_path, sources, clip, f"data.curate.safety.unsafe_prompts={same}",
-                            f"data.curate.safety.safe_prompts={same}", "data.curate.safety.nsfw_threshold=0.6"))
+    run_safety(
+        debug_config(
+            tmp_path,
+            sources,
+            clip,
+            f"data.curate.safety.unsafe_prompts={same}",
+            f"data.curate.safety.safe_prompts={same}",
+            "data.curate.safety.nsfw_threshold=0.6",
+        )
+    )
     m = manifest()
     np.testing.assert_allclose(m["nsfw_score"], 0.5, atol=1e-6)
     assert not m["nsfw_flag"].any() and (m["status"] == "ok").all()
 
     # Default prompts: scores are probabilities; the flag is exactly score >= threshold.
     rng = np.random.default_rng(0)
-    head = {"layers.0.weight": rng.standard_normal((8, 16)).astype(np.float32), "layers.0.bias": np.zeros(8, np.float32),
-            "layers.1.weight": rng.standard_normal((1, 8)).astype(np.float32), "layers.1.bias": np.ones(1, np.float32)}
+    head = {
+        "layers.0.weight": rng.standard_normal((8, 16)).astype(np.float32),
+        "layers.0.bias": np.zeros(8, np.float32),
+        "layers.1.weight": rng.standard_normal((1, 8)).astype(np.float32),
+        "layers.1.bias": np.ones(1, np.float32),
+    }
     save_file(head, str(tmp_path / "aesthetic.safetensors"))
     threshold = float(np.median(m["nsfw_score"]))  # whatever the random model says: half flagged
-    cfg = debug_config(tmp_path, sources, clip, f"data.curate.safety.nsfw_threshold={threshold}",
-                       f"data.curate.safety.aesthetic_weights={tmp_path / 'aesthetic.safetensors'}")
+    cfg = debug_config(
+        tmp_path,
+        sources,
+        clip,
+        f"data.curate.safety.nsfw_threshold={threshold}",
+        f"data.curate.safety.aesthetic_weights={tmp_path / 'aesthetic.safetensors'}",
+    )
     summary = run_safety(cfg)
     m = manifest()
     assert m["nsfw_score"].between(0, 1).all()
@@ -190,9 +222,16 @@ def test_safety_scores_flags_and_filters_from_the_embeddings(tmp_path, flowers_d
 
     # A minimum aesthetic score drops the rest below it; a re-run without filters restores every row.
     floor = float(np.median(expected))
-    run_safety(debug_config(tmp_path, sources, clip, "data.curate.safety.drop_nsfw=false",
-                            f"data.curate.safety.aesthetic_weights={tmp_path / 'aesthetic.safetensors'}",
-                            f"data.curate.safety.min_aesthetic={floor}"))
+    run_safety(
+        debug_config(
+            tmp_path,
+            sources,
+            clip,
+            "data.curate.safety.drop_nsfw=false",
+            f"data.curate.safety.aesthetic_weights={tmp_path / 'aesthetic.safetensors'}",
+            f"data.curate.safety.min_aesthetic={floor}",
+        )
+    )
     m = manifest()
     assert ((m["status"] == "low_aesthetic") == (m["aesthetic_score"] < floor)).all()
     run_safety(debug_config(tmp_path, sources, clip, "data.curate.safety.drop_nsfw=false"))

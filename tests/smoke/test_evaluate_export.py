@@ -41,17 +41,34 @@ print(type(pipe).__name__, type(pipe.scheduler).__name__, torch.equal(images, ex
 """
 
 
-def _export_and_compare(run_cfg, conditions, pipe_kwargs, guidance_scale: float,
-                        scheduler: str = "DDIMScheduler") -> dict:
+def _export_and_compare(
+    run_cfg, conditions, pipe_kwargs, guidance_scale: float, scheduler: str = "DDIMScheduler"
+) -> dict:
     run_dir = run_cfg.train.output_dir
     report = run_export(run_dir)
     cfg, run, _ = load_trained(run_dir)
-    reference = sample(pipeline(cfg, run, cfg.export.sampler), len(conditions or [0, 0]), seed=3, steps=6,
-                       guidance_scale=guidance_scale, conditions=conditions)
+    reference = sample(
+        pipeline(cfg, run, cfg.export.sampler),
+        len(conditions or [0, 0]),
+        seed=3,
+        steps=6,
+        guidance_scale=guidance_scale,
+        conditions=conditions,
+    )
     save_file({"images": reference.contiguous()}, str(run_dir / "reference.safetensors"))
     kwargs = {**pipe_kwargs, "count": len(reference), "guidance_scale": guidance_scale}
-    done = subprocess.run([sys.executable, "-c", WITHOUT_SFUMATO, str(run_dir / "export" / "diffusers"),
-                           str(run_dir / "reference.safetensors"), repr(kwargs)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_SFUMATO,
+            str(run_dir / "export" / "diffusers"),
+            str(run_dir / "reference.safetensors"),
+            repr(kwargs),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     name, loaded_scheduler, equal, max_diff = done.stdout.split()
     assert name == "SfumatoPipeline" and loaded_scheduler == scheduler
@@ -83,11 +100,29 @@ def test_class_run_exports_to_diffusers_and_onnx(straight, tmp_path):
 def _sample_onnx_without_sfumato(run_dir, grid) -> None:
     """The standalone ONNX sampler (INT8), run as a script from the export folder, without sfumato."""
     onnx_dir = run_dir / "export" / "onnx"
-    done = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['sfumato'] = None; "
-                           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
-                           str(onnx_dir / "sample_onnx.py"), "--out", str(grid), "--class", "3",
-                           "--class", "airplane", "--steps", "4", "--guidance", "2", "--model", "denoiser.int8.onnx"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, runpy; sys.modules['sfumato'] = None; "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+            str(onnx_dir / "sample_onnx.py"),
+            "--out",
+            str(grid),
+            "--class",
+            "3",
+            "--class",
+            "airplane",
+            "--steps",
+            "4",
+            "--guidance",
+            "2",
+            "--model",
+            "denoiser.int8.onnx",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     from PIL import Image
 
@@ -95,8 +130,13 @@ def _sample_onnx_without_sfumato(run_dir, grid) -> None:
 
 
 def test_flow_run_exports_its_shifted_scheduler_and_an_onnx_euler_sampler(flow_run, tmp_path):
-    report = _export_and_compare(flow_run, [0, 1, 2, 9], {"class_labels": [0, 1, 2, 9]}, guidance_scale=2.0,
-                                 scheduler="FlowMatchEulerDiscreteScheduler")
+    report = _export_and_compare(
+        flow_run,
+        [0, 1, 2, 9],
+        {"class_labels": [0, 1, 2, 9]},
+        guidance_scale=2.0,
+        scheduler="FlowMatchEulerDiscreteScheduler",
+    )
     run_dir = flow_run.train.output_dir
     exported = run_dir / "export"
     scheduler = json.loads((exported / "diffusers" / "scheduler" / "scheduler_config.json").read_text())
@@ -127,14 +167,19 @@ def test_latent_run_exports_its_vae(latent_run):
 def test_evaluate_writes_metrics_report_and_cards_with_real_counts(straight, tmp_path):
     import pyarrow.parquet as pq
 
-    from sfumato.testing.tiny import save_tiny_clip
     from sfumato.cli import main
     from sfumato.models.registry import parameter_count
+    from sfumato.testing.tiny import save_tiny_clip
 
     save_tiny_clip(tmp_path / "clip")
     run_dir = straight.train.output_dir
-    overrides = ["evaluate.num_samples=24", "evaluate.batch_size=10", "evaluate.steps=4",
-                 f"evaluate.clip_model={tmp_path / 'clip'}", "evaluate.reference_max_images=40"]
+    overrides = [
+        "evaluate.num_samples=24",
+        "evaluate.batch_size=10",
+        "evaluate.steps=4",
+        f"evaluate.clip_model={tmp_path / 'clip'}",
+        "evaluate.reference_max_images=40",
+    ]
     assert main(["evaluate", str(run_dir), *overrides]) == 0
     cache = sorted((straight.data.output_dir / "fid_cache").iterdir())
     assert main(["evaluate", str(run_dir), *overrides, "evaluate.guidance_scale=3"]) == 0

@@ -29,12 +29,16 @@ SUBSET = ["airplane", "automobile", "bird"]
 
 def _finetune_cfg(cifar_shards, straight, name: str, *extra: str, lora: bool = True):
     """The parent's config with a finetune section: 3 of its 10 classes, 6 steps at 32 px."""
-    cfg = run_config(cifar_shards, "straight",
-                     f"finetune.select.tags={json.dumps(SUBSET)}",
-                     f"finetune.overrides={{train.output_dir: {cifar_shards / name}, train.optimizer.lr: 0.01, "
-                     "train.optimizer.warmup_steps: 1, train.checkpoint_every_steps: 3, train.sample_every_steps: 6, "
-                     "train.stages: [{resolution_px: 32, steps: 6, micro_batch_size: 4}]}",
-                     *(["finetune.lora={rank: 4, alpha: 4}"] if lora else []), *extra)
+    cfg = run_config(
+        cifar_shards,
+        "straight",
+        f"finetune.select.tags={json.dumps(SUBSET)}",
+        f"finetune.overrides={{train.output_dir: {cifar_shards / name}, train.optimizer.lr: 0.01, "
+        "train.optimizer.warmup_steps: 1, train.checkpoint_every_steps: 3, train.sample_every_steps: 6, "
+        "train.stages: [{resolution_px: 32, steps: 6, micro_batch_size: 4}]}",
+        *(["finetune.lora={rank: 4, alpha: 4}"] if lora else []),
+        *extra,
+    )
     return finetune.run_config(cfg, parent=straight.train.output_dir)
 
 
@@ -72,8 +76,9 @@ def test_a_lora_finetune_trains_only_the_adapters_and_records_its_lineage(straig
     _, model, _ = load_trained(run.root)
     trainable = {n for n, _ in model.denoiser.named_parameters() if "lora_" in n}
     assert trainable == set(ema)
-    share = sum(p.numel() for n, p in model.denoiser.named_parameters() if n in trainable) / \
-        sum(p.numel() for p in model.denoiser.parameters())
+    share = sum(p.numel() for n, p in model.denoiser.named_parameters() if n in trainable) / sum(
+        p.numel() for p in model.denoiser.parameters()
+    )
     assert share <= 0.05, f"{share:.1%} of the parameters are adapters"
     for name, param in model.denoiser.named_parameters():
         if name not in trainable:
@@ -83,8 +88,11 @@ def test_a_lora_finetune_trains_only_the_adapters_and_records_its_lineage(straig
     state = torch.load(last / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert state and all("lora_" in k for k in state)
     size = sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
-    parent_size = sum(p.stat().st_size for p in ckpt.latest(RunFolder(straight.train.output_dir).checkpoints).rglob("*")
-                      if p.is_file())
+    parent_size = sum(
+        p.stat().st_size
+        for p in ckpt.latest(RunFolder(straight.train.output_dir).checkpoints).rglob("*")
+        if p.is_file()
+    )
     assert size < parent_size / 5
     metrics = [m for m in read_jsonl(run.metrics) if "loss" in m]
     assert metrics[-1]["step"] == 6 and all(m["resolution_px"] == 32 for m in metrics)
@@ -104,11 +112,11 @@ from diffusers import DiffusionPipeline
 def draw(pipe):
     g = [torch.Generator().manual_seed(i) for i in range(2)]
     return pipe(batch_size=2, class_labels=[0, 2], generator=g, num_inference_steps=4, output_type="pt").images
-base = DiffusionPipeline.from_pretrained({base['diffusers']!r}, trust_remote_code=True)
+base = DiffusionPipeline.from_pretrained({base["diffusers"]!r}, trust_remote_code=True)
 before = draw(base)
-base.load_lora_weights({tuned['lora']['adapter']!r})
+base.load_lora_weights({tuned["lora"]["adapter"]!r})
 adapted = draw(base)
-merged = draw(DiffusionPipeline.from_pretrained({tuned['diffusers']!r}, trust_remote_code=True))
+merged = draw(DiffusionPipeline.from_pretrained({tuned["diffusers"]!r}, trust_remote_code=True))
 print("DIFF", float((adapted - merged).abs().max()), float((adapted - before).abs().max()))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -119,13 +127,18 @@ print("DIFF", float((adapted - merged).abs().max()), float((adapted - before).ab
     # The endpoint serves the base export plus the adapter as it serves the merged export.
     from sfumato.serve.backends import load_backend
 
-    served, merged = load_backend(tmp_path / "base", "torch", lora=tmp_path / "tuned" / "lora"), \
-        load_backend(tmp_path / "tuned", "torch")
+    served, merged = (
+        load_backend(tmp_path / "base", "torch", lora=tmp_path / "tuned" / "lora"),
+        load_backend(tmp_path / "tuned", "torch"),
+    )
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 500])
     with torch.no_grad():
-        torch.testing.assert_close(served.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample,
-                                   merged.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample,
-                                   atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(
+            served.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample,
+            merged.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample,
+            atol=1e-4,
+            rtol=1e-3,
+        )
     with pytest.raises(ValueError, match="torch backend"):
         load_backend(tmp_path / "base", "onnx", lora=tmp_path / "tuned" / "lora")
 
@@ -138,8 +151,18 @@ print("DIFF", float((adapted - merged).abs().max()), float((adapted - before).ab
 
     def draw(model):
         """Generate one job through the backend's routing, then the network it left active."""
-        job = Job("j", seed=3, steps=2, guidance_scale=1.0, num_images=1, sampler="ddim", width=32, height=32,
-                  class_label=2, model=model)
+        job = Job(
+            "j",
+            seed=3,
+            steps=2,
+            guidance_scale=1.0,
+            num_images=1,
+            sampler="ddim",
+            width=32,
+            height=32,
+            class_label=2,
+            model=model,
+        )
         both.generate([job])
         with torch.no_grad():
             return both.pipe.unet(x, t, class_labels=torch.tensor([0, 2])).sample
@@ -170,9 +193,15 @@ def test_a_filter_that_selects_nothing_fails_before_any_work(cifar_shards, strai
         _finetune_cfg(cifar_shards, straight, "empty", "finetune.select.caption_contains=no such words")
     assert not (cifar_shards / "empty").exists()
     with pytest.raises(ValueError, match=r"train\.output_dir to a folder of its own"):
-        finetune.run_config(run_config(cifar_shards, "straight", "finetune.select.tags=[bird]",
-                                       f"finetune.overrides={{train.output_dir: {straight.train.output_dir}}}"),
-                            parent=straight.train.output_dir)
+        finetune.run_config(
+            run_config(
+                cifar_shards,
+                "straight",
+                "finetune.select.tags=[bird]",
+                f"finetune.overrides={{train.output_dir: {straight.train.output_dir}}}",
+            ),
+            parent=straight.train.output_dir,
+        )
 
 
 def test_a_full_finetune_starts_from_the_parents_ema_weights(cifar_shards, straight):
@@ -194,8 +223,12 @@ def test_a_finetune_starts_from_a_diffusers_export_and_refuses_a_folder_without_
     from sfumato.models.run import build_run_model
 
     exported = run_export(straight.train.output_dir, overrides=["export.onnx=false"], out_dir=tmp_path / "base")
-    tree = run_config(cifar_shards, "straight", "finetune.select.tags=[bird]",
-                      f"finetune.overrides={{train.output_dir: {tmp_path / 'tuned'}}}")
+    tree = run_config(
+        cifar_shards,
+        "straight",
+        "finetune.select.tags=[bird]",
+        f"finetune.overrides={{train.output_dir: {tmp_path / 'tuned'}}}",
+    )
     cfg = finetune.run_config(tree, pretrained=exported["diffusers"])
     assert cfg.train.lineage.pretrained == exported["diffusers"] and cfg.train.lineage.parent is None
     model = build_run_model(cfg).denoiser

@@ -70,20 +70,32 @@ def ingested(tmp_path_factory, flowers_dir, cifar_dir, ray_local):
         (f"{server.url}/img/gone.jpg", "t-8", None, "CC-BY-4.0", "http_error"),
         ("ftp://example.invalid/x.jpg", "t-9", None, "CC-BY-4.0", "unsupported_scheme"),
     ]
-    pd.DataFrame(rows, columns=["path", "id", "caption", "license", "expect"]).to_csv(table_root / "list.csv", index=False)
+    pd.DataFrame(rows, columns=["path", "id", "caption", "license", "expect"]).to_csv(
+        table_root / "list.csv", index=False
+    )
     # WebDataset source: two good samples, one without an image, one corrupt tar.
     wds = tmp / "wds"
     wds.mkdir()
-    _tar(wds / "part-0.tar", [
-        ("s1.jpg", _variant(photos[7], 7)), ("s1.txt", b"caption from txt"),
-        ("s2.jpg", _variant(photos[8], 8)), ("s2.json", json.dumps({"caption": "from json", "license": "CC0-1.0"}).encode()),
-        ("s3.txt", b"no image here"),
-    ])
+    _tar(
+        wds / "part-0.tar",
+        [
+            ("s1.jpg", _variant(photos[7], 7)),
+            ("s1.txt", b"caption from txt"),
+            ("s2.jpg", _variant(photos[8], 8)),
+            ("s2.json", json.dumps({"caption": "from json", "license": "CC0-1.0"}).encode()),
+            ("s3.txt", b"no image here"),
+        ],
+    )
     (wds / "part-1.tar").write_bytes(b"definitely not a tar archive" * 40)
     sources = [
         {"kind": "folder", "name": "flowers", "path": str(flowers_dir), "license": "CC-BY-2.0"},
-        {"kind": "folder", "name": "cifar", "path": str(cifar_dir), "license": "research-only",
-         "caption_template": "a photo of a {tag}"},
+        {
+            "kind": "folder",
+            "name": "cifar",
+            "path": str(cifar_dir),
+            "license": "research-only",
+            "caption_template": "a photo of a {tag}",
+        },
         {"kind": "folder", "name": "zoo", "path": str(tmp / "zoo"), "license": "CC0-1.0"},
         {"kind": "table", "name": "table", "path": str(table_root / "list.csv")},
         {"kind": "webdataset", "name": "wds", "path": str(wds), "license": "CC-BY-4.0"},
@@ -92,11 +104,17 @@ def ingested(tmp_path_factory, flowers_dir, cifar_dir, ray_local):
     summary = run_ingest(cfg)
     out = cfg.data.output_dir
     yield {
-        "cfg": cfg, "summary": summary, "expected_zoo": expected, "table_rows": rows,
+        "cfg": cfg,
+        "summary": summary,
+        "expected_zoo": expected,
+        "table_rows": rows,
         "manifest": pq.read_table(out / "manifest.parquet").to_pandas(),
         "rejects": pq.read_table(out / "rejects.parquet").to_pandas(),
-        "inputs": len(list(flowers_dir.rglob("*.jpg"))) + len(list(cifar_dir.rglob("*.jpg")))
-        + len(expected) + len(rows) + 4,  # wds: 3 samples + 1 unreadable tar
+        "inputs": len(list(flowers_dir.rglob("*.jpg")))
+        + len(list(cifar_dir.rglob("*.jpg")))
+        + len(expected)
+        + len(rows)
+        + 4,  # wds: 3 samples + 1 unreadable tar
     }
     server.__exit__(None, None, None)
 

@@ -24,11 +24,23 @@ def test_a_run_draws_its_sources_in_their_weights_and_the_cards_say_so(tmp_path,
     # 48 photos of four classes ("real") and 12 of a fifth ("synthetic"), drawn 1:3.
     for cls in sorted(p.name for p in flowers_dir.iterdir()):
         shutil.copytree(flowers_dir / cls, tmp_path / ("synthetic" if cls == "tulips" else "real") / cls)
-    sources = [{"kind": "folder", "name": "real", "path": str(tmp_path / "real"), "license": "CC-BY-2.0", "weight": 1},
-               {"kind": "folder", "name": "synthetic", "path": str(tmp_path / "synthetic"), "license": "CC-BY-2.0",
-                "weight": 3}]
-    cfg = debug_config(tmp_path, sources, f"train.output_dir={tmp_path / 'run'}", "data.shards.samples_per_shard=12",
-                       "train.stages=[{resolution_px: 16, steps: 10, micro_batch_size: 8}]")
+    sources = [
+        {"kind": "folder", "name": "real", "path": str(tmp_path / "real"), "license": "CC-BY-2.0", "weight": 1},
+        {
+            "kind": "folder",
+            "name": "synthetic",
+            "path": str(tmp_path / "synthetic"),
+            "license": "CC-BY-2.0",
+            "weight": 3,
+        },
+    ]
+    cfg = debug_config(
+        tmp_path,
+        sources,
+        f"train.output_dir={tmp_path / 'run'}",
+        "data.shards.samples_per_shard=12",
+        "train.stages=[{resolution_px: 16, steps: 10, micro_batch_size: 8}]",
+    )
     run_ingest(cfg)
     run_shards(cfg)
     run_training(cfg)

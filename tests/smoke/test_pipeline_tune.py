@@ -22,13 +22,28 @@ pytestmark = pytest.mark.slow
 
 def _pipeline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "sfumato.cli", "pipeline", "--config", "configs/debug.yaml",
-               f"data.output_dir={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'train'}",
-               f"tune.output_dir={tmp_path / 'tune'}", "pipeline.tune=true", "tune.search.num_trials=2",
-               "tune.search.random_trials=2", "tune.search.max_concurrent_trials=1", "export.onnx=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "sfumato.cli",
+        "pipeline",
+        "--config",
+        "configs/debug.yaml",
+        f"data.output_dir={tmp_path / 'data'}",
+        f"train.output_dir={tmp_path / 'train'}",
+        f"tune.output_dir={tmp_path / 'tune'}",
+        "pipeline.tune=true",
+        "tune.search.num_trials=2",
+        "tune.search.random_trials=2",
+        "tune.search.max_concurrent_trials=1",
+        "export.onnx=false",
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return {s["stage"]: s["status"] for s in json.loads((tmp_path / "train" / "pipeline_summary.json").read_text())["stages"]}
+    return {
+        s["stage"]: s["status"]
+        for s in json.loads((tmp_path / "train" / "pipeline_summary.json").read_text())["stages"]
+    }
 
 
 def test_the_full_run_trains_the_sweeps_best_config(tmp_path):

@@ -35,8 +35,15 @@ def _free_port() -> int:
 
 
 # Capacity 2 running + 2 queued: small enough that a test can exceed it.
-COMMON = dict(token_env="SFUMATO_TEST_TOKEN", request_timeout_s=120.0, max_steps=1000, max_images=8,
-              max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)
+COMMON = dict(
+    token_env="SFUMATO_TEST_TOKEN",
+    request_timeout_s=120.0,
+    max_steps=1000,
+    max_images=8,
+    max_batch_size=2,
+    max_ongoing_requests=2,
+    max_queued_requests=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,9 @@ def server(straight, serve_port):
 
     common = dict(model=str(exported(straight)), **COMMON)
     run_server(ServeSettings(**common, models={"twin": common["model"]}), port=serve_port, blocking=False)
-    run_server(ServeSettings(**common, backend="onnx"), port=serve_port, blocking=False, name="onnx",
-               route_prefix="/onnx")
+    run_server(
+        ServeSettings(**common, backend="onnx"), port=serve_port, blocking=False, name="onnx", route_prefix="/onnx"
+    )
     return f"http://127.0.0.1:{serve_port}"
 
 
@@ -70,8 +78,13 @@ def flow_server(flow_run, serve_port):
 
     common = dict(model=str(exported(flow_run)), num_cpus=0, **COMMON)
     for backend in ("torch", "onnx"):
-        run_server(ServeSettings(**common, backend=backend), port=serve_port, blocking=False, name=f"flow-{backend}",
-                   route_prefix=f"/flow-{backend}")
+        run_server(
+            ServeSettings(**common, backend=backend),
+            port=serve_port,
+            blocking=False,
+            name=f"flow-{backend}",
+            route_prefix=f"/flow-{backend}",
+        )
     return f"http://127.0.0.1:{serve_port}"
 
 
@@ -80,22 +93,33 @@ def safe_server(straight, server, serve_port, tmp_path_factory):
     """The class run's export behind the output safety filter (a tiny CLIP), at /safe. The filter's
     scores of seeds 20..27 are computed here first, and the threshold put in the widest gap
     between them: some of those images are flagged, the others pass."""
-    from sfumato.testing.tiny import save_tiny_clip
     from sfumato.serve.app import ServeSettings, run_server
     from sfumato.serve.backends import Job, TorchBackend
     from sfumato.serve.safety import OutputFilter
+    from sfumato.testing.tiny import save_tiny_clip
 
     clip = tmp_path_factory.mktemp("safety-clip")
     save_tiny_clip(clip)
     export = exported(straight)
     images = TorchBackend(export).generate([Job("offline", **SAFE_JOB)])[0]
     defaults = ServeSettings(model=str(export))
-    scores = sorted(v.score for _, v in OutputFilter(str(clip), 1.0, "withhold", defaults.safety_unsafe_prompts,
-                                                     defaults.safety_safe_prompts)(images))
+    scores = sorted(
+        v.score
+        for _, v in OutputFilter(
+            str(clip), 1.0, "withhold", defaults.safety_unsafe_prompts, defaults.safety_safe_prompts
+        )(images)
+    )
     gap = max(range(len(scores) - 1), key=lambda k: scores[k + 1] - scores[k])
     threshold = (scores[gap] + scores[gap + 1]) / 2
-    run_server(ServeSettings(model=str(export), **{**COMMON, "num_cpus": 0}, safety_model=str(clip),
-                             safety_threshold=threshold), port=serve_port, blocking=False, name="safe", route_prefix="/safe")
+    run_server(
+        ServeSettings(
+            model=str(export), **{**COMMON, "num_cpus": 0}, safety_model=str(clip), safety_threshold=threshold
+        ),
+        port=serve_port,
+        blocking=False,
+        name="safe",
+        route_prefix="/safe",
+    )
     return server, threshold
 
 
@@ -122,8 +146,11 @@ def test_a_request_returns_a_png_of_the_asked_size_and_a_seed_repeats_it(server)
     other = _generate(server, {"seed": 8, "steps": 4, "class_label": 0, "width": 64, "height": 64})
     assert other.content != first.content
 
-    several = _generate(server, {"seed": 7, "steps": 4, "class_label": 0, "num_images": 3, "width": 64, "height": 64},
-                        headers={**HEADERS, "Accept": "application/json"})
+    several = _generate(
+        server,
+        {"seed": 7, "steps": 4, "class_label": 0, "num_images": 3, "width": 64, "height": 64},
+        headers={**HEADERS, "Accept": "application/json"},
+    )
     assert several.status_code == 200 and several.headers["content-type"] == "application/json", several.text
     body = several.json()
     assert body["seeds"] == [7, 8, 9]
@@ -131,12 +158,25 @@ def test_a_request_returns_a_png_of_the_asked_size_and_a_seed_repeats_it(server)
     assert images[0] == first.content and images[1] == other.content, "image k of seed s is seed s + k's image"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("steps", 1001), ("steps", 0), ("num_images", 9), ("width", 33), ("height", 1024), ("sampler", "euler"),
-    ("sampler", "flow-euler"),
-    ("seed", -1), ("guidance_scale", 100), ("class_label", "unicorn"), ("class_label", 10), ("prompt", "a dog"),
-    ("colour", "red"), ("timeout_s", 121),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("steps", 1001),
+        ("steps", 0),
+        ("num_images", 9),
+        ("width", 33),
+        ("height", 1024),
+        ("sampler", "euler"),
+        ("sampler", "flow-euler"),
+        ("seed", -1),
+        ("guidance_scale", 100),
+        ("class_label", "unicorn"),
+        ("class_label", 10),
+        ("prompt", "a dog"),
+        ("colour", "red"),
+        ("timeout_s", 121),
+    ],
+)
 def test_each_invalid_field_is_a_422_naming_it(server, field, value):
     response = _generate(server, {"steps": 2, field: value})
     assert response.status_code == 422, response.text
@@ -151,26 +191,58 @@ def _malformed_bodies(count: int, seed: int = 0) -> list[tuple[str, bytes, str]]
     import random
 
     rng = random.Random(seed)
-    anything = ["NaN", "-NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" + "0" * 400, "-" + "9" * 50,
-                "[]", "{}", "[1, 2]", '{"a": 1}', '"x"', '"\\ud800"', '"\\udfff\\ud800"', "-1",
-                "[" * 5000 + "]" * 5000, '"' + "a" * 2_000_000 + '"']
-    per_field = {"steps": ["1.5"], "seed": ["1.5"], "num_images": ["1.5"], "width": ["1.5"], "height": ["1.5"],
-                 "guidance_scale": [], "timeout_s": [], "class_label": ["1.5", "true", '"\\u0000"'],
-                 "prompt": ["true", '"a dog"', '"\\u0000"'], "negative_prompt": ["1.5", '"blurry"'],
-                 "sampler": ["1.5", "true", '"\\u0000"', '"DDIM"']}
+    anything = [
+        "NaN",
+        "-NaN",
+        "Infinity",
+        "-Infinity",
+        "1e400",
+        "-1e400",
+        "1" + "0" * 400,
+        "-" + "9" * 50,
+        "[]",
+        "{}",
+        "[1, 2]",
+        '{"a": 1}',
+        '"x"',
+        '"\\ud800"',
+        '"\\udfff\\ud800"',
+        "-1",
+        "[" * 5000 + "]" * 5000,
+        '"' + "a" * 2_000_000 + '"',
+    ]
+    per_field = {
+        "steps": ["1.5"],
+        "seed": ["1.5"],
+        "num_images": ["1.5"],
+        "width": ["1.5"],
+        "height": ["1.5"],
+        "guidance_scale": [],
+        "timeout_s": [],
+        "class_label": ["1.5", "true", '"\\u0000"'],
+        "prompt": ["true", '"a dog"', '"\\u0000"'],
+        "negative_prompt": ["1.5", '"blurry"'],
+        "sampler": ["1.5", "true", '"\\u0000"', '"DDIM"'],
+    }
     cases = []
     for _ in range(count):
         field = rng.choice(sorted(per_field))
         value = rng.choice(anything + per_field[field])
         cases.append((f"{field}={value[:24]}", f'{{"steps": 2, "{field}": {value}}}'.encode(), "application/json"))
     cases += [
-        ("top-level NaN", b"NaN", "application/json"), ("top-level list", b"[]", "application/json"),
-        ("top-level string", b'"steps"', "application/json"), ("empty body", b"", "application/json"),
-        ("truncated", b'{"steps": 2', "application/json"), ("invalid UTF-8", b'{"prompt": "\xff\xfe\xfd"}', "application/json"),
-        ("invalid UTF-8 key", b'{"\xc3\x28": 1}', "application/json"), ("nested body", b'{"steps": {"steps": {"steps": 2}}}', "application/json"),
+        ("top-level NaN", b"NaN", "application/json"),
+        ("top-level list", b"[]", "application/json"),
+        ("top-level string", b'"steps"', "application/json"),
+        ("empty body", b"", "application/json"),
+        ("truncated", b'{"steps": 2', "application/json"),
+        ("invalid UTF-8", b'{"prompt": "\xff\xfe\xfd"}', "application/json"),
+        ("invalid UTF-8 key", b'{"\xc3\x28": 1}', "application/json"),
+        ("nested body", b'{"steps": {"steps": {"steps": 2}}}', "application/json"),
         ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "application/json"),
-        ("form", b"steps=2", "application/x-www-form-urlencoded"), ("text", b'{"steps": 2}', "text/plain"),
-        ("binary", bytes(range(256)) * 64, "application/octet-stream"), ("duplicate keys", b'{"steps": 2, "steps": NaN}', "application/json"),
+        ("form", b"steps=2", "application/x-www-form-urlencoded"),
+        ("text", b'{"steps": 2}', "text/plain"),
+        ("binary", bytes(range(256)) * 64, "application/octet-stream"),
+        ("duplicate keys", b'{"steps": 2, "steps": NaN}', "application/json"),
     ]
     return cases
 
@@ -180,16 +252,23 @@ def test_no_malformed_body_ends_in_a_500_and_the_server_serves_afterwards(server
     echo of the value); afterwards the endpoint still generates."""
     answers = {}
     for what, raw, content_type in _malformed_bodies(160):
-        response = requests.post(f"{server}/v1/generate", data=raw, timeout=60,
-                                 headers={**HEADERS, "Content-Type": content_type})
+        response = requests.post(
+            f"{server}/v1/generate", data=raw, timeout=60, headers={**HEADERS, "Content-Type": content_type}
+        )
         answers[what] = response.status_code
         assert 400 <= response.status_code < 500, f"{what}: {response.status_code} {response.text[:300]}"
         assert "detail" in response.json(), what
         assert len(response.content) < 20_000, f"{what}: the answer echoes the input ({len(response.content)} bytes)"
-    named = requests.post(f"{server}/v1/generate", data=b'{"steps": 2, "guidance_scale": NaN}', timeout=60,
-                          headers={**HEADERS, "Content-Type": "application/json"})
+    named = requests.post(
+        f"{server}/v1/generate",
+        data=b'{"steps": 2, "guidance_scale": NaN}',
+        timeout=60,
+        headers={**HEADERS, "Content-Type": "application/json"},
+    )
     assert named.status_code == 422 and "guidance_scale" in json.dumps(named.json()["detail"]), named.text
-    assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200, f"still serving after {len(answers)} bad bodies"
+    assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200, (
+        f"still serving after {len(answers)} bad bodies"
+    )
 
 
 def test_the_token_is_required_and_checked_before_validation(server):
@@ -198,7 +277,11 @@ def test_the_token_is_required_and_checked_before_validation(server):
     assert _generate(server, {"steps": 2}, headers={"Authorization": "Bearer wrong"}).status_code == 403
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
     info = requests.get(f"{server}/v1/model", headers=HEADERS, timeout=30).json()
-    assert info["conditioning"] == "class" and info["default_size_px"] == 32 and info["samplers"] == ["ddpm", "ddim", "dpm-solver++"]
+    assert (
+        info["conditioning"] == "class"
+        and info["default_size_px"] == 32
+        and info["samplers"] == ["ddpm", "ddim", "dpm-solver++"]
+    )
     assert info["limits"]["max_steps"] == 1000
     schema = requests.get(f"{server}/openapi.json", headers=HEADERS, timeout=30).json()
     assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["steps"]["maximum"] == 1000
@@ -252,7 +335,10 @@ def test_the_onnx_backend_serves_too(server):
     first = _generate(server, {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 2}, route="/onnx")
     assert first.status_code == 200, first.text
     assert Image.open(io.BytesIO(first.content)).size == (32, 32)
-    assert _generate(server, {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 2}, route="/onnx").content == first.content
+    assert (
+        _generate(server, {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 2}, route="/onnx").content
+        == first.content
+    )
     wrong = _generate(server, {"seed": 3, "steps": 4, "sampler": "ddpm"}, route="/onnx")
     assert wrong.status_code == 422 and "sampler" in wrong.text, "the ONNX sampler is DDIM only"
 
@@ -365,13 +451,30 @@ def test_every_metric_reads_back_and_grows_with_traffic_and_the_dashboards_name_
     """Runs after the module's other tests: their traffic (200s, 401, 403, 408, 422, 451, 503,
     withheld images) is what the metrics must show."""
     server, _ = safe_server
-    expected = {"ray_sfumato_responses_total{200}", "ray_sfumato_responses_total{401}", "ray_sfumato_responses_total{403}",
-                "ray_sfumato_responses_total{408}", "ray_sfumato_responses_total{422}", "ray_sfumato_responses_total{451}",
-                "ray_sfumato_responses_total{503}", "ray_sfumato_safety_triggers_total{withheld}",
-                *(f"ray_sfumato_{h}_count" for h in ("request_latency_s", "queue_wait_s", "denoise_s", "encode_s",
-                                                     "batch_requests", "safety_score", "image_brightness",
-                                                     "image_colourfulness")),
-                "ray_sfumato_images_generated_total"}
+    expected = {
+        "ray_sfumato_responses_total{200}",
+        "ray_sfumato_responses_total{401}",
+        "ray_sfumato_responses_total{403}",
+        "ray_sfumato_responses_total{408}",
+        "ray_sfumato_responses_total{422}",
+        "ray_sfumato_responses_total{451}",
+        "ray_sfumato_responses_total{503}",
+        "ray_sfumato_safety_triggers_total{withheld}",
+        *(
+            f"ray_sfumato_{h}_count"
+            for h in (
+                "request_latency_s",
+                "queue_wait_s",
+                "denoise_s",
+                "encode_s",
+                "batch_requests",
+                "safety_score",
+                "image_brightness",
+                "image_colourfulness",
+            )
+        ),
+        "ray_sfumato_images_generated_total",
+    }
     # A gauge is exported on the agent's own schedule, possibly later than the counters: wait for it too.
     _scrape_until(lambda t: expected <= {k for k, v in t.items() if v > 0} and "ray_sfumato_requests_in_flight" in t)
     before = _settled()
@@ -383,9 +486,14 @@ def test_every_metric_reads_back_and_grows_with_traffic_and_the_dashboards_name_
     # Four more images through the filter: every per-image count grows by 4, the loop counts by 1.
     body = {"seed": 40, "steps": 2, "num_images": 4, "class_label": 0}
     assert _generate(server, body, route="/safe", headers={**HEADERS, "Accept": "application/json"}).status_code == 200
-    grows_by = {"ray_sfumato_images_generated_total": 4, "ray_sfumato_image_brightness_count": None,
-                "ray_sfumato_safety_score_count": 4, "ray_sfumato_denoise_s_count": 1,
-                "ray_sfumato_responses_total{200}": 1, "ray_sfumato_request_latency_s_count": 1}
+    grows_by = {
+        "ray_sfumato_images_generated_total": 4,
+        "ray_sfumato_image_brightness_count": None,
+        "ray_sfumato_safety_score_count": 4,
+        "ray_sfumato_denoise_s_count": 1,
+        "ray_sfumato_responses_total{200}": 1,
+        "ray_sfumato_request_latency_s_count": 1,
+    }
     after = _scrape_until(lambda t: all(t.get(k, 0) >= before[k] + (n or 1) for k, n in grows_by.items()))
     for name, n in grows_by.items():
         if n is None:  # withheld images are not measured for drift: 0..4 more
@@ -402,7 +510,9 @@ def test_every_metric_reads_back_and_grows_with_traffic_and_the_dashboards_name_
 
     names = {re.sub(r"\{.*", "", k) for k in after}
     for name in _monitored_names():
-        assert name in names or f"{name}_bucket" in names, f"serve/monitoring names {name}, which the endpoint does not export"
+        assert name in names or f"{name}_bucket" in names, (
+            f"serve/monitoring names {name}, which the endpoint does not export"
+        )
 
 
 def test_the_alert_rules_are_valid_prometheus_rules():
@@ -411,7 +521,9 @@ def test_the_alert_rules_are_valid_prometheus_rules():
         if os.environ.get("CI"):
             pytest.fail("promtool is not installed: .ci/run installs Debian's prometheus package")
         pytest.skip("no promtool here (apt-get install prometheus)")
-    checked = subprocess.run([promtool, "check", "rules", str(MONITORING / "alerts.yml")], capture_output=True, text=True)
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(MONITORING / "alerts.yml")], capture_output=True, text=True
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     assert all(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])

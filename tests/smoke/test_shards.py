@@ -91,8 +91,11 @@ def test_killed_run_resumes_without_duplicates_or_losses(sharded, ray_local):
 
 def test_changed_settings_rewrite_the_shards(sharded, ray_local):
     cfg, first = sharded
-    changed = cfg.model_copy(update={"data": cfg.data.model_copy(
-        update={"shards": cfg.data.shards.model_copy(update={"samples_per_shard": 50})})})
+    changed = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"shards": cfg.data.shards.model_copy(update={"samples_per_shard": 50})})
+        }
+    )
     summary = run_shards(changed)
     assert summary.written == summary.shards and summary.samples == first.samples
     assert len(list((cfg.data.output_dir / "shards" / "16").glob("*.tar"))) == summary.shards

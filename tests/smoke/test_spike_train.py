@@ -22,8 +22,12 @@ pytestmark = pytest.mark.slow
 
 # Logged every 2 steps, checkpoints at 5 and 10; the spike covers steps 6-8 (across the 16 -> 32 px
 # stage change), so the guard sees it at logged steps 6 and 8 and goes back to step 5.
-GUARD = ("train.spike_guard.armed_after_steps=2", "train.spike_guard.patience_logged_steps=2",
-         "train.spike_guard.max_rollbacks=1", "train.spike_guard.lr_scale=0.5")
+GUARD = (
+    "train.spike_guard.armed_after_steps=2",
+    "train.spike_guard.patience_logged_steps=2",
+    "train.spike_guard.max_rollbacks=1",
+    "train.spike_guard.lr_scale=0.5",
+)
 
 
 def test_a_spike_rolls_the_run_back_once_and_it_ends_finite_at_a_lower_lr(cifar_shards):
@@ -54,8 +58,11 @@ def test_a_spike_rolls_the_run_back_once_and_it_ends_finite_at_a_lower_lr(cifar_
 
 def test_a_spike_past_max_rollbacks_stops_every_rank_with_a_clear_error(cifar_shards):
     cfg = run_config(cifar_shards, "spike-twice", *GUARD)
-    with pytest.raises(LossSpikeError, match=r"loss .* above 3 x its running average .* for 2 logged steps at step 8; "
-                                             r"train\.spike_guard\.max_rollbacks=1 reached"):
+    with pytest.raises(
+        LossSpikeError,
+        match=r"loss .* above 3 x its running average .* for 2 logged steps at step 8; "
+        r"train\.spike_guard\.max_rollbacks=1 reached",
+    ):
         run_training(cfg, hooks=[SpikeLossAt(6, length=3, times=2)])
     run = RunFolder(cfg.train.output_dir)
     stopped = json.loads(run.stopped.read_text())

@@ -17,10 +17,18 @@ from sfumato.stages import LOCATION_KEYS, REGISTRY  # noqa: E402
 
 
 def test_every_stage_reads_only_the_config_keys_it_declares(tmp_path, monkeypatch, ray_local):
-    cfg = load_config(REPO / "configs" / "debug.yaml", [
-        f"data.output_dir={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'run'}", "train.num_workers=1",
-        "train.stages=[{resolution_px: 16, steps: 2, micro_batch_size: 8}]", "evaluate.num_samples=8",
-        "evaluate.domain.epochs=2", "export.int8=false"])
+    cfg = load_config(
+        REPO / "configs" / "debug.yaml",
+        [
+            f"data.output_dir={tmp_path / 'data'}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.num_workers=1",
+            "train.stages=[{resolution_px: 16, steps: 2, micro_batch_size: 8}]",
+            "evaluate.num_samples=8",
+            "evaluate.domain.epochs=2",
+            "export.int8=false",
+        ],
+    )
     read = {}
     with key_recorder(monkeypatch) as recorder:
         for name in ("ingest", "shards", "dataloader", "train", "evaluate", "export"):
@@ -29,8 +37,13 @@ def test_every_stage_reads_only_the_config_keys_it_declares(tmp_path, monkeypatc
             read[name] = set(recorder.keys)
         # The latent cache runs for latent runs only: the same shards through a tiny local VAE.
         save_tiny_vae(tmp_path / "pretrained")
-        latent = cfg.model_copy(update={"train": cfg.train.model_copy(update={"vae": VAEConfig(
-            pretrained=str(tmp_path / "pretrained"), subfolder="vae")})})
+        latent = cfg.model_copy(
+            update={
+                "train": cfg.train.model_copy(
+                    update={"vae": VAEConfig(pretrained=str(tmp_path / "pretrained"), subfolder="vae")}
+                )
+            }
+        )
         with recorder.recording():
             REGISTRY["cache"].run(latent)
         read["cache"] = set(recorder.keys)

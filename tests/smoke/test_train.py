@@ -76,7 +76,7 @@ def test_text_conditional_run_trains_its_own_tokenizer_and_encoder(text_run):
     tokenizer = load_run_tokenizer(run)
     ids = tokenize(tokenizer, ["a photo of a frog"], 12)[0].tolist()
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a frog"
-    assert len(ids[1: ids.index(tokenizer.eos_token_id)]) == 5, "the manifest's caption words became whole tokens"
+    assert len(ids[1 : ids.index(tokenizer.eos_token_id)]) == 5, "the manifest's caption words became whole tokens"
     ema = ckpt.load_ema(ckpt.latest(run / "checkpoints"))
     assert any(k.startswith("text_encoder.") for k in ema), "the text encoder is part of the averaged model"
     assert (run / "samples" / "step-00000010.png").exists()
@@ -125,8 +125,18 @@ def test_latent_cache_is_built_once_per_vae_and_holds_its_posterior(cifar_shards
     meta = json.loads(cache_folder(cfg).meta.read_text())
     # float16 mean and std of 4x8x8 latents: 2 x 512 bytes, plus the file's header and ids.
     assert 1024 <= meta["resolutions"]["16"]["bytes_per_sample"] < 1150, meta
-    assert run_cache(_cfg(cifar_shards, "latent", f"train.vae.pretrained={cifar_shards / 'pretrained'}",
-                          "train.vae.subfolder=vae", "train.vae.scaling_factor=0.3")).built == 0
+    assert (
+        run_cache(
+            _cfg(
+                cifar_shards,
+                "latent",
+                f"train.vae.pretrained={cifar_shards / 'pretrained'}",
+                "train.vae.subfolder=vae",
+                "train.vae.scaling_factor=0.3",
+            )
+        ).built
+        == 0
+    )
 
     folder = cache_folder(cfg)
     CacheFolder.sidecar(folder.shard(32, 1)).unlink()  # killed before its completion marker

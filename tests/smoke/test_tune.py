@@ -25,8 +25,8 @@ pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
 
 from helpers import REPO  # noqa: E402
-from sfumato.config import load_config  # noqa: E402
 from sfumato import checkpoint as ckpt  # noqa: E402
+from sfumato.config import load_config  # noqa: E402
 
 PROXY_STEPS = 12  # configs/debug.yaml tune.proxy
 
@@ -35,10 +35,20 @@ def _command(cifar_shards, sweep_dir, *extra):
     sources = [{"kind": "folder", "name": "cifar", "path": "/", "license": "research-only"}]
     # One trial at a time: ASHA's decisions then depend on the seeded searcher and the
     # deterministic training only, not on which of two trials reaches a rung first.
-    return [sys.executable, "-m", "sfumato.cli", "tune", "--config", str(REPO / "configs" / "debug.yaml"),
-            f"data.output_dir={cifar_shards / 'data'}",
-            f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}",
-            f"tune.output_dir={sweep_dir}", "tune.search.num_trials=4", "tune.search.max_concurrent_trials=1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sfumato.cli",
+        "tune",
+        "--config",
+        str(REPO / "configs" / "debug.yaml"),
+        f"data.output_dir={cifar_shards / 'data'}",
+        f"data.sources={yaml.safe_dump(sources, default_flow_style=True).strip()}",
+        f"tune.output_dir={sweep_dir}",
+        "tune.search.num_trials=4",
+        "tune.search.max_concurrent_trials=1",
+        *extra,
+    ]
 
 
 def _finished(trials_dir):
@@ -54,8 +64,9 @@ def _start(command, log_path):
     """The command in its own process group (it starts its own local Ray), output to a file."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     with log_path.open("w") as log:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _kill(process) -> None:
@@ -80,8 +91,10 @@ def sweep(cifar_shards, tmp_path_factory):
             time.sleep(0.5)
     finally:
         _kill(first)
-    finished_before = {t.name: ((t / "attempts.jsonl").read_text(), (t / "metrics.jsonl").read_text())
-                       for t in _finished(sweep_dir / "trials")}
+    finished_before = {
+        t.name: ((t / "attempts.jsonl").read_text(), (t / "metrics.jsonl").read_text())
+        for t in _finished(sweep_dir / "trials")
+    }
     resumed = _start(_command(cifar_shards, sweep_dir, "--resume"), logs / "resumed.log")
     try:
         returncode = resumed.wait(timeout=900)
@@ -141,12 +154,20 @@ def test_best_config_is_the_full_run_with_scaled_lr_and_trains(sweep, tmp_path, 
     proxy_values = best["proxy_values"]
     assert full.train.grad_accum_steps == proxy_values["train.grad_accum_steps"]
     assert full.diffusion.min_snr_gamma == proxy_values["diffusion.min_snr_gamma"]
-    full_batch = sum(s.micro_batch_size * s.steps for s in debug.train.stages) / debug.train.total_steps \
-        * full.train.grad_accum_steps * full.train.num_workers
+    full_batch = (
+        sum(s.micro_batch_size * s.steps for s in debug.train.stages)
+        / debug.train.total_steps
+        * full.train.grad_accum_steps
+        * full.train.num_workers
+    )
     proxy_batch = 8 * proxy_values["train.grad_accum_steps"]  # proxy: micro batch 8, one worker
     assert best["effective_batch_full"] == pytest.approx(full_batch)
-    assert full.train.optimizer.lr == pytest.approx(proxy_values["train.optimizer.lr"] * math.sqrt(full_batch / proxy_batch))
+    assert full.train.optimizer.lr == pytest.approx(
+        proxy_values["train.optimizer.lr"] * math.sqrt(full_batch / proxy_batch)
+    )
     # It trains as it is (a shorter curriculum, to keep the test short).
-    short = load_config(sweep_dir / "best_config.yaml", [f"train.output_dir={tmp_path / 'best'}",
-                                                         "train.stages.0.steps=2", "train.stages.1.steps=1"])
+    short = load_config(
+        sweep_dir / "best_config.yaml",
+        [f"train.output_dir={tmp_path / 'best'}", "train.stages.0.steps=2", "train.stages.1.steps=1"],
+    )
     assert run_training(short)["step"] == 3

@@ -26,11 +26,30 @@ def _png(value: int, size: int = 8) -> bytes:
     return buffer.getvalue()
 
 
-def _vote(n: int, choice: str, condition: str = "cat", left: str = "a", right: str = "b",
-          left_image: str = "l", right_image: str = "r") -> dict:
-    return {"vote": f"v{n}", "time": 1.0 + n, "rater": "ann", "trial": f"t{n}", "condition": condition,
-            "seed_left": n, "seed_right": n, "left_model": left, "right_model": right, "left_image": left_image,
-            "right_image": right_image, "choice": choice, "winner": winner(choice, left, right)}
+def _vote(
+    n: int,
+    choice: str,
+    condition: str = "cat",
+    left: str = "a",
+    right: str = "b",
+    left_image: str = "l",
+    right_image: str = "r",
+) -> dict:
+    return {
+        "vote": f"v{n}",
+        "time": 1.0 + n,
+        "rater": "ann",
+        "trial": f"t{n}",
+        "condition": condition,
+        "seed_left": n,
+        "seed_right": n,
+        "left_model": left,
+        "right_model": right,
+        "left_image": left_image,
+        "right_image": right_image,
+        "choice": choice,
+        "winner": winner(choice, left, right),
+    }
 
 
 def test_a_cut_off_last_line_is_counted_not_read_and_the_next_vote_is_whole(tmp_path):
@@ -82,8 +101,14 @@ def test_votes_acknowledged_before_a_sigkill_are_all_read_back(tmp_path):
 def test_wilson_interval_and_win_rates_with_ties_as_half():
     low, high = wilson_interval(65, 100)
     assert low == pytest.approx(0.5525, abs=1e-3) and high == pytest.approx(0.7364, abs=1e-3)
-    votes = [_vote(1, "left"), _vote(2, "left", condition="dog"), _vote(3, "tie"), _vote(4, "right"),
-             _vote(5, "skip"), _vote(6, "left", left="b", right="a")]  # b on the left wins once
+    votes = [
+        _vote(1, "left"),
+        _vote(2, "left", condition="dog"),
+        _vote(3, "tie"),
+        _vote(4, "right"),
+        _vote(5, "skip"),
+        _vote(6, "left", left="b", right="a"),
+    ]  # b on the left wins once
     found = results(votes, planned=10)
     a, b = found["overall"]["models"]["a"], found["overall"]["models"]["b"]
     assert found["overall"]["votes"] == 5 and found["skips"] == 1 and found["remaining"] == 5
@@ -133,8 +158,17 @@ def test_a_vote_whose_image_is_missing_is_an_error_naming_it(tmp_path):
 
 def test_a_pick_a_pic_table_imports_with_its_labels(tmp_path):
     path = tmp_path / "pickapic.parquet"
-    pq.write_table(pa.table({"caption": ["a", "b", "c"], "jpg_0": [_png(1), _png(2), _png(3)],
-                             "jpg_1": [_png(101), _png(102), _png(103)], "label_0": [1.0, 0.0, 0.5]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "caption": ["a", "b", "c"],
+                "jpg_0": [_png(1), _png(2), _png(3)],
+                "jpg_1": [_png(101), _png(102), _png(103)],
+                "label_0": [1.0, 0.0, 0.5],
+            }
+        ),
+        path,
+    )
     summary = run_pairs([path], tmp_path / "pairs.parquet")
     assert (summary["pairs"], summary["ties"]) == (2, 1)
     rows = pq.read_table(tmp_path / "pairs.parquet").to_pylist()

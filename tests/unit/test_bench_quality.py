@@ -11,8 +11,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from helpers import REPO  # noqa: E402
-from sfumato.bench.quality import (Curve, PlainTrainer, SfumatoTrainer, batches, cifar10, first_reaching,  # noqa: E402
-                                   recipe, shapes, split)
+from sfumato.bench.quality import (
+    Curve,
+    PlainTrainer,
+    SfumatoTrainer,
+    batches,
+    cifar10,
+    first_reaching,  # noqa: E402
+    recipe,
+    shapes,
+    split,
+)
 
 
 def test_cifar_is_read_balanced_and_the_held_out_split_is_disjoint(cifar_dir):
@@ -43,9 +52,14 @@ def test_each_trainer_steps_and_generates_the_asked_count(name):
 
 
 def test_time_to_target_is_the_first_score_as_good_as_the_target():
-    curve = Curve("x", [{"cpu_s": 10, "class_accuracy": 0.3, "fd_domain": 90.0},
-                        {"cpu_s": 20, "class_accuracy": 0.8, "fd_domain": 40.0},
-                        {"cpu_s": 30, "class_accuracy": 0.7, "fd_domain": 20.0}])
+    curve = Curve(
+        "x",
+        [
+            {"cpu_s": 10, "class_accuracy": 0.3, "fd_domain": 90.0},
+            {"cpu_s": 20, "class_accuracy": 0.8, "fd_domain": 40.0},
+            {"cpu_s": 30, "class_accuracy": 0.7, "fd_domain": 20.0},
+        ],
+    )
     assert first_reaching(curve, "class_accuracy", 0.75) == 20
     assert first_reaching(curve, "fd_domain", 30.0) == 30
     assert first_reaching(curve, "class_accuracy", 0.9) is None

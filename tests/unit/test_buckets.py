@@ -35,17 +35,38 @@ def test_buckets_hold_about_the_resolutions_pixels_at_sizes_the_model_takes():
     assert wide.sample_size_px(32) == (48, 24) and wide.sample_size_px(16) == (24, 8)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.shards.buckets={aspect_ratios: [0.5, 2.0]}"], r"data\.shards\.buckets\.aspect_ratios: .*must include 1\.0"),
-    (["data.shards.buckets={aspect_ratios: [1.0, 9.0]}"], r"data\.shards\.buckets\.aspect_ratios: .*0\.25\.\.4"),
-    (["data.shards.buckets={multiple_px: 12}"], r"data\.shards: resolutions_px \[16, 32\] are not multiples of buckets"),
-    (["data.shards.buckets={multiple_px: 8}", "data.shards.resize_mode=shorter_side"], r"shorter_side and buckets exclude"),
-    (["data.shards.buckets={multiple_px: 2}", "train.model=dit-tiny", "train.stages=[{resolution_px: 16, steps: 2, micro_batch_size: 2}]"],
-     r"data\.shards\.buckets\.multiple_px=2 is not a multiple of 4, which model dit-tiny needs"),
-    ([BUCKETS, "train.vae={pretrained: some/vae}"], r"buckets with train\.vae needs data\.cache\.enabled: false"),
-    (["train.sample.aspect_ratio=2.0"], r"train\.sample\.aspect_ratio=2\.0 is not a trained bucket's: set data\.shards\.buckets"),
-    ([BUCKETS, "train.sample.aspect_ratio=1.5"], r"aspect_ratio=1\.5 is not a trained bucket's: one of \[0\.5"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.shards.buckets={aspect_ratios: [0.5, 2.0]}"],
+            r"data\.shards\.buckets\.aspect_ratios: .*must include 1\.0",
+        ),
+        (["data.shards.buckets={aspect_ratios: [1.0, 9.0]}"], r"data\.shards\.buckets\.aspect_ratios: .*0\.25\.\.4"),
+        (
+            ["data.shards.buckets={multiple_px: 12}"],
+            r"data\.shards: resolutions_px \[16, 32\] are not multiples of buckets",
+        ),
+        (
+            ["data.shards.buckets={multiple_px: 8}", "data.shards.resize_mode=shorter_side"],
+            r"shorter_side and buckets exclude",
+        ),
+        (
+            [
+                "data.shards.buckets={multiple_px: 2}",
+                "train.model=dit-tiny",
+                "train.stages=[{resolution_px: 16, steps: 2, micro_batch_size: 2}]",
+            ],
+            r"data\.shards\.buckets\.multiple_px=2 is not a multiple of 4, which model dit-tiny needs",
+        ),
+        ([BUCKETS, "train.vae={pretrained: some/vae}"], r"buckets with train\.vae needs data\.cache\.enabled: false"),
+        (
+            ["train.sample.aspect_ratio=2.0"],
+            r"train\.sample\.aspect_ratio=2\.0 is not a trained bucket's: set data\.shards\.buckets",
+        ),
+        ([BUCKETS, "train.sample.aspect_ratio=1.5"], r"aspect_ratio=1\.5 is not a trained bucket's: one of \[0\.5"),
+    ],
+)
 def test_bucket_settings_that_cannot_work_fail_at_load_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DEBUG, overrides)
@@ -57,6 +78,7 @@ def test_a_photo_goes_to_the_bucket_nearest_its_aspect_and_fills_it(flowers_dir)
     assert nearest_bucket(500, 333, sizes) == (40, 24)  # 1.50: nearer 1.67 than 1.33 on a log scale
     assert nearest_bucket(333, 500, sizes) == (24, 40) and nearest_bucket(320, 310, sizes) == (32, 32)
     assert nearest_bucket(1000, 200, sizes) == (48, 24), "beyond the widest: the widest"
+
     def cut(photo, size) -> float:  # the share of the photo's long side a crop to `size` cuts off
         ratio = (photo.width / photo.height) / (size[0] / size[1])
         return 1 - min(ratio, 1 / ratio)
@@ -75,8 +97,9 @@ def test_a_photo_goes_to_the_bucket_nearest_its_aspect_and_fills_it(flowers_dir)
 
 def test_every_models_size_divisor_is_what_its_network_needs():
     for name in ("unet-tiny", "unet-xs", "unet-text-tiny", "dit-tiny"):
-        net = build_denoiser(name, 32, 3, None if "text" in name else 3,
-                             text_encoder=_tiny_text_encoder() if "text" in name else None).net
+        net = build_denoiser(
+            name, 32, 3, None if "text" in name else 3, text_encoder=_tiny_text_encoder() if "text" in name else None
+        ).net
         needed = net.config.patch_size if "dit" in name else 2 ** (len(net.config.block_out_channels) - 1)
         assert SIZE_DIVISOR_PX[name] == needed, name
 
@@ -84,8 +107,16 @@ def test_every_models_size_divisor_is_what_its_network_needs():
 def _tiny_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                        num_hidden_layers=1, max_position_embeddings=16))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=16,
+        )
+    )
 
 
 def test_the_dit_takes_non_square_grids_with_diffusers_own_numbers_on_square_ones():
@@ -118,7 +149,9 @@ def test_a_model_trains_on_batches_of_different_buckets(name, flowers_dir):
     state = plain_state(model, null_class=5)
     photos = sorted(flowers_dir.glob("*/*.jpg"))
     for bucket in BucketsConfig().sizes(32):  # (24, 48) ... (48, 24): one micro-batch each
-        images = np.stack([np.asarray(render(Image.open(p).convert("RGB"), 32, "center_crop", bucket)) for p in photos[:2]])
+        images = np.stack(
+            [np.asarray(render(Image.open(p).convert("RGB"), 32, "center_crop", bucket)) for p in photos[:2]]
+        )
         out = train_step(state, {"image": images, "class": np.array([0, 1]), "caption": ["", ""], "id": ["a", "b"]})
         assert np.isfinite(float(out["loss"]))
     assert state.step == 5
@@ -157,8 +190,9 @@ def test_sampling_and_the_served_request_take_any_trained_bucket():
     images = sample(pipe, 2, seed=0, steps=2, conditions=[0, 1], height=24, width=40)
     assert images.shape == (2, 3, 24, 40)
     trained = tuple(BucketsConfig().sizes(32))
-    Request = request_model(ModelInfo("m", "torch", "class", ["a", "b"], ["ddim"], 32, 4, trained),
-                            ServeSettings(model="x"))
+    Request = request_model(
+        ModelInfo("m", "torch", "class", ["a", "b"], ["ddim"], 32, 4, trained), ServeSettings(model="x")
+    )
     assert (Request().width, Request().height) == (32, 32)
     assert (Request(width=48, height=24).width, Request(width=24, height=40).height) == (48, 40)
     for width, height in ((40, 40), (48, 48), (24, 24)):

@@ -27,22 +27,53 @@ from helpers import debug_config  # noqa: E402
 from sfumato.config import write_resolved  # noqa: E402
 from sfumato.data.ingest import INPUT_SCHEMA, IngestWorker, split_duplicates  # noqa: E402
 from sfumato.data.manifest import REJECTS_SCHEMA, write_manifest  # noqa: E402
-from sfumato.layout import DataFolder  # noqa: E402
 from sfumato.data.sources import enumerate_sources  # noqa: E402
 from sfumato.evaluate.cards import write_dataset_card, write_model_card  # noqa: E402
 from sfumato.evaluate.report import evenly_spread, training_compute, write_report  # noqa: E402
+from sfumato.layout import DataFolder  # noqa: E402
 
 NSFW_THRESHOLD, MIN_AESTHETIC = 0.5, 3.0
 EVALUATIONS = [
-    {"time": 1200.0, "checkpoint": "step-00000010", "step": 10, "features": "inception-v3-compat", "metric": "FID",
-     "fd": 123.456, "clip_score": None, "clip_score_model": None, "num_samples": 64, "sampler": "ddim", "steps": 20,
-     "guidance_scale": 1.0, "seed": 0, "reference": {"count": 60, "cache": "ref.npz"}},
-    {"time": 1300.0, "checkpoint": "step-00000010", "step": 10, "features": "clip:tiny-clip", "metric": "FD-CLIP",
-     "fd": 7.891, "clip_score": 0.2468, "clip_score_model": "tiny-clip", "num_samples": 64, "sampler": "ddim",
-     "steps": 20, "guidance_scale": 2.0, "seed": 0, "reference": {"count": 60, "cache": "ref-clip.npz"}},
+    {
+        "time": 1200.0,
+        "checkpoint": "step-00000010",
+        "step": 10,
+        "features": "inception-v3-compat",
+        "metric": "FID",
+        "fd": 123.456,
+        "clip_score": None,
+        "clip_score_model": None,
+        "num_samples": 64,
+        "sampler": "ddim",
+        "steps": 20,
+        "guidance_scale": 1.0,
+        "seed": 0,
+        "reference": {"count": 60, "cache": "ref.npz"},
+    },
+    {
+        "time": 1300.0,
+        "checkpoint": "step-00000010",
+        "step": 10,
+        "features": "clip:tiny-clip",
+        "metric": "FD-CLIP",
+        "fd": 7.891,
+        "clip_score": 0.2468,
+        "clip_score_model": "tiny-clip",
+        "num_samples": 64,
+        "sampler": "ddim",
+        "steps": 20,
+        "guidance_scale": 2.0,
+        "seed": 0,
+        "reference": {"count": 60, "cache": "ref-clip.npz"},
+    },
 ]
 # Tensors of the newest committed checkpoint (net: 8*3*3*3 + 8 + 11*16, text_encoder: 5*7).
-EMA_SHAPES = {"net.conv.weight": (8, 3, 3, 3), "net.conv.bias": (8,), "net.emb.weight": (11, 16), "text_encoder.w": (5, 7)}
+EMA_SHAPES = {
+    "net.conv.weight": (8, 3, 3, 3),
+    "net.conv.bias": (8,),
+    "net.emb.weight": (11, 16),
+    "text_encoder.w": (5, 7),
+}
 
 
 def _inputs(tmp, flowers_dir) -> tuple[list[dict], int]:
@@ -63,10 +94,12 @@ def _inputs(tmp, flowers_dir) -> tuple[list[dict], int]:
         (tmp / folder).mkdir()
         for k in range(count):
             Image.fromarray(rng.integers(0, 255, (40 + 8 * k, 48, 3), dtype=np.uint8)).save(tmp / folder / f"{k}.png")
-    sources = [{"kind": "folder", "name": "flowers", "path": str(photos), "license": "CC-BY-2.0"},
-               {"kind": "folder", "name": "plain", "path": str(tmp / "plain"), "license": "CC0-1.0"},
-               {"kind": "folder", "name": "unlicensed", "path": str(tmp / "unlicensed")},
-               {"kind": "folder", "name": "restricted", "path": str(tmp / "restricted"), "license": "All-Rights-Reserved"}]
+    sources = [
+        {"kind": "folder", "name": "flowers", "path": str(photos), "license": "CC-BY-2.0"},
+        {"kind": "folder", "name": "plain", "path": str(tmp / "plain"), "license": "CC0-1.0"},
+        {"kind": "folder", "name": "unlicensed", "path": str(tmp / "unlicensed")},
+        {"kind": "folder", "name": "restricted", "path": str(tmp / "restricted"), "license": "All-Rights-Reserved"},
+    ]
     return sources, 9 + 4 + 2 + 2 + 1
 
 
@@ -94,8 +127,13 @@ def _curate(manifest):
 def data(tmp_path_factory, flowers_dir):
     tmp = tmp_path_factory.mktemp("cards")
     sources, files = _inputs(tmp, flowers_dir)
-    cfg = debug_config(tmp, sources, f"train.output_dir={tmp / 'run'}",
-                       f"data.curate.safety.nsfw_threshold={NSFW_THRESHOLD}", f"data.curate.safety.min_aesthetic={MIN_AESTHETIC}")
+    cfg = debug_config(
+        tmp,
+        sources,
+        f"train.output_dir={tmp / 'run'}",
+        f"data.curate.safety.nsfw_threshold={NSFW_THRESHOLD}",
+        f"data.curate.safety.min_aesthetic={MIN_AESTHETIC}",
+    )
     out = cfg.data.output_dir
     out.mkdir(parents=True)
     write_resolved(cfg, out / "ingest.config.yaml")
@@ -108,16 +146,32 @@ def data(tmp_path_factory, flowers_dir):
     write_manifest(accepted, DataFolder(out).manifest)
     rejected = rejected.assign(date_collected=now)[REJECTS_SCHEMA.names]
     pq.write_table(pa.Table.from_pandas(rejected, schema=REJECTS_SCHEMA, preserve_index=False), DataFolder(out).rejects)
-    (out / "dedup_report.json").write_text(json.dumps({
-        "threshold": 0.95, "method": "exact", "model": "tiny-clip", "images": len(accepted) - 2, "pairs": 1,
-        "clusters": 1, "dropped": 1, "keeper_rule": "most pixels, then license_preference order, then smallest id"}))
+    (out / "dedup_report.json").write_text(
+        json.dumps(
+            {
+                "threshold": 0.95,
+                "method": "exact",
+                "model": "tiny-clip",
+                "images": len(accepted) - 2,
+                "pairs": 1,
+                "clusters": 1,
+                "dropped": 1,
+                "keeper_rule": "most pixels, then license_preference order, then smallest id",
+            }
+        )
+    )
     ok = accepted[accepted["status"] == "ok"]
     (out / "shards").mkdir()
     with (out / "shards" / "shard_manifest.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["shard", "resolution_px", "sample_count", "bytes", "sha256"])
         for res in (16, 32):
-            writer.writerows([[f"{res}/shard-000000.tar", res, 4, 1000, "a"], [f"{res}/shard-000001.tar", res, len(ok) - 4, 700, "b"]])
+            writer.writerows(
+                [
+                    [f"{res}/shard-000000.tar", res, 4, 1000, "a"],
+                    [f"{res}/shard-000001.tar", res, len(ok) - 4, 700, "b"],
+                ]
+            )
     tags = [t[-1] for t in ok["tags"] if len(t)]
     (out / "shards" / "class_counts.json").write_text(json.dumps({t: tags.count(t) for t in sorted(set(tags))}))
     return cfg, files
@@ -157,7 +211,9 @@ def test_dataset_card_counts_are_the_manifests_and_rejects(data):
         assert counts["sources"][name]["inputs"] == expected
         assert counts["sources"][name]["licenses"] == _count_by(ok.filter(pc.equal(ok["source"], name)), "license")
     assert counts["licenses"] == _count_by(ok, "license") == {"CC-BY-2.0": 6, "CC0-1.0": 2}
-    assert counts["dedup"]["clusters"] == 1 and counts["dedup"]["dropped"] == counts["dedup"]["near_duplicate_rows"] == 1
+    assert (
+        counts["dedup"]["clusters"] == 1 and counts["dedup"]["dropped"] == counts["dedup"]["near_duplicate_rows"] == 1
+    )
     safety = counts["safety"]
     assert safety["nsfw_flagged"] == pc.sum(manifest["nsfw_flag"]).as_py() == 1
     assert safety["nsfw_threshold"] == NSFW_THRESHOLD and safety["min_aesthetic"] == MIN_AESTHETIC
@@ -167,7 +223,11 @@ def test_dataset_card_counts_are_the_manifests_and_rejects(data):
     assert counts["resolution"]["shorter_side_px"]["32–63"] == sum(32 <= s < 64 for s in shorter) == 2
     captioned = pc.sum(pc.invert(pc.is_null(ok["caption"]))).as_py()
     assert counts["captions"]["with_caption"] == captioned == 7
-    assert counts["captions"]["origin"] == _count_by(ok, "caption_origin") == {"source": 6, "model:tiny-blip": 1, "none": 1}
+    assert (
+        counts["captions"]["origin"]
+        == _count_by(ok, "caption_origin")
+        == {"source": 6, "model:tiny-blip": 1, "none": 1}
+    )
     assert counts["shards"]["32"] == {"tars": 2, "samples": ok.num_rows, "bytes": 1700}
     _valid_png(out / "dataset_card_resolution.png")
 
@@ -177,8 +237,10 @@ def test_dataset_card_says_which_curation_stages_did_not_run(data, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     manifest = pq.read_table(DataFolder(out).manifest)
-    pq.write_table(manifest.select([n for n in manifest.column_names if n not in ("nsfw_score", "aesthetic_score")]),
-                   DataFolder(bare).manifest)
+    pq.write_table(
+        manifest.select([n for n in manifest.column_names if n not in ("nsfw_score", "aesthetic_score")]),
+        DataFolder(bare).manifest,
+    )
     shutil.copy(DataFolder(out).rejects, DataFolder(bare).rejects)
     text = write_dataset_card(bare).read_text()
     counts = json.loads((bare / "dataset_card.json").read_text())
@@ -194,9 +256,19 @@ def _metrics(times: bool, grad_norm: bool = True) -> list[dict]:
     rows = [(2, 1010, 5.0), (4, 1020, 5.0), (6, 1030, 5.0), (6, 1112, 6.0), (8, 1122, 5.0), (10, 1130, 4.0)]
     lines = []
     for step, time, step_time_s in rows:
-        line = {"step": step, "stage": int(step >= 6), "resolution_px": 32 if step >= 6 else 16, "loss": 1.0 / step,
-                "loss_ema": 1.2 / step, "lr": 1e-3, "grad_norm": 0.5 * step if grad_norm else None,
-                "samples_per_s": 16 / step_time_s, "step_time_s": step_time_s, "effective_batch": 16, "memory_mb": 900.0}
+        line = {
+            "step": step,
+            "stage": int(step >= 6),
+            "resolution_px": 32 if step >= 6 else 16,
+            "loss": 1.0 / step,
+            "loss_ema": 1.2 / step,
+            "lr": 1e-3,
+            "grad_norm": 0.5 * step if grad_norm else None,
+            "samples_per_s": 16 / step_time_s,
+            "step_time_s": step_time_s,
+            "effective_batch": 16,
+            "memory_mb": 900.0,
+        }
         lines.append({**line, "time": float(time), "world_size": 2} if times else line)
     return lines
 
@@ -209,14 +281,20 @@ def _run(cfg, name: str, metrics: list[dict] | None, complete: bool = True):
         (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"step": 12, "lo')
     if not complete:
         return run
-    (run / "attempts.jsonl").write_text('{"time": 1000.0, "resumed_from": null, "world_size": 2}\n'
-                                        '{"time": 1100.0, "resumed_from": "step-00000005", "world_size": 2}\n')
+    (run / "attempts.jsonl").write_text(
+        '{"time": 1000.0, "resumed_from": null, "world_size": 2}\n'
+        '{"time": 1100.0, "resumed_from": "step-00000005", "world_size": 2}\n'
+    )
     (run / "samples").mkdir()
     for step in range(1, 9):
         Image.new("RGB", (32, 32), (30 * step, 80, 200 - 20 * step)).save(run / "samples" / f"step-{step:08d}.png")
     from safetensors.numpy import save_file
 
-    for step, shapes, committed in ((5, {"net.a": (3, 4)}, True), (10, EMA_SHAPES, True), (15, {"net.big": (99, 99)}, False)):
+    for step, shapes, committed in (
+        (5, {"net.a": (3, 4)}, True),
+        (10, EMA_SHAPES, True),
+        (15, {"net.big": (99, 99)}, False),
+    ):
         folder = run / "checkpoints" / f"step-{step:08d}"
         folder.mkdir(parents=True)
         save_file({k: np.zeros(s, np.float32) for k, s in shapes.items()}, str(folder / "ema.safetensors"))
@@ -237,7 +315,9 @@ def test_device_hours_count_training_windows_not_the_restart_gap(data):
     for compute in (timed, untimed):
         assert compute["wall_s"] == pytest.approx(60)
         assert compute["device_hours"] == pytest.approx(60 * cfg.train.num_workers / 3600)
-    assert timed["attempts"] == untimed["attempts"] == 2 and timed["elapsed_s"] == 130 and timed["device"] == "CPU worker"
+    assert (
+        timed["attempts"] == untimed["attempts"] == 2 and timed["elapsed_s"] == 130 and timed["device"] == "CPU worker"
+    )
 
 
 def test_report_plots_curves_samples_and_evaluations(data):
@@ -249,7 +329,10 @@ def test_report_plots_curves_samples_and_evaluations(data):
     assert evenly_spread(list(range(1, 9)), 6) == [1, 2, 4, 5, 7, 8] and evenly_spread([3], 6) == [3]
     links = re.findall(r"\]\((samples/step-\d+\.png)\)", text)
     assert len(links) == 8 and all((run / link).is_file() for link in links)
-    assert "| steps done / configured | 10 / 10 |" in text and "2 start(s), 1 restart(s), resumed from step-00000005" in text
+    assert (
+        "| steps done / configured | 10 / 10 |" in text
+        and "2 start(s), 1 restart(s), resumed from step-00000005" in text
+    )
     fid = next(line for line in text.splitlines() if "| FID |" in line)
     assert "inception-v3-compat" in fid and "123.5" in fid
     assert "clip:tiny-clip" in text and "not comparable" in text
@@ -274,7 +357,9 @@ def test_model_card_has_the_checkpoints_parameters_and_the_data_cards_counts(dat
     run = _run(cfg, "card", _metrics(times=True))
     text = write_model_card(run).read_text()
     params = sum(int(np.prod(s)) for s in EMA_SHAPES.values())
-    assert f"| parameters | {params:,} (net: 400, text_encoder: 35), from the shapes in checkpoints/step-00000010/" in text
+    assert (
+        f"| parameters | {params:,} (net: 400, text_encoder: 35), from the shapes in checkpoints/step-00000010/" in text
+    )
     assert f"{60 * 2 / 3600:.3g} CPU worker-hours" in text
     link = re.search(r"\[Dataset card\]\(([^)]+)\)", text).group(1)
     assert (run / link).resolve() == data_card.resolve()
@@ -305,5 +390,9 @@ def test_cards_show_a_runs_source_mixture_configured_and_realised(data):
     assert json.loads(documents["dataset_card"].with_suffix(".json").read_text())["mixture"]["realised"] == shares
     assert "Drawn in the mixture flowers 75%, plain 25%, unlicensed 0%" in documents["model_card"].read_text()
     # A run without weights leaves the dataset card without a mixture.
-    assert "Source mixture" not in write_run_documents(_run(cfg, "plain-run", _metrics(times=True)),
-                                                       cfg.data.output_dir)["dataset_card"].read_text()
+    assert (
+        "Source mixture"
+        not in write_run_documents(_run(cfg, "plain-run", _metrics(times=True)), cfg.data.output_dir)[
+            "dataset_card"
+        ].read_text()
+    )

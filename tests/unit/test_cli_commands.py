@@ -25,8 +25,7 @@ def _quoted_bench_lines() -> list[str]:
         inline = re.sub(r"```.*?```", "", text, flags=re.S)
         spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", inline)]
         lines = [line for block in blocks for line in block.splitlines()] + spans
-        found += [line.split("#")[0].strip() for line in lines
-                  if re.match(r"sfumato bench [a-z]", line.strip())]
+        found += [line.split("#")[0].strip() for line in lines if re.match(r"sfumato bench [a-z]", line.strip())]
     return found
 
 
@@ -39,8 +38,9 @@ def _typed(line: str) -> list[str]:
 
 def test_the_docs_quote_every_bench_and_each_quoted_line_parses():
     lines = _quoted_bench_lines()
-    assert {_typed(line)[1] for line in lines} == set(BENCHES), "a bench the docs never show, or one they show " \
-                                                                "that does not exist"
+    assert {_typed(line)[1] for line in lines} == set(BENCHES), (
+        "a bench the docs never show, or one they show that does not exist"
+    )
     for line in lines:
         command, args = parse_args(_typed(line))
         assert command.name == "bench" and args.what == _typed(line)[1], line
@@ -51,16 +51,31 @@ def test_quoted_flags_keep_their_meaning_and_defaults():
     assert (ingest.images, ingest.memory_scale, ingest.workers, ingest.datasets) == (5000, 10, 2, "../shared/datasets")
     _, serve = parse_args(["bench", "serve", "--model", "unet-tiny", "--duration", "15"])
     assert (serve.model, serve.duration, serve.serve_steps) == ("unet-tiny", 15.0, 10)
-    _, finetune = parse_args(shlex.split(
-        "bench finetune --config configs/pilot.yaml --from runs/pilot/train --samples 256 --sides lora "
-        "finetune.lora.learning_rate=0.005 finetune.lora.rank=4 finetune.lora.conv=true"))
+    _, finetune = parse_args(
+        shlex.split(
+            "bench finetune --config configs/pilot.yaml --from runs/pilot/train --samples 256 --sides lora "
+            "finetune.lora.learning_rate=0.005 finetune.lora.rank=4 finetune.lora.conv=true"
+        )
+    )
     assert (finetune.config, finetune.parent, finetune.samples, finetune.sides) == (
-        "configs/pilot.yaml", "runs/pilot/train", 256, "lora")
-    assert finetune.overrides == ["finetune.lora.learning_rate=0.005", "finetune.lora.rank=4",
-                                  "finetune.lora.conv=true"]
+        "configs/pilot.yaml",
+        "runs/pilot/train",
+        256,
+        "lora",
+    )
+    assert finetune.overrides == [
+        "finetune.lora.learning_rate=0.005",
+        "finetune.lora.rank=4",
+        "finetune.lora.conv=true",
+    ]
     _, align = parse_args(shlex.split("bench align --from runs/pilot/train --votes 400 --eval-votes 200 --samples 256"))
     assert (align.parent, align.votes, align.eval_votes, align.samples, align.pairs) == (
-        "runs/pilot/train", 400, 200, 256, None)
+        "runs/pilot/train",
+        400,
+        200,
+        256,
+        None,
+    )
     # --steps is a bench's own: train's optimizer steps per side, tune's proxy steps per trial.
     assert parse_args(["bench", "train"])[1].steps == parse_args(["bench", "tune"])[1].steps == 40
     # Data and the repository come from arguments, relative to the working directory.
@@ -88,8 +103,9 @@ def test_every_registered_stage_is_a_command_that_runs_the_registered_function()
 def test_stage_flags_become_the_stages_options():
     command, args = parse_args(["evaluate", "runs/x", "evaluate.num_samples=8", "--checkpoint", "step-00000005"])
     assert command.options(args) == {"checkpoint": "step-00000005", "overrides": ["evaluate.num_samples=8"]}
-    command, args = parse_args(["align", "--config", "c.yaml", "--from", "runs/x", "--pairs", "p.parquet",
-                                "align.beta=5"])
+    command, args = parse_args(
+        ["align", "--config", "c.yaml", "--from", "runs/x", "--pairs", "p.parquet", "align.beta=5"]
+    )
     options = command.options(args)
     assert str(options["parent"]) == "runs/x" and str(options["pairs"]) == "p.parquet" and options["pretrained"] is None
     assert args.overrides == ["align.beta=5"]

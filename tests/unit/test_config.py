@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from sfumato.config import ConfigError, apply_override, dump_yaml, load_config
 
@@ -97,7 +98,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config(PILOT)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.seed = 1
 
 
@@ -107,6 +108,8 @@ def test_source_weights_are_set_on_every_source_or_none_and_normalised():
         load_config(PILOT, [f"data.sources={two % (9, '')}"])
     with pytest.raises(ConfigError, match=r"data\.sources\.0\.weight: .*greater than or equal to 0"):
         load_config(PILOT, [f"data.sources={two % (-1, ', weight: 1')}"])
-    assert load_config(PILOT, [f"data.sources={two % (9, ', weight: 1')}"]).data.source_weights == \
-        {"photos": pytest.approx(0.9), "synthetic": pytest.approx(0.1)}
+    assert load_config(PILOT, [f"data.sources={two % (9, ', weight: 1')}"]).data.source_weights == {
+        "photos": pytest.approx(0.9),
+        "synthetic": pytest.approx(0.1),
+    }
     assert load_config(PILOT).data.source_weights is None

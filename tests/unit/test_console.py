@@ -59,18 +59,29 @@ for pid, is_err, actor, line in {lines!r}:
     print_to_stdstream({{"ip": "10.0.0.1", "localhost": "10.0.0.1", "pid": pid, "is_err": is_err,
                         "actor_name": actor, "lines": [line]}}, ignore_prefix=False)
 """
-PREEMPTION_NOTICE = ("[2026-12-07 04:13:54,500 E 17325 17571] core_worker.cc:2465: Actor with class name: "
-                     "'PreemptionWatcher' and ID: 'd477697dde8076c1d6dd58e701000000' has constructor arguments in the "
-                     "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
-                     "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
-                     "details.")
+PREEMPTION_NOTICE = (
+    "[2026-12-07 04:13:54,500 E 17325 17571] core_worker.cc:2465: Actor with class name: "
+    "'PreemptionWatcher' and ID: 'd477697dde8076c1d6dd58e701000000' has constructor arguments in the "
+    "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+    "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
+    "details."
+)
 SHM_BUILT = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
-HARMLESS_WORKER = [(17325, True, "TrainController", PREEMPTION_NOTICE), (17401, False, "RayTrainWorker", SHM_BUILT),
-                   (17402, False, "RayTrainWorker", SHM_BUILT)]
-REAL_WORKER = [(17325, True, "TrainController", "[2026-12-07 04:13:55,001 E 17325 17571] core_worker.cc:1107: "
-                "The actor PreemptionWatcher died unexpectedly"),
-               (17401, True, "RayTrainWorker", "RuntimeError: Error building extension 'deepspeed_shm_comm_op'"),
-               (17402, False, "RayTrainWorker", "step 10/10 [####################] 100% | loss 0.12")]
+HARMLESS_WORKER = [
+    (17325, True, "TrainController", PREEMPTION_NOTICE),
+    (17401, False, "RayTrainWorker", SHM_BUILT),
+    (17402, False, "RayTrainWorker", SHM_BUILT),
+]
+REAL_WORKER = [
+    (
+        17325,
+        True,
+        "TrainController",
+        "[2026-12-07 04:13:55,001 E 17325 17571] core_worker.cc:1107: The actor PreemptionWatcher died unexpectedly",
+    ),
+    (17401, True, "RayTrainWorker", "RuntimeError: Error building extension 'deepspeed_shm_comm_op'"),
+    (17402, False, "RayTrainWorker", "step 10/10 [####################] 100% | loss 0.12"),
+]
 
 
 def _worker_console(verbose: bool, lines: list) -> str:
@@ -78,8 +89,9 @@ def _worker_console(verbose: bool, lines: list) -> str:
     env["RAY_COLOR_PREFIX"] = "0"
     if verbose:
         env["SFUMATO_VERBOSE"] = "1"
-    done = subprocess.run([sys.executable, "-c", WORKER_SCRIPT.format(lines=lines)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_SCRIPT.format(lines=lines)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout + done.stderr
 

@@ -64,8 +64,12 @@ def _strict(schema):
     server would silently drop a misspelt field; this test should not)."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -97,8 +101,9 @@ def test_rayjob_runs_the_pipeline_on_the_installed_ray(rayjob, scale):
     assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__
     assert f"rayproject/ray:{ray.__version__}" in (REPO / "k8s" / "Dockerfile").read_text()
     # Every pod mounts the shared volume where the config writes.
-    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + \
-        [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    ]
     for pod in pods:
         mounts = {m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}
         for path in (scale.data.output_dir, scale.train.output_dir):
@@ -110,8 +115,10 @@ def test_scale_config_fills_the_gpus_both_clusters_provide(scale, cluster, rayjo
     assert t.use_gpu and t.precision == "bf16" and t.zero_stage == 2
     per_node = [n for n in cluster["available_node_types"].values() if n["resources"].get("GPU")][0]
     assert t.num_workers == per_node["max_workers"] * per_node["resources"]["GPU"]
-    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    gpus = sum(
+        g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert t.num_workers == gpus
     assert t.num_workers * t.cpus_per_worker <= per_node["max_workers"] * per_node["resources"]["CPU"]
     assert t.checkpoint_every_steps < t.total_steps
@@ -121,14 +128,16 @@ def test_readme_cost_table_matches_scale_yaml_and_the_benchmark(scale):
     """The README's estimate is computed for this config (its GPUs, its images) from the figure
     BENCHMARKS.md measured for its model, micro-batch and ZeRO stage."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Scale"):]
+    section = readme[readme.index("## Scale") :]
     t = scale.train
     stage = t.stages[0]
     images = t.total_steps * t.effective_batch(stage)
     assert f"{t.num_workers} GPUs" in section
     assert re.search(rf"{images / 1e6:.1f} ?M images", section), images
     bench = (REPO / "BENCHMARKS.md").read_text()
-    row = re.search(rf"\| {t.model} \| [^|]+ \| \d+ \| {stage.micro_batch_size} \| {t.zero_stage} \| ([\d.]+) \|", bench)
+    row = re.search(
+        rf"\| {t.model} \| [^|]+ \| \d+ \| {stage.micro_batch_size} \| {t.zero_stage} \| ([\d.]+) \|", bench
+    )
     assert row, f"BENCHMARKS.md has no {t.model} row at micro-batch {stage.micro_batch_size}, ZeRO {t.zero_stage}"
     per_gpu = float(row.group(1))
     assert f"{per_gpu} images/s" in section

@@ -105,7 +105,7 @@ def test_ema_update_matches_formula_and_half_life():
         assert torch.allclose(e, 0.9 * s + 0.1 * (s + 1.0))
     # A half-life of 1000 samples at 100 samples per step: after 10 steps the start weighs 0.5.
     beta = ema_beta(None, 1000, 100)
-    assert beta ** 10 == pytest.approx(0.5)
+    assert beta**10 == pytest.approx(0.5)
     with pytest.raises(ValueError):
         ema_beta(0.99, 1000, 100)
 

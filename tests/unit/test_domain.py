@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sfumato.config import DomainConfig
-from sfumato.data.demo import SHAPES, draw_sample
 from sfumato.data.decode import render
+from sfumato.data.demo import SHAPES, draw_sample
 from sfumato.evaluate.domain import score, yardstick_from_arrays
 
 CLASSES = sorted(SHAPES)

@@ -25,9 +25,16 @@ OBJECTIVES = {
 
 def _net(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
 
 
 def _denoiser(net):
@@ -52,8 +59,17 @@ def test_with_the_policy_equal_to_the_reference_every_pair_loss_is_log_2(objecti
     losses, stats = dpo_loss(e_w, e_l, e_w.clone(), e_l.clone(), beta=5000.0)
     assert losses.shape == (6,) and torch.allclose(losses, torch.full((6,), math.log(2)))
     assert stats["reward_margin"] == 0
-    mean, _ = pair_loss(_denoiser(net), _denoiser(copy.deepcopy(net)), chosen, rejected, None, schedule, cfg, 5000.0,
-                        torch.Generator().manual_seed(0))
+    mean, _ = pair_loss(
+        _denoiser(net),
+        _denoiser(copy.deepcopy(net)),
+        chosen,
+        rejected,
+        None,
+        schedule,
+        cfg,
+        5000.0,
+        torch.Generator().manual_seed(0),
+    )
     assert mean.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -76,15 +92,33 @@ def test_training_lowers_the_policys_error_on_chosen_relative_to_rejected_and_le
     before = gap()
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
     for _ in range(12):  # gradient descent on one fixed draw of t and noise
-        loss, _ = pair_loss(_denoiser(policy), _denoiser(reference), chosen, rejected, None, schedule, cfg,
-                                beta=500.0, generator=torch.Generator().manual_seed(11))
+        loss, _ = pair_loss(
+            _denoiser(policy),
+            _denoiser(reference),
+            chosen,
+            rejected,
+            None,
+            schedule,
+            cfg,
+            beta=500.0,
+            generator=torch.Generator().manual_seed(11),
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert gap() < before - 1e-4, f"the chosen-minus-rejected error gap did not fall: {before} -> {gap()}"
     with torch.no_grad():
-        after, _ = pair_loss(_denoiser(policy), _denoiser(reference), chosen, rejected, None, schedule, cfg,
-                             beta=500.0, generator=torch.Generator().manual_seed(11))
+        after, _ = pair_loss(
+            _denoiser(policy),
+            _denoiser(reference),
+            chosen,
+            rejected,
+            None,
+            schedule,
+            cfg,
+            beta=500.0,
+            generator=torch.Generator().manual_seed(11),
+        )
     assert after.item() < math.log(2), "at the fixed draws the loss fell below its starting value, log 2"
     assert all(p.grad is None for p in reference.parameters()), "the reference got a gradient"
     assert all(torch.equal(p, frozen[n]) for n, p in reference.named_parameters()), "the reference changed"

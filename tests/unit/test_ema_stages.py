@@ -29,10 +29,13 @@ def _images_until_half_absorbed(beta: float, images_per_step: int) -> int:
     return steps * images_per_step
 
 
-@pytest.mark.parametrize("overrides, halflife", [
-    ([], 500.0),  # train.ema.halflife_samples: 500
-    (["train.ema.halflife_samples=null", "train.ema.decay=0.99"], 12.8 * 68.97),  # mean batch 12.8 x ln.5/ln.99
-])
+@pytest.mark.parametrize(
+    "overrides, halflife",
+    [
+        ([], 500.0),  # train.ema.halflife_samples: 500
+        (["train.ema.halflife_samples=null", "train.ema.decay=0.99"], 12.8 * 68.97),  # mean batch 12.8 x ln.5/ln.99
+    ],
+)
 def test_halflife_in_images_is_the_same_before_and_after_a_stage_that_halves_the_batch(overrides, halflife):
     t = load_config(DEBUG, overrides, inputs=False).train
     first, second = t.stages

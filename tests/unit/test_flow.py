@@ -68,8 +68,14 @@ class GaussianVelocity(ModelMixin, ConfigMixin):
     """The exact marginal velocity E[eps - x0 | x_t] for data x0 ~ N(mean, std^2 I)."""
 
     @register_to_config
-    def __init__(self, sample_size: int = 4, in_channels: int = 3, mean: float = 0.5, std: float = 0.2,
-                 block_out_channels: tuple = (4,)):
+    def __init__(
+        self,
+        sample_size: int = 4,
+        in_channels: int = 3,
+        mean: float = 0.5,
+        std: float = 0.2,
+        block_out_channels: tuple = (4,),
+    ):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # a parameter, so the pipeline has a dtype
 
@@ -92,8 +98,9 @@ def test_samplers_with_the_exact_velocity_land_on_the_data_distribution(sampler,
     assert x.mean().item() == pytest.approx(0.5, abs=0.01)
     assert x.std().item() == pytest.approx(0.2, abs=0.01)
     # Too few Euler steps visibly miss; Heun's second order is what lets it use fewer.
-    coarse = pipe(batch_size=2000, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                  output_type="latent").images
+    coarse = pipe(
+        batch_size=2000, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).images
     assert abs(coarse.std().item() - 0.2) > abs(x.std().item() - 0.2)
 
 

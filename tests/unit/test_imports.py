@@ -11,10 +11,18 @@ import sfumato
 
 # Modules of the train, eval and serve extras (torch, diffusers, onnx, Ray Serve); everything else
 # is the default install.
-NEEDS_TRAIN_EXTRA = ("sfumato.diffusion", "sfumato.train", "sfumato.models", "sfumato.bench.train",
-                     "sfumato.bench.quality",
-                     "sfumato.evaluate", "sfumato.export", "sfumato.bench.export", "sfumato.serve",
-                     "sfumato.bench.serve")
+NEEDS_TRAIN_EXTRA = (
+    "sfumato.diffusion",
+    "sfumato.train",
+    "sfumato.models",
+    "sfumato.bench.train",
+    "sfumato.bench.quality",
+    "sfumato.evaluate",
+    "sfumato.export",
+    "sfumato.bench.export",
+    "sfumato.serve",
+    "sfumato.bench.serve",
+)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -22,20 +30,25 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_data_platform_imports_without_torch():
-    names = [m.name for m in pkgutil.walk_packages(sfumato.__path__, "sfumato.")
-             if not m.name.startswith(NEEDS_TRAIN_EXTRA)]
+    names = [
+        m.name for m in pkgutil.walk_packages(sfumato.__path__, "sfumato.") if not m.name.startswith(NEEDS_TRAIN_EXTRA)
+    ]
     assert "sfumato.data.ingest" in names and "sfumato.cli" in names
-    done = _run("import importlib, sys\n"
-                f"for name in {names!r}: importlib.import_module(name)\n"
-                "assert 'torch' not in sys.modules, 'the default install must not need torch'\n")
+    done = _run(
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "assert 'torch' not in sys.modules, 'the default install must not need torch'\n"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_nothing_imports_torchvision():
     names = [m.name for m in pkgutil.walk_packages(sfumato.__path__, "sfumato.")]
-    done = _run("import importlib, sys\n"
-                f"for name in {names!r}: importlib.import_module(name)\n"
-                "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n")
+    done = _run(
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -54,8 +67,10 @@ LAYERS = [
 
 def _modules() -> dict[str, Path]:
     root = Path(sfumato.__file__).parent
-    return {".".join(("sfumato", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): path
-            for path in root.rglob("*.py")}
+    return {
+        ".".join(("sfumato", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): path
+        for path in root.rglob("*.py")
+    }
 
 
 def _sfumato_imports(path: Path, modules: dict[str, Path]) -> set[str]:
@@ -64,13 +79,19 @@ def _sfumato_imports(path: Path, modules: dict[str, Path]) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sfumato":
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+            }
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "sfumato"}
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-              in ("import_module", "importorskip", "__import__") and node.args
-              and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("sfumato.")):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in ("import_module", "importorskip", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and str(node.args[0].value).startswith("sfumato.")
+        ):
             found.add(node.args[0].value)
     return {m for m in found if m != "sfumato"}
 
@@ -82,8 +103,12 @@ def _import_graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> int:
-    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), i)
+        for i, layer in enumerate(LAYERS)
+        for prefix in layer
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     assert matches, f"{module} is in no layer: add it to LAYERS in tests/unit/test_imports.py"
     return max(matches)[1]
 
@@ -100,7 +125,7 @@ def test_no_import_cycles():
         state[module], path = "open", stack + [module]
         for target in graph[module]:
             if state.get(target) == "open":
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path)
         state[module] = "done"
@@ -122,9 +147,13 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def test_no_product_module_imports_a_bench_or_the_test_stand_ins():
-    wrong = [f"{a} -> {b}" for a, targets in _import_graph().items() for b in sorted(targets)
-             if (_under(b, ("sfumato.bench",)) and not _under(a, BENCH_RUNNERS))
-             or (_under(b, ("sfumato.testing",)) and not _under(a, TEST_SUPPORT_USERS))]
+    wrong = [
+        f"{a} -> {b}"
+        for a, targets in _import_graph().items()
+        for b in sorted(targets)
+        if (_under(b, ("sfumato.bench",)) and not _under(a, BENCH_RUNNERS))
+        or (_under(b, ("sfumato.testing",)) and not _under(a, TEST_SUPPORT_USERS))
+    ]
     assert not wrong, "product code importing sfumato.bench or sfumato.testing:\n" + "\n".join(wrong)
 
 
@@ -135,7 +164,10 @@ def test_no_test_imports_a_bench():
     wrong = []
     for path in sorted(tests.rglob("*.py")):
         own = f"sfumato.bench.{path.stem.removeprefix('test_bench_')}" if path.stem.startswith("test_bench_") else None
-        wrong += [f"{path.relative_to(tests)} -> {m}" for m in sorted(_sfumato_imports(path, modules))
-                  if _under(m, ("sfumato.bench",)) and m != own]
+        wrong += [
+            f"{path.relative_to(tests)} -> {m}"
+            for m in sorted(_sfumato_imports(path, modules))
+            if _under(m, ("sfumato.bench",)) and m != own
+        ]
     assert len(list(tests.rglob("test_*.py"))) > 40, f"{tests}: the test files were not found"
     assert not wrong, "tests importing bench code (move what they need to sfumato.testing):\n" + "\n".join(wrong)

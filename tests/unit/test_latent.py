@@ -8,13 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+import helpers  # noqa: E402
+from helpers import plain_state, save_tiny_vae  # noqa: E402
 from sfumato.config import VAEConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
 from sfumato.models.vae import LatentCodec  # noqa: E402
 from sfumato.train.step import train_step  # noqa: E402
-
-import helpers  # noqa: E402
-from helpers import plain_state, save_tiny_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,9 @@ def test_latent_training_step_learns_and_leaves_the_vae_alone(tmp_path, cifar_ba
     assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), codec.vae.state_dict().values()))
     assert (codec.downsample, codec.channels, codec.scale, codec.shift) == (2, 4, 0.5, 0.0)
     assert codec.latent_size(16) == 8
-    with pytest.raises(ValueError, match="train.stages.1.resolution_px=15 is not a multiple of the VAE's downsampling factor 2"):
+    with pytest.raises(
+        ValueError, match="train.stages.1.resolution_px=15 is not a multiple of the VAE's downsampling factor 2"
+    ):
         codec.latent_size(15, "train.stages.1.resolution_px")
 
     torch.manual_seed(0)
@@ -36,8 +37,9 @@ def test_latent_training_step_learns_and_leaves_the_vae_alone(tmp_path, cifar_ba
     state = plain_state(model, codec=codec)
     losses = [train_step(state, cifar_batch)["loss"] for _ in range(40)]
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), (losses[:8], losses[-8:])
-    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), codec.vae.state_dict().values())), \
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), codec.vae.state_dict().values())), (
         "the VAE is frozen"
+    )
 
     x = torch.from_numpy(cifar_batch["image"][:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = codec.encode(x, torch.Generator().manual_seed(1))
@@ -106,21 +108,46 @@ def test_cache_files_train_a_frozen_text_latent_model_like_its_encoders(tmp_path
     save_tiny_vae(tmp_path / "sd")
     tokenizer = train_tokenizer(captions * 3, 300, 12)
     torch.manual_seed(1)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-                  ).save_pretrained(tmp_path / "sd" / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(tmp_path / "sd" / "text_encoder")
     tokenizer.save_pretrained(tmp_path / "sd" / "tokenizer")
     vae_cfg = VAEConfig(pretrained=str(tmp_path / "sd"), subfolder="vae")
-    text_cfg = TextConfig(pretrained=str(tmp_path / "sd"), encoder_subfolder="text_encoder",
-                          tokenizer_subfolder="tokenizer", train_encoder=False, max_length=12)
+    text_cfg = TextConfig(
+        pretrained=str(tmp_path / "sd"),
+        encoder_subfolder="text_encoder",
+        tokenizer_subfolder="tokenizer",
+        train_encoder=False,
+        max_length=12,
+    )
 
     folder = CacheFolder(tmp_path / "cache")
     CacheEncoder(vae_cfg, text_cfg, "float32", 5, str(folder.root))(
-        {"resolution_px": 16, "index": 0, "shard": str(shard), "sha256": "abc", "shard_name": shard.name,
-         "dtype": "float32"})
+        {
+            "resolution_px": 16,
+            "index": 0,
+            "shard": str(shard),
+            "sha256": "abc",
+            "shard_name": shard.name,
+            "dtype": "float32",
+        }
+    )
     sidecar = read_json(CacheFolder.sidecar(folder.shard(16, 0)))
-    assert sidecar["samples"] == 12 and sidecar["shapes"] == {"mean": [4, 8, 8], "std": [4, 8, 8], "text_states": [12, 32]}
+    assert sidecar["samples"] == 12 and sidecar["shapes"] == {
+        "mean": [4, 8, 8],
+        "std": [4, 8, 8],
+        "text_states": [12, 32],
+    }
     cache = LatentCache(folder, [ShardEntry(shard, 16, 0, "abc")], [sidecar])
     batch = next(iter_batches([shard], 12, 16))
     cached = {k: v for k, v in cache.attach(batch).items() if k not in ("image", "caption")}
@@ -149,8 +176,14 @@ def test_cache_key_follows_the_vae_weights_and_revision_not_its_scaling(tmp_path
     demo = [{"kind": "demo", "name": "demo", "num_images": 8}]
 
     def key(pretrained, *overrides):
-        cfg = debug_config(tmp_path, demo, f"train.output_dir={tmp_path / 'run'}", f"train.vae.pretrained={pretrained}",
-                           "train.vae.subfolder=vae", *overrides)
+        cfg = debug_config(
+            tmp_path,
+            demo,
+            f"train.output_dir={tmp_path / 'run'}",
+            f"train.vae.pretrained={pretrained}",
+            "train.vae.subfolder=vae",
+            *overrides,
+        )
         return cache_folder(cfg).root.name
 
     local = key(tmp_path / "sd")

@@ -38,8 +38,10 @@ def _take(it, n):
 
 
 def test_ranks_are_disjoint_and_resume_is_exact(skewed_shards):
-    ids = [set(i for b, _ in _take(iter_training_batches(skewed_shards, 10, 32, r, 2, seed=3), 20) for i in b["id"])
-           for r in range(2)]
+    ids = [
+        set(i for b, _ in _take(iter_training_batches(skewed_shards, 10, 32, r, 2, seed=3), 20) for i in b["id"])
+        for r in range(2)
+    ]
     assert len(ids[0]) == len(ids[1]) == 200 and not ids[0] & ids[1], "one epoch: each rank its own half"
     straight = _take(iter_training_batches(skewed_shards, 10, 32, 0, 2, seed=3), 30)
     position = straight[12][1]
@@ -51,7 +53,9 @@ def test_class_balancing_evens_out_a_skewed_set(skewed_shards):
     by_tag = balancing_weights({"airplane": 360, "automobile": 40})
     assert by_tag == {"airplane": pytest.approx(40 / 360), "automobile": 1.0}
     weights = {0: by_tag["airplane"], 1: by_tag["automobile"]}
-    plain = Counter(c for b, _ in _take(iter_training_batches(skewed_shards, 8, 32, 0, 1, seed=0), 100) for c in b["class"])
+    plain = Counter(
+        c for b, _ in _take(iter_training_batches(skewed_shards, 8, 32, 0, 1, seed=0), 100) for c in b["class"]
+    )
     assert plain[0] / plain[1] > 6
     it = iter_training_batches(skewed_shards, 8, 32, 0, 1, seed=0, class_weights=weights)
     batches = _take(it, 100)
@@ -126,7 +130,10 @@ def test_sources_are_drawn_in_their_weights_whatever_their_sizes(two_source_shar
         synthetic = sum(i.startswith("s") for i in ids) / len(ids)
         # 800 draws: the binomial standard deviation of a 0.9 share is 0.011; 4 of them.
         assert abs(synthetic - 0.9) < 4 * (0.9 * 0.1 / len(ids)) ** 0.5, synthetic
-        assert source_shares(batches[-1][1]) == {"photos": pytest.approx(1 - synthetic), "synthetic": pytest.approx(synthetic)}
+        assert source_shares(batches[-1][1]) == {
+            "photos": pytest.approx(1 - synthetic),
+            "synthetic": pytest.approx(synthetic),
+        }
         draws += len(ids)
     assert draws == 1600
 
@@ -136,8 +143,9 @@ def test_each_source_epoch_covers_its_samples_once_across_ranks(two_source_shard
     first_epoch = {}
     for rank in range(2):
         seen = []
-        for batch, position in _take(iter_training_batches(two_source_shards, 1, 32, rank, 2, seed=5,
-                                                           source_weights=MIXTURE), 200):
+        for batch, position in _take(
+            iter_training_batches(two_source_shards, 1, 32, rank, 2, seed=5, source_weights=MIXTURE), 200
+        ):
             if batch["id"][0].startswith("s") and position["sources"]["synthetic"]["epoch"] == 0:
                 seen += batch["id"]
         first_epoch[rank] = seen
@@ -150,8 +158,9 @@ def test_a_mixture_resumes_exactly_from_a_small_json_position(two_source_shards)
     saved = json.loads(json.dumps(straight[15][1]))  # what a checkpoint keeps
     assert len(json.dumps(saved)) < 300, "the position is counters, not sample lists"
     assert saved["sources"]["synthetic"]["epoch"] >= 1, "the small source has started repeating"
-    resumed = _take(iter_training_batches(two_source_shards, 8, 32, 1, 2, seed=5, position=saved,
-                                          source_weights=MIXTURE), 24)
+    resumed = _take(
+        iter_training_batches(two_source_shards, 8, 32, 1, 2, seed=5, position=saved, source_weights=MIXTURE), 24
+    )
     assert [b["id"] for b, _ in resumed] == [b["id"] for b, _ in straight[16:]]
     assert [p for _, p in resumed] == [p for _, p in straight[16:]]
 
@@ -179,8 +188,11 @@ def bucketed_shards(flowers_dir, tmp_path_factory):
                 bucket = nearest_bucket(*image.size, sizes)
                 tar_add(tar, f"{key:09d}.png", encode(render(image, 32, "center_crop", bucket), "png"))
                 source = "photos" if key < 40 else "synthetic"  # no sidecars: a mixture reads every shard
-                tar_add(tar, f"{key:09d}.json", json.dumps({"id": f"f{key}", "bucket_px": list(bucket),
-                                                            "source": source}).encode())
+                tar_add(
+                    tar,
+                    f"{key:09d}.json",
+                    json.dumps({"id": f"f{key}", "bucket_px": list(bucket), "source": source}).encode(),
+                )
         paths.append(path)
     return paths
 
@@ -218,18 +230,21 @@ def test_bucketed_order_follows_the_seed_and_resumes_exactly_mid_epoch(bucketed_
     assert any(len(b["id"]) < 4 for b, _ in straight[:-5]), "the cuts include the part-filled groups closing an epoch"
     for cut in range(25):  # every batch: mid-epoch, in an epoch's closing groups, at an epoch's end
         saved = json.loads(json.dumps(straight[cut][1]))
-        resumed = _take(iter_training_batches(bucketed_shards, 4, 32, 1, 2, seed=1, position=saved, bucketed=True),
-                        min(5, 30 - cut - 1))
-        assert [b["id"] for b, _ in resumed] == [b["id"] for b, _ in straight[cut + 1:cut + 1 + len(resumed)]], cut
-        assert all(np.array_equal(a["image"], b["image"]) for (a, _), (b, _) in zip(resumed, straight[cut + 1:]))
+        resumed = _take(
+            iter_training_batches(bucketed_shards, 4, 32, 1, 2, seed=1, position=saved, bucketed=True),
+            min(5, 30 - cut - 1),
+        )
+        assert [b["id"] for b, _ in resumed] == [b["id"] for b, _ in straight[cut + 1 : cut + 1 + len(resumed)]], cut
+        assert all(np.array_equal(a["image"], b["image"]) for (a, _), (b, _) in zip(resumed, straight[cut + 1 :]))
 
 
 def test_a_bucketed_mixture_draws_a_source_per_batch_in_the_weights_and_resumes_exactly(bucketed_shards):
     from sfumato.data.loader import source_shares
 
     mixture = {"photos": 0.25, "synthetic": 0.75}
-    straight = _take(iter_training_batches(bucketed_shards, 4, 32, 0, 2, seed=3, source_weights=mixture,
-                                           bucketed=True), 160)
+    straight = _take(
+        iter_training_batches(bucketed_shards, 4, 32, 0, 2, seed=3, source_weights=mixture, bucketed=True), 160
+    )
     sources = [{int(i[1:]) >= 40 for i in b["id"]} for b, _ in straight]
     assert all(len(s) == 1 for s in sources), "a batch holds one source"
     synthetic = sum(s == {True} for s in sources) / len(sources)
@@ -238,6 +253,10 @@ def test_a_bucketed_mixture_draws_a_source_per_batch_in_the_weights_and_resumes_
     assert abs(shares["synthetic"] - 0.75) < 0.15, shares  # counted in samples: closing groups are smaller
     for cut in (5, 37, 90):
         saved = json.loads(json.dumps(straight[cut][1]))
-        resumed = _take(iter_training_batches(bucketed_shards, 4, 32, 0, 2, seed=3, position=saved,
-                                              source_weights=mixture, bucketed=True), 20)
-        assert [b["id"] for b, _ in resumed] == [b["id"] for b, _ in straight[cut + 1:cut + 21]], cut
+        resumed = _take(
+            iter_training_batches(
+                bucketed_shards, 4, 32, 0, 2, seed=3, position=saved, source_weights=mixture, bucketed=True
+            ),
+            20,
+        )
+        assert [b["id"] for b, _ in resumed] == [b["id"] for b, _ in straight[cut + 1 : cut + 21]], cut

@@ -15,8 +15,17 @@ from sfumato.models.registry import build_denoiser  # noqa: E402
 
 
 def _lora(rank=4, **kw):
-    return types.SimpleNamespace(**{"rank": rank, "alpha": None, "dropout": 0.0, "target_modules": None, "conv": False,
-                                    "text_encoder": False, **kw})
+    return types.SimpleNamespace(
+        **{
+            "rank": rank,
+            "alpha": None,
+            "dropout": 0.0,
+            "target_modules": None,
+            "conv": False,
+            "text_encoder": False,
+            **kw,
+        }
+    )
 
 
 def _inputs():
@@ -85,8 +94,16 @@ def test_the_saved_adapter_is_diffusers_lora_format_and_loads_into_a_sfumato_pip
 def test_text_encoder_adapters_train_with_the_unets_and_the_rest_stays_frozen():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2, max_position_embeddings=12))
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+        )
+    )
     model = build_denoiser("unet-text-tiny", 16, 3, text_encoder=encoder)
     add_lora(model, _lora(text_encoder=True))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -18,13 +18,13 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from sfumato.testing.tiny import save_tiny_clip  # noqa: E402
 from sfumato.data.shards import tar_add  # noqa: E402
-from sfumato.layout import ShardFolder  # noqa: E402
 from sfumato.evaluate.clipscore import clip_score, clip_scores  # noqa: E402
 from sfumato.evaluate.features import Clip, ClipFeatures, InceptionFeatures, load_extractor  # noqa: E402
 from sfumato.evaluate.fid import Statistics, frechet_distance, reference_statistics, statistics  # noqa: E402
 from sfumato.evaluate.inception import WEIGHTS_FILE, FIDInceptionV3, load_fid_inception  # noqa: E402
+from sfumato.layout import ShardFolder  # noqa: E402
+from sfumato.testing.tiny import save_tiny_clip  # noqa: E402
 
 NOISE_SIGMAS = (0.05, 0.2, 0.5)
 
@@ -144,13 +144,20 @@ def _write_shards(shards_dir, files, per_shard=40, resolution_px=32):
     for index, start in enumerate(range(0, len(files), per_shard)):
         name = f"{resolution_px}/shard-{index:06d}.tar"
         with tarfile.open(shards_dir / name, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, path in enumerate(files[start:start + per_shard], start):
+            for key, path in enumerate(files[start : start + per_shard], start):
                 tar_add(tar, f"{key:09d}.jpg", path.read_bytes())
                 tar_add(tar, f"{key:09d}.txt", f"a photo of a {path.parent.name}".encode())
                 tar_add(tar, f"{key:09d}.json", json.dumps({"id": path.stem, "caption": ""}).encode())
         data = (shards_dir / name).read_bytes()
-        rows.append({"shard": name, "resolution_px": resolution_px, "sample_count": len(files[start:start + per_shard]),
-                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        rows.append(
+            {
+                "shard": name,
+                "resolution_px": resolution_px,
+                "sample_count": len(files[start : start + per_shard]),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     with ShardFolder(shards_dir).manifest.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -187,8 +194,14 @@ def test_inception_has_pytorch_fids_keys_and_loads_strictly(tmp_path):
     # the TF graph's head has 1008: 8 more rows of 2048 weights + 1 bias.
     assert sum(p.numel() for p in model.parameters()) == 23_834_568 + 8 * 2049
     state = model.state_dict()
-    assert {"Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_mean", "Mixed_5b.branch1x1.conv.weight",
-            "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7c.branch3x3dbl_3b.conv.weight", "fc.weight"} <= set(state)
+    assert {
+        "Conv2d_1a_3x3.conv.weight",
+        "Conv2d_1a_3x3.bn.running_mean",
+        "Mixed_5b.branch1x1.conv.weight",
+        "Mixed_6e.branch7x7dbl_5.bn.bias",
+        "Mixed_7c.branch3x3dbl_3b.conv.weight",
+        "fc.weight",
+    } <= set(state)
     assert not any(k.endswith(".conv.bias") for k in state), "BasicConv2d convolutions have no bias"
     (tmp_path / "folder").mkdir()
     save_file(state, str(tmp_path / "folder" / WEIGHTS_FILE))
@@ -202,7 +215,9 @@ def test_inception_has_pytorch_fids_keys_and_loads_strictly(tmp_path):
     save_file({k: v for k, v in saved.items() if k not in counters}, str(file))
     load_fid_inception(file)  # the BatchNorm counters may be absent
     save_file({k: v for k, v in saved.items() if k != "Mixed_6b.branch7x7_2.conv.weight"}, str(file))
-    with pytest.raises(ValueError, match=r"broken\.safetensors.*missing keys \['Mixed_6b\.branch7x7_2\.conv\.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"broken\.safetensors.*missing keys \['Mixed_6b\.branch7x7_2\.conv\.weight'\]"
+    ):
         load_fid_inception(file)
     save_file({**saved, "AuxLogits.fc.weight": torch.zeros(2), "fc.bias": torch.zeros(1000)}, str(file))
     with pytest.raises(ValueError, match=r"unexpected keys \['AuxLogits\.fc\.weight'\].*fc\.bias \(1000,\)"):

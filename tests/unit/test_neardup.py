@@ -39,8 +39,11 @@ def _planted(n=6000, d=64, seed=0):
     return x
 
 
-@pytest.mark.parametrize("settings", [SearchSettings(), SearchSettings(exact_max=0, nlist=64, nprobe=8, train_sample=6000)],
-                         ids=["exact", "ivf"])
+@pytest.mark.parametrize(
+    "settings",
+    [SearchSettings(), SearchSettings(exact_max=0, nlist=64, nprobe=8, train_sample=6000)],
+    ids=["exact", "ivf"],
+)
 def test_search_finds_planted_pairs_and_clusters_join_chains(settings):
     x = _planted()
     assert 0.95 <= x[10] @ x[11] and 0.95 <= x[11] @ x[12] and x[10] @ x[12] < 0.95
@@ -82,12 +85,21 @@ def test_near_duplicates_of_real_photos_are_found_and_distinct_photos_are_not_me
     edits = {
         "jpeg60": _reencoded,
         "rescale0.7": lambda im: im.resize((int(im.width * 0.7), int(im.height * 0.7))),
-        "crop3%": lambda im: im.crop((int(im.width * .03), int(im.height * .03), im.width - int(im.width * .03),
-                                      im.height - int(im.height * .03))),
+        "crop3%": lambda im: im.crop(
+            (
+                int(im.width * 0.03),
+                int(im.height * 0.03),
+                im.width - int(im.width * 0.03),
+                im.height - int(im.height * 0.03),
+            )
+        ),
         "mirror": ImageOps.mirror,
     }
-    copies = [(k * 4 + e, name, fn(photos[k * 4 + e])) for k in range(len(photos) // 4) for e, (name, fn) in
-              enumerate(edits.items())]  # every photo gets one edit, the edits take turns
+    copies = [
+        (k * 4 + e, name, fn(photos[k * 4 + e]))
+        for k in range(len(photos) // 4)
+        for e, (name, fn) in enumerate(edits.items())
+    ]  # every photo gets one edit, the edits take turns
     vectors = np.stack([_descriptor(p) for p in photos] + [_descriptor(c) for _, _, c in copies])
     vectors = _unit(vectors - vectors[: len(photos)].mean(0))
     i, j, _, _ = candidate_pairs(vectors, SearchSettings(threshold=0.95))

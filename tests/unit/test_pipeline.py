@@ -7,15 +7,21 @@ import shutil
 
 import pytest
 
+from helpers import REPO
 from sfumato.config import ConfigError, load_config
 from sfumato.pipeline import StageRecord, _check_run_folder, fingerprint
 from sfumato.stages import REGISTRY as STAGES_BY_NAME
 
-from helpers import REPO
-
 DEBUG = REPO / "configs" / "debug.yaml"
-UPSTREAM = {"ingest": "a" * 16, "safety": "b" * 16, "dedup": "c" * 16, "caption": "d" * 16, "shards": "e" * 16,
-            "tune": "f" * 16, "train": "0" * 16}
+UPSTREAM = {
+    "ingest": "a" * 16,
+    "safety": "b" * 16,
+    "dedup": "c" * 16,
+    "caption": "d" * 16,
+    "shards": "e" * 16,
+    "tune": "f" * 16,
+    "train": "0" * 16,
+}
 
 
 def _fp(stage: str, *overrides: str, outputs: dict | None = None) -> str:
@@ -23,13 +29,16 @@ def _fp(stage: str, *overrides: str, outputs: dict | None = None) -> str:
     return fingerprint(STAGES_BY_NAME[stage], cfg, outputs or UPSTREAM)
 
 
-@pytest.mark.parametrize("stage, reads, ignores", [
-    ("export", "export.int8=false", "evaluate.num_samples=64"),
-    ("evaluate", "evaluate.num_samples=64", "export.int8=false"),
-    ("train", "train.optimizer.lr=0.01", "evaluate.num_samples=64"),
-    ("shards", "data.shards.samples_per_shard=8", "train.optimizer.lr=0.01"),
-    ("ingest", "data.ingest.min_side_px=20", "data.shards.samples_per_shard=8"),
-])
+@pytest.mark.parametrize(
+    "stage, reads, ignores",
+    [
+        ("export", "export.int8=false", "evaluate.num_samples=64"),
+        ("evaluate", "evaluate.num_samples=64", "export.int8=false"),
+        ("train", "train.optimizer.lr=0.01", "evaluate.num_samples=64"),
+        ("shards", "data.shards.samples_per_shard=8", "train.optimizer.lr=0.01"),
+        ("ingest", "data.ingest.min_side_px=20", "data.shards.samples_per_shard=8"),
+    ],
+)
 def test_a_stage_reruns_for_the_keys_it_reads_only(stage, reads, ignores):
     assert _fp(stage, reads) != _fp(stage)
     assert _fp(stage, ignores) == _fp(stage)

@@ -16,8 +16,10 @@ def _debug_curriculum():
     """configs/debug.yaml's train section as far as progress reads it (a TrainConfig would
     import torch through the model registry): 6 steps at 16 px, micro batch 8, then 4 at 32 px,
     micro batch 4, 2 workers."""
-    stages = [SimpleNamespace(resolution_px=16, steps=6, micro_batch_size=8),
-              SimpleNamespace(resolution_px=32, steps=4, micro_batch_size=4)]
+    stages = [
+        SimpleNamespace(resolution_px=16, steps=6, micro_batch_size=8),
+        SimpleNamespace(resolution_px=32, steps=4, micro_batch_size=4),
+    ]
     return SimpleNamespace(stages=stages, effective_batch=lambda stage: stage.micro_batch_size * 2)
 
 
@@ -78,7 +80,7 @@ def test_eta_is_the_true_remaining_time_when_every_image_pixel_costs_the_same():
         progress.start_stage(stage)
         for _ in range(stage.steps):
             images = t.effective_batch(stage)
-            clock.now += images * stage.resolution_px ** 2 * seconds_per_image_pixel
+            clock.now += images * stage.resolution_px**2 * seconds_per_image_pixel
             progress.add_samples(images)
             step += 1
             timeline.append(clock.now)
@@ -88,17 +90,31 @@ def test_eta_is_the_true_remaining_time_when_every_image_pixel_costs_the_same():
         assert record["eta_s"] == pytest.approx(end - timeline[step - 1]), step
         assert record["elapsed_s"] == pytest.approx(timeline[step - 1] - 100.0)
     assert etas[10]["eta_s"] == 0 and remaining_work(t, 10) == 0
-    assert etas[3]["samples_per_s"] == pytest.approx(1 / (16 ** 2 * seconds_per_image_pixel))
+    assert etas[3]["samples_per_s"] == pytest.approx(1 / (16**2 * seconds_per_image_pixel))
 
 
 def test_progress_line_reads_step_bar_loss_rate_elapsed_and_eta():
-    record = {"step": 40, "resolution_px": 16, "loss": 0.1234, "loss_ema": 0.13, "lr": 1e-3,
-              "samples_per_s": 41.26, "elapsed_s": 25.0, "eta_s": 331.0}
+    record = {
+        "step": 40,
+        "resolution_px": 16,
+        "loss": 0.1234,
+        "loss_ema": 0.13,
+        "lr": 1e-3,
+        "samples_per_s": 41.26,
+        "elapsed_s": 25.0,
+        "eta_s": 331.0,
+    }
     line = progress_line(MetricsLine.from_json(record), 600)
-    assert line == ("step  40/600 [#...................]   7% | 16px | loss 0.1234 (ema 0.1300) | lr 1.00e-03 | "
-                    "41.3 samples/s | 0:25 elapsed | ETA 5:31")
-    assert progress_line(MetricsLine.from_json({"step": 600, "val_loss": 0.5}), 600) == \
-        "step 600/600 [####################] 100% | val_loss 0.5000"
+    assert line == (
+        "step  40/600 [#...................]   7% | 16px | loss 0.1234 (ema 0.1300) | lr 1.00e-03 | "
+        "41.3 samples/s | 0:25 elapsed | ETA 5:31"
+    )
+    assert (
+        progress_line(MetricsLine.from_json({"step": 600, "val_loss": 0.5}), 600)
+        == "step 600/600 [####################] 100% | val_loss 0.5000"
+    )
     assert duration(3723.4) == "1:02:03" and duration(59.6) == "1:00"
-    assert progress_text(32, 128, 4.0, "images") == \
-        "32/128 images [#####...............]  25% | 8.0 images/s | 0:04 elapsed | ETA 0:12"
+    assert (
+        progress_text(32, 128, 4.0, "images")
+        == "32/128 images [#####...............]  25% | 8.0 images/s | 0:04 elapsed | ETA 0:12"
+    )

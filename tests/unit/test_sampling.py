@@ -19,9 +19,14 @@ def _pipe(sampler="ddim", classes=3):
     denoiser = build_denoiser("unet-tiny", 16, 3, classes).eval()
     # v-prediction keeps an untrained net's x0 estimate bounded (epsilon's is divided by
     # sqrt(abar_T) ~ 0), so the images are not all clipped to 0 and 1 and samplers can differ.
-    diffusion = DiffusionConfig(prediction_type="v_prediction", objective="flow" if sampler.startswith("flow-") else "ddpm")
-    pipe = SfumatoPipeline(unet=denoiser.net, scheduler=make_sampler(diffusion, sampler),
-                           class_names=[f"class{i}" for i in range(classes)] if classes else None)
+    diffusion = DiffusionConfig(
+        prediction_type="v_prediction", objective="flow" if sampler.startswith("flow-") else "ddpm"
+    )
+    pipe = SfumatoPipeline(
+        unet=denoiser.net,
+        scheduler=make_sampler(diffusion, sampler),
+        class_names=[f"class{i}" for i in range(classes)] if classes else None,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -47,7 +52,9 @@ def test_samplers_differ_and_names_resolve_to_their_classes():
     assert not torch.equal(images["ddpm"], images["ddim"])
     assert not torch.equal(images["ddim"], images["dpm-solver++"])
     assert not torch.equal(images["flow-euler"], images["flow-heun"])
-    assert type(make_sampler(DiffusionConfig(objective="flow"), "flow-heun")).__name__ == "FlowMatchHeunDiscreteScheduler"
+    assert (
+        type(make_sampler(DiffusionConfig(objective="flow"), "flow-heun")).__name__ == "FlowMatchHeunDiscreteScheduler"
+    )
     with pytest.raises(ValueError, match="does not fit a flow-matching model"):
         make_sampler(DiffusionConfig(objective="flow"), "ddim")
     with pytest.raises(ValueError, match="does not fit a DDPM model"):

@@ -40,8 +40,15 @@ def test_the_request_schema_bounds_every_field_by_the_model_and_settings():
     assert ok.sampler == "dpm-solver++" and ok.guidance_scale == 1.0
     from pydantic import ValidationError
 
-    for field, value in [("steps", 51), ("num_images", 3), ("prompt", "x" * 21), ("width", 136), ("width", 60),
-                         ("sampler", "ddpm"), ("class_label", 1)]:
+    for field, value in [
+        ("steps", 51),
+        ("num_images", 3),
+        ("prompt", "x" * 21),
+        ("width", 136),
+        ("width", 60),
+        ("sampler", "ddpm"),
+        ("class_label", 1),
+    ]:
         with pytest.raises(ValidationError, match=field):
             Request(**{field: value})
 

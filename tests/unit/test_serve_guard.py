@@ -82,13 +82,16 @@ def test_an_empty_token_means_no_auth():
     assert _post(_client(token=""), {"steps": 2}, token=None).status_code == 200
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"steps": 123456789}, "steps"),
-    ({"prompt": SECRET_VALUE}, "prompt"),
-    ('{"scale": NaN}', "scale"),
-    ('{"scale": Infinity}', "scale"),
-    ('{"scale": 1e400}', "scale"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"steps": 123456789}, "steps"),
+        ({"prompt": SECRET_VALUE}, "prompt"),
+        ('{"scale": NaN}', "scale"),
+        ('{"scale": Infinity}', "scale"),
+        ('{"scale": 1e400}', "scale"),
+    ],
+)
 def test_a_422_names_the_field_and_does_not_echo_the_value(body, field):
     answer = _post(_client(), body)
     assert answer.status_code == 422, answer.text

@@ -9,8 +9,9 @@ from sfumato.data.sources import PATH_ESCAPES_ROOT, enumerate_folder
 
 
 def _source(path, **extra):
-    return FolderSource.model_validate({"kind": "folder", "name": "photos", "path": str(path),
-                                        "license": "CC-BY-4.0", **extra})
+    return FolderSource.model_validate(
+        {"kind": "folder", "name": "photos", "path": str(path), "license": "CC-BY-4.0", **extra}
+    )
 
 
 def test_records_are_sorted_tagged_and_captioned_by_their_folders(tmp_path):

@@ -8,12 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from helpers import REPO
 from sfumato import checkpoint as ckpt
 from sfumato.config import ConfigError, SpikeGuardConfig, load_config
 from sfumato.layout import metric_events, read_metrics, truncate_metrics
 from sfumato.train.spike import LossSpikeError, RollBack, SpikeGuard, rollback_target
-
-from helpers import REPO
 
 GUARD = SpikeGuardConfig(factor=3.0, patience_logged_steps=2, armed_after_steps=10, max_rollbacks=1)
 
@@ -65,8 +64,11 @@ def test_rollbacks_until_max_rollbacks_then_a_stop_that_names_the_key():
     assert isinstance(guard.decide(spike), RollBack)
     guard.rolled_back()
     assert (guard.rollbacks, guard.lr_scale) == (1, 0.5)
-    with pytest.raises(LossSpikeError, match=r"loss 2 above 3 x its running average 0\.3 for 2 logged steps at "
-                                             r"step 40; train\.spike_guard\.max_rollbacks=1 reached"):
+    with pytest.raises(
+        LossSpikeError,
+        match=r"loss 2 above 3 x its running average 0\.3 for 2 logged steps at "
+        r"step 40; train\.spike_guard\.max_rollbacks=1 reached",
+    ):
         guard.decide(spike)
     stopping = SpikeGuard(GUARD.model_copy(update={"action": "stop"}))
     with pytest.raises(LossSpikeError, match=r"train\.spike_guard\.action=stop"):
@@ -102,9 +104,11 @@ def test_config_keys_are_checked_at_load_and_null_disables():
     assert load_config(pilot).train.spike_guard == SpikeGuardConfig()
     assert load_config(pilot, ["train.spike_guard=null"]).train.spike_guard is None
     assert load_config(pilot, ["train.spike_guard.max_rollbacks=0"]).train.spike_guard.factor == 3.0
-    for override, key in [("train.spike_guard.factor=1.0", "train.spike_guard.factor"),
-                          ("train.spike_guard.action=skip", "train.spike_guard.action"),
-                          ("train.spike_guard.lr_scale=0", "train.spike_guard.lr_scale")]:
+    for override, key in [
+        ("train.spike_guard.factor=1.0", "train.spike_guard.factor"),
+        ("train.spike_guard.action=skip", "train.spike_guard.action"),
+        ("train.spike_guard.lr_scale=0", "train.spike_guard.lr_scale"),
+    ]:
         with pytest.raises(ConfigError) as err:
             load_config(pilot, [override])
         assert f"  {key}" in str(err.value)
@@ -112,8 +116,12 @@ def test_config_keys_are_checked_at_load_and_null_disables():
 
 def test_rollback_lines_stay_out_of_the_per_step_metrics(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    lines = [{"step": 2, "loss": 0.3}, {"step": 4, "loss": 0.3}, {"step": 6, "loss": 3.0},
-             {"event": "rollback", "step": 4, "spike_step": 6}]
+    lines = [
+        {"step": 2, "loss": 0.3},
+        {"step": 4, "loss": 0.3},
+        {"step": 6, "loss": 3.0},
+        {"event": "rollback", "step": 4, "spike_step": 6},
+    ]
     metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
     truncate_metrics(metrics, 4)  # what a later resume from step 4 does: the rollback stays
     assert [m["step"] for m in read_metrics(metrics)] == [2, 4] and read_metrics(metrics)[1]["loss"] == 0.3
@@ -145,7 +153,12 @@ def test_an_injected_spike_on_real_images_is_caught_by_the_guard(cifar_dir):
     worker = SimpleNamespace(state=state, engine=state.engine)
     batch = helpers.cifar_batch(cifar_dir, 0, 8)
     hook = SpikeLossAt(21, length=4)
-    guard, average, losses, spikes = SpikeGuard(GUARD.model_copy(update={"armed_after_steps": 6})), LossAverage(), [], {}
+    guard, average, losses, spikes = (
+        SpikeGuard(GUARD.model_copy(update={"armed_after_steps": 6})),
+        LossAverage(),
+        [],
+        {},
+    )
     for _ in range(30):
         hook.before_step(worker)
         loss = float(train_step(state, batch)["loss"])

@@ -14,8 +14,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from helpers import REPO, plain_state  # noqa: E402
-from sfumato.records import (AlignmentStepRecord, AlignmentValidationRecord, MetricsLine, TrainStepRecord,  # noqa: E402
-                             ValidationRecord)
+from sfumato.records import (
+    AlignmentStepRecord,
+    AlignmentValidationRecord,
+    MetricsLine,
+    TrainStepRecord,  # noqa: E402
+    ValidationRecord,
+)
+
 
 @pytest.fixture(scope="module")
 def data(cifar_dir, tmp_path_factory):
@@ -39,12 +45,21 @@ def data(cifar_dir, tmp_path_factory):
                 tar_add(tar, f"{key:09d}.png", png.getvalue())
                 tar_add(tar, f"{key:09d}.json", json.dumps({"id": f"c{key}", "caption": ""}).encode())
                 tar_add(tar, f"{key:09d}.cls", str(classes.index(images[key].parent.name)).encode())
-    shards.manifest.write_text("shard,resolution_px\n" + "".join(
-        f"{shards.shard(16, i).relative_to(shards.root)},16\n" for i in range(2)))
+    shards.manifest.write_text(
+        "shard,resolution_px\n" + "".join(f"{shards.shard(16, i).relative_to(shards.root)},16\n" for i in range(2))
+    )
     pairs = [(images[i].parent.name, images[i].read_bytes(), images[63 - i].read_bytes()) for i in range(24)]
-    pq.write_table(pa.table({"id": [f"p{i}" for i in range(24)], "condition": [c for c, _, _ in pairs],
-                             "chosen": [c for _, c, _ in pairs], "rejected": [r for _, _, r in pairs]}),
-                   root / "pairs.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"p{i}" for i in range(24)],
+                "condition": [c for c, _, _ in pairs],
+                "chosen": [c for _, c, _ in pairs],
+                "rejected": [r for _, _, r in pairs],
+            }
+        ),
+        root / "pairs.parquet",
+    )
     return root
 
 
@@ -55,9 +70,12 @@ def _classes(cifar_dir) -> list[str]:
 def _config(root, kind: str):
     from sfumato.config import load_config
 
-    overrides = [f"data.output_dir={root / 'data'}", f"train.output_dir={root / kind}",
-                 "train.stages=[{resolution_px: 16, steps: 2, micro_batch_size: 4}]",
-                 "train.validation={holdout_fraction: 0.25, max_samples: 8, every_steps: 2, num_timesteps: 2}"]
+    overrides = [
+        f"data.output_dir={root / 'data'}",
+        f"train.output_dir={root / kind}",
+        "train.stages=[{resolution_px: 16, steps: 2, micro_batch_size: 4}]",
+        "train.validation={holdout_fraction: 0.25, max_samples: 8, every_steps: 2, num_timesteps: 2}",
+    ]
     if kind != "pretraining":
         overrides.append("train.lineage={pretrained: a-start}")
     if kind == "alignment":
@@ -74,8 +92,21 @@ def _worker(cfg, model, task):
     state = plain_state(model, lr=1e-3, null_class=model.null_class)
     progress = Progress(cfg.train, 0)
     progress.start_stage(cfg.train.stages[0])
-    return Worker(cfg, RunFolder(cfg.train.output_dir), 0, 1, torch.device("cpu"), state.engine, EMA(model, 0.9),
-                  state, None, task, None, loss_average=LossAverage(), progress=progress)
+    return Worker(
+        cfg,
+        RunFolder(cfg.train.output_dir),
+        0,
+        1,
+        torch.device("cpu"),
+        state.engine,
+        EMA(model, 0.9),
+        state,
+        None,
+        task,
+        None,
+        loss_average=LossAverage(),
+        progress=progress,
+    )
 
 
 @pytest.mark.parametrize("kind", ["pretraining", "finetuning", "alignment"])
@@ -95,8 +126,10 @@ def test_every_task_runs_through_the_same_loop_and_logs_through_the_same_records
     classes = _classes(cifar_dir)
     model = build_denoiser("unet-tiny", 16, 3, len(classes))
     task = make_task(cfg, SimpleNamespace(denoiser=model, class_names=classes))
-    assert type(task).__name__ == {"pretraining": "PreTraining", "finetuning": "FineTuning",
-                                   "alignment": "Alignment"}[kind]
+    assert (
+        type(task).__name__
+        == {"pretraining": "PreTraining", "finetuning": "FineTuning", "alignment": "Alignment"}[kind]
+    )
     worker = _worker(cfg, model, task)
 
     batches = task.batches(0, 0, 1, None)

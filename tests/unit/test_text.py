@@ -38,7 +38,7 @@ def test_trained_tokenizer_round_trips_and_frames_every_caption(tokenizer):
     for row in ids.tolist():
         assert eos in row, "truncation must keep the end token"
         end = row.index(eos)
-        assert all(tok == pad for tok in row[end + 1:])
+        assert all(tok == pad for tok in row[end + 1 :])
     assert tokenizer.decode(ids[0], skip_special_tokens=True) == "a photo of a truck"
     assert ids[1].tolist()[:2] == [bos, eos], "the empty caption is the CFG null condition"
     # Byte-level: words never seen in training still encode (no unknown token), lower-cased.
@@ -70,7 +70,9 @@ def test_caption_dropout_substitutes_the_empty_caption(tokenizer, cifar_text_bat
     assert torch.equal(none_dropped, tokenize(tokenizer, cifar_text_batch["caption"], TINY.max_length))
     # The caption reaches the prediction: two prompts, same noise, different outputs.
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
-    out = model(x[:1].repeat(2, 1, 1, 1), t, tokenize(tokenizer, ["a photo of a cat", "a photo of a ship"], TINY.max_length))
+    out = model(
+        x[:1].repeat(2, 1, 1, 1), t, tokenize(tokenizer, ["a photo of a cat", "a photo of a ship"], TINY.max_length)
+    )
     assert not torch.allclose(out[0], out[1])
 
 
@@ -79,14 +81,28 @@ def test_pretrained_folder_loads_the_saved_weights_and_can_stay_frozen(tmp_path,
 
     torch.manual_seed(1)
     source = tmp_path / "clip"
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                           eos_token_id=tokenizer.eos_token_id))
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     encoder.save_pretrained(source / "text_encoder")  # safetensors: the only format the loader accepts
     tokenizer.save_pretrained(source / "tokenizer")
-    cfg = TextConfig(pretrained=str(source), encoder_subfolder="text_encoder", tokenizer_subfolder="tokenizer",
-                     train_encoder=False, max_length=TINY.max_length)
+    cfg = TextConfig(
+        pretrained=str(source),
+        encoder_subfolder="text_encoder",
+        tokenizer_subfolder="tokenizer",
+        train_encoder=False,
+        max_length=TINY.max_length,
+    )
     run = tmp_path / "run"
     loaded_tok = prepare_tokenizer(cfg, tmp_path / "no-manifest-needed.parquet", run)
     assert (run / "text" / "tokenizer" / "tokenizer_config.json").exists(), "the run keeps its own tokenizer"
@@ -98,8 +114,9 @@ def test_pretrained_folder_loads_the_saved_weights_and_can_stay_frozen(tmp_path,
     unet_before = [p.detach().clone() for p in model.net.parameters()]
     for _ in range(3):
         train_step(state, cifar_text_batch)
-    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), model.text_encoder.state_dict().values())), \
-        "train_encoder: false keeps the pretrained encoder as it was"
+    assert all(
+        torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), model.text_encoder.state_dict().values())
+    ), "train_encoder: false keeps the pretrained encoder as it was"
     assert any(not torch.equal(a, b) for a, b in zip(unet_before, model.net.parameters()))
 
 

@@ -11,9 +11,9 @@ pytest.importorskip("diffusers")
 
 import helpers  # noqa: E402
 from helpers import plain_state  # noqa: E402
+from sfumato import checkpoint as ckpt  # noqa: E402
 from sfumato.config import OptimizerConfig  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
-from sfumato import checkpoint as ckpt  # noqa: E402
 from sfumato.train.step import NonFiniteError, lr_at, train_step  # noqa: E402
 
 
@@ -44,8 +44,11 @@ def test_loss_decreases_on_real_images_and_the_validation_loss_is_a_fixed_yardst
     val_before = validate(model, [held_out_batch], state, num_timesteps=8, seed=0)
     # Fixed noise and timesteps, no dropout or weighting: the same number for the same weights,
     # whatever the run's Min-SNR gamma or condition dropout (what a sweep varies).
-    other = replace(state, diffusion_cfg=DiffusionConfig(min_snr_gamma=None, condition_dropout=0.5),
-                    generator=torch.Generator().manual_seed(123))
+    other = replace(
+        state,
+        diffusion_cfg=DiffusionConfig(min_snr_gamma=None, condition_dropout=0.5),
+        generator=torch.Generator().manual_seed(123),
+    )
     assert validate(model, [held_out_batch], other, num_timesteps=8, seed=0) == val_before
     losses = [train_step(state, cifar_batch)["loss"] for _ in range(60)]
     assert state.step == 60

@@ -19,15 +19,21 @@ def test_dotted_keys_inside_a_mapping_are_addressed_whole():
     assert tree["tune"]["search_space"]["train.optimizer.lr"] == {"low": 1, "high": 3}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("tune.search_space.train.optimizer.lr.high=2", r"tune\.search_space\.train\.optimizer\.lr = 2\.0.*\n.*train\.optimizer\.lr"),
-    ("tune.proxy.train.optimizer.lr=0.1", r"tune\.search_space\.train\.optimizer\.lr is also set by tune\.proxy"),
-    ("tune.proxy.train.validation=null", r"the proxy has no train\.validation"),
-    ("tune.scheduler.grace_period_steps=12", r"grace_period_steps=12 is not below the proxy's 12 steps"),
-    ("tune.proxy.train.stages=[{resolution_px: 64, steps: 12, micro_batch_size: 8}]", r"64.*does not produce"),
-    ("tune.search_space.train.grad_accum_steps.values=[1,0]", r"grad_accum_steps = 0"),
-    ("tune.search_space.train.optimizer.lr.low=-1", r"log_uniform needs low > 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "tune.search_space.train.optimizer.lr.high=2",
+            r"tune\.search_space\.train\.optimizer\.lr = 2\.0.*\n.*train\.optimizer\.lr",
+        ),
+        ("tune.proxy.train.optimizer.lr=0.1", r"tune\.search_space\.train\.optimizer\.lr is also set by tune\.proxy"),
+        ("tune.proxy.train.validation=null", r"the proxy has no train\.validation"),
+        ("tune.scheduler.grace_period_steps=12", r"grace_period_steps=12 is not below the proxy's 12 steps"),
+        ("tune.proxy.train.stages=[{resolution_px: 64, steps: 12, micro_batch_size: 8}]", r"64.*does not produce"),
+        ("tune.search_space.train.grad_accum_steps.values=[1,0]", r"grad_accum_steps = 0"),
+        ("tune.search_space.train.optimizer.lr.low=-1", r"log_uniform needs low > 0"),
+    ],
+)
 def test_a_bad_sweep_fails_at_load_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DEBUG, [override])

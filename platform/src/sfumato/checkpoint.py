@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the layout queries below need no torch; the weight files do (imported there)
@@ -36,8 +35,11 @@ def committed(checkpoints: Path) -> list[Path]:
     """Committed checkpoints, oldest first."""
     if not checkpoints.exists():
         return []
-    found = [p for p in checkpoints.iterdir()
-             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / COMMITTED).exists()]
+    found = [
+        p
+        for p in checkpoints.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / COMMITTED).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -50,7 +52,10 @@ def save_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
     import torch
     from safetensors.torch import save_file
 
-    save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, str(folder / f"rng-rank{rank}.safetensors"))
+    save_file(
+        {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+        str(folder / f"rng-rank{rank}.safetensors"),
+    )
 
 
 def load_rng(folder: Path, rank: int, generator: torch.Generator) -> None:

@@ -30,37 +30,59 @@ RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"  # Ray
 
 # (category, message regex, why it is harmless here)
 HARMLESS_WARNINGS = [
-    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-     "DeepSpeed's ZeRO calls the old name; torch still runs it"),
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-     "torch.export's own internals, raised while exporting to ONNX"),
-    (UserWarning, r"# The axis name: .* will not be used, since it shares the same shape constraints",
-     "torch.onnx merges the export's dynamic axes that are one and the same"),
+    (
+        FutureWarning,
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        "DeepSpeed's ZeRO calls the old name; torch still runs it",
+    ),
+    (
+        FutureWarning,
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        "torch.export's own internals, raised while exporting to ONNX",
+    ),
+    (
+        UserWarning,
+        r"# The axis name: .* will not be used, since it shares the same shape constraints",
+        "torch.onnx merges the export's dynamic axes that are one and the same",
+    ),
 ]
 # (logger name, message regex of the records it drops, why it is harmless here); "" is the root logger
 HARMLESS_LOGS = [
-    ("torch.onnx._internal.exporter._registration", r"torchvision is not installed",
-     "the ONNX exporter's optional torchvision ops: sfumato never installs torchvision (ARCHITECTURE.md)"),
-    ("", r"Please consider to run pre-processing before quantization",
-     "onnxruntime's hint; export quantises a copy without recorded shapes on purpose (onnx_export.quantize_int8)"),
-    ("", r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
-     "DeepSpeed prints it per rank and start; under Ray Train's print patch it comes twice: this drops "
-     "the logged copy (HARMLESS_WORKER_LINES the printed one)"),
+    (
+        "torch.onnx._internal.exporter._registration",
+        r"torchvision is not installed",
+        "the ONNX exporter's optional torchvision ops: sfumato never installs torchvision (ARCHITECTURE.md)",
+    ),
+    (
+        "",
+        r"Please consider to run pre-processing before quantization",
+        "onnxruntime's hint; export quantises a copy without recorded shapes on purpose (onnx_export.quantize_int8)",
+    ),
+    (
+        "",
+        r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
+        "DeepSpeed prints it per rank and start; under Ray Train's print patch it comes twice: this drops "
+        "the logged copy (HARMLESS_WORKER_LINES the printed one)",
+    ),
 ]
 # (regex of a line a Ray worker writes, why it is harmless here): dropped where the driver prints
 # the workers' output, by Ray's own log filter (its RAY_DEDUP_LOGS_SKIP_REGEX).
 HARMLESS_WORKER_LINES = [
-    (r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the "
-     r"object store and max_restarts > 0",
-     "Ray Train's controller starts a PreemptionWatcher actor per worker group with max_restarts=-1 and the "
-     "workers' handles as constructor arguments, which Ray holds in its object store; Ray Core logs this at "
-     "ERROR level for any such actor (ray-project/ray#53727). "
-     "It is a notice about a restart that has not happened, not an error; the watcher is killed when the group "
-     "stops. Turning the watcher off (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0) would lose Ray Train's handling of "
-     "node preemption on clusters, so the line is hidden instead"),
-    (r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
-     "DeepSpeed's torch backend builds (or loads from its cache) its shared-memory collectives op on every rank "
-     "at each start and prints this; a failed build raises, so the success line says nothing"),
+    (
+        r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the "
+        r"object store and max_restarts > 0",
+        "Ray Train's controller starts a PreemptionWatcher actor per worker group with max_restarts=-1 and the "
+        "workers' handles as constructor arguments, which Ray holds in its object store; Ray Core logs this at "
+        "ERROR level for any such actor (ray-project/ray#53727). "
+        "It is a notice about a restart that has not happened, not an error; the watcher is killed when the group "
+        "stops. Turning the watcher off (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0) would lose Ray Train's handling of "
+        "node preemption on clusters, so the line is hidden instead",
+    ),
+    (
+        r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
+        "DeepSpeed's torch backend builds (or loads from its cache) its shared-memory collectives op on every rank "
+        "at each start and prints this; a failed build raises, so the success line says nothing",
+    ),
 ]
 
 
@@ -81,8 +103,7 @@ def ray_env_vars() -> dict[str, str]:
 def configure_logging() -> None:
     """The CLI's logging: one format, sfumato's INFO lines; the rest at WARNING unless verbose."""
     verbose = is_verbose()
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sfumato").setLevel(logging.INFO)
     if not verbose:
         quiet_harmless()
@@ -107,7 +128,9 @@ def quiet_ray_data() -> None:
     ray.data.DataContext.get_current().print_on_execution_start = False
     for handler in logging.getLogger("ray.data").handlers:
         # The console handler (Ray's PlainRayHandler); the file handlers keep every record.
-        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _RayDataConsole) for f in handler.filters):
+        if isinstance(handler, logging.StreamHandler) and not any(
+            isinstance(f, _RayDataConsole) for f in handler.filters
+        ):
             handler.addFilter(_RayDataConsole())
 
 
@@ -125,8 +148,10 @@ def quiet_ray_workers() -> None:
     skip = re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
     for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
         if not hasattr(dedup, "skip_re"):  # a Ray other than the pinned 2.60 may lay it out differently
-            logging.getLogger(__name__).warning("Ray's log deduplicator has no skip_re: known-harmless worker "
-                                                "lines will be printed (sfumato.console.HARMLESS_WORKER_LINES)")
+            logging.getLogger(__name__).warning(
+                "Ray's log deduplicator has no skip_re: known-harmless worker "
+                "lines will be printed (sfumato.console.HARMLESS_WORKER_LINES)"
+            )
             return
         dedup.skip_re = skip
 
@@ -170,5 +195,7 @@ def progress_text(done: int, total: int, seconds: float, unit: str) -> str:
     cost about the same (the ETA is the remaining items at the rate so far)."""
     rate = done / seconds if seconds > 0 else 0.0
     eta = f"ETA {duration((total - done) / rate)}" if rate > 0 else "ETA ?"
-    return f"{done}/{total} {unit} {bar(done / total if total else 1.0)} | {rate:.1f} {unit}/s | " \
-           f"{duration(seconds)} elapsed | {eta}"
+    return (
+        f"{done}/{total} {unit} {bar(done / total if total else 1.0)} | {rate:.1f} {unit}/s | "
+        f"{duration(seconds)} elapsed | {eta}"
+    )

@@ -112,7 +112,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def metric_events(path: Path, event: str) -> list[dict]:
     """A metrics.jsonl's event lines of one kind, in the order written: {"event": "rollback",
-    "step": the step training went back to, ...} (sfumato.train.worker.roll_back)."""
+    "step": the step training went back to, ...} (sfumato.train.checkpointing.roll_back)."""
     return [r for r in read_jsonl(path) if r.get("event") == event]
 
 
@@ -175,7 +175,6 @@ class ShardFolder(_Folder):
         return shard.with_suffix(".json")
 
 
-
 class CacheFolder(_Folder):
     """DATA_DIR/cache/<key>: one latent cache (sfumato.models.cache), named by the hash of what
     its values depend on apart from the shards (the VAE's identity and weights, the stored dtype);
@@ -210,6 +209,7 @@ class DataFolder(_Folder):
     def embedding_parts(self, kind: str) -> Path:
         """embeddings/<kind>/part-NNNNN.parquet (kind: image or text)."""
         return self.embeddings / kind
+
     shards = property(lambda self: self.root / "shards")
     shard_folder = property(lambda self: ShardFolder(self.shards))
     cache = property(lambda self: self.root / "cache")  # cache/<key>/: CacheFolder, one per VAE
@@ -220,6 +220,7 @@ class DataFolder(_Folder):
     def cache_folders(self) -> list[CacheFolder]:
         """Every complete latent cache here (one per VAE the shards were encoded with)."""
         return [CacheFolder(p) for p in sorted(self.cache.glob("*")) if CacheFolder(p).meta.is_file()]
+
     dataset_card = property(lambda self: self.root / "dataset_card.md")
     domain_classifier = property(lambda self: self.root / "domain_classifier")
     fid_cache = property(lambda self: self.root / "fid_cache")
@@ -264,8 +265,10 @@ class RunFolder(_Folder):
     def require(self) -> RunFolder:
         """This folder, or an error saying it is not a run folder (no config.yaml)."""
         if not self.config.is_file():
-            raise FileNotFoundError(f"{self.root} is not a run folder: it has no config.yaml "
-                                    "(a run folder is the train.output_dir that `sfumato train` writes)")
+            raise FileNotFoundError(
+                f"{self.root} is not a run folder: it has no config.yaml "
+                "(a run folder is the train.output_dir that `sfumato train` writes)"
+            )
         return self
 
 

@@ -26,9 +26,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sfumato import checkpoint as ckpt
 from sfumato.config import Config, ConfigError, content_hash, load_config, to_dict, write_resolved
@@ -92,8 +93,12 @@ def _source_inputs(cfg: Config) -> list:
             listing.append([src.name, _file_hash([src.path])])
         elif src.kind in ("folder", "webdataset"):
             files = [src.path] if src.path.is_file() else sorted(p for p in src.path.rglob("*") if p.is_file())
-            listing.append([src.name, [[str(p.relative_to(src.path.parent)), p.stat().st_size, p.stat().st_mtime_ns]
-                                       for p in files]])
+            listing.append(
+                [
+                    src.name,
+                    [[str(p.relative_to(src.path.parent)), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+                ]
+            )
     return listing
 
 
@@ -128,8 +133,11 @@ def _write_record(stage: Stage, cfg: Config, record: StageRecord) -> None:
 def fingerprint(stage: Stage, cfg: Config, outputs: dict[str, str]) -> str:
     """The stage's config keys, its upstream stages' output hashes, and (ingest) its sources."""
     tree = to_dict(cfg)
-    parts = {"stage": stage.name, "config": {key: _value_at(tree, key) for key in stage.keys},
-             "reads": {name: outputs[name] for name in stage.reads(cfg)}}
+    parts = {
+        "stage": stage.name,
+        "config": {key: _value_at(tree, key) for key in stage.keys},
+        "reads": {name: outputs[name] for name in stage.reads(cfg)},
+    }
     if stage.name == "ingest":
         parts["sources"] = _source_inputs(cfg)
     return content_hash(parts)
@@ -143,19 +151,23 @@ def _check_run_folder(cfg: Config, record: StageRecord | None) -> None:
     if latest is None:
         return
     if record is None:
-        raise ConfigError(f"train.output_dir={run} already holds a training run ({latest.name}) that this pipeline "
-                          "did not start: set train.output_dir to a new folder, or delete that one to train again")
-    raise ConfigError(f"train.output_dir={run} holds a run of another config or other data (its fingerprint "
-                      f"{record.fingerprint} was recorded in {_record_path(REGISTRY['train'], cfg)}): "
-                      "set train.output_dir to a new folder, or delete that one to train again")
+        raise ConfigError(
+            f"train.output_dir={run} already holds a training run ({latest.name}) that this pipeline "
+            "did not start: set train.output_dir to a new folder, or delete that one to train again"
+        )
+    raise ConfigError(
+        f"train.output_dir={run} holds a run of another config or other data (its fingerprint "
+        f"{record.fingerprint} was recorded in {_record_path(REGISTRY['train'], cfg)}): "
+        "set train.output_dir to a new folder, or delete that one to train again"
+    )
 
 
 def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
     """Run (or continue) every enabled stage; returns the summary, also written as
     pipeline_summary.{json,md} into the run folder (the data folder for a data-only config)."""
-    from sfumato.runtime import init_ray
-
     import ray
+
+    from sfumato.runtime import init_ray
 
     started = time.perf_counter()
     # A local Ray this job starts is shut down before the summary, so that the workers' last log
@@ -180,8 +192,16 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
         artifacts = stage.artifacts(cfg)
         if record and record.done() and record.fingerprint == fp and all(p.exists() for p in artifacts.values()):
             outputs[stage.name] = record.output_hash
-            outcomes.append(Outcome(stage.name, "skipped", f"complete for this config ({_record_path(stage, cfg)})",
-                                    record.seconds, {k: str(v) for k, v in artifacts.items()}, record.result))
+            outcomes.append(
+                Outcome(
+                    stage.name,
+                    "skipped",
+                    f"complete for this config ({_record_path(stage, cfg)})",
+                    record.seconds,
+                    {k: str(v) for k, v in artifacts.items()},
+                    record.result,
+                )
+            )
             print_fn(f"{tag}: skipped, complete for this config and inputs (fingerprint {fp})")
             if stage.name == "tune":
                 cfg = _tuned(cfg, print_fn)
@@ -202,8 +222,13 @@ def run_pipeline(cfg: Config, print_fn: Callable[[str], None] = print) -> dict:
         outputs[stage.name] = output_hash
         # Names that depend on what the stage wrote (the last grid).
         artifacts = {k: str(v) for k, v in stage.artifacts(cfg).items()}
-        _write_record(stage, cfg, StageRecord(stage.name, "done", fp, running.started, time.time(), seconds,
-                                              output_hash, artifacts, result.values))
+        _write_record(
+            stage,
+            cfg,
+            StageRecord(
+                stage.name, "done", fp, running.started, time.time(), seconds, output_hash, artifacts, result.values
+            ),
+        )
         outcomes.append(Outcome(stage.name, "ran", result.line, seconds, artifacts, result.values))
         print_fn(f"{tag}: done in {seconds:.0f} s. {result.line}")
         if stage.name == "tune":
@@ -222,8 +247,14 @@ def _tuned(cfg: Config, print_fn) -> Config:
     best = TuneFolder(cfg.tune.output_dir).best_config
     tuned = load_config(best, inputs=False)
     print_fn(f"[pipeline] training the sweep's best config: {best}")
-    return tuned.model_copy(update={"evaluate": cfg.evaluate, "export": cfg.export, "ray": cfg.ray,
-                                    "pipeline": cfg.pipeline.model_copy(update={"tune": False})})
+    return tuned.model_copy(
+        update={
+            "evaluate": cfg.evaluate,
+            "export": cfg.export,
+            "ray": cfg.ray,
+            "pipeline": cfg.pipeline.model_copy(update={"tune": False}),
+        }
+    )
 
 
 def serve_command(cfg: Config) -> str | None:
@@ -245,8 +276,11 @@ def _summary(cfg: Config, outcomes: list[Outcome], seconds: float) -> dict:
     folder = RunFolder(cfg.train.output_dir) if cfg.train is not None else DataFolder(cfg.data.output_dir)
     path = folder.pipeline_summary
     summary = {
-        "name": cfg.name, "seconds": round(seconds, 1), "summary": str(path),
-        "stages": [o.__dict__ for o in outcomes], "serve": serve_command(cfg),
+        "name": cfg.name,
+        "seconds": round(seconds, 1),
+        "summary": str(path),
+        "stages": [o.__dict__ for o in outcomes],
+        "serve": serve_command(cfg),
     }
     atomic_write_json(path.with_suffix(".json"), summary)
     atomic_write(path, "\n".join(_summary_lines(summary, markdown=True)) + "\n")
@@ -256,9 +290,14 @@ def _summary(cfg: Config, outcomes: list[Outcome], seconds: float) -> dict:
 def _summary_lines(summary: dict, markdown: bool = False) -> list[str]:
     ran = sum(s["status"] == "ran" for s in summary["stages"])
     skipped = sum(s["status"] == "skipped" for s in summary["stages"])
-    lines = [f"# Pipeline {summary['name']}" if markdown else f"[pipeline] {summary['name']}: done",
-             "", f"{ran} stages ran, {skipped} were already complete, in {summary['seconds']:.0f} s.", "",
-             "| stage | status | seconds | note |", "| --- | --- | ---: | --- |"]
+    lines = [
+        f"# Pipeline {summary['name']}" if markdown else f"[pipeline] {summary['name']}: done",
+        "",
+        f"{ran} stages ran, {skipped} were already complete, in {summary['seconds']:.0f} s.",
+        "",
+        "| stage | status | seconds | note |",
+        "| --- | --- | ---: | --- |",
+    ]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {s['note']} |" for s in summary["stages"]]
     lines += ["", "Artifacts:", ""]
     for s in summary["stages"]:

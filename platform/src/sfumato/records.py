@@ -35,8 +35,11 @@ class Record:
     """A flat JSON object whose keys are the dataclass's field names."""
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if not (f.metadata.get(_OMIT_NONE) and getattr(self, f.name) is None)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not (f.metadata.get(_OMIT_NONE) and getattr(self, f.name) is None)
+        }
 
     @classmethod
     def from_json(cls, data: dict):
@@ -137,9 +140,13 @@ class MetricsLine(Record):
         return line
 
     @classmethod
-    def from_json(cls, data: dict) -> "MetricsLine":
-        return cls(data.get("step"), data.get("time"), data.get("world_size"),
-                   tuple(part.from_json(data) for part in PARTS if part.found_in(data)))
+    def from_json(cls, data: dict) -> MetricsLine:
+        return cls(
+            data.get("step"),
+            data.get("time"),
+            data.get("world_size"),
+            tuple(part.from_json(data) for part in PARTS if part.found_in(data)),
+        )
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,10 @@ def read_timeline(path: Path) -> list[MetricsLine]:
     line as a line without parts (it has a step and a time)."""
     from sfumato.layout import read_jsonl
 
-    return [MetricsLine(line.get("step"), line.get("time")) if _EVENT in line else MetricsLine.from_json(line)
-            for line in read_jsonl(path)]
+    return [
+        MetricsLine(line.get("step"), line.get("time")) if _EVENT in line else MetricsLine.from_json(line)
+        for line in read_jsonl(path)
+    ]
 
 
 def read_rollbacks(path: Path) -> list[RollbackEvent]:

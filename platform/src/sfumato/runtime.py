@@ -28,21 +28,30 @@ def init_ray(cfg, dashboard: bool = False) -> None:
         # The package's folder, not the module object: under `ray job submit` Ray merges this with
         # the job's runtime_env (its working_dir) by deep copy, which a module cannot survive.
         package = os.path.dirname(os.path.abspath(sfumato.__file__))
-        ray.init(address=address, runtime_env={"py_modules": [package], "env_vars": ray_env_vars()},
-                 log_to_driver=True)
+        ray.init(address=address, runtime_env={"py_modules": [package], "env_vars": ray_env_vars()}, log_to_driver=True)
     elif dashboard:
         # Ray's state API, called from inside the cluster (the cleaner), guesses which local Ray
         # to ask and gives up when a machine runs two; a port chosen here lets every process of
         # this Ray be told its dashboard's address.
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # this driver's calls too
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_port=port,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **ray_env_vars()}},
-                 log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=True,
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **ray_env_vars()}},
+            log_to_driver=True,
+        )
     else:
         # address="local": never attach to a leftover cluster named in /tmp/ray.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": ray_env_vars()}, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            runtime_env={"env_vars": ray_env_vars()},
+            log_to_driver=True,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     quiet_ray_data()

@@ -113,8 +113,16 @@ class VoteRequest(BaseModel):
 class ABTest:
     """Trials, votes and results of one A/B test folder."""
 
-    def __init__(self, folder: Path, arms: list[Arm], conditions: list[str], planned: int = 400, steps: int = 25,
-                 guidance_scale: float = 3.0, seed: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        arms: list[Arm],
+        conditions: list[str],
+        planned: int = 400,
+        steps: int = 25,
+        guidance_scale: float = 3.0,
+        seed: int | None = None,
+    ):
         if len(arms) != 2:
             raise ValueError("an A/B test compares two models")
         self.folder = Path(folder)
@@ -164,10 +172,18 @@ class ABTest:
         from sfumato.serve.backends import Job
 
         info = arm.backend.info()
-        job = Job(id=uuid.uuid4().hex, seed=seed, steps=self.steps, guidance_scale=self.guidance_scale, num_images=1,
-                  sampler=info.default_sampler, width=info.default_size_px, height=info.default_size_px,
-                  prompt=condition if info.conditioning == "text" else None,
-                  class_label=condition if info.conditioning == "class" else None)
+        job = Job(
+            id=uuid.uuid4().hex,
+            seed=seed,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            num_images=1,
+            sampler=info.default_sampler,
+            width=info.default_size_px,
+            height=info.default_size_px,
+            prompt=condition if info.conditioning == "text" else None,
+            class_label=condition if info.conditioning == "class" else None,
+        )
         with self._generate_lock:
             image = arm.backend.generate([job])[0][0]
         buffer = io.BytesIO()
@@ -185,11 +201,21 @@ class ABTest:
             trial = self._pending.pop(trial_id, None)
         if trial is None:
             return None
-        record = {"vote": uuid.uuid4().hex, "time": time.time(), "rater": rater, "trial": trial.id,
-                  "condition": trial.condition, "seed_left": trial.seed_left, "seed_right": trial.seed_right,
-                  "left_model": trial.left.id, "right_model": trial.right.id, "left_image": trial.hashes["left"],
-                  "right_image": trial.hashes["right"], "choice": choice,
-                  "winner": winner(choice, trial.left.id, trial.right.id)}
+        record = {
+            "vote": uuid.uuid4().hex,
+            "time": time.time(),
+            "rater": rater,
+            "trial": trial.id,
+            "condition": trial.condition,
+            "seed_left": trial.seed_left,
+            "seed_right": trial.seed_right,
+            "left_model": trial.left.id,
+            "right_model": trial.right.id,
+            "left_image": trial.hashes["left"],
+            "right_image": trial.hashes["right"],
+            "choice": choice,
+            "winner": winner(choice, trial.left.id, trial.right.id),
+        }
         self.log.append(record)
         with self._lock:
             self.counted += choice != "skip"
@@ -209,8 +235,13 @@ def build_app(test: ABTest, token: str = ""):
     app = FastAPI(title="sfumato A/B test", description="Blind pairwise comparison of two models.")
     answer_invalid_requests(app)
     # A browser cannot send a header with an <img> request: /login sets the token as a cookie.
-    require_token(app, token, open_paths=("/healthz", "/login"), cookie=COOKIE,
-                  how="open /login?token=... or send a bearer header")
+    require_token(
+        app,
+        token,
+        open_paths=("/healthz", "/login"),
+        cookie=COOKIE,
+        how="open /login?token=... or send a bearer header",
+    )
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -232,8 +263,14 @@ def build_app(test: ABTest, token: str = ""):
     @app.post("/api/trial")
     def trial() -> dict:
         t = test.new_trial()
-        return {"trial": t.id, "condition": t.condition, "left": f"/api/image/{t.id}/left",
-                "right": f"/api/image/{t.id}/right", "votes": test.counted, "planned": test.planned}
+        return {
+            "trial": t.id,
+            "condition": t.condition,
+            "left": f"/api/image/{t.id}/left",
+            "right": f"/api/image/{t.id}/right",
+            "votes": test.counted,
+            "planned": test.planned,
+        }
 
     @app.get("/api/image/{trial_id}/{side}")
     def image(trial_id: str, side: str):
@@ -262,8 +299,11 @@ def build_app(test: ABTest, token: str = ""):
         votes, _ = test.log.read()
         buffer = io.BytesIO()
         pq.write_table(votes_table(votes), buffer)
-        return Response(buffer.getvalue(), media_type="application/vnd.apache.parquet",
-                        headers={"Content-Disposition": 'attachment; filename="votes.parquet"'})
+        return Response(
+            buffer.getvalue(),
+            media_type="application/vnd.apache.parquet",
+            headers={"Content-Disposition": 'attachment; filename="votes.parquet"'},
+        )
 
     @app.get("/results", response_class=HTMLResponse)
     def results_page() -> str:
@@ -282,19 +322,24 @@ def _rate(entry: dict) -> str:
 def render_results(found: dict) -> str:
     """The results page: win rates with 95% intervals, overall and per condition."""
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(m)}</td><td>{e['wins']}</td><td>{e['ties']}</td><td>{e['losses']}</td>{_rate(e)}</tr>"
-                   for m, e in found["overall"]["models"].items())
-    per = "".join(f"<tr><td>{esc(c or '(none)')}</td><td>{esc(m)}</td><td>{e['votes']}</td>{_rate(e)}</tr>"
-                  for c, tally in found["per_condition"].items() for m, e in tally["models"].items())
+    rows = "".join(
+        f"<tr><td>{esc(m)}</td><td>{e['wins']}</td><td>{e['ties']}</td><td>{e['losses']}</td>{_rate(e)}</tr>"
+        for m, e in found["overall"]["models"].items()
+    )
+    per = "".join(
+        f"<tr><td>{esc(c or '(none)')}</td><td>{esc(m)}</td><td>{e['votes']}</td>{_rate(e)}</tr>"
+        for c, tally in found["per_condition"].items()
+        for m, e in tally["models"].items()
+    )
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>A/B results</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style>
 </head><body><h1>A/B test results</h1>
-<p id="summary">{found['overall']['votes']} votes counted ({found['skips']} skipped, {found['overall']['ties']} ties);
-{found['remaining']} remaining of the {found['planned']} planned.</p>
+<p id="summary">{found["overall"]["votes"]} votes counted ({found["skips"]} skipped, {found["overall"]["ties"]} ties);
+{found["remaining"]} remaining of the {found["planned"]} planned.</p>
 <h2>Overall</h2><table id="overall"><tr><th>model</th><th>wins</th><th>ties</th><th>losses</th><th>win rate</th><th>95% interval</th></tr>{rows}</table>
 <h2>Per condition</h2><table id="per-condition"><tr><th>condition</th><th>model</th><th>votes</th><th>win rate</th><th>95% interval</th></tr>{per}</table>
 <p>A tie counts half a win; intervals are Wilson's. <a href="/api/votes.parquet">votes.parquet</a> · <a href="/">vote</a></p>
-</body></html>"""
+</body></html>"""  # noqa: E501 (markup kept on its lines)
 
 
 PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Which do you prefer?</title>
@@ -344,12 +389,21 @@ async function vote(choice) {
 }
 for (const c of ["left", "tie", "right", "skip"]) $("vote-" + c).onclick = () => vote(c);
 next();
-</script></body></html>"""
+</script></body></html>"""  # noqa: E501 (markup kept on its lines)
 
 
-def run_abtest(arms: list[str], out: Path, conditions_file: Path | None = None, planned: int = 400, steps: int = 25,
-               guidance_scale: float = 3.0, host: str = "127.0.0.1", port: int = 8300, token_env: str | None = None,
-               seed: int | None = None) -> None:
+def run_abtest(
+    arms: list[str],
+    out: Path,
+    conditions_file: Path | None = None,
+    planned: int = 400,
+    steps: int = 25,
+    guidance_scale: float = 3.0,
+    host: str = "127.0.0.1",
+    port: int = 8300,
+    token_env: str | None = None,
+    seed: int | None = None,
+) -> None:
     """`sfumato abtest`: load both models and serve the page until interrupted."""
     import uvicorn
 
@@ -360,6 +414,9 @@ def run_abtest(arms: list[str], out: Path, conditions_file: Path | None = None, 
     if token_env and not token:
         raise ValueError(f"--token-env {token_env}: that environment variable is unset or empty")
     test = ABTest(out, loaded, conditions_for(loaded, conditions_file), planned, steps, guidance_scale, seed)
-    print(f"A/B test of {loaded[0].id} and {loaded[1].id} on {len(test.conditions)} condition(s): "
-          f"http://{host}:{port}/ (results: /results); votes in {test.log.path}", flush=True)
+    print(
+        f"A/B test of {loaded[0].id} and {loaded[1].id} on {len(test.conditions)} condition(s): "
+        f"http://{host}:{port}/ (results: /results); votes in {test.log.path}",
+        flush=True,
+    )
     uvicorn.run(build_app(test, token), host=host, port=port, log_level="warning")

@@ -17,8 +17,9 @@ def add_datasets_argument(parser, holding: str) -> None:
 def add_repo_argument(parser, reads: str) -> None:
     """--repo: the repository checkout whose configs a bench starts from (not found through
     sfumato's install location, which need not be a checkout)."""
-    parser.add_argument("--repo", default=".", help=f"the sfumato repository, for {reads} (default: the working "
-                                                    "directory)")
+    parser.add_argument(
+        "--repo", default=".", help=f"the sfumato repository, for {reads} (default: the working directory)"
+    )
 
 
 def checkout(repo: str, needs: str) -> Path:

@@ -38,7 +38,7 @@ def planted(n: int, seed: int = 0) -> tuple[np.ndarray, set[tuple[int, int]]]:
     emb = np.empty((n, DIM), np.float16)
     for start in range(0, n, 65536):
         x = rng.standard_normal((min(65536, n - start), DIM), dtype=np.float32)
-        emb[start:start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        emb[start : start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
     rows = rng.permutation(n)[: 4 * (n // 100)]
     dup_src, dup_dst, miss_src, miss_dst = np.split(rows, 4)
 
@@ -61,10 +61,17 @@ def search(emb: np.ndarray, truth: set, settings: SearchSettings) -> dict:
     # What the index reports against the float32 inner product of the stored float16 rows.
     exact = np.einsum("nd,nd->n", emb[i].astype(np.float32), emb[j].astype(np.float32))
     score_error = float(np.abs(scores - exact).max()) if len(i) else 0.0
-    return {"vectors": len(emb), "method": method, "seconds": round(seconds, 1),
-            "peak_memory_mb": round(mon.peak_bytes / 2**20), "pairs_found": len(found), "planted": len(truth),
-            "recall": round(hits / max(1, len(truth)), 4), "precision": round(hits / max(1, len(found)), 4),
-            "max_score_error": round(score_error, 6)}
+    return {
+        "vectors": len(emb),
+        "method": method,
+        "seconds": round(seconds, 1),
+        "peak_memory_mb": round(mon.peak_bytes / 2**20),
+        "pairs_found": len(found),
+        "planted": len(truth),
+        "recall": round(hits / max(1, len(truth)), 4),
+        "precision": round(hits / max(1, len(found)), 4),
+        "max_score_error": round(score_error, 6),
+    }
 
 
 def embedding_throughput(args, tmp: Path) -> dict:
@@ -82,13 +89,18 @@ def embedding_throughput(args, tmp: Path) -> dict:
         tar.extractall(tmp / "flowers", filter="data")
     inputs = make_inputs(sorted((tmp / "flowers").rglob("*.jpg")), args.images, tmp / "inputs")
     save_tiny_clip(tmp / "clip")
-    cfg = Config.model_validate({
-        "name": "bench-embed", "ray": {"num_cpus": args.workers},
-        "data": {"output_dir": str(tmp / "data"),
-                 "sources": [{"kind": "folder", "name": "flowers", "path": str(inputs), "license": "CC-BY-2.0"}],
-                 "ingest": {"license_allowlist": ["CC-BY-2.0"], "min_side_px": 32},
-                 "curate": {"clip": {"model": str(tmp / "clip"), "batch_size": 32, "num_workers": args.workers}}},
-    })
+    cfg = Config.model_validate(
+        {
+            "name": "bench-embed",
+            "ray": {"num_cpus": args.workers},
+            "data": {
+                "output_dir": str(tmp / "data"),
+                "sources": [{"kind": "folder", "name": "flowers", "path": str(inputs), "license": "CC-BY-2.0"}],
+                "ingest": {"license_allowlist": ["CC-BY-2.0"], "min_side_px": 32},
+                "curate": {"clip": {"model": str(tmp / "clip"), "batch_size": 32, "num_workers": args.workers}},
+            },
+        }
+    )
     images = run_ingest(cfg).accepted
     init_ray(cfg.ray)
     start = time.perf_counter()
@@ -101,11 +113,15 @@ def embedding_throughput(args, tmp: Path) -> dict:
     start = time.perf_counter()  # both sides' clocks include loading the model
     embedder = ClipEmbedder(str(tmp / "clip"), DecodeLimits.from_config(cfg.data.ingest))
     for k in range(0, images, 32):
-        embedder({name: np.array(values[k:k + 32], dtype=object) for name, values in table.items()})
+        embedder({name: np.array(values[k : k + 32], dtype=object) for name, values in table.items()})
     plain_s = time.perf_counter() - start
-    return {"images": images, "stage_images_per_s": round(images / stage_s, 1),
-            "plain_loop_images_per_s": round(images / plain_s, 1), "ratio": round(plain_s / stage_s, 3),
-            "model": "tiny random CLIPModel (vision: 1 layer, 32 wide, 32 px)"}
+    return {
+        "images": images,
+        "stage_images_per_s": round(images / stage_s, 1),
+        "plain_loop_images_per_s": round(images / plain_s, 1),
+        "ratio": round(plain_s / stage_s, 3),
+        "model": "tiny random CLIPModel (vision: 1 layer, 32 wide, 32 px)",
+    }
 
 
 def add_arguments(parser) -> None:
@@ -132,14 +148,22 @@ def run(args) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"machine: {r['machine']['cpu']}, {r['machine']['nproc']} CPUs, {r['machine']['memory_gb']} GiB", "",
-             f"{'search':58} {'vectors':>9} {'s':>7} {'peak MB':>8} {'recall':>7} {'precision':>9} {'score err':>9}"]
+    lines = [
+        f"machine: {r['machine']['cpu']}, {r['machine']['nproc']} CPUs, {r['machine']['memory_gb']} GiB",
+        "",
+        f"{'search':58} {'vectors':>9} {'s':>7} {'peak MB':>8} {'recall':>7} {'precision':>9} {'score err':>9}",
+    ]
     for key in ("subset_exact", "subset_approximate", "approximate"):
         s = r[key]
-        lines.append(f"{s['method']:58} {s['vectors']:>9} {s['seconds']:>7} {s['peak_memory_mb']:>8} "
-                     f"{s['recall']:>7} {s['precision']:>9} {s['max_score_error']:>9}")
+        lines.append(
+            f"{s['method']:58} {s['vectors']:>9} {s['seconds']:>7} {s['peak_memory_mb']:>8} "
+            f"{s['recall']:>7} {s['precision']:>9} {s['max_score_error']:>9}"
+        )
     e = r["embedding"]
-    lines += ["", f"embedding {e['images']} flower JPEGs, {e['model']}:",
-              f"  Ray Data stage {e['stage_images_per_s']} images/s, plain loop {e['plain_loop_images_per_s']} "
-              f"images/s, ratio {e['ratio']}"]
+    lines += [
+        "",
+        f"embedding {e['images']} flower JPEGs, {e['model']}:",
+        f"  Ray Data stage {e['stage_images_per_s']} images/s, plain loop {e['plain_loop_images_per_s']} "
+        f"images/s, ratio {e['ratio']}",
+    ]
     return "\n".join(lines)

@@ -58,45 +58,62 @@ def run(args) -> dict:
     denoiser = build_denoiser(args.model, args.resolution, 3, 10).eval()
     pipe = SfumatoPipeline(unet=denoiser.net, scheduler=make_sampler(DiffusionConfig(), "ddim"))
     module = _Denoiser(pipe.unet, None).eval()
-    result = {"machine": machine(), "model": args.model, "parameters": parameter_count(denoiser),
-              "resolution_px": args.resolution, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-              "onnxruntime": ort.__version__, "torch": torch.__version__, "settings": {}}
+    result = {
+        "machine": machine(),
+        "model": args.model,
+        "parameters": parameter_count(denoiser),
+        "resolution_px": args.resolution,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "settings": {},
+    }
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-export-") as tmp:
         fp32, int8 = Path(tmp) / "denoiser.onnx", Path(tmp) / "denoiser.int8.onnx"
         _export(module, example_inputs(pipe, 2, 0), fp32, "prediction", 18)
         quantize_int8(fp32, int8)
-        sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                    for name, path in (("onnx_fp32", fp32), ("onnx_int8", int8))}
+        sessions = {
+            name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for name, path in (("onnx_fp32", fp32), ("onnx_int8", int8))
+        }
         for batch in BATCHES:
             inputs = example_inputs(pipe, batch, 1)
             feed = {k: v.numpy() for k, v in inputs.items()}
             with torch.inference_mode():
                 reference = module(**inputs).numpy()
                 wait_for_quiet_cpu()
-                seconds = {"torch_eager": _median_s(lambda: module(**inputs), args.repeats)}
+                seconds = {"torch_eager": _median_s(lambda inputs=inputs: module(**inputs), args.repeats)}
             for name, session in sessions.items():
-                seconds[name] = _median_s(lambda: session.run(None, feed), args.repeats)
+                seconds[name] = _median_s(lambda session=session, feed=feed: session.run(None, feed), args.repeats)
             for name, session in sessions.items():
                 error = np.abs(session.run(None, feed)[0] - reference).max() / np.abs(reference).max()
                 result["settings"][f"{name}_b{batch}_max_rel_error"] = float(error)
             for name, s in seconds.items():
-                result["settings"][f"{name}_b{batch}"] = {"latency_ms": round(s * 1000, 2),
-                                                          "images_per_s": round(batch / s, 1),
-                                                          "speedup_vs_torch": round(seconds["torch_eager"] / s, 2)}
+                result["settings"][f"{name}_b{batch}"] = {
+                    "latency_ms": round(s * 1000, 2),
+                    "images_per_s": round(batch / s, 1),
+                    "speedup_vs_torch": round(seconds["torch_eager"] / s, 2),
+                }
     return publish(result, report(result), args.out)
 
 
 def report(r: dict) -> str:
     m = r["machine"]
-    lines = [f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB; torch {r['torch']} "
-             f"({r['torch_threads']} threads), onnxruntime {r['onnxruntime']}",
-             f"model: {r['model']} ({r['parameters']:,} parameters) at {r['resolution_px']} px, "
-             f"median of {r['repeats']} calls", "",
-             f"{'runtime':12} {'batch':>5} {'latency ms':>11} {'images/s':>9} {'vs torch':>9} {'max rel err':>12}"]
+    lines = [
+        f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB; torch {r['torch']} "
+        f"({r['torch_threads']} threads), onnxruntime {r['onnxruntime']}",
+        f"model: {r['model']} ({r['parameters']:,} parameters) at {r['resolution_px']} px, "
+        f"median of {r['repeats']} calls",
+        "",
+        f"{'runtime':12} {'batch':>5} {'latency ms':>11} {'images/s':>9} {'vs torch':>9} {'max rel err':>12}",
+    ]
     for batch in BATCHES:
         for name in ("torch_eager", "onnx_fp32", "onnx_int8"):
             s = r["settings"][f"{name}_b{batch}"]
             err = r["settings"].get(f"{name}_b{batch}_max_rel_error")
-            lines.append(f"{name:12} {batch:>5} {s['latency_ms']:>11} {s['images_per_s']:>9} {s['speedup_vs_torch']:>9} "
-                         f"{'' if err is None else f'{err:.1e}':>12}")
+            lines.append(
+                f"{name:12} {batch:>5} {s['latency_ms']:>11} {s['images_per_s']:>9} {s['speedup_vs_torch']:>9} "
+                f"{'' if err is None else f'{err:.1e}':>12}"
+            )
     return "\n".join(lines)

@@ -62,13 +62,17 @@ def measure_model(cfg, run, yardstick, subset: set[str], samples: int, steps: in
         predicted = classify(sample(pipe, len(asked), e.seed + 10**6, steps, e.guidance_scale, asked))
         accuracy = float(np.mean([names[p] == run.class_names[a] for p, a in zip(predicted, asked)]))
     counts = {n: int(sum(names[p] == n for p in free)) for n in names}
-    return {"subset_share": round(share, 4), "other_class_accuracy": None if accuracy is None else round(accuracy, 4),
-            "unconditional_classes": counts}
+    return {
+        "subset_share": round(share, 4),
+        "other_class_accuracy": None if accuracy is None else round(accuracy, 4),
+        "unconditional_classes": counts,
+    }
 
 
 def _train_side(cfg, parent: Path, lora: bool, out: Path) -> tuple[object, dict]:
     from sfumato.config import apply, run_tree, validated
-    from sfumato.layout import RunFolder, read_metrics
+    from sfumato.layout import RunFolder
+    from sfumato.records import TrainStepRecord, read_metric_lines
     from sfumato.train.finetune import run_config
     from sfumato.train.loop import run_training
 
@@ -81,11 +85,16 @@ def _train_side(cfg, parent: Path, lora: bool, out: Path) -> tuple[object, dict]
     start = time.perf_counter()
     run_training(tuned)
     wall = time.perf_counter() - start
-    windows = [m for m in read_metrics(RunFolder(out).metrics) if "samples_per_s" in m]
-    rate = [w["samples_per_s"] for w in windows[1:]] or [w["samples_per_s"] for w in windows]
-    return tuned, {"wall_s": round(wall, 1), "samples_per_s": round(sum(rate) / len(rate), 2),
-                   "peak_memory_mb": round(max(w["memory_mb"] for w in windows), 1),
-                   "checkpoint_mb": round(_checkpoint_mb(out), 3), "steps": tuned.train.total_steps}
+    windows = [line.get(TrainStepRecord) for line in read_metric_lines(RunFolder(out).metrics)]
+    windows = [w for w in windows if w is not None]
+    rate = [w.samples_per_s for w in windows[1:]] or [w.samples_per_s for w in windows]
+    return tuned, {
+        "wall_s": round(wall, 1),
+        "samples_per_s": round(sum(rate) / len(rate), 2),
+        "peak_memory_mb": round(max(w.memory_mb for w in windows), 1),
+        "checkpoint_mb": round(_checkpoint_mb(out), 3),
+        "steps": tuned.train.total_steps,
+    }
 
 
 def add_arguments(parser) -> None:
@@ -124,11 +133,19 @@ def run(args) -> dict:
     steps = cfg.evaluate.steps
     torch.manual_seed(0)
     _, run, _ = load_trained(parent)
-    result = {"machine": machine(), "parent": str(parent), "subset_classes": sorted(subset),
-              "selected_rows": len(rows), "samples": args.samples, "sampling_steps": steps,
-              "yardstick_real_accuracy": yardstick.real_accuracy,
-              "parent_model": {"trainable_parameters": sum(p.numel() for p in run.denoiser.parameters()),
-                               **measure_model(parent_cfg, run, yardstick, subset, args.samples, steps)}}
+    result = {
+        "machine": machine(),
+        "parent": str(parent),
+        "subset_classes": sorted(subset),
+        "selected_rows": len(rows),
+        "samples": args.samples,
+        "sampling_steps": steps,
+        "yardstick_real_accuracy": yardstick.real_accuracy,
+        "parent_model": {
+            "trainable_parameters": sum(p.numel() for p in run.denoiser.parameters()),
+            **measure_model(parent_cfg, run, yardstick, subset, args.samples, steps),
+        },
+    }
     sides = [side.strip() for side in args.sides.split(",") if side.strip()]
     if not sides or set(sides) - {"lora", "full"}:
         raise SystemExit(f"--sides {args.sides!r}: a comma list of lora and full")
@@ -139,16 +156,25 @@ def run(args) -> dict:
         _, run, _ = load_trained(tuned.train.output_dir)
         trainable = sum(p.numel() for n, p in run.denoiser.named_parameters() if not lora or "lora_" in n)
         total = sum(p.numel() for n, p in run.denoiser.named_parameters() if "lora_" not in n)
-        result[side] = {**figures, "trainable_parameters": trainable, "trainable_share": round(trainable / total, 4),
-                        **measure_model(tuned, run, yardstick, subset, args.samples, steps)}
+        result[side] = {
+            **figures,
+            "trainable_parameters": trainable,
+            "trainable_share": round(trainable / total, 4),
+            **measure_model(tuned, run, yardstick, subset, args.samples, steps),
+        }
         print(json.dumps({side: result[side]}, default=str))
-    lines = [f"\nfine-tune of {parent} on {sorted(subset)} ({len(rows)} rows), {result[sides[0]]['steps']} steps",
-             f"{'':8} {'trainable':>12} {'samples/s':>10} {'peak MB':>9} {'ckpt MB':>9} {'subset share':>13} {'others acc':>11}"]
+    lines = [
+        f"\nfine-tune of {parent} on {sorted(subset)} ({len(rows)} rows), {result[sides[0]]['steps']} steps",
+        f"{'':8} {'trainable':>12} {'samples/s':>10} {'peak MB':>9} {'ckpt MB':>9} "
+        f"{'subset share':>13} {'others acc':>11}",
+    ]
     for side in ("parent_model", *sides):
         r = result[side]
-        lines.append(f"{side:8.8} {r['trainable_parameters']:>12,} {r.get('samples_per_s', '-'):>10} "
-                     f"{r.get('peak_memory_mb', '-'):>9} {r.get('checkpoint_mb', '-'):>9} {r['subset_share']:>13} "
-                     f"{r['other_class_accuracy']!s:>11}")
+        lines.append(
+            f"{side:8.8} {r['trainable_parameters']:>12,} {r.get('samples_per_s', '-'):>10} "
+            f"{r.get('peak_memory_mb', '-'):>9} {r.get('checkpoint_mb', '-'):>9} {r['subset_share']:>13} "
+            f"{r['other_class_accuracy']!s:>11}"
+        )
     print("\n".join(lines))
     out = Path(args.out) if args.out else out_root / "finetune.json"
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -114,10 +114,17 @@ def wait_for_quiet_cpu(limit_s: float = 60.0) -> float:
 
 def _figures(images: int, phases: dict[str, float], mon: Monitor, waited_s: float) -> dict:
     seconds = sum(phases.values())
-    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
-            "phases_s": {k: round(v, 2) for k, v in phases.items()}, "peak_memory_mb": round(mon.peak_bytes / 2**20),
-            "memory_samples": mon.samples, "cpu_s": round(mon.cpu_s, 1), "other_processes_cpu_s": round(mon.other_cpu_s, 1),
-            "waited_for_quiet_cpu_s": waited_s}
+    return {
+        "images": images,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 1),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "peak_memory_mb": round(mon.peak_bytes / 2**20),
+        "memory_samples": mon.samples,
+        "cpu_s": round(mon.cpu_s, 1),
+        "other_processes_cpu_s": round(mon.other_cpu_s, 1),
+        "waited_for_quiet_cpu_s": waited_s,
+    }
 
 
 # ---------------------------------------------------------------- the multiprocessing.Pool baseline
@@ -141,8 +148,11 @@ def _write_shard(limits: DecodeLimits, scfg, job: tuple[int, int, list[tuple[str
         image = decode_image(Path(path).read_bytes(), limits, draft_px=max(scfg.resolutions_px)).image
         key = f"{first_key + offset:09d}"
         for res, tar in tars.items():
-            tar_add(tar, f"{key}.{EXTENSIONS[scfg.image_format]}",
-                     encode(render(image, res, scfg.resize_mode), scfg.image_format, scfg.jpeg_quality))
+            tar_add(
+                tar,
+                f"{key}.{EXTENSIONS[scfg.image_format]}",
+                encode(render(image, res, scfg.resize_mode), scfg.image_format, scfg.jpeg_quality),
+            )
             tar_add(tar, f"{key}.txt", caption.encode())
             tar_add(tar, f"{key}.json", json.dumps({"caption": caption, "class": cls, "resolution_px": res}).encode())
             tar_add(tar, f"{key}.cls", str(cls).encode())
@@ -161,16 +171,23 @@ def run_pool(cfg: Config, workers: int) -> dict:
         with Monitor() as mon:
             start = time.perf_counter()
             # Listing is the Ray path's work too (enumerate_sources): on the clock on both sides.
-            paths = sorted(str(p) for p in cfg.data.sources[0].path.rglob("*") if p.is_file())  # the folder source's order
+            paths = sorted(
+                str(p) for p in cfg.data.sources[0].path.rglob("*") if p.is_file()
+            )  # the folder source's order
             # Pass 1 in chunks of 32 files (~30 ms of work per message: IPC is negligible).
             first_copy = {}
             for path, sha in filter(None, pool.imap(functools.partial(_validate, limits), paths, chunksize=32)):
                 first_copy.setdefault(sha, path)  # exact duplicates collapse onto the first copy, as in ingest
             classes = {c: i for i, c in enumerate(sorted({Path(p).parent.name for p in first_copy.values()}))}
-            samples = [(p, f"a photo of a {Path(p).parent.name}", classes[Path(p).parent.name]) for p in first_copy.values()]
+            samples = [
+                (p, f"a photo of a {Path(p).parent.name}", classes[Path(p).parent.name]) for p in first_copy.values()
+            ]
             middle = time.perf_counter()
             # Pass 2: one task per shard, as the project's ShardWriter does.
-            jobs = [(i, s, samples[s:s + SAMPLES_PER_SHARD], str(out)) for i, s in enumerate(range(0, len(samples), SAMPLES_PER_SHARD))]
+            jobs = [
+                (i, s, samples[s : s + SAMPLES_PER_SHARD], str(out))
+                for i, s in enumerate(range(0, len(samples), SAMPLES_PER_SHARD))
+            ]
             written = sum(pool.imap_unordered(functools.partial(_write_shard, limits, scfg), jobs))
             end = time.perf_counter()
     if written != len(paths):
@@ -181,16 +198,22 @@ def run_pool(cfg: Config, workers: int) -> dict:
 # ---------------------------------------------------------------- the project's Ray path
 def bench_config(folder: Path, out: Path, workers: int) -> Config:
     """The local Ray gets `workers` CPUs; the stages take their defaults (a task per free CPU)."""
-    return Config.model_validate({
-        "name": "bench-ingest",
-        "ray": {"num_cpus": workers},
-        "data": {
-            "output_dir": str(out),
-            "sources": [{"kind": "folder", "name": "flowers", "path": str(folder), "license": "CC-BY-2.0"}],
-            "ingest": {"license_allowlist": ["CC-BY-2.0"], "min_side_px": 64},
-            "shards": {"resolutions_px": RESOLUTIONS_PX, "image_format": "jpeg", "samples_per_shard": SAMPLES_PER_SHARD},
-        },
-    })
+    return Config.model_validate(
+        {
+            "name": "bench-ingest",
+            "ray": {"num_cpus": workers},
+            "data": {
+                "output_dir": str(out),
+                "sources": [{"kind": "folder", "name": "flowers", "path": str(folder), "license": "CC-BY-2.0"}],
+                "ingest": {"license_allowlist": ["CC-BY-2.0"], "min_side_px": 64},
+                "shards": {
+                    "resolutions_px": RESOLUTIONS_PX,
+                    "image_format": "jpeg",
+                    "samples_per_shard": SAMPLES_PER_SHARD,
+                },
+            },
+        }
+    )
 
 
 def run_ray(cfg: Config, images: int) -> dict:
@@ -213,25 +236,37 @@ def run_ray(cfg: Config, images: int) -> dict:
         # Daemons carry the session folder in their command line; workers are the raylet's children.
         session = ray._private.worker._global_node.get_session_dir_path()
         tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
-        outside = [p.pid for p in psutil.process_iter(["cmdline"]) if p.pid not in tree
-                   and session in " ".join(p.info["cmdline"] or [])]
+        outside = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if p.pid not in tree and session in " ".join(p.info["cmdline"] or [])
+        ]
     finally:
         ray.shutdown()
     if ingested.accepted != images or sharded.samples != images or sharded.failed:
         raise RuntimeError(f"Ray path: {ingested.line()}; {sharded.line()} (expected {images} images)")
-    return {**_figures(images, {"ingest": middle - start, "shards": end - middle}, mon, waited),
-            "ray_processes_outside_tree": len(outside)}
+    return {
+        **_figures(images, {"ingest": middle - start, "shards": end - middle}, mon, waited),
+        "ray_processes_outside_tree": len(outside),
+    }
 
 
 def same_images(a: Path, b: Path) -> bool:
     """True if both sides' shards hold byte-identical images under the same keys."""
+
     def images(root: Path) -> dict:
         found = {}
         for path in sorted(root.glob("*/shard-*.tar")):
             with tarfile.open(path) as tar:
-                found.update({f"{path.parent.name}/{m.name}": hashlib.sha256(tar.extractfile(m).read()).hexdigest()
-                              for m in tar if m.name.endswith(".jpg")})
+                found.update(
+                    {
+                        f"{path.parent.name}/{m.name}": hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+                        for m in tar
+                        if m.name.endswith(".jpg")
+                    }
+                )
         return found
+
     return images(a) == images(b)
 
 
@@ -242,10 +277,17 @@ def machine() -> dict:
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
-    return {"cpu": platform.processor() or model or platform.machine(), "uname": " ".join(platform.uname()),
-            "nproc": len(os.sched_getaffinity(0)), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "ray": ray.__version__, "pillow": PIL.__version__,
-            "pyarrow": pyarrow.__version__, "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpu": platform.processor() or model or platform.machine(),
+        "uname": " ".join(platform.uname()),
+        "nproc": len(os.sched_getaffinity(0)),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "pillow": PIL.__version__,
+        "pyarrow": pyarrow.__version__,
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def add_arguments(parser) -> None:
@@ -258,8 +300,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> dict:
     bench_start = time.perf_counter()
-    result = {"machine": machine(), "workers": args.workers, "images": args.images,
-              "resolutions_px": RESOLUTIONS_PX, "samples_per_shard": SAMPLES_PER_SHARD, "image_format": "jpeg"}
+    result = {
+        "machine": machine(),
+        "workers": args.workers,
+        "images": args.images,
+        "resolutions_px": RESOLUTIONS_PX,
+        "samples_per_shard": SAMPLES_PER_SHARD,
+        "image_format": "jpeg",
+    }
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-ingest-") as tmp:
         tmp = Path(tmp)
         with tarfile.open(Path(args.datasets) / "flowers-val.tar") as tar:
@@ -277,9 +325,13 @@ def run(args) -> dict:
             inputs = make_inputs(photos, large, tmp / "in-large")
             result["pool_large"] = run_pool(bench_config(inputs, tmp / "pool-large", args.workers), args.workers)
             result["ray_large"] = run_ray(bench_config(inputs, tmp / "ray-large", args.workers), large)
-            result["ray_over_pool_large"] = round(result["ray_large"]["images_per_s"] / result["pool_large"]["images_per_s"], 3)
+            result["ray_over_pool_large"] = round(
+                result["ray_large"]["images_per_s"] / result["pool_large"]["images_per_s"], 3
+            )
             result["identical_images_large"] = same_images(tmp / "pool-large", DataFolder(tmp / "ray-large").shards)
-            result["memory_large_over_1x"] = round(result["ray_large"]["peak_memory_mb"] / result["ray"]["peak_memory_mb"], 2)
+            result["memory_large_over_1x"] = round(
+                result["ray_large"]["peak_memory_mb"] / result["ray"]["peak_memory_mb"], 2
+            )
     result["bench_seconds"] = round(time.perf_counter() - bench_start, 1)
     print(report(result, args.memory_scale))
     if args.out:
@@ -290,24 +342,37 @@ def run(args) -> dict:
 
 def report(r: dict, scale: int) -> str:
     m = r["machine"]
-    lines = [f"\ningest + shards of {r['images']} byte-distinct flower JPEGs, {r['workers']} worker processes, "
-             f"shards at {r['resolutions_px']} px JPEG, {r['samples_per_shard']} samples per shard",
-             f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB; Python {m['python']}, Ray {m['ray']}, Pillow {m['pillow']}",
-             "Ray start-up is not timed (each Ray run starts its own Ray first); memory: peak summed PSS of",
-             f"this process and all its descendants, sampled every {SAMPLE_INTERVAL_S} s\n",
-             f"{'run':26}{'images':>7}{'pass 1 s':>9}{'pass 2 s':>9}{'total s':>8}{'images/s':>9}{'peak MB':>8}{'other CPU s':>12}"]
+    lines = [
+        f"\ningest + shards of {r['images']} byte-distinct flower JPEGs, {r['workers']} worker processes, "
+        f"shards at {r['resolutions_px']} px JPEG, {r['samples_per_shard']} samples per shard",
+        f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB; "
+        f"Python {m['python']}, Ray {m['ray']}, Pillow {m['pillow']}",
+        "Ray start-up is not timed (each Ray run starts its own Ray first); memory: peak summed PSS of",
+        f"this process and all its descendants, sampled every {SAMPLE_INTERVAL_S} s\n",
+        f"{'run':26}{'images':>7}{'pass 1 s':>9}{'pass 2 s':>9}{'total s':>8}"
+        f"{'images/s':>9}{'peak MB':>8}{'other CPU s':>12}",
+    ]
     runs = [("multiprocessing.Pool, 1x", "pool"), ("sfumato Ray Data, 1x", "ray")]
     if scale:
         runs += [(f"multiprocessing.Pool, {scale}x", "pool_large"), (f"sfumato Ray Data, {scale}x", "ray_large")]
     for name, key in runs:
         f = r[key]
         first, second = f["phases_s"].values()
-        lines.append(f"{name:26}{f['images']:>7}{first:>9.1f}{second:>9.1f}{f['seconds']:>8.1f}{f['images_per_s']:>9.1f}"
-                     f"{f['peak_memory_mb']:>8}{f['other_processes_cpu_s']:>12.1f}")
-    lines.append(f"\nRay / Pool images/s at 1x: {r['ray_over_pool']:.2f}; both wrote identical images: {r['identical_images']}")
+        lines.append(
+            f"{name:26}{f['images']:>7}{first:>9.1f}{second:>9.1f}{f['seconds']:>8.1f}{f['images_per_s']:>9.1f}"
+            f"{f['peak_memory_mb']:>8}{f['other_processes_cpu_s']:>12.1f}"
+        )
+    lines.append(
+        f"\nRay / Pool images/s at 1x: {r['ray_over_pool']:.2f}; both wrote identical images: {r['identical_images']}"
+    )
     if scale:
-        lines.append(f"Ray / Pool images/s at {scale}x: {r['ray_over_pool_large']:.2f} (target >= 1.0); "
-                     f"both wrote identical images: {r['identical_images_large']}")
+        lines.append(
+            f"Ray / Pool images/s at {scale}x: {r['ray_over_pool_large']:.2f} (target >= 1.0); "
+            f"both wrote identical images: {r['identical_images_large']}"
+        )
         lines.append(f"Ray peak memory {scale}x / 1x: {r['memory_large_over_1x']:.2f} (flat in data size: 1.0)")
-    lines.append(f"'other CPU s': CPU used meanwhile by processes outside the bench (should be ~0); bench took {r['bench_seconds']:.0f} s")
+    lines.append(
+        "'other CPU s': CPU used meanwhile by processes outside the bench (should be ~0); "
+        f"bench took {r['bench_seconds']:.0f} s"
+    )
     return "\n".join(lines)

@@ -131,7 +131,7 @@ def batches(data: Dataset, batch_size: int, seed: int):
     while True:
         order = rng.permutation(len(data.labels))
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             yield {"image": data.images[idx], "class": data.labels[idx], "id": [str(i) for i in idx]}
 
 
@@ -198,10 +198,14 @@ class SfumatoTrainer:
         torch.manual_seed(seed)
         model = build_denoiser(MODEL, RESOLUTION_PX, 3, num_classes)
         t = cfg.train
-        self.state = TrainState(engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
-                                schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
-                                generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
-                                null_class=num_classes)
+        self.state = TrainState(
+            engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
+            schedule=NoiseSchedule.from_config(cfg.diffusion),
+            diffusion_cfg=cfg.diffusion,
+            generator=torch.Generator().manual_seed(seed),
+            device=torch.device("cpu"),
+            null_class=num_classes,
+        )
         self.ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, micro_batch, micro_batch))
         self.ema_model = empty_like(model)
 
@@ -221,8 +225,11 @@ class SfumatoTrainer:
         e = self.cfg.evaluate
         self.ema.copy_to(self.ema_model)
         self.ema_model.eval()
-        pipe = SfumatoPipeline(unet=self.ema_model.net, scheduler=make_sampler(self.cfg.diffusion, e.sampler, RESOLUTION_PX),
-                               class_names=self.class_names)
+        pipe = SfumatoPipeline(
+            unet=self.ema_model.net,
+            scheduler=make_sampler(self.cfg.diffusion, e.sampler, RESOLUTION_PX),
+            class_names=self.class_names,
+        )
         pipe.set_progress_bar_config(disable=True)
         images = sample(pipe, len(labels), seed, SAMPLING_CALLS // 2, e.guidance_scale, conditions=list(labels))
         return images * 2 - 1
@@ -260,12 +267,22 @@ def race(trainer, name: str, train: Dataset, yardstick, args) -> tuple[Curve, to
         if spent >= next_score or spent >= args.cpu_seconds:
             images = trainer.generate(labels, args.seed)
             result = score(yardstick, images, labels)
-            curve.points.append({"cpu_s": round(spent, 1), "steps": steps, "loss": round(float(np.mean(losses[-50:])), 4),
-                                 "class_accuracy": round(result["class_accuracy"], 4),
-                                 "fd_domain": round(result["fd_domain"], 2),
-                                 "wall_s": round(time.perf_counter() - started, 1)})
-            print(f"  {train.name:8s} {name:13s} {spent:7.0f} CPU-s {steps:5d} steps  loss {curve.points[-1]['loss']:.4f}  "
-                  f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f}", flush=True)
+            curve.points.append(
+                {
+                    "cpu_s": round(spent, 1),
+                    "steps": steps,
+                    "loss": round(float(np.mean(losses[-50:])), 4),
+                    "class_accuracy": round(result["class_accuracy"], 4),
+                    "fd_domain": round(result["fd_domain"], 2),
+                    "wall_s": round(time.perf_counter() - started, 1),
+                }
+            )
+            print(
+                f"  {train.name:8s} {name:13s} {spent:7.0f} CPU-s {steps:5d} steps  "
+                f"loss {curve.points[-1]['loss']:.4f}  "
+                f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f}",
+                flush=True,
+            )
             next_score += args.score_every
             if spent >= args.cpu_seconds:
                 return curve, images
@@ -288,8 +305,11 @@ def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
     settings = DomainConfig(seed=args.seed)
     classifier = train_classifier(train.images, train.labels, data.class_names, settings)
     yardstick = build_yardstick(classifier, heldout.images, heldout.labels, f"bench-{data.name}", settings)
-    print(f"{data.name}: {len(train.labels)} training images, {len(heldout.labels)} held out, "
-          f"yardstick accuracy real {yardstick.real_accuracy:.3f}, noise {yardstick.noise_accuracy:.3f}", flush=True)
+    print(
+        f"{data.name}: {len(train.labels)} training images, {len(heldout.labels)} held out, "
+        f"yardstick accuracy real {yardstick.real_accuracy:.3f}, noise {yardstick.noise_accuracy:.3f}",
+        flush=True,
+    )
     # Steps the sfumato LR schedule is laid out over: a constant LR after warmup (the pilot's)
     # does not depend on it; a cosine one would end at the budget's estimated step count.
     estimated_steps = 10**6
@@ -299,24 +319,39 @@ def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
             trainer = PlainTrainer(len(data.class_names), args.seed)
         else:
             cfg = recipe(name.removeprefix("sfumato-"), repo)
-            trainer = SfumatoTrainer(cfg, len(data.class_names), data.class_names, args.micro_batch, estimated_steps, args.seed)
+            trainer = SfumatoTrainer(
+                cfg, len(data.class_names), data.class_names, args.micro_batch, estimated_steps, args.seed
+            )
         curves[name], images = race(trainer, name, train, yardstick, args)
         grid_path = out_dir / f"{data.name}-{name}.png"
         columns = len(data.class_names)  # image i was asked for class i % columns: a column per class
         shown = images[: columns * max(1, min(8, len(images) // columns))]
         to_grid(((shown + 1) / 2).clamp(0, 1), columns=columns).save(grid_path)
         grids[name] = str(grid_path)
-    result = {"train_images": len(train.labels), "heldout_images": len(heldout.labels), "classes": data.class_names,
-              "real_accuracy": yardstick.real_accuracy, "noise_accuracy": yardstick.noise_accuracy,
-              "noise_fd_domain": yardstick.noise_fd_domain,
-              "curves": {k: c.points for k, c in curves.items()}, "grids": grids}
+    result = {
+        "train_images": len(train.labels),
+        "heldout_images": len(heldout.labels),
+        "classes": data.class_names,
+        "real_accuracy": yardstick.real_accuracy,
+        "noise_accuracy": yardstick.noise_accuracy,
+        "noise_fd_domain": yardstick.noise_fd_domain,
+        "curves": {k: c.points for k, c in curves.items()},
+        "grids": grids,
+    }
     if "plain" in curves:
         final, budget = curves["plain"].points[-1], curves["plain"].points[-1]["cpu_s"]
         result["versus_plain"] = {
-            name: {key: {"plain_final": final[key], "cpu_s": (s := first_reaching(curves[name], key, final[key])),
-                         "share_of_plain_time": None if s is None else round(s / budget, 3)}
-                   for key in ("class_accuracy", "fd_domain")}
-            for name in curves if name != "plain"}
+            name: {
+                key: {
+                    "plain_final": final[key],
+                    "cpu_s": (s := first_reaching(curves[name], key, final[key])),
+                    "share_of_plain_time": None if s is None else round(s / budget, 3),
+                }
+                for key in ("class_accuracy", "fd_domain")
+            }
+            for name in curves
+            if name != "plain"
+        }
     return result
 
 
@@ -349,22 +384,34 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | reaches plain's final accuracy at | "
-             "reaches plain's final FD at |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | reaches plain's final accuracy at | "
+        "reaches plain's final FD at |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for dataset, r in results.items():
         for trainer, points in r["curves"].items():
             final = points[-1]
             versus = r.get("versus_plain", {}).get(trainer, {})
 
-            def when(key):
+            def when(key, versus=versus):
                 v = versus.get(key)
                 if v is None:
                     return "—"
-                return "not reached" if v["cpu_s"] is None else f"{v['cpu_s']:.0f} s ({v['share_of_plain_time']:.2f} of plain's)"
-            lines.append(f"| {dataset} | {trainer} | {final['cpu_s']:.0f} | {final['steps']} | {final['class_accuracy']:.3f} | "
-                         f"{final['fd_domain']:.1f} | {when('class_accuracy')} | {when('fd_domain')} |")
-        lines.append(f"| {dataset} | real held-out / noise | | | {r['real_accuracy']:.3f} / {r['noise_accuracy']:.3f} | "
-                     f"0 / {r['noise_fd_domain']:.0f} | | |")
+                return (
+                    "not reached"
+                    if v["cpu_s"] is None
+                    else f"{v['cpu_s']:.0f} s ({v['share_of_plain_time']:.2f} of plain's)"
+                )
+
+            lines.append(
+                f"| {dataset} | {trainer} | {final['cpu_s']:.0f} | {final['steps']} | {final['class_accuracy']:.3f} | "
+                f"{final['fd_domain']:.1f} | {when('class_accuracy')} | {when('fd_domain')} |"
+            )
+        lines.append(
+            f"| {dataset} | real held-out / noise | | | {r['real_accuracy']:.3f} / {r['noise_accuracy']:.3f} | "
+            f"0 / {r['noise_fd_domain']:.0f} | | |"
+        )
     return "\n".join(lines)
 
 
@@ -403,12 +450,24 @@ def run(args) -> dict:
     started = time.perf_counter()
     results = {}
     for name in wanted:
-        data = shapes(args.shapes_images, args.seed) if name == "shapes" else cifar10(Path(args.datasets), args.cifar_per_class)
+        data = (
+            shapes(args.shapes_images, args.seed)
+            if name == "shapes"
+            else cifar10(Path(args.datasets), args.cifar_per_class)
+        )
         results[name] = run_dataset(data, args, repo, out_dir)
     plot(results, out_dir / "quality.png")
-    result = {"machine": machine(), "model": MODEL, "resolution_px": RESOLUTION_PX, "micro_batch": args.micro_batch,
-              "cpu_seconds_per_trainer": args.cpu_seconds, "samples_per_score": args.samples,
-              "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - started, 1),
-              "plot": str(out_dir / "quality.png"), "datasets": results}
+    result = {
+        "machine": machine(),
+        "model": MODEL,
+        "resolution_px": RESOLUTION_PX,
+        "micro_batch": args.micro_batch,
+        "cpu_seconds_per_trainer": args.cpu_seconds,
+        "samples_per_score": args.samples,
+        "torch_threads": torch.get_num_threads(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "plot": str(out_dir / "quality.png"),
+        "datasets": results,
+    }
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
     return publish(result, "\n" + table(results) + f"\n\nplot: {out_dir / 'quality.png'}", args.out)

@@ -67,10 +67,20 @@ def load(url: str, concurrency: int, duration_s: float, steps: int, classes: int
         t.join()
     elapsed = time.perf_counter() - started
     latencies.sort()
-    pick = (lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)) if latencies else (lambda q: None)
-    return {"concurrency": concurrency, "requests": len(latencies), "requests_per_s": round(len(latencies) / elapsed, 2),
-            "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": errors,
-            "mean_ms": round(statistics.mean(latencies) * 1000, 1) if latencies else None}
+    pick = (
+        (lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1))
+        if latencies
+        else (lambda q: None)
+    )
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / elapsed, 2),
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+        "errors": errors,
+        "mean_ms": round(statistics.mean(latencies) * 1000, 1) if latencies else None,
+    }
 
 
 def _export(folder: Path, model: str, resolution: int) -> Path:
@@ -85,8 +95,9 @@ def _export(folder: Path, model: str, resolution: int) -> Path:
 
     torch.manual_seed(0)
     net = build_denoiser(model, resolution, 3, 10).net.eval()
-    pipe = SfumatoPipeline(unet=net, scheduler=make_sampler(DiffusionConfig(), "ddim"),
-                           class_names=[f"class{i}" for i in range(10)])
+    pipe = SfumatoPipeline(
+        unet=net, scheduler=make_sampler(DiffusionConfig(), "ddim"), class_names=[f"class{i}" for i in range(10)]
+    )
     write_diffusers(pipe, folder / "diffusers", {"run": f"bench-{model}"})
     export_onnx(pipe, make_sampler(DiffusionConfig(), "ddim"), folder / "onnx", 18, 2, int8=False)
     return folder
@@ -106,8 +117,20 @@ def model_ceiling(export: Path, backend: str, steps: int, repeats: int = 3) -> d
         model = load_backend(export, backend)
         rates = {}
         for n in (1, 8):
-            jobs = [Job(id=str(i), seed=i, steps=steps, guidance_scale=1.0, num_images=1, sampler="ddim", width=0,
-                        height=0, class_label=i % 10) for i in range(n)]
+            jobs = [
+                Job(
+                    id=str(i),
+                    seed=i,
+                    steps=steps,
+                    guidance_scale=1.0,
+                    num_images=1,
+                    sampler="ddim",
+                    width=0,
+                    height=0,
+                    class_label=i % 10,
+                )
+                for i in range(n)
+            ]
             info = model.info()
             for job in jobs:
                 job.width = job.height = info.default_size_px
@@ -118,8 +141,11 @@ def model_ceiling(export: Path, backend: str, steps: int, repeats: int = 3) -> d
             rates[n] = n * repeats / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return {"images_per_s_batch_1": round(rates[1], 2), "images_per_s_batch_8": round(rates[8], 2),
-            "batch_8_speedup": round(rates[8] / rates[1], 2)}
+    return {
+        "images_per_s_batch_1": round(rates[1], 2),
+        "images_per_s_batch_8": round(rates[8], 2),
+        "batch_8_speedup": round(rates[8] / rates[1], 2),
+    }
 
 
 def filter_alone(clip: Path, resolution: int, repeats: int = 3) -> dict:
@@ -135,7 +161,9 @@ def filter_alone(clip: Path, resolution: int, repeats: int = 3) -> dict:
     try:
         defaults = SafetyConfig()
         flt = OutputFilter(str(clip), 0.5, "blur", defaults.unsafe_prompts, defaults.safe_prompts)
-        images = [np.random.default_rng(i).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8) for i in range(8)]
+        images = [
+            np.random.default_rng(i).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8) for i in range(8)
+        ]
         flt(images)  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
@@ -157,14 +185,22 @@ def add_arguments(parser) -> None:
 def run(args) -> dict:
     from ray import serve
 
-    from sfumato.testing.tiny import save_clip_b32_shaped
     from sfumato.serve.app import ServeSettings, run_server
+    from sfumato.testing.tiny import save_clip_b32_shaped
 
-    result = {"machine": machine(), "model": args.model, "resolution_px": args.resolution, "steps": args.serve_steps,
-              "duration_s": args.duration, "runs": []}
+    result = {
+        "machine": machine(),
+        "model": args.model,
+        "resolution_px": args.resolution,
+        "steps": args.serve_steps,
+        "duration_s": args.duration,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="sfumato-bench-serve-") as tmp:
         export = _export(Path(tmp), args.model, args.resolution)
-        result["model_alone"] = {backend: model_ceiling(export, backend, args.serve_steps) for backend in ("torch", "onnx")}
+        result["model_alone"] = {
+            backend: model_ceiling(export, backend, args.serve_steps) for backend in ("torch", "onnx")
+        }
         clip = Path(tmp) / "clip-b32-shaped"
         save_clip_b32_shaped(clip)
         result["safety_filter_alone"] = filter_alone(clip, args.resolution)
@@ -174,17 +210,38 @@ def run(args) -> dict:
         cells = [(backend, batch, None, CONCURRENCY) for backend in ("torch", "onnx") for batch in (8, 1)]
         cells.append(("torch", 8, clip, (1, max(CONCURRENCY))))
         for backend, batch, safety, concurrencies in cells:
-            settings = ServeSettings(model=str(export), backend=backend, max_batch_size=batch, max_steps=1000,
-                                     max_ongoing_requests=32, max_queued_requests=64, request_timeout_s=120,
-                                     safety_model=None if safety is None else str(safety), safety_action="blur")
+            settings = ServeSettings(
+                model=str(export),
+                backend=backend,
+                max_batch_size=batch,
+                max_steps=1000,
+                max_ongoing_requests=32,
+                max_queued_requests=64,
+                request_timeout_s=120,
+                safety_model=None if safety is None else str(safety),
+                safety_action="blur",
+            )
             run_server(settings, port=port, blocking=False)
             url = f"http://127.0.0.1:{port}"
             for concurrency in concurrencies:
-                done = subprocess.run([sys.executable, "-m", "sfumato.bench.serve", url, str(concurrency),
-                                       str(args.duration), str(args.serve_steps)],
-                                      capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "sfumato.bench.serve",
+                        url,
+                        str(concurrency),
+                        str(args.duration),
+                        str(args.serve_steps),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 figures = json.loads(done.stdout.strip().splitlines()[-1])
-                result["runs"].append({"backend": backend, "max_batch_size": batch, "safety": safety is not None, **figures})
+                result["runs"].append(
+                    {"backend": backend, "max_batch_size": batch, "safety": safety is not None, **figures}
+                )
                 print(json.dumps(result["runs"][-1]), flush=True)
             serve.delete("sfumato")
         serve.shutdown()
@@ -193,26 +250,41 @@ def run(args) -> dict:
 
 def report(r: dict) -> str:
     m = r["machine"]
-    lines = [f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB",
-             f"model: {r['model']} at {r['resolution_px']} px, {r['steps']} steps per image, {r['duration_s']} s per cell", "",
-             f"{'backend':8} {'batch':>5} {'safety':>6} {'conc.':>5} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}"]
+    lines = [
+        f"machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory_gb']} GiB",
+        f"model: {r['model']} at {r['resolution_px']} px, {r['steps']} steps per image, {r['duration_s']} s per cell",
+        "",
+        f"{'backend':8} {'batch':>5} {'safety':>6} {'conc.':>5} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}",
+    ]
     for run in r["runs"]:
-        lines.append(f"{run['backend']:8} {run['max_batch_size']:>5} {'on' if run['safety'] else 'off':>6} "
-                     f"{run['concurrency']:>5} {run['requests_per_s']:>7} "
-                     f"{run['p50_ms']!s:>8} {run['p99_ms']!s:>8} {sum(run['errors'].values()):>8}")
+        lines.append(
+            f"{run['backend']:8} {run['max_batch_size']:>5} {'on' if run['safety'] else 'off':>6} "
+            f"{run['concurrency']:>5} {run['requests_per_s']:>7} "
+            f"{run['p50_ms']!s:>8} {run['p99_ms']!s:>8} {sum(run['errors'].values()):>8}"
+        )
     lines.append("")
     for backend, c in r["model_alone"].items():
-        served = {run["max_batch_size"]: run["requests_per_s"] for run in r["runs"]
-                  if run["backend"] == backend and run["concurrency"] == max(CONCURRENCY) and not run["safety"]}
-        lines.append(f"{backend}: batching on/off at concurrency {max(CONCURRENCY)}: "
-                     f"{served[8] / served[1]:.2f}x; the model alone, 8 images in one loop vs 1: {c['batch_8_speedup']}x "
-                     f"({c['images_per_s_batch_1']} -> {c['images_per_s_batch_8']} images/s)")
-    cost = {(run["safety"], run["concurrency"]): run["requests_per_s"] for run in r["runs"]
-            if run["backend"] == "torch" and run["max_batch_size"] == 8}
+        served = {
+            run["max_batch_size"]: run["requests_per_s"]
+            for run in r["runs"]
+            if run["backend"] == backend and run["concurrency"] == max(CONCURRENCY) and not run["safety"]
+        }
+        lines.append(
+            f"{backend}: batching on/off at concurrency {max(CONCURRENCY)}: "
+            f"{served[8] / served[1]:.2f}x; the model alone, 8 images in one loop vs 1: {c['batch_8_speedup']}x "
+            f"({c['images_per_s_batch_1']} -> {c['images_per_s_batch_8']} images/s)"
+        )
+    cost = {
+        (run["safety"], run["concurrency"]): run["requests_per_s"]
+        for run in r["runs"]
+        if run["backend"] == "torch" and run["max_batch_size"] == 8
+    }
     for concurrency in (1, max(CONCURRENCY)):
-        lines.append(f"torch, batching, concurrency {concurrency}: the safety filter (ViT-B/32-shaped CLIP) takes "
-                     f"requests/s {cost[False, concurrency]} -> {cost[True, concurrency]} "
-                     f"({cost[True, concurrency] / cost[False, concurrency] - 1:+.0%})")
+        lines.append(
+            f"torch, batching, concurrency {concurrency}: the safety filter (ViT-B/32-shaped CLIP) takes "
+            f"requests/s {cost[False, concurrency]} -> {cost[True, concurrency]} "
+            f"({cost[True, concurrency] / cost[False, concurrency] - 1:+.0%})"
+        )
     lines.append(f"the filter alone: {r['safety_filter_alone']['ms_per_image']} ms per image (batch of 8, one thread)")
     return "\n".join(lines)
 

@@ -21,14 +21,23 @@ from sfumato.cli import bench, stage_commands, tool_commands
 from sfumato.cli.command import VERBOSE_HELP, Command
 from sfumato.console import configure_logging, set_verbose
 
-COMMANDS: dict[str, Command] = {command.name: command for command in [
-    tool_commands.ConfigCommand(), *stage_commands.commands(), tool_commands.Pairs(), tool_commands.AbTest(),
-    tool_commands.Serve(), bench.Bench()]}
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in [
+        tool_commands.ConfigCommand(),
+        *stage_commands.commands(),
+        tool_commands.Pairs(),
+        tool_commands.AbTest(),
+        tool_commands.Serve(),
+        bench.Bench(),
+    ]
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfumato", description="`sfumato <command>`: the stages, the whole "
-                                     "pipeline, serving and benchmarks")
+    parser = argparse.ArgumentParser(
+        prog="sfumato", description="`sfumato <command>`: the stages, the whole pipeline, serving and benchmarks"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():

@@ -30,8 +30,11 @@ BENCHES = {
 def bench_parser(what: str) -> argparse.ArgumentParser:
     """The parser of `sfumato bench <what>`: the bench module's own flags."""
     module = importlib.import_module(f"sfumato.bench.{what}")
-    parser = argparse.ArgumentParser(prog=f"sfumato bench {what}", description=module.__doc__ or BENCHES[what],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"sfumato bench {what}",
+        description=module.__doc__ or BENCHES[what],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     module.add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
@@ -43,11 +46,22 @@ class Bench(Command):
 
     def add_arguments(self, parser):
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.description = "\n".join([f"{self.help}:", "", *(f"  {name:9} {text}" for name, text in BENCHES.items()),
-                                        "", "Each bench's flags: sfumato bench WHAT --help"])
+        parser.description = "\n".join(
+            [
+                f"{self.help}:",
+                "",
+                *(f"  {name:9} {text}" for name, text in BENCHES.items()),
+                "",
+                "Each bench's flags: sfumato bench WHAT --help",
+            ]
+        )
         parser.add_argument("what", choices=list(BENCHES), metavar="WHAT", help=", ".join(BENCHES))
-        parser.add_argument("arguments", nargs=argparse.REMAINDER, metavar="...",
-                            help="the bench's own flags and (finetune, align) dotted overrides")
+        parser.add_argument(
+            "arguments",
+            nargs=argparse.REMAINDER,
+            metavar="...",
+            help="the bench's own flags and (finetune, align) dotted overrides",
+        )
 
     def finish_parsing(self, args, parser):
         # Options and dotted overrides may interleave (`--sides lora finetune.lora.rank=4 --samples 256`).

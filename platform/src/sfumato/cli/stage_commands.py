@@ -81,8 +81,13 @@ class StageCommand(Command):
 class Dedup(StageCommand):
     def add_arguments(self, parser):
         super().add_arguments(parser)
-        parser.add_argument("--review", type=int, default=0, metavar="N",
-                            help="also write dedup_review.png: the N clusters nearest the threshold")
+        parser.add_argument(
+            "--review",
+            type=int,
+            default=0,
+            metavar="N",
+            help="also write dedup_review.png: the N clusters nearest the threshold",
+        )
 
     def options(self, args):
         return {"review": args.review}
@@ -97,8 +102,9 @@ class Tune(StageCommand):
 
     def add_arguments(self, parser):
         super().add_arguments(parser)
-        parser.add_argument("--resume", action="store_true",
-                            help="continue the sweep in tune.output_dir (finished trials are kept)")
+        parser.add_argument(
+            "--resume", action="store_true", help="continue the sweep in tune.output_dir (finished trials are kept)"
+        )
 
     def options(self, args):
         return {"resume": args.resume}
@@ -110,8 +116,9 @@ class Train(StageCommand):
     def add_arguments(self, parser):
         source = parser.add_mutually_exclusive_group(required=True)
         source.add_argument("--config", help="YAML config with a train section")
-        source.add_argument("--resume", metavar="RUN_DIR",
-                            help="continue a run from its config.yaml and last checkpoint")
+        source.add_argument(
+            "--resume", metavar="RUN_DIR", help="continue a run from its config.yaml and last checkpoint"
+        )
         parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.stages.0.steps=200")
 
     def config(self, args):
@@ -152,24 +159,40 @@ class PostTraining(StageCommand):
 
     def add_arguments(self, parser):
         super().add_arguments(parser)
-        parser.add_argument("--from", dest="parent", default=None, metavar="RUN_DIR",
-                            help=f"the parent run folder (default: {self.name}.parent, else the config's "
-                                 "train.output_dir)")
-        parser.add_argument("--checkpoint", default=None,
-                            help="the parent's checkpoint, e.g. step-00000500 (default: newest)")
-        parser.add_argument("--pretrained", default=None, metavar="FOLDER_OR_HUB_ID",
-                            help="start from a diffusers export folder or hub id instead of a run")
+        parser.add_argument(
+            "--from",
+            dest="parent",
+            default=None,
+            metavar="RUN_DIR",
+            help=f"the parent run folder (default: {self.name}.parent, else the config's train.output_dir)",
+        )
+        parser.add_argument(
+            "--checkpoint", default=None, help="the parent's checkpoint, e.g. step-00000500 (default: newest)"
+        )
+        parser.add_argument(
+            "--pretrained",
+            default=None,
+            metavar="FOLDER_OR_HUB_ID",
+            help="start from a diffusers export folder or hub id instead of a run",
+        )
 
     def options(self, args):
-        return {"parent": Path(args.parent) if args.parent else None, "checkpoint": args.checkpoint,
-                "pretrained": args.pretrained}
+        return {
+            "parent": Path(args.parent) if args.parent else None,
+            "checkpoint": args.checkpoint,
+            "pretrained": args.pretrained,
+        }
 
 
 class Align(PostTraining):
     def add_arguments(self, parser):
         super().add_arguments(parser)
-        parser.add_argument("--pairs", default=None, metavar="PAIRS_PARQUET",
-                            help="the preference pairs (`sfumato pairs`; default: align.pairs)")
+        parser.add_argument(
+            "--pairs",
+            default=None,
+            metavar="PAIRS_PARQUET",
+            help="the preference pairs (`sfumato pairs`; default: align.pairs)",
+        )
 
     def options(self, args):
         return {**super().options(args), "pairs": Path(args.pairs) if args.pairs else None}
@@ -177,8 +200,14 @@ class Align(PostTraining):
 
 # Stages whose command takes more than --config; every other registered stage gets a StageCommand.
 COMMAND_CLASSES: dict[str, type[StageCommand]] = {
-    "dedup": Dedup, "cache": Cache, "tune": Tune, "train": Train, "evaluate": RunFolderStage,
-    "export": RunFolderStage, "finetune": PostTraining, "align": Align,
+    "dedup": Dedup,
+    "cache": Cache,
+    "tune": Tune,
+    "train": Train,
+    "evaluate": RunFolderStage,
+    "export": RunFolderStage,
+    "finetune": PostTraining,
+    "align": Align,
 }
 
 
@@ -203,8 +232,10 @@ class Report(Command):
 
 class Pipeline(Command):
     name = "pipeline"
-    help = ("the whole job: ingest, safety, dedup, caption, shards, tune, train, evaluate, export "
-            "(stages complete for the config are skipped)")
+    help = (
+        "the whole job: ingest, safety, dedup, caption, shards, tune, train, evaluate, export "
+        "(stages complete for the config are skipped)"
+    )
 
     def add_arguments(self, parser):
         add_config_arguments(parser)

@@ -15,24 +15,64 @@ torch or any stage. Import from `sfumato.config`: the names below are its public
 
 from sfumato.config.base import ConfigError, Frozen
 from sfumato.config.data import (
-    SOURCE_KINDS, SOURCE_NAME, BucketsConfig, CacheConfig, CaptionConfig, ClipConfig, CurateConfig, DataConfig,
-    DedupConfig, DemoSource, DownloadConfig, FolderSource, ImageFormat, IngestConfig, LoaderConfig, SafetyConfig,
-    ShardsConfig, Source, TableSource, WebDatasetSource,
+    SOURCE_KINDS,
+    SOURCE_NAME,
+    BucketsConfig,
+    CacheConfig,
+    CaptionConfig,
+    ClipConfig,
+    CurateConfig,
+    DataConfig,
+    DedupConfig,
+    DemoSource,
+    DownloadConfig,
+    FolderSource,
+    ImageFormat,
+    IngestConfig,
+    LoaderConfig,
+    SafetyConfig,
+    ShardsConfig,
+    Source,
+    TableSource,
+    WebDatasetSource,
 )
 from sfumato.config.diffusion import DiffusionConfig, FlowConfig, Sampler
 from sfumato.config.evaluate import DomainConfig, EvaluateConfig
 from sfumato.config.export import ExportConfig
 from sfumato.config.loading import load_config, load_run_config, parse_overrides, validate_config, validated
 from sfumato.config.posttrain import (
-    AlignConfig, DPOConfig, FinetuneConfig, LineageConfig, LoraSection, PostTrainingConfig, SelectConfig,
+    AlignConfig,
+    DPOConfig,
+    FinetuneConfig,
+    LineageConfig,
+    LoraSection,
+    PostTrainingConfig,
+    SelectConfig,
 )
 from sfumato.config.root import Config, PipelineConfig, RayConfig
 from sfumato.config.train import (
-    EMAConfig, OptimizerConfig, SampleConfig, SpikeGuardConfig, StageConfig, TextConfig, TrainConfig,
-    ValidationConfig, VAEConfig,
+    EMAConfig,
+    OptimizerConfig,
+    SampleConfig,
+    SpikeGuardConfig,
+    StageConfig,
+    TextConfig,
+    TrainConfig,
+    VAEConfig,
+    ValidationConfig,
 )
 from sfumato.config.tree import apply_override, content_hash, dump_yaml, to_dict, write_resolved
 from sfumato.config.tune import (
-    EMA_DECAY_KEY, EXCLUSIVE, LOSS_DEFINING, LR_KEY, Distribution, SchedulerConfig, SearchConfig, TuneConfig,
-    apply, check_sweep, proxy_tree, run_tree,
+    EMA_DECAY_KEY,
+    EXCLUSIVE,
+    LOSS_DEFINING,
+    LR_KEY,
+    Distribution,
+    SchedulerConfig,
+    SearchConfig,
+    TuneConfig,
+    apply,
+    check_sweep,
+    proxy_tree,
+    run_tree,
 )

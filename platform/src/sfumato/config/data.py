@@ -4,7 +4,7 @@ the loader, and the latent/text cache."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -93,9 +93,7 @@ class DemoSource(_Source):
     seed: int = 0
 
 
-Source = Annotated[
-    Union[FolderSource, TableSource, WebDatasetSource, DemoSource], Field(discriminator="kind")
-]
+Source = Annotated[FolderSource | TableSource | WebDatasetSource | DemoSource, Field(discriminator="kind")]
 SOURCE_KINDS = ("folder", "table", "webdataset", "demo")
 
 # ------------------------------------------------------------------------------------ ingest
@@ -173,7 +171,10 @@ class BucketsConfig(Frozen):
         the same size at a low resolution give one bucket)."""
         m, found = self.multiple_px, []
         for ratio in self.aspect_ratios:
-            size = (max(m, round(resolution_px * ratio ** 0.5 / m) * m), max(m, round(resolution_px / ratio ** 0.5 / m) * m))
+            size = (
+                max(m, round(resolution_px * ratio**0.5 / m) * m),
+                max(m, round(resolution_px / ratio**0.5 / m) * m),
+            )
             if size not in found:
                 found.append(size)
         return found
@@ -197,15 +198,17 @@ class ShardsConfig(Frozen):
     resolution (instead of resize_mode's square crop). None: every image square."""
 
     @model_validator(mode="after")
-    def _buckets_fit(self) -> "ShardsConfig":
+    def _buckets_fit(self) -> ShardsConfig:
         if self.buckets is None:
             return self
         if self.resize_mode != "center_crop":
             raise ValueError("resize_mode: shorter_side and buckets exclude each other (buckets set the sizes)")
         odd = [r for r in self.resolutions_px if r % self.buckets.multiple_px]
         if odd:
-            raise ValueError(f"resolutions_px {odd} are not multiples of buckets.multiple_px={self.buckets.multiple_px} "
-                             "(the square bucket of a resolution is the resolution itself)")
+            raise ValueError(
+                f"resolutions_px {odd} are not multiples of buckets.multiple_px={self.buckets.multiple_px} "
+                "(the square bucket of a resolution is the resolution itself)"
+            )
         return self
 
     def bucket_sizes(self, resolution_px: int) -> list[tuple[int, int]] | None:
@@ -275,10 +278,13 @@ class SafetyConfig(Frozen):
     """Zero-shot NSFW probability (unsafe prompts' share) at or above which nsfw_flag is set."""
     drop_nsfw: bool = True
     """Flagged rows get status `unsafe` and stay out of the shards."""
-    unsafe_prompts: list[str] = Field(["an explicit nude photo", "pornographic content", "a sexually explicit image",
-                                       "graphic violence and gore"], min_length=1)
-    safe_prompts: list[str] = Field(["a photo", "a safe for work image", "a landscape", "an everyday scene"],
-                                    min_length=1)
+    unsafe_prompts: list[str] = Field(
+        ["an explicit nude photo", "pornographic content", "a sexually explicit image", "graphic violence and gore"],
+        min_length=1,
+    )
+    safe_prompts: list[str] = Field(
+        ["a photo", "a safe for work image", "a landscape", "an everyday scene"], min_length=1
+    )
     aesthetic_weights: Path | None = None
     """A safetensors file of an MLP head on the CLIP embedding (layers.<k>.weight/bias, ReLU
     between); None: no aesthetic score."""
@@ -334,14 +340,16 @@ class DataConfig(Frozen):
         return _absolute(value)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "DataConfig":
+    def _unique_names(self) -> DataConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
         weighted = [s.weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             unset = ", ".join(f"sources.{i}.weight" for i, w in enumerate(weighted) if not w)
-            raise ValueError(f"{unset} unset while other sources have a weight: set a weight on every source or on none")
+            raise ValueError(
+                f"{unset} unset while other sources have a weight: set a weight on every source or on none"
+            )
         if any(weighted) and not any(s.weight for s in self.sources):
             raise ValueError("sources.*.weight are all 0: at least one source needs a positive weight")
         if self.loader.resolution_px not in (None, *self.shards.resolutions_px):

@@ -54,10 +54,9 @@ class DiffusionConfig(Frozen):
     """Probability of dropping a sample's caption/class, for classifier-free guidance."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DiffusionConfig":
+    def _consistent(self) -> DiffusionConfig:
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ValueError("zero_terminal_snr needs prediction_type: v_prediction (epsilon is "
-                             "undefined at SNR 0)")
+            raise ValueError("zero_terminal_snr needs prediction_type: v_prediction (epsilon is undefined at SNR 0)")
         if self.beta_start >= self.beta_end:
             raise ValueError(f"beta_start={self.beta_start} must be below beta_end={self.beta_end}")
         return self

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from sfumato.config.base import Frozen, _absolute
 
+
 class SelectConfig(Frozen):
     """finetune.select: the manifest rows a fine-tune trains and validates on. Every key that is
     set must hold; only `ok` rows are in the shards, so only they can be selected. A filter that
@@ -79,7 +80,7 @@ class LineageConfig(Frozen):
     pair_count: int | None = None
 
     @model_validator(mode="after")
-    def _one_start(self) -> "LineageConfig":
+    def _one_start(self) -> LineageConfig:
         if (self.parent is None) == (self.pretrained is None):
             raise ValueError("a lineage starts from exactly one of parent and pretrained")
         return self
@@ -115,7 +116,7 @@ class PostTrainingConfig(Frozen):
         return None if value is None else _absolute(value)
 
     @model_validator(mode="after")
-    def _own_folder(self) -> "PostTrainingConfig":
+    def _own_folder(self) -> PostTrainingConfig:
         if "train.output_dir" not in self.overrides:
             raise ValueError(f"{self.section}.overrides must set train.output_dir (the {self.run}'s own run folder)")
         if self.parent is not None and self.pretrained is not None:
@@ -170,4 +171,3 @@ class DPOConfig(Frozen):
     pairs: Path
     beta: float = Field(gt=0)
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
-

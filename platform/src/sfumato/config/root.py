@@ -84,7 +84,7 @@ class Config(Frozen):
         return tree
 
     @model_validator(mode="after")
-    def _samplers_fit_objective(self) -> "Config":
+    def _samplers_fit_objective(self) -> Config:
         flow = self.diffusion.objective == "flow"
         used = {"evaluate.sampler": self.evaluate.sampler, "export.sampler": self.export.sampler}
         if self.train is not None:
@@ -92,11 +92,13 @@ class Config(Frozen):
         for key, name in used.items():
             if name.startswith("flow-") != flow:
                 fits = "flow-euler or flow-heun" if flow else "ddpm, ddim or dpm-solver++"
-                raise ValueError(f"{key}={name} does not fit diffusion.objective={self.diffusion.objective}: use {fits}")
+                raise ValueError(
+                    f"{key}={name} does not fit diffusion.objective={self.diffusion.objective}: use {fits}"
+                )
         return self
 
     @model_validator(mode="after")
-    def _pipeline_stages_have_sections(self) -> "Config":
+    def _pipeline_stages_have_sections(self) -> Config:
         if self.pipeline.tune and (self.tune is None or self.train is None):
             raise ValueError("pipeline.tune needs a `tune` and a `train` section")
         if self.pipeline.finetune and (self.finetune is None or self.train is None):
@@ -106,12 +108,16 @@ class Config(Frozen):
         return self
 
     @model_validator(mode="after")
-    def _train_resolutions_have_shards(self) -> "Config":
+    def _train_resolutions_have_shards(self) -> Config:
         if self.train is not None:
-            missing = [s.resolution_px for s in self.train.stages if s.resolution_px not in self.data.shards.resolutions_px]
+            missing = [
+                s.resolution_px for s in self.train.stages if s.resolution_px not in self.data.shards.resolutions_px
+            ]
             if missing:
-                raise ValueError(f"train.stages use {missing} px, which data.shards.resolutions_px "
-                                 f"{self.data.shards.resolutions_px} does not produce")
+                raise ValueError(
+                    f"train.stages use {missing} px, which data.shards.resolutions_px "
+                    f"{self.data.shards.resolutions_px} does not produce"
+                )
         return self
 
     @property
@@ -132,27 +138,33 @@ class Config(Frozen):
         return min(self.data.shards.bucket_sizes(resolution_px), key=lambda s: abs(math.log(s[0] / s[1] / ratio)))
 
     @model_validator(mode="after")
-    def _buckets_fit_the_model(self) -> "Config":
+    def _buckets_fit_the_model(self) -> Config:
         buckets = self.data.shards.buckets
         ratio = None if self.train is None else self.train.sample.aspect_ratio
-        if ratio is not None and (buckets is None or all(abs(math.log(ratio / r)) > 0.01 for r in buckets.aspect_ratios)):
+        if ratio is not None and (
+            buckets is None or all(abs(math.log(ratio / r)) > 0.01 for r in buckets.aspect_ratios)
+        ):
             allowed = "set data.shards.buckets first" if buckets is None else f"one of {buckets.aspect_ratios}"
             raise ValueError(f"train.sample.aspect_ratio={ratio} is not a trained bucket's: {allowed}")
         if self.train is None or buckets is None:
             return self
         if self.train.vae is not None and self.data.cache.enabled:
-            raise ValueError("data.shards.buckets with train.vae needs data.cache.enabled: false (the latent cache "
-                             "stores square crops; the VAE then encodes each bucket's batch as it trains)")
+            raise ValueError(
+                "data.shards.buckets with train.vae needs data.cache.enabled: false (the latent cache "
+                "stores square crops; the VAE then encodes each bucket's batch as it trains)"
+            )
         # A latent model's divisor is in latent pixels: times 8, the factor of every SD-family VAE.
         needed = SIZE_DIVISOR_PX[self.train.model] * (8 if self.train.vae is not None else 1)
         if buckets.multiple_px % needed:
             space = " in latent space (times the VAE's 8)" if self.train.vae is not None else ""
-            raise ValueError(f"data.shards.buckets.multiple_px={buckets.multiple_px} is not a multiple of {needed}, "
-                             f"which model {self.train.model}{space} needs for every side")
+            raise ValueError(
+                f"data.shards.buckets.multiple_px={buckets.multiple_px} is not a multiple of {needed}, "
+                f"which model {self.train.model}{space} needs for every side"
+            )
         return self
 
     @model_validator(mode="after")
-    def _tune_proxy_and_space(self) -> "Config":
+    def _tune_proxy_and_space(self) -> Config:
         if self.tune is not None:
             check_sweep(self)
         return self

@@ -49,7 +49,7 @@ class TextConfig(Frozen):
     num_heads: int = Field(4, ge=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TextConfig":
+    def _consistent(self) -> TextConfig:
         if self.pretrained is None and not self.train_encoder:
             raise ValueError("train_encoder: false needs a pretrained encoder (a random one would stay random)")
         if self.hidden_size % self.num_heads:
@@ -87,7 +87,7 @@ class EMAConfig(Frozen):
     stage: each stage's per-step beta comes from its own effective batch)."""
 
     @model_validator(mode="after")
-    def _one(self) -> "EMAConfig":
+    def _one(self) -> EMAConfig:
         if (self.decay is None) == (self.halflife_samples is None):
             raise ValueError("set exactly one of ema.decay and ema.halflife_samples")
         return self
@@ -210,7 +210,9 @@ class TrainConfig(Frozen):
     @classmethod
     def _lora_rate(cls, value: LoraSection | None) -> LoraSection | None:
         if value is not None and value.learning_rate is not None:
-            raise ValueError("train.lora.learning_rate is not read: set finetune.lora.learning_rate (or train.optimizer.lr)")
+            raise ValueError(
+                "train.lora.learning_rate is not read: set finetune.lora.learning_rate (or train.optimizer.lr)"
+            )
         return value
 
     @field_validator("output_dir")
@@ -226,13 +228,15 @@ class TrainConfig(Frozen):
         return value
 
     @model_validator(mode="after")
-    def _stages(self) -> "TrainConfig":
+    def _stages(self) -> TrainConfig:
         res = [s.resolution_px for s in self.stages]
         if res != sorted(res):
             raise ValueError(f"curriculum stages must go from low to high resolution, got {res}")
         if (self.conditioning == "text") != (self.model in TEXT_MODELS):
-            raise ValueError(f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
-                             "text conditioning needs a *-text-* model and those need text conditioning")
+            raise ValueError(
+                f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
+                "text conditioning needs a *-text-* model and those need text conditioning"
+            )
         if MODEL_FAMILIES[self.model] == DIT and len(set(res)) > 1:
             raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
         if self.lora is not None and self.zero_stage == 3:

@@ -60,7 +60,7 @@ def apply_override(tree: dict, dotted_key: str, value: Any) -> None:
     depth = 0
     while True:
         width = _split_key(node, keys, depth)
-        key, where = ".".join(keys[depth:depth + width]), ".".join(keys[:depth + width])
+        key, where = ".".join(keys[depth : depth + width]), ".".join(keys[: depth + width])
         if depth + width == len(keys):
             break
         if isinstance(node, list):
@@ -78,7 +78,6 @@ def apply_override(tree: dict, dotted_key: str, value: Any) -> None:
         node[int(key)] = value
     else:
         node[key] = value
-
 
 
 def validate_as(schema: type[BaseModel], tree: dict, inputs: bool | None = None):
@@ -110,7 +109,6 @@ def dump_yaml(config: BaseModel) -> str:
 def write_resolved(config: BaseModel, path: Path) -> Path:
     """Write the resolved config next to a stage's outputs (atomically)."""
     return atomic_write(path, dump_yaml(config))
-
 
 
 def content_hash(*parts: Any) -> str:

@@ -23,7 +23,7 @@ class Distribution(Frozen):
     values: list[Any] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Distribution":
+    def _consistent(self) -> Distribution:
         if self.distribution == "choice":
             if self.values is None or self.low is not None or self.high is not None:
                 raise ValueError("choice takes `values` (a list), not low/high")
@@ -147,24 +147,33 @@ def check_sweep(cfg) -> None:
                     f"tune.{section}.{key} changes what the validation loss measures ({defining[0]}: a DDPM run's is "
                     "the MSE of its prediction target, a flow run's that of the velocity), so trials could not be "
                     f"ranked on it; set {defining[0]} in the run and sweep each choice on its own, then compare the "
-                    "best runs with `sfumato evaluate`")
+                    "best runs with `sfumato evaluate`"
+                )
     for key in tune.search_space:
         clash = [p for p in tune.proxy if key == p or key.startswith(p + ".") or p.startswith(key + ".")]
         if clash:
-            raise ValueError(f"tune.search_space.{key} is also set by tune.proxy.{clash[0]}: a tuned key must "
-                             "carry over to the full run, a proxy key never does")
+            raise ValueError(
+                f"tune.search_space.{key} is also set by tune.proxy.{clash[0]}: a tuned key must "
+                "carry over to the full run, a proxy key never does"
+            )
     proxy = validated_as(schema, proxy_tree(cfg), "tune.proxy applied to the full run")
     if proxy.train.validation is None:
-        raise ValueError("tune: the proxy has no train.validation; trials are compared on their validation loss, "
-                         "so set train.validation in the run or in tune.proxy")
+        raise ValueError(
+            "tune: the proxy has no train.validation; trials are compared on their validation loss, "
+            "so set train.validation in the run or in tune.proxy"
+        )
     total = proxy.train.total_steps
     if tune.scheduler.kind == "asha" and tune.scheduler.grace_period_steps >= total:
-        raise ValueError(f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps} is not below the "
-                         f"proxy's {total} steps: ASHA could stop nothing")
+        raise ValueError(
+            f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps} is not below the "
+            f"proxy's {total} steps: ASHA could stop nothing"
+        )
     if proxy.train.validation.every_steps > tune.scheduler.grace_period_steps and tune.scheduler.kind == "asha":
-        raise ValueError(f"train.validation.every_steps={proxy.train.validation.every_steps} (in the proxy) is above "
-                         f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps}: ASHA's first rung "
-                         "would see no validation loss")
+        raise ValueError(
+            f"train.validation.every_steps={proxy.train.validation.every_steps} (in the proxy) is above "
+            f"tune.scheduler.grace_period_steps={tune.scheduler.grace_period_steps}: ASHA's first rung "
+            "would see no validation loss"
+        )
     base = proxy_tree(cfg)
     for key, distribution in tune.search_space.items():
         for value in distribution.extremes():

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 class Captioner:
     """Ray Data stage: rows (id, filepath) -> generated captions."""
 
-    def __init__(self, model_source: str, limits: DecodeLimits, prompt: str | None, max_new_tokens: int,
-                 device: str = "cpu"):
+    def __init__(
+        self, model_source: str, limits: DecodeLimits, prompt: str | None, max_new_tokens: int, device: str = "cpu"
+    ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -49,7 +50,7 @@ class Captioner:
             tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         if self.prompt:  # conditional captioning echoes the prompt first
-            texts = [t[len(self.prompt):] if t.startswith(self.prompt) else t for t in texts]
+            texts = [t[len(self.prompt) :] if t.startswith(self.prompt) else t for t in texts]
         return {"id": batch["id"], "generated": np.array([" ".join(t.split()) for t in texts], dtype=object)}
 
 
@@ -66,18 +67,29 @@ def run_caption(cfg: Config) -> dict:
     generated: dict[str, str] = {}
     if wanted.any():
         if ccfg.model is None:
-            raise ValueError(f"data.curate.caption.mode={ccfg.mode} needs data.curate.caption.model "
-                             "(a hub id or local folder of an image-to-text model, e.g. Salesforce/blip-image-captioning-base)")
+            raise ValueError(
+                f"data.curate.caption.mode={ccfg.mode} needs data.curate.caption.model "
+                "(a hub id or local folder of an image-to-text model, e.g. Salesforce/blip-image-captioning-base)"
+            )
         rows = manifest.loc[wanted, ["id", "filepath"]]
         init_ray(cfg.ray)
         workers = min(ccfg.num_workers or cluster_cpus(), max(1, len(rows) // ccfg.batch_size))
         per_block = max(ccfg.batch_size, -(-len(rows) // (4 * workers)))
-        blocks = [rows.iloc[i:i + per_block] for i in range(0, len(rows), per_block)]
+        blocks = [rows.iloc[i : i + per_block] for i in range(0, len(rows), per_block)]
         dataset = ray.data.from_pandas(blocks).map_batches(
-            Captioner, fn_constructor_args=(ccfg.model, DecodeLimits.from_config(cfg.data.ingest), ccfg.prompt,
-                                            ccfg.max_new_tokens, "cuda" if ccfg.num_gpus else "cpu"),
-            batch_size=ccfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=0 if ccfg.num_gpus else 1, num_gpus=ccfg.num_gpus,
+            Captioner,
+            fn_constructor_args=(
+                ccfg.model,
+                DecodeLimits.from_config(cfg.data.ingest),
+                ccfg.prompt,
+                ccfg.max_new_tokens,
+                "cuda" if ccfg.num_gpus else "cpu",
+            ),
+            batch_size=ccfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=0 if ccfg.num_gpus else 1,
+            num_gpus=ccfg.num_gpus,
         )
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             generated.update(zip((str(i) for i in batch["id"]), (str(g) for g in batch["generated"])))

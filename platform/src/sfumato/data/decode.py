@@ -48,7 +48,7 @@ class DecodeLimits:
     max_aspect_ratio: float
 
     @classmethod
-    def from_config(cls, ingest) -> "DecodeLimits":
+    def from_config(cls, ingest) -> DecodeLimits:
         return cls(
             allowed_formats=tuple(ingest.allowed_formats),
             max_file_bytes=ingest.max_file_bytes,
@@ -97,9 +97,7 @@ def decode_image(data: bytes, limits: DecodeLimits, draft_px: int | None = None,
     if min(width, height) < limits.min_side_px:
         raise Rejected(TOO_SMALL, f"{width}x{height}, shorter side < min_side_px={limits.min_side_px}")
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise Rejected(
-            ASPECT_RATIO, f"{width}x{height} exceeds max_aspect_ratio={limits.max_aspect_ratio}"
-        )
+        raise Rejected(ASPECT_RATIO, f"{width}x{height} exceeds max_aspect_ratio={limits.max_aspect_ratio}")
     source_mode, image_format = img.mode, img.format
     if draft_px is not None and img.format == "JPEG":
         img.draft("RGB", (draft_px, draft_px))
@@ -165,8 +163,9 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
 
 
-def render(img: Image.Image, resolution_px: int, resize_mode: str,
-           bucket: tuple[int, int] | None = None) -> Image.Image:
+def render(
+    img: Image.Image, resolution_px: int, resize_mode: str, bucket: tuple[int, int] | None = None
+) -> Image.Image:
     """Resize for one training resolution: a centered square crop, or the shorter side scaled
     to the resolution with the aspect ratio kept; with a (width, height) `bucket`, scaled to
     cover the bucket and centre-cropped to it (the aspect mismatch: a few per cent of a side)."""

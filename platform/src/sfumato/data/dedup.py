@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 from sfumato.config import Config
 from sfumato.data.embed import load_embeddings, run_embed
 from sfumato.data.manifest import NEAR_DUPLICATE, OK, write_manifest
-from sfumato.layout import DataFolder, atomic_write_json, commit_file, temporary_sibling
 from sfumato.data.neardup import SearchSettings, candidate_pairs, choose_keepers, clusters
+from sfumato.layout import DataFolder, atomic_write_json, commit_file, temporary_sibling
 
 log = logging.getLogger(__name__)
-
 
 
 def run_dedup(cfg: Config, review: int = 0) -> dict:
@@ -44,8 +43,9 @@ def run_dedup(cfg: Config, review: int = 0) -> dict:
     if len(ids) != len(candidates):
         raise RuntimeError("the embeddings do not cover the manifest's accepted rows; re-run `sfumato dedup`")
     rows = manifest.set_index("id").loc[ids]
-    settings = SearchSettings(threshold=dcfg.threshold, exact_max=dcfg.exact_max, nlist=dcfg.nlist,
-                              nprobe=dcfg.nprobe, seed=cfg.seed)
+    settings = SearchSettings(
+        threshold=dcfg.threshold, exact_max=dcfg.exact_max, nlist=dcfg.nlist, nprobe=dcfg.nprobe, seed=cfg.seed
+    )
     i, j, score, method = candidate_pairs(emb, settings)
     labels = clusters(len(ids), i, j)
     prefer = {lic: rank for rank, lic in enumerate(dcfg.license_preference)}
@@ -71,23 +71,48 @@ def run_dedup(cfg: Config, review: int = 0) -> dict:
     for a, b, s in zip(i.tolist(), j.tolist(), score.tolist()):
         pairs[labels[a]].append({"a": ids[a], "b": ids[b], "score": round(s, 4)})
     report = {
-        "threshold": dcfg.threshold, "method": method, "model": cfg.data.curate.clip.model,
-        "images": len(ids), "pairs": int(len(i)), "clusters": len(multi), "dropped": len(dropped),
+        "threshold": dcfg.threshold,
+        "method": method,
+        "model": cfg.data.curate.clip.model,
+        "images": len(ids),
+        "pairs": int(len(i)),
+        "clusters": len(multi),
+        "dropped": len(dropped),
         "keeper_rule": "most pixels, then license_preference order, then smallest id",
-        "cluster_list": [{
-            "cluster": number[label], "keeper": keeper_of[label],
-            "members": [{"id": ids[r], "width": int(rows["width"].iloc[r]), "height": int(rows["height"].iloc[r]),
-                         "license": rows["license"].iloc[r], "filepath": rows["filepath"].iloc[r], "kept": bool(kept[r])}
-                        for r in members[label]],
-            "pairs": pairs[label], "max_score": max(p["score"] for p in pairs[label]),
-        } for label in multi],
+        "cluster_list": [
+            {
+                "cluster": number[label],
+                "keeper": keeper_of[label],
+                "members": [
+                    {
+                        "id": ids[r],
+                        "width": int(rows["width"].iloc[r]),
+                        "height": int(rows["height"].iloc[r]),
+                        "license": rows["license"].iloc[r],
+                        "filepath": rows["filepath"].iloc[r],
+                        "kept": bool(kept[r]),
+                    }
+                    for r in members[label]
+                ],
+                "pairs": pairs[label],
+                "max_score": max(p["score"] for p in pairs[label]),
+            }
+            for label in multi
+        ],
     }
     write_manifest(manifest, data.manifest)
     atomic_write_json(data.dedup_report, report)
     if review:
         contact_sheet(report["cluster_list"], review, data.dedup_review)
-    log.info("dedup: %d images, %d pairs >= %.3f, %d clusters, %d dropped (%s)", len(ids), len(i),
-             dcfg.threshold, len(multi), len(dropped), method)
+    log.info(
+        "dedup: %d images, %d pairs >= %.3f, %d clusters, %d dropped (%s)",
+        len(ids),
+        len(i),
+        dcfg.threshold,
+        len(multi),
+        len(dropped),
+        method,
+    )
     return {k: v for k, v in report.items() if k != "cluster_list"}
 
 
@@ -109,8 +134,11 @@ def contact_sheet(cluster_list: list[dict], top: int, path: Path, thumb: int = 9
                 tile = img.convert("RGB")
                 tile.thumbnail((thumb, thumb))
             sheet.paste(tile, (x, y + 14))
-            draw.rectangle([x - 2, y + 12, x + thumb + 1, y + 14 + thumb + 1],
-                           outline="green" if member["kept"] else "red", width=2)
+            draw.rectangle(
+                [x - 2, y + 12, x + thumb + 1, y + 14 + thumb + 1],
+                outline="green" if member["kept"] else "red",
+                width=2,
+            )
     tmp = temporary_sibling(path)
     sheet.save(tmp, "PNG")
     commit_file(tmp, path)

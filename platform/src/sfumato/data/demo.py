@@ -20,8 +20,14 @@ from PIL import Image, ImageDraw
 from sfumato.layout import atomic_write_json, commit_file, temporary_sibling
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star")
 # Shape and colour pair with a contrast a 32 px model and the yardstick classifier can resolve: a
@@ -32,20 +38,32 @@ RADIUS = (0.30, 0.42)
 ROTATION_RAD = 0.2
 OFFSET = 0.06
 MIN_CONTRAST = 120.0
-PAIRS = [(fg, bg) for fg in COLOURS for bg in COLOURS
-         if fg != bg and math.dist(COLOURS[fg], COLOURS[bg]) >= MIN_CONTRAST]
+PAIRS = [
+    (fg, bg) for fg in COLOURS for bg in COLOURS if fg != bg and math.dist(COLOURS[fg], COLOURS[bg]) >= MIN_CONTRAST
+]
 DESIGN = 2  # in the completion marker: a set drawn to an earlier design is drawn again
 SOURCE_URI = "sfumato demo generator (procedural shapes)"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "square":
-        points = [(math.cos(angle + k * math.pi / 2 + math.pi / 4), math.sin(angle + k * math.pi / 2 + math.pi / 4)) for k in range(4)]
+        points = [
+            (math.cos(angle + k * math.pi / 2 + math.pi / 4), math.sin(angle + k * math.pi / 2 + math.pi / 4))
+            for k in range(4)
+        ]
     elif shape == "triangle":
-        points = [(math.cos(angle + k * 2 * math.pi / 3 - math.pi / 2), math.sin(angle + k * 2 * math.pi / 3 - math.pi / 2)) for k in range(3)]
+        points = [
+            (math.cos(angle + k * 2 * math.pi / 3 - math.pi / 2), math.sin(angle + k * 2 * math.pi / 3 - math.pi / 2))
+            for k in range(3)
+        ]
     else:  # star: ten points alternating outer and inner radius
-        points = [((1.0 if k % 2 == 0 else 0.45) * math.cos(angle + k * math.pi / 5 - math.pi / 2),
-                   (1.0 if k % 2 == 0 else 0.45) * math.sin(angle + k * math.pi / 5 - math.pi / 2)) for k in range(10)]
+        points = [
+            (
+                (1.0 if k % 2 == 0 else 0.45) * math.cos(angle + k * math.pi / 5 - math.pi / 2),
+                (1.0 if k % 2 == 0 else 0.45) * math.sin(angle + k * math.pi / 5 - math.pi / 2),
+            )
+            for k in range(10)
+        ]
     return [(cx + r * x, cy + r * y) for x, y in points]
 
 
@@ -72,8 +90,7 @@ def ensure_demo(src, folder: Path) -> Path:
     returns the path of its table (path, id, caption, license, source, tags)."""
     table = folder / "demo.csv"
     marker = folder / "COMPLETE.json"
-    params = {"num_images": src.num_images, "image_size_px": src.image_size_px, "seed": src.seed,
-              "design": DESIGN}
+    params = {"num_images": src.num_images, "image_size_px": src.image_size_px, "seed": src.seed, "design": DESIGN}
     if marker.exists() and json.loads(marker.read_text()) == params and table.exists():
         return table
     images = folder / "images"

@@ -84,7 +84,9 @@ class Downloader:
                     return Fetched(None, HTTP_ERROR, detail, attempt), resp.status_code in _RETRY_STATUS
                 declared = resp.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > cap:
-                    return Fetched(None, DOWNLOAD_TOO_LARGE, f"Content-Length {declared} > max_bytes={cap}", attempt), False
+                    return Fetched(
+                        None, DOWNLOAD_TOO_LARGE, f"Content-Length {declared} > max_bytes={cap}", attempt
+                    ), False
                 body = bytearray()
                 for chunk in resp.iter_content(chunk_size=1 << 16):
                     body += chunk
@@ -92,7 +94,9 @@ class Downloader:
                         return Fetched(None, DOWNLOAD_TOO_LARGE, f"body exceeds max_bytes={cap}", attempt), False
                 return Fetched(bytes(body), attempts=attempt), False
         except (requests.Timeout, requests.ConnectionError) as exc:
-            return Fetched(None, DOWNLOAD_FAILED, f"{type(exc).__name__} after {attempt} attempt(s): {exc}", attempt), True
+            return Fetched(
+                None, DOWNLOAD_FAILED, f"{type(exc).__name__} after {attempt} attempt(s): {exc}", attempt
+            ), True
         except requests.RequestException as exc:
             return Fetched(None, DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}", attempt), False
 

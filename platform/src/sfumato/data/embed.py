@@ -55,9 +55,12 @@ class ClipEmbedder:
             with open(path, "rb") as fh:  # the ingest decode: EXIF orientation, sRGB, 8-bit RGB
                 images.append(decode_image(fh.read(), self.limits, draft_px=224).image)
         captions = [c or "" for c in batch["caption"]]
-        return {"id": batch["id"], "image": self.embed_images(images).astype(np.float16),
-                "text": self.embed_texts(captions).astype(np.float16),
-                "has_caption": np.array([bool(c) for c in captions])}
+        return {
+            "id": batch["id"],
+            "image": self.embed_images(images).astype(np.float16),
+            "text": self.embed_texts(captions).astype(np.float16),
+            "has_caption": np.array([bool(c) for c in captions]),
+        }
 
     def embed_images(self, images: list) -> np.ndarray:
         """L2-normalised float32 image embeddings of RGB images (PIL images or uint8 HWC arrays):
@@ -68,8 +71,9 @@ class ClipEmbedder:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 text embeddings (captions here, zero-shot prompts in safety)."""
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         with self.torch.no_grad():
             return _normalised(self.model.get_text_features(**tokens))
 
@@ -127,8 +131,12 @@ class _PartWriter:
             return
         ids = [i for chunk, _ in self.pending for i in chunk]
         emb = np.concatenate([e for _, e in self.pending])
-        table = pa.table({"id": pa.array(ids, pa.string()),
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])})
+        table = pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]),
+            }
+        )
         path = self.folder / f"part-{self.parts:05d}.parquet"
         tmp = temporary_sibling(path)
         pq.write_table(table, tmp)
@@ -152,9 +160,12 @@ def run_embed(cfg: Config) -> dict:
     per_block = max(ccfg.batch_size, -(-rows.num_rows // (4 * workers)))
     blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)] or [rows]
     dataset = ray.data.from_arrow(blocks).map_batches(
-        ClipEmbedder, fn_constructor_args=(ccfg.model, DecodeLimits.from_config(cfg.data.ingest), "cuda" if ccfg.num_gpus else "cpu"),
-        batch_size=ccfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if ccfg.num_gpus else 1,
+        ClipEmbedder,
+        fn_constructor_args=(ccfg.model, DecodeLimits.from_config(cfg.data.ingest), "cuda" if ccfg.num_gpus else "cpu"),
+        batch_size=ccfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=0 if ccfg.num_gpus else 1,
         num_gpus=ccfg.num_gpus,
     )
     data.embeddings_meta.unlink(missing_ok=True)
@@ -170,8 +181,15 @@ def run_embed(cfg: Config) -> dict:
     texts.flush()
     if images.rows != rows.num_rows:
         raise RuntimeError(f"embedding lost rows: {rows.num_rows} accepted manifest rows, {images.rows} embedded")
-    meta = {"model": ccfg.model, "manifest": manifest_fingerprint(data.manifest), "dim": dim,
-            "images": images.rows, "captions": texts.rows, "dtype": "float16", "normalised": "L2"}
+    meta = {
+        "model": ccfg.model,
+        "manifest": manifest_fingerprint(data.manifest),
+        "dim": dim,
+        "images": images.rows,
+        "captions": texts.rows,
+        "dtype": "float16",
+        "normalised": "L2",
+    }
     atomic_write_json(data.embeddings_meta, meta)
     log.info("embeddings: %d images, %d captions, dim %s -> %s", images.rows, texts.rows, dim, data.embeddings)
     return meta

@@ -41,18 +41,41 @@ DUPLICATE_ID = "duplicate_id"
 EXACT_DUPLICATE = "exact_duplicate"
 
 _TEXT = pa.string()
-INPUT_SCHEMA = pa.schema([
-    ("source_index", pa.int32()), ("source", _TEXT), ("locator", _TEXT), ("uri", _TEXT),
-    ("kind", _TEXT), ("id", _TEXT), ("caption", _TEXT), ("license", _TEXT), ("origin", _TEXT),
-    ("tags", pa.list_(_TEXT)), ("tar_offset", pa.int64()), ("tar_size", pa.int64()),
-    ("precheck", _TEXT), ("precheck_detail", _TEXT),
-])
+INPUT_SCHEMA = pa.schema(
+    [
+        ("source_index", pa.int32()),
+        ("source", _TEXT),
+        ("locator", _TEXT),
+        ("uri", _TEXT),
+        ("kind", _TEXT),
+        ("id", _TEXT),
+        ("caption", _TEXT),
+        ("license", _TEXT),
+        ("origin", _TEXT),
+        ("tags", pa.list_(_TEXT)),
+        ("tar_offset", pa.int64()),
+        ("tar_size", pa.int64()),
+        ("precheck", _TEXT),
+        ("precheck_detail", _TEXT),
+    ]
+)
 RESULT_SCHEMA = pa.schema(
     [f for f in INPUT_SCHEMA if f.name not in ("tar_offset", "tar_size", "precheck", "precheck_detail")]
-    + [("status", _TEXT), ("reason", _TEXT), ("detail", _TEXT), ("sha256", _TEXT), ("filepath", _TEXT),
-       ("width", pa.int32()), ("height", pa.int32()), ("format", _TEXT), ("source_mode", _TEXT),
-       ("bytes", pa.int64())]
+    + [
+        ("status", _TEXT),
+        ("reason", _TEXT),
+        ("detail", _TEXT),
+        ("sha256", _TEXT),
+        ("filepath", _TEXT),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", _TEXT),
+        ("source_mode", _TEXT),
+        ("bytes", pa.int64()),
+    ]
 )
+
+
 def derived_id(source: str, locator: str) -> str:
     """A stable id for inputs that do not declare one: the same file gets the same id on
     every run."""
@@ -78,13 +101,17 @@ class IngestWorker:
                 self._check_license(row)
         urls = [i for i, r in enumerate(rows) if r["kind"] == "url" and r["precheck"] is None]
         fetched = dict(zip(urls, self.downloader.fetch_many([rows[i]["uri"] for i in urls])))
-        return pa.Table.from_pylist([self._process(i, row, fetched) for i, row in enumerate(rows)],
-                                    schema=RESULT_SCHEMA)
+        return pa.Table.from_pylist(
+            [self._process(i, row, fetched) for i, row in enumerate(rows)], schema=RESULT_SCHEMA
+        )
 
     def _check_license(self, row: dict) -> None:
         lic = row["license"]
         if lic is None:
-            row["precheck"], row["precheck_detail"] = MISSING_LICENSE, "no licence on the row and no default for the source"
+            row["precheck"], row["precheck_detail"] = (
+                MISSING_LICENSE,
+                "no licence on the row and no default for the source",
+            )
         elif lic.casefold() not in self.allowed:
             row["precheck"], row["precheck_detail"] = LICENSE_NOT_ALLOWED, f"{lic!r} not in license_allowlist"
         else:
@@ -103,8 +130,15 @@ class IngestWorker:
         except Rejected as rej:
             return {**out, "status": "rejected", "reason": rej.reason, "detail": rej.detail}
         filepath = row["uri"] if row["kind"] == "file" else self._store_blob(sha, decoded.format, data)
-        return {**out, "status": "ok", "filepath": filepath, "width": decoded.width,
-                "height": decoded.height, "format": decoded.format, "source_mode": decoded.source_mode}
+        return {
+            **out,
+            "status": "ok",
+            "filepath": filepath,
+            "width": decoded.width,
+            "height": decoded.height,
+            "format": decoded.format,
+            "source_mode": decoded.source_mode,
+        }
 
     def _read(self, row: dict, fetched) -> bytes:
         if row["kind"] == "url":
@@ -166,7 +200,9 @@ def split_duplicates(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
     repeated = ok & results["id"].where(ok).duplicated(keep="first")
     first_uri = results[ok].drop_duplicates("id").set_index("id")["uri"]
     results.loc[repeated, ["status", "reason"]] = ["rejected", DUPLICATE_ID]
-    results.loc[repeated, "detail"] = results.loc[repeated, "id"].map(lambda i: f"id {i!r} already used by {first_uri[i]}")
+    results.loc[repeated, "detail"] = results.loc[repeated, "id"].map(
+        lambda i: f"id {i!r} already used by {first_uri[i]}"
+    )
 
     ok = results["status"] == "ok"
     copies = ok & results["sha256"].where(ok).duplicated(keep="first")
@@ -188,7 +224,9 @@ class IngestSummary:
 
     def line(self) -> str:
         top = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
-        return f"ingest: {self.inputs} inputs -> {self.accepted} in manifest, {self.rejected} rejected ({top or 'none'})"
+        return (
+            f"ingest: {self.inputs} inputs -> {self.accepted} in manifest, {self.rejected} rejected ({top or 'none'})"
+        )
 
 
 def _keep_collection_dates(df: pd.DataFrame, previous: Path, keys: list[str], now: pd.Timestamp) -> pd.DataFrame:
@@ -217,8 +255,10 @@ def run_ingest(cfg: Config) -> IngestSummary:
     workers = cap or cluster_cpus()
     # Enough blocks to keep every worker busy; a block is a few dozen input records (metadata).
     rows_per_block = max(1, min(4 * cfg.data.ingest.batch_size, math.ceil(len(records) / (4 * workers))))
-    blocks = [pa.Table.from_pylist(records[i:i + rows_per_block], schema=INPUT_SCHEMA)
-              for i in range(0, len(records), rows_per_block)]
+    blocks = [
+        pa.Table.from_pylist(records[i : i + rows_per_block], schema=INPUT_SCHEMA)
+        for i in range(0, len(records), rows_per_block)
+    ]
     # Tasks on Ray's already-started workers, not an actor pool: no actor start-up, and no pool
     # holding every CPU while an upstream operator waits for one (BENCHMARKS.md, ingest).
     dataset = ray.data.from_arrow(blocks).map_batches(
@@ -237,14 +277,17 @@ def run_ingest(cfg: Config) -> IngestSummary:
     results = pa.concat_tables(parts).to_pandas() if parts else RESULT_SCHEMA.empty_table().to_pandas()
     accepted, rejected = split_duplicates(results)
     if len(accepted) + len(rejected) != len(records):
-        raise RuntimeError(f"ingest lost rows: {len(records)} inputs, {len(accepted)} accepted + {len(rejected)} rejected")
+        raise RuntimeError(
+            f"ingest lost rows: {len(records)} inputs, {len(accepted)} accepted + {len(rejected)} rejected"
+        )
     now = pd.Timestamp(datetime.now(timezone.utc))
     accepted = _keep_collection_dates(accepted.assign(nsfw_flag=None), folder.manifest, ["id", "sha256"], now)
     rejected = _keep_collection_dates(rejected, folder.rejects, ["source", "locator", "reason"], now)
     write_table(accepted, MANIFEST_SCHEMA, folder.manifest)  # nsfw_flag: set by curation
     write_table(rejected, REJECTS_SCHEMA, folder.rejects)
-    summary = IngestSummary(len(records), len(accepted), len(rejected),
-                            rejected["reason"].value_counts().to_dict(), str(out))
+    summary = IngestSummary(
+        len(records), len(accepted), len(rejected), rejected["reason"].value_counts().to_dict(), str(out)
+    )
     atomic_write_json(folder.ingest_summary, summary.__dict__, indent=2)
     log.info(summary.line())
     return summary

@@ -21,9 +21,9 @@ import itertools
 import json
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -85,14 +85,16 @@ def _as_batch(samples: list[dict], resolution_px: int | None) -> dict:
     return {"image": np.stack(images), "class": np.asarray(classes, np.int64), "caption": captions, "id": ids}
 
 
-def iter_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> Iterator[dict]:
+def iter_batches(
+    paths: list[Path], batch_size: int, resolution_px: int, rank: int = 0, world_size: int = 1, drop_last: bool = True
+) -> Iterator[dict]:
     """Batches {"image": uint8 [B,H,W,3], "class": int64 [B] (-1: none), "caption", "id"}."""
     return iter_batches_from(iter_samples(paths[rank::world_size]), batch_size, resolution_px, drop_last)
 
 
-def iter_batches_from(samples: Iterator[dict], batch_size: int, resolution_px: int,
-                      drop_last: bool = True) -> Iterator[dict]:
+def iter_batches_from(
+    samples: Iterator[dict], batch_size: int, resolution_px: int, drop_last: bool = True
+) -> Iterator[dict]:
     """Square batches (centre crops of `resolution_px`) in the samples' order."""
     pending = []
     for sample in samples:
@@ -125,8 +127,15 @@ def _in_range(samples: Iterator[dict], low: float, high: float, ids: frozenset |
             yield sample
 
 
-def validation_batches(paths: list[Path], resolution_px: int, holdout_fraction: float, max_samples: int,
-                       batch_size: int, bucketed: bool = False, ids: frozenset | None = None) -> list[dict]:
+def validation_batches(
+    paths: list[Path],
+    resolution_px: int,
+    holdout_fraction: float,
+    max_samples: int,
+    batch_size: int,
+    bucketed: bool = False,
+    ids: frozenset | None = None,
+) -> list[dict]:
     """The held-out samples (split position below `holdout_fraction`; of `ids` only, if given) of
     these shards, in shard order, up to `max_samples`, as batches (the last one may be smaller;
     `bucketed`: one bucket's images per batch, at their size)."""
@@ -136,8 +145,10 @@ def validation_batches(paths: list[Path], resolution_px: int, holdout_fraction: 
     else:
         batches = list(iter_batches_from(held_out, batch_size, resolution_px, drop_last=False))
     if not batches:
-        raise ValueError(f"no held-out sample among the {len(paths)} shards at {resolution_px}px: raise "
-                         "train.validation.holdout_fraction")
+        raise ValueError(
+            f"no held-out sample among the {len(paths)} shards at {resolution_px}px: raise "
+            "train.validation.holdout_fraction"
+        )
     return batches
 
 
@@ -185,15 +196,17 @@ class ReadPlan:
         is cheap, decoding is not)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
         shuffled = [self.paths[i] for i in order]
-        samples = self.in_split(iter_samples(shuffled[self.rank::self.world_size] if self.ids is None else shuffled))
+        samples = self.in_split(iter_samples(shuffled[self.rank :: self.world_size] if self.ids is None else shuffled))
         if self.ids is not None:
             samples = (sample for i, sample in enumerate(samples) if i % self.world_size == self.rank)
         return self.balanced(samples, epoch, self.rank, 1)
 
     def check_enough_shards(self, resolution_px: int) -> None:
         if len(self.paths) < self.world_size and self.ids is None:
-            raise ValueError(f"{len(self.paths)} shards at {resolution_px}px cannot feed {self.world_size} workers: "
-                             "lower data.shards.samples_per_shard")
+            raise ValueError(
+                f"{len(self.paths)} shards at {resolution_px}px cannot feed {self.world_size} workers: "
+                "lower data.shards.samples_per_shard"
+            )
 
 
 class SquareBatches:
@@ -216,8 +229,10 @@ class SquareBatches:
                 done += 1
                 yield batch, {"epoch": epoch, "batches": done}
             if done == 0:
-                raise ValueError(f"rank {self.plan.rank} got no full batch of {self.batch_size} from its shards at "
-                                 f"{self.resolution_px}px: lower the micro batch or data.shards.samples_per_shard")
+                raise ValueError(
+                    f"rank {self.plan.rank} got no full batch of {self.batch_size} from its shards at "
+                    f"{self.resolution_px}px: lower the micro batch or data.shards.samples_per_shard"
+                )
             epoch, skip = epoch + 1, 0
 
 
@@ -243,8 +258,14 @@ class BucketBatches:
                 raise ValueError(f"rank {self.plan.rank} got no sample from its shards at {self.resolution_px}px")
 
 
-def training_batches(plan: ReadPlan, batch_size: int, resolution_px: int, position: dict | None = None,
-                     source_weights: dict[str, float] | None = None, bucketed: bool = False):
+def training_batches(
+    plan: ReadPlan,
+    batch_size: int,
+    resolution_px: int,
+    position: dict | None = None,
+    source_weights: dict[str, float] | None = None,
+    bucketed: bool = False,
+):
     """The iterator of (batch, position) the data config asks for: a weighted mixture of sources
     (data.sources weights), single-bucket batches (data.shards.buckets), or squares."""
     if source_weights is not None:
@@ -252,20 +273,29 @@ def training_batches(plan: ReadPlan, batch_size: int, resolution_px: int, positi
     return (BucketBatches if bucketed else SquareBatches)(plan, batch_size, resolution_px, position)
 
 
-def iter_training_batches(paths: list[Path], batch_size: int, resolution_px: int, rank: int, world_size: int,
-                          seed: int, position: dict | None = None,
-                          class_weights: dict[int, float] | None = None,
-                          split: tuple[float, float] = (0.0, 1.0),
-                          source_weights: dict[str, float] | None = None,
-                          bucketed: bool = False, ids: frozenset | None = None) -> Iterator[tuple[dict, dict]]:
+def iter_training_batches(
+    paths: list[Path],
+    batch_size: int,
+    resolution_px: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    position: dict | None = None,
+    class_weights: dict[int, float] | None = None,
+    split: tuple[float, float] = (0.0, 1.0),
+    source_weights: dict[str, float] | None = None,
+    bucketed: bool = False,
+    ids: frozenset | None = None,
+) -> Iterator[tuple[dict, dict]]:
     """`training_batches` with the plan's fields as arguments: an iterator, for benches and tests."""
     plan = ReadPlan(paths, rank, world_size, seed, split, ids, class_weights)
     return iter(training_batches(plan, batch_size, resolution_px, position, source_weights, bucketed))
 
 
 # --------------------------------------------------------------------- aspect-ratio buckets
-def _bucket_groups(samples: Iterator[dict], batch_size: int, skip_samples: int = 0,
-                   skip_batches: int = 0) -> Iterator[tuple[list[dict], int, int]]:
+def _bucket_groups(
+    samples: Iterator[dict], batch_size: int, skip_samples: int = 0, skip_batches: int = 0
+) -> Iterator[tuple[list[dict], int, int]]:
     """One epoch's samples in single-bucket groups: a bucket's group goes out as soon as it holds
     `batch_size` samples, and when the samples run out the part-filled ones go out too, smaller,
     narrowest bucket first, so every sample is in exactly one group per epoch. Yields (group,
@@ -323,16 +353,21 @@ def _source_epoch(plan: ReadPlan, name: str, held: tuple[list[Path], bool], epoc
     order = np.random.default_rng([plan.seed, epoch, key]).permutation(len(paths))
     shuffled = [paths[i] for i in order]
     by_shard = known and len(paths) >= world_size
-    samples = (s for s in iter_samples(shuffled[rank::world_size] if by_shard else shuffled)
-               if json.loads(s["json"]).get("source") == name)
+    samples = (
+        s
+        for s in iter_samples(shuffled[rank::world_size] if by_shard else shuffled)
+        if json.loads(s["json"]).get("source") == name
+    )
     if not by_shard:
         samples = (s for i, s in enumerate(samples) if i % world_size == rank)
     return plan.balanced(plan.in_split(samples), epoch, rank, 1, key)
 
 
 def _no_sample(name: str, rank: int, paths: list[Path]) -> ValueError:
-    return ValueError(f"source {name!r} has no training sample for rank {rank} in its {len(paths)} shards: "
-                      "give it weight 0, or lower train.validation.holdout_fraction / raise train.data_fraction")
+    return ValueError(
+        f"source {name!r} has no training sample for rank {rank} in its {len(paths)} shards: "
+        "give it weight 0, or lower train.validation.holdout_fraction / raise train.data_fraction"
+    )
 
 
 def _source_samples(plan: ReadPlan, name: str, held: tuple[list[Path], bool], state: dict) -> Iterator[dict]:
@@ -349,14 +384,17 @@ def _source_samples(plan: ReadPlan, name: str, held: tuple[list[Path], bool], st
         state["epoch"], state["samples"] = epoch + 1, 0
 
 
-def _source_groups(plan: ReadPlan, name: str, held: tuple[list[Path], bool], batch_size: int,
-                   state: dict) -> Iterator[list[dict]]:
+def _source_groups(
+    plan: ReadPlan, name: str, held: tuple[list[Path], bool], batch_size: int, state: dict
+) -> Iterator[list[dict]]:
     """One source's single-bucket groups for one rank (`_bucket_groups`), epoch after epoch;
     `state` ({"epoch", "batches", "samples"} of that epoch) is kept current and resumed from."""
     while True:
         epoch, skip = state["epoch"], state["batches"]
         samples = _source_epoch(plan, name, held, epoch)
-        for group, state["batches"], state["samples"] in _bucket_groups(samples, batch_size, state["samples"], skip):
+        # The loop keeps `state` current as it goes; the generator read its start values once, above.
+        groups = _bucket_groups(samples, batch_size, state["samples"], skip)
+        for group, state["batches"], state["samples"] in groups:
             yield group
         if state["batches"] == 0:
             raise _no_sample(name, plan.rank, held[0])
@@ -383,8 +421,15 @@ class MixtureBatches:
     again. `bucketed`: each batch's source is drawn instead (a batch holds one source's one
     bucket), from every source's own single-bucket groups (`_source_groups`)."""
 
-    def __init__(self, plan: ReadPlan, batch_size: int, resolution_px: int, source_weights: dict[str, float],
-                 position: dict | None = None, bucketed: bool = False):
+    def __init__(
+        self,
+        plan: ReadPlan,
+        batch_size: int,
+        resolution_px: int,
+        source_weights: dict[str, float],
+        position: dict | None = None,
+        bucketed: bool = False,
+    ):
         self.plan, self.batch_size, self.resolution_px, self.bucketed = plan, batch_size, resolution_px, bucketed
         self.source_weights, self.position = source_weights, position or {}
         self.names = [name for name, weight in source_weights.items() if weight > 0]
@@ -397,8 +442,10 @@ class MixtureBatches:
         held = {n: _shards_holding(self.plan.paths, n) for n in self.names}
         for name in self.names:
             if not held[name][0]:
-                raise ValueError(f"no shard at {self.resolution_px}px holds source {name!r} (data.sources weight "
-                                 f"{self.source_weights[name]:.3g}): re-run `sfumato shards`, or give it weight 0")
+                raise ValueError(
+                    f"no shard at {self.resolution_px}px holds source {name!r} (data.sources weight "
+                    f"{self.source_weights[name]:.3g}): re-run `sfumato shards`, or give it weight 0"
+                )
         done = self.position.get("batches", 0)
         yield from (self._groups if self.bucketed else self._squares)(states, held, done)
 
@@ -454,5 +501,11 @@ def smoke(cfg) -> dict:
         if produced == 0:
             raise ValueError(f"the shards at {res}px hold no samples")
     seconds = time.perf_counter() - start
-    return {"resolution_px": res, "batches": batches, "samples": samples, "seconds": round(seconds, 3),
-            "samples_per_s": round(samples / seconds, 1), "shards": len(paths)}
+    return {
+        "resolution_px": res,
+        "batches": batches,
+        "samples": samples,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(samples / seconds, 1),
+        "shards": len(paths),
+    }

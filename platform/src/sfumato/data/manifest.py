@@ -23,24 +23,53 @@ _TEXT = pa.string()
 OK, NEAR_DUPLICATE, UNSAFE, LOW_AESTHETIC = "ok", "near_duplicate", "unsafe", "low_aesthetic"
 ACCEPTED_STATUSES = (OK, NEAR_DUPLICATE, UNSAFE, LOW_AESTHETIC)
 
-MANIFEST_SCHEMA = pa.schema([
-    ("id", _TEXT), ("filepath", _TEXT), ("caption", _TEXT), ("license", _TEXT), ("source", _TEXT),
-    ("origin", _TEXT), ("uri", _TEXT), ("sha256", _TEXT), ("nsfw_flag", pa.bool_()),
-    ("tags", pa.list_(_TEXT)), ("date_collected", pa.timestamp("us", tz="UTC")),
-    ("width", pa.int32()), ("height", pa.int32()), ("format", _TEXT), ("source_mode", _TEXT),
-    ("bytes", pa.int64()), ("status", _TEXT),
-])
-REJECTS_SCHEMA = pa.schema([
-    ("source", _TEXT), ("uri", _TEXT), ("locator", _TEXT), ("id", _TEXT), ("caption", _TEXT),
-    ("license", _TEXT), ("origin", _TEXT), ("tags", pa.list_(_TEXT)), ("reason", _TEXT),
-    ("detail", _TEXT), ("duplicate_of", _TEXT), ("sha256", _TEXT), ("date_collected", pa.timestamp("us", tz="UTC")),
-])
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", _TEXT),
+        ("filepath", _TEXT),
+        ("caption", _TEXT),
+        ("license", _TEXT),
+        ("source", _TEXT),
+        ("origin", _TEXT),
+        ("uri", _TEXT),
+        ("sha256", _TEXT),
+        ("nsfw_flag", pa.bool_()),
+        ("tags", pa.list_(_TEXT)),
+        ("date_collected", pa.timestamp("us", tz="UTC")),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", _TEXT),
+        ("source_mode", _TEXT),
+        ("bytes", pa.int64()),
+        ("status", _TEXT),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("source", _TEXT),
+        ("uri", _TEXT),
+        ("locator", _TEXT),
+        ("id", _TEXT),
+        ("caption", _TEXT),
+        ("license", _TEXT),
+        ("origin", _TEXT),
+        ("tags", pa.list_(_TEXT)),
+        ("reason", _TEXT),
+        ("detail", _TEXT),
+        ("duplicate_of", _TEXT),
+        ("sha256", _TEXT),
+        ("date_collected", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 # Columns later stages add to the manifest (curation), with their types.
 CURATION_FIELDS = [
-    pa.field("near_dup_cluster", pa.int64()), pa.field("near_dup_of", _TEXT),
-    pa.field("caption_source", _TEXT), pa.field("caption_origin", _TEXT),
-    pa.field("nsfw_score", pa.float64()), pa.field("aesthetic_score", pa.float64()),
+    pa.field("near_dup_cluster", pa.int64()),
+    pa.field("near_dup_of", _TEXT),
+    pa.field("caption_source", _TEXT),
+    pa.field("caption_origin", _TEXT),
+    pa.field("nsfw_score", pa.float64()),
+    pa.field("aesthetic_score", pa.float64()),
 ]
 
 

@@ -30,7 +30,9 @@ class SearchSettings:
     seed: int = 0
 
 
-def candidate_pairs(emb: np.ndarray, settings: SearchSettings = SearchSettings()) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def candidate_pairs(
+    emb: np.ndarray, settings: SearchSettings = SearchSettings()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """All pairs (i < j) with cosine >= threshold, from L2-normalised rows (float16 or float32;
     float16 is what the embedding stage stores). Returns (i, j, score, method)."""
     import faiss
@@ -41,7 +43,7 @@ def candidate_pairs(emb: np.ndarray, settings: SearchSettings = SearchSettings()
     step = settings.chunk
 
     def rows(start: int) -> np.ndarray:  # float16 storage in, float32 chunks to FAISS
-        return np.ascontiguousarray(emb[start:start + step], dtype=np.float32)
+        return np.ascontiguousarray(emb[start : start + step], dtype=np.float32)
 
     if n <= settings.exact_max:
         index, method = faiss.IndexFlatIP(d), "exact (IndexFlatIP)"
@@ -50,8 +52,9 @@ def candidate_pairs(emb: np.ndarray, settings: SearchSettings = SearchSettings()
         quantizer = faiss.IndexFlatIP(d)
         # fp16 codes: half the memory of IVFFlat (1 GB instead of 2 at 1M x 512); their score
         # error is measured by `sfumato bench dedup` (BENCHMARKS.md).
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
         rng = np.random.default_rng(settings.seed)
         picks = np.sort(rng.choice(n, size=min(n, max(settings.train_sample, 39 * nlist)), replace=False))
         index.train(np.ascontiguousarray(emb[picks], dtype=np.float32))

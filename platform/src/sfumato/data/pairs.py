@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -29,8 +29,15 @@ from sfumato.layout import commit_file, temporary_sibling
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("condition", pa.string()), ("chosen", pa.binary()),
-                      ("rejected", pa.binary()), ("origin", pa.string())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("condition", pa.string()),
+            ("chosen", pa.binary()),
+            ("rejected", pa.binary()),
+            ("origin", pa.string()),
+        ]
+    )
 
 
 def _pair_id(condition: str, chosen: bytes, rejected: bytes) -> str:
@@ -60,8 +67,15 @@ def from_abtest(folder: Path) -> tuple[list[dict], dict]:
             if not path.is_file():
                 raise FileNotFoundError(f"vote {vote['vote']} of {folder / 'votes.jsonl'}: its {key} {path} is missing")
             images.append(path.read_bytes())
-        rows.append({"id": _pair_id(vote["condition"], *images), "condition": vote["condition"], "chosen": images[0],
-                     "rejected": images[1], "origin": f"{folder}#{vote['vote']}"})
+        rows.append(
+            {
+                "id": _pair_id(vote["condition"], *images),
+                "condition": vote["condition"],
+                "chosen": images[0],
+                "rejected": images[1],
+                "origin": f"{folder}#{vote['vote']}",
+            }
+        )
     return rows, counts
 
 
@@ -77,13 +91,22 @@ def from_table(path: Path) -> tuple[list[dict], dict]:
             if not row["chosen"] or not row["rejected"]:
                 raise ValueError(f"{path} row {i}: chosen and rejected must both hold image bytes")
             condition = row["condition"] or ""
-            rows.append({"id": _pair_id(condition, row["chosen"], row["rejected"]), "condition": condition,
-                         "chosen": row["chosen"], "rejected": row["rejected"], "origin": f"{path}#{i}"})
+            rows.append(
+                {
+                    "id": _pair_id(condition, row["chosen"], row["rejected"]),
+                    "condition": condition,
+                    "chosen": row["chosen"],
+                    "rejected": row["rejected"],
+                    "origin": f"{path}#{i}",
+                }
+            )
         return rows, counts
     need = {"caption", "jpg_0", "jpg_1", "label_0"}
     if not need <= names:
-        raise ValueError(f"{path} is neither a pairs table (condition, chosen, rejected) nor in Pick-a-Pic's layout "
-                         f"(caption, jpg_0, jpg_1, label_0): it lacks {sorted(need - names)}")
+        raise ValueError(
+            f"{path} is neither a pairs table (condition, chosen, rejected) nor in Pick-a-Pic's layout "
+            f"(caption, jpg_0, jpg_1, label_0): it lacks {sorted(need - names)}"
+        )
     for i, row in enumerate(table.select(sorted(need)).to_pylist()):
         label = row["label_0"]
         if label is None or not 0.0 <= float(label) <= 1.0:
@@ -93,8 +116,15 @@ def from_table(path: Path) -> tuple[list[dict], dict]:
             continue
         chosen, rejected = (row["jpg_0"], row["jpg_1"]) if float(label) > 0.5 else (row["jpg_1"], row["jpg_0"])
         condition = row["caption"] or ""
-        rows.append({"id": _pair_id(condition, chosen, rejected), "condition": condition, "chosen": chosen,
-                     "rejected": rejected, "origin": f"{path}#{i}"})
+        rows.append(
+            {
+                "id": _pair_id(condition, chosen, rejected),
+                "condition": condition,
+                "chosen": chosen,
+                "rejected": rejected,
+                "origin": f"{path}#{i}",
+            }
+        )
     return rows, counts
 
 
@@ -112,7 +142,9 @@ def run_pairs(sources: list[Path], out: Path) -> dict:
         rows.extend(found)
     if not rows:
         raise ValueError(f"{[str(s) for s in sources]} hold no decided vote (ties and skips are no pairs)")
-    total = {k: sum(c[k] for c in summary["sources"].values()) for k in ("votes", "ties", "skips", "damaged_lines", "pairs")}
+    total = {
+        k: sum(c[k] for c in summary["sources"].values()) for k in ("votes", "ties", "skips", "damaged_lines", "pairs")
+    }
     summary.update(total)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +180,9 @@ class PairSet:
             unknown = [(i, c) for i, c in enumerate(self.conditions) if c not in (classes or {})]
             if unknown:
                 i, c = unknown[0]
-                raise ValueError(f"{path} row {i}: condition {c!r} is not one of the model's classes {sorted(classes or {})}")
+                raise ValueError(
+                    f"{path} row {i}: condition {c!r} is not one of the model's classes {sorted(classes or {})}"
+                )
             self.classes = [classes[c] for c in self.conditions]
 
     def __len__(self) -> int:
@@ -163,11 +197,13 @@ class PairSet:
 
     def batch(self, rows, resolution_px: int) -> dict:
         """{"image": chosen uint8 [B,H,W,3], "rejected": the same, "class", "caption", "id"}."""
-        return {"image": np.stack([_decode(self.chosen[r], resolution_px, self.path, r) for r in rows]),
-                "rejected": np.stack([_decode(self.rejected[r], resolution_px, self.path, r) for r in rows]),
-                "class": np.asarray([self.classes[r] if self.classes else -1 for r in rows], np.int64),
-                "caption": [self.conditions[r] if self.conditioning == "text" else "" for r in rows],
-                "id": [self.ids[r] for r in rows]}
+        return {
+            "image": np.stack([_decode(self.chosen[r], resolution_px, self.path, r) for r in rows]),
+            "rejected": np.stack([_decode(self.rejected[r], resolution_px, self.path, r) for r in rows]),
+            "class": np.asarray([self.classes[r] if self.classes else -1 for r in rows], np.int64),
+            "caption": [self.conditions[r] if self.conditioning == "text" else "" for r in rows],
+            "id": [self.ids[r] for r in rows],
+        }
 
 
 def _decode(data: bytes, resolution_px: int, path: Path, row: int) -> np.ndarray:
@@ -184,17 +220,27 @@ def _decode(data: bytes, resolution_px: int, path: Path, row: int) -> np.ndarray
     return np.asarray(image)
 
 
-def pair_batches(pairs: PairSet, rows: np.ndarray, batch_size: int, resolution_px: int, rank: int, world: int,
-                 seed: int, position: dict | None = None) -> Iterator[tuple[dict, dict]]:
+def pair_batches(
+    pairs: PairSet,
+    rows: np.ndarray,
+    batch_size: int,
+    resolution_px: int,
+    rank: int,
+    world: int,
+    seed: int,
+    position: dict | None = None,
+) -> Iterator[tuple[dict, dict]]:
     """(batch, position) without end: each epoch the training rows in an order drawn from (seed,
     epoch), rank r taking every world-th of them, in whole batches. `position` (from a checkpoint)
     continues exactly where that batch left off."""
     if len(rows) // world < batch_size:
-        raise ValueError(f"{pairs.path}: {len(rows)} training pairs cannot fill a micro-batch of {batch_size} "
-                         f"on each of {world} worker(s): collect more votes or lower the micro-batch size")
+        raise ValueError(
+            f"{pairs.path}: {len(rows)} training pairs cannot fill a micro-batch of {batch_size} "
+            f"on each of {world} worker(s): collect more votes or lower the micro-batch size"
+        )
     epoch, start = (position["epoch"], position["next"]) if position else (0, 0)
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(rows)[rank::world]
         for at in range(start, len(order) - batch_size + 1, batch_size):
-            yield pairs.batch(order[at:at + batch_size], resolution_px), {"epoch": epoch, "next": at + batch_size}
+            yield pairs.batch(order[at : at + batch_size], resolution_px), {"epoch": epoch, "next": at + batch_size}
         epoch, start = epoch + 1, 0

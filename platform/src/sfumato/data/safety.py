@@ -60,7 +60,9 @@ class AestheticHead:
         weights = load_file(str(path))
         count = len({k.split(".")[1] for k in weights if k.startswith("layers.")})
         if count == 0 or any(f"layers.{k}.weight" not in weights for k in range(count)):
-            raise ValueError(f"{path}: expected tensors layers.0.weight, layers.0.bias, ... (got {sorted(weights)[:4]})")
+            raise ValueError(
+                f"{path}: expected tensors layers.0.weight, layers.0.bias, ... (got {sorted(weights)[:4]})"
+            )
         self.layers = [(weights[f"layers.{k}.weight"], weights[f"layers.{k}.bias"]) for k in range(count)]
         if self.layers[-1][0].shape[0] != 1:
             raise ValueError(f"{path}: the last layer must have one output, has {self.layers[-1][0].shape[0]}")
@@ -100,11 +102,16 @@ def run_safety(cfg: Config) -> dict:
     if scfg.drop_nsfw:
         manifest.loc[ok & (manifest["nsfw_flag"] == True), "status"] = UNSAFE  # noqa: E712 (nullable)
     if scfg.min_aesthetic is not None and scfg.aesthetic_weights is not None:
-        manifest.loc[(manifest["status"] == OK) & (manifest["aesthetic_score"] < scfg.min_aesthetic), "status"] = LOW_AESTHETIC
+        manifest.loc[(manifest["status"] == OK) & (manifest["aesthetic_score"] < scfg.min_aesthetic), "status"] = (
+            LOW_AESTHETIC
+        )
     write_manifest(manifest, DataFolder(out).manifest)
-    summary = {"scored": int(scored.sum()), "nsfw_flagged": int((manifest["nsfw_flag"] == True).sum()),  # noqa: E712
-               "unsafe_dropped": int((manifest["status"] == UNSAFE).sum()),
-               "low_aesthetic_dropped": int((manifest["status"] == LOW_AESTHETIC).sum()),
-               "aesthetic": "scored" if scfg.aesthetic_weights is not None else "off (no weights)"}
+    summary = {
+        "scored": int(scored.sum()),
+        "nsfw_flagged": int((manifest["nsfw_flag"] == True).sum()),  # noqa: E712
+        "unsafe_dropped": int((manifest["status"] == UNSAFE).sum()),
+        "low_aesthetic_dropped": int((manifest["status"] == LOW_AESTHETIC).sum()),
+        "aesthetic": "scored" if scfg.aesthetic_weights is not None else "off (no weights)",
+    }
     log.info("safety: %s", summary)
     return summary

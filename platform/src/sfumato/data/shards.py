@@ -30,8 +30,15 @@ import ray
 from sfumato.config import Config, content_hash, write_resolved
 from sfumato.data.decode import EXTENSIONS, DecodeLimits, Rejected, decode_image, encode, nearest_bucket, render
 from sfumato.data.manifest import OK
-from sfumato.layout import (DataFolder, ShardFolder, atomic_write, atomic_write_json, commit_file, is_temporary,
-                            temporary_sibling)
+from sfumato.layout import (
+    DataFolder,
+    ShardFolder,
+    atomic_write,
+    atomic_write_json,
+    commit_file,
+    is_temporary,
+    temporary_sibling,
+)
 from sfumato.runtime import cpu_tasks, init_ray
 
 log = logging.getLogger(__name__)
@@ -80,16 +87,27 @@ class ShardWriter:
             sources[row["source"]] += 1
             for res, tar in tars.items():
                 meta = {k: row[k] for k in ("id", "caption", "tags", "license", "source", "class")}
-                meta.update(allow_hflip=self.cfg.allow_hflip, resolution_px=res,
-                            orig_width=decoded.width, orig_height=decoded.height)
+                meta.update(
+                    allow_hflip=self.cfg.allow_hflip,
+                    resolution_px=res,
+                    orig_width=decoded.width,
+                    orig_height=decoded.height,
+                )
                 bucket = None
                 if self.cfg.buckets is not None:
                     # By the decoded image's shape (EXIF-oriented), not the manifest's stored size.
                     bucket = nearest_bucket(*decoded.image.size, self.cfg.bucket_sizes(res))
                     meta["bucket_px"] = list(bucket)
                 key = row["key"]
-                tar_add(tar, f"{key}.{ext}", encode(render(decoded.image, res, self.cfg.resize_mode, bucket),
-                                                     self.cfg.image_format, self.cfg.jpeg_quality))
+                tar_add(
+                    tar,
+                    f"{key}.{ext}",
+                    encode(
+                        render(decoded.image, res, self.cfg.resize_mode, bucket),
+                        self.cfg.image_format,
+                        self.cfg.jpeg_quality,
+                    ),
+                )
                 tar_add(tar, f"{key}.txt", (row["caption"] or "").encode())
                 tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 if row["class"] is not None:
@@ -99,9 +117,16 @@ class ShardWriter:
             tar.close()
             final = commit_file(tmp[res], self.folder.shard(res, index))
             digest = hashlib.sha256(final.read_bytes()).hexdigest()
-            sidecar = {"shard": self.folder.relative(final), "resolution_px": res, "sample_count": counts[res],
-                       "bytes": final.stat().st_size, "sha256": digest, "spec_hash": spec_hash, "failed": failed,
-                       "sources": dict(sorted(sources.items()))}
+            sidecar = {
+                "shard": self.folder.relative(final),
+                "resolution_px": res,
+                "sample_count": counts[res],
+                "bytes": final.stat().st_size,
+                "sha256": digest,
+                "spec_hash": spec_hash,
+                "failed": failed,
+                "sources": dict(sorted(sources.items())),
+            }
             atomic_write_json(self.folder.sidecar(final), sidecar, indent=None)  # the completion marker, last
         return {"index": index, "failed": len(failed)}
 
@@ -125,8 +150,10 @@ class ShardSummary:
     shards_dir: str
 
     def line(self) -> str:
-        return (f"shards: {self.samples} samples in {self.shards} shards per resolution "
-                f"({self.written} written, {self.skipped} already complete, {self.failed} failed) -> {self.shards_dir}")
+        return (
+            f"shards: {self.samples} samples in {self.shards} shards per resolution "
+            f"({self.written} written, {self.skipped} already complete, {self.failed} failed) -> {self.shards_dir}"
+        )
 
 
 def run_shards(cfg: Config) -> ShardSummary:
@@ -149,25 +176,37 @@ def run_shards(cfg: Config) -> ShardSummary:
     for key, row in enumerate(rows):
         row["key"] = f"{key:09d}"
         row["class"] = classes[row["tags"][-1]] if row["tags"] else None
-    render_params = {**scfg.model_dump(mode="json", exclude={"num_workers"}), "limits": DecodeLimits.from_config(cfg.data.ingest).__dict__}
+    render_params = {
+        **scfg.model_dump(mode="json", exclude={"num_workers"}),
+        "limits": DecodeLimits.from_config(cfg.data.ingest).__dict__,
+    }
     specs = []
     per = scfg.samples_per_shard
     for index, start in enumerate(range(0, len(rows), per)):
-        chunk = rows[start:start + per]
-        spec_hash = content_hash(render_params, [(r["key"], r["id"], r["sha256"], r["caption"], r["class"]) for r in chunk])
+        chunk = rows[start : start + per]
+        spec_hash = content_hash(
+            render_params, [(r["key"], r["id"], r["sha256"], r["caption"], r["class"]) for r in chunk]
+        )
         specs.append({"index": index, "spec_hash": spec_hash, "rows": chunk})
-    pending = [s for s in specs if any(_complete(shards_dir, res, s["index"], s["spec_hash"]) is None
-                                       for res in scfg.resolutions_px)]
+    pending = [
+        s
+        for s in specs
+        if any(_complete(shards_dir, res, s["index"], s["spec_hash"]) is None for res in scfg.resolutions_px)
+    ]
     _remove_stale(shards_dir, scfg.resolutions_px, len(specs))
     if pending:
         init_ray(cfg.ray)
         limits = DecodeLimits.from_config(cfg.data.ingest)
         # One row per shard; its sample list travels as JSON (plain Arrow, no nested inference).
-        items = [{"index": s["index"], "spec_hash": s["spec_hash"], "rows_json": json.dumps(s["rows"])} for s in pending]
+        items = [
+            {"index": s["index"], "spec_hash": s["spec_hash"], "rows_json": json.dumps(s["rows"])} for s in pending
+        ]
         # Tasks, not an actor pool: the writer holds no state worth keeping, and Ray's
         # already-started workers run tasks without the seconds an actor pool spends starting up.
         done = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            ShardWriter(scfg, limits, str(shards_dir)), num_cpus=1, compute=cpu_tasks(scfg.num_workers),
+            ShardWriter(scfg, limits, str(shards_dir)),
+            num_cpus=1,
+            compute=cpu_tasks(scfg.num_workers),
         )
         done.context.op_resource_reservation_enabled = False  # one operator: see ingest
         for _ in done.iter_rows():
@@ -177,8 +216,14 @@ def run_shards(cfg: Config) -> ShardSummary:
         raise RuntimeError(f"some shards in {shards_dir} did not complete; re-run `sfumato shards` to resume")
     _write_shard_manifest(shards_dir, sidecars)
     failed = sum(len(i["failed"]) for i in sidecars[: len(specs)])
-    summary = ShardSummary(len(specs), len(pending), len(specs) - len(pending),
-                           sum(i["sample_count"] for i in sidecars[: len(specs)]), failed, str(shards_dir))
+    summary = ShardSummary(
+        len(specs),
+        len(pending),
+        len(specs) - len(pending),
+        sum(i["sample_count"] for i in sidecars[: len(specs)]),
+        failed,
+        str(shards_dir),
+    )
     log.info(summary.line())
     return summary
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -95,12 +95,9 @@ def _read_table(path: Path, text_columns: list[str]):
         yield from pq.ParquetFile(path).iter_batches(batch_size=8192)
     else:
         # Read as text, not inferred: an id "007" must stay "007".
-        opts = pacsv.ConvertOptions(
-            strings_can_be_null=True, column_types={name: pa.string() for name in text_columns}
-        )
+        opts = pacsv.ConvertOptions(strings_can_be_null=True, column_types={name: pa.string() for name in text_columns})
         reader = pacsv.open_csv(path, convert_options=opts, read_options=pacsv.ReadOptions(block_size=1 << 22))
-        for batch in reader:
-            yield batch
+        yield from reader
 
 
 def _text(value) -> str | None:
@@ -120,8 +117,18 @@ def _tags(value) -> list[str]:
 
 def enumerate_table(index: int, src: TableSource) -> Iterator[dict]:
     root = src.root or src.path.parent
-    wanted = [c for c in (src.path_column, src.id_column, src.caption_column, src.license_column,
-                          src.source_column, src.tags_column) if c]
+    wanted = [
+        c
+        for c in (
+            src.path_column,
+            src.id_column,
+            src.caption_column,
+            src.license_column,
+            src.source_column,
+            src.tags_column,
+        )
+        if c
+    ]
     row_number = 0
     for batch in _read_table(src.path, wanted):
         if src.path_column not in batch.schema.names:
@@ -131,7 +138,7 @@ def enumerate_table(index: int, src: TableSource) -> Iterator[dict]:
             )
         columns = {name: batch.column(name).to_pylist() for name in wanted if name in batch.schema.names}
         for i in range(batch.num_rows):
-            get = lambda name: _text(columns[name][i]) if name in columns else None  # noqa: E731
+            get = lambda name, i=i, columns=columns: _text(columns[name][i]) if name in columns else None  # noqa: E731
             value = get(src.path_column)
             fields = {
                 "id": get(src.id_column),
@@ -143,20 +150,41 @@ def enumerate_table(index: int, src: TableSource) -> Iterator[dict]:
             locator = f"row{row_number:012d}"
             row_number += 1
             if value is None:
-                yield record(index, src.name, locator, f"{src.path}#{locator}", precheck=MISSING_PATH,
-                             precheck_detail=f"row {row_number - 1} has no {src.path_column!r}", **fields)
+                yield record(
+                    index,
+                    src.name,
+                    locator,
+                    f"{src.path}#{locator}",
+                    precheck=MISSING_PATH,
+                    precheck_detail=f"row {row_number - 1} has no {src.path_column!r}",
+                    **fields,
+                )
                 continue
             scheme = urlparse(value).scheme.lower()
             if scheme in ("http", "https"):
                 yield record(index, src.name, locator, value, kind="url", **fields)
             elif scheme and len(scheme) > 1:  # (a one-letter scheme is a Windows drive)
-                yield record(index, src.name, locator, value, precheck=UNSUPPORTED_SCHEME,
-                             precheck_detail=f"{scheme}:// is not supported (http, https or a local path)", **fields)
+                yield record(
+                    index,
+                    src.name,
+                    locator,
+                    value,
+                    precheck=UNSUPPORTED_SCHEME,
+                    precheck_detail=f"{scheme}:// is not supported (http, https or a local path)",
+                    **fields,
+                )
             else:
                 path = Path(value) if os.path.isabs(value) else root / value
                 if not inside(root, path):
-                    yield record(index, src.name, locator, value, precheck=PATH_ESCAPES_ROOT,
-                                 precheck_detail=f"{value} resolves outside {root}", **fields)
+                    yield record(
+                        index,
+                        src.name,
+                        locator,
+                        value,
+                        precheck=PATH_ESCAPES_ROOT,
+                        precheck_detail=f"{value} resolves outside {root}",
+                        **fields,
+                    )
                 else:
                     yield record(index, src.name, locator, str(path), **fields)
 
@@ -171,8 +199,15 @@ def enumerate_webdataset(index: int, src: WebDatasetSource) -> Iterator[dict]:
         try:
             samples = _tar_samples(tar_path)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            yield record(index, src.name, rel, str(tar_path), precheck=UNREADABLE_TAR,
-                         precheck_detail=f"{type(exc).__name__}: {exc}", license=src.license)
+            yield record(
+                index,
+                src.name,
+                rel,
+                str(tar_path),
+                precheck=UNREADABLE_TAR,
+                precheck_detail=f"{type(exc).__name__}: {exc}",
+                license=src.license,
+            )
             continue
         for key, members in samples:
             meta = members.get("meta", {})
@@ -185,12 +220,20 @@ def enumerate_webdataset(index: int, src: WebDatasetSource) -> Iterator[dict]:
             locator = f"{rel}/{key}"
             image = members.get("image")
             if image is None:
-                yield record(index, src.name, locator, f"{tar_path}#{key}", precheck=NO_IMAGE_IN_SAMPLE,
-                             precheck_detail=f"no {'/'.join(IMAGE_EXTENSIONS)} member for key {key}", **fields)
+                yield record(
+                    index,
+                    src.name,
+                    locator,
+                    f"{tar_path}#{key}",
+                    precheck=NO_IMAGE_IN_SAMPLE,
+                    precheck_detail=f"no {'/'.join(IMAGE_EXTENSIONS)} member for key {key}",
+                    **fields,
+                )
                 continue
             name, offset, size = image
-            yield record(index, src.name, locator, f"{tar_path}#{name}", kind="tar",
-                         tar_offset=offset, tar_size=size, **fields)
+            yield record(
+                index, src.name, locator, f"{tar_path}#{name}", kind="tar", tar_offset=offset, tar_size=size, **fields
+            )
 
 
 def _tar_samples(tar_path: Path) -> list[tuple[str, dict]]:

@@ -18,8 +18,21 @@ import threading
 from pathlib import Path
 
 CHOICES = ("left", "right", "tie", "skip")
-FIELDS = ("vote", "time", "rater", "trial", "condition", "seed_left", "seed_right", "left_model", "right_model",
-          "left_image", "right_image", "choice", "winner")
+FIELDS = (
+    "vote",
+    "time",
+    "rater",
+    "trial",
+    "condition",
+    "seed_left",
+    "seed_right",
+    "left_model",
+    "right_model",
+    "left_image",
+    "right_image",
+    "choice",
+    "winner",
+)
 
 
 class VoteLog:
@@ -88,11 +101,23 @@ def votes_table(votes: list[dict]):
     """The preferences table (pyarrow), one row per vote, columns FIELDS."""
     import pyarrow as pa
 
-    schema = pa.schema([("vote", pa.string()), ("time", pa.float64()), ("rater", pa.string()),
-                        ("trial", pa.string()), ("condition", pa.string()), ("seed_left", pa.int64()),
-                        ("seed_right", pa.int64()), ("left_model", pa.string()), ("right_model", pa.string()),
-                        ("left_image", pa.string()), ("right_image", pa.string()), ("choice", pa.string()),
-                        ("winner", pa.string())])
+    schema = pa.schema(
+        [
+            ("vote", pa.string()),
+            ("time", pa.float64()),
+            ("rater", pa.string()),
+            ("trial", pa.string()),
+            ("condition", pa.string()),
+            ("seed_left", pa.int64()),
+            ("seed_right", pa.int64()),
+            ("left_model", pa.string()),
+            ("right_model", pa.string()),
+            ("left_image", pa.string()),
+            ("right_image", pa.string()),
+            ("choice", pa.string()),
+            ("winner", pa.string()),
+        ]
+    )
     return pa.Table.from_pylist([{k: v[k] for k in FIELDS} for v in votes], schema=schema)
 
 
@@ -115,8 +140,14 @@ def _tally(votes: list[dict], models: list[str]) -> dict:
         ties = sum(v["choice"] == "tie" for v in mine)
         score = wins + 0.5 * ties
         low, high = wilson_interval(score, len(mine))
-        out["models"][model] = {"wins": wins, "ties": ties, "losses": len(mine) - wins - ties, "votes": len(mine),
-                                "win_rate": score / len(mine) if mine else None, "ci95": [low, high]}
+        out["models"][model] = {
+            "wins": wins,
+            "ties": ties,
+            "losses": len(mine) - wins - ties,
+            "votes": len(mine),
+            "win_rate": score / len(mine) if mine else None,
+            "ci95": [low, high],
+        }
     return out
 
 
@@ -126,8 +157,13 @@ def results(votes: list[dict], planned: int, damaged: int = 0) -> dict:
     models = sorted({v["left_model"] for v in votes} | {v["right_model"] for v in votes})
     overall = _tally(votes, models)
     conditions = sorted({v["condition"] for v in votes})
-    return {"models": models, "overall": overall,
-            "per_condition": {c: _tally([v for v in votes if v["condition"] == c], models) for c in conditions},
-            "skips": sum(v["choice"] == "skip" for v in votes), "planned": planned,
-            "remaining": max(0, planned - overall["votes"]), "damaged_lines": damaged,
-            "left_shown": {m: sum(v["left_model"] == m for v in votes) for m in models}}
+    return {
+        "models": models,
+        "overall": overall,
+        "per_condition": {c: _tally([v for v in votes if v["condition"] == c], models) for c in conditions},
+        "skips": sum(v["choice"] == "skip" for v in votes),
+        "planned": planned,
+        "remaining": max(0, planned - overall["votes"]),
+        "damaged_lines": damaged,
+        "left_shown": {m: sum(v["left_model"] == m for v in votes) for m in models},
+    }

@@ -30,8 +30,9 @@ from sfumato.diffusion.loss import Denoiser, sample_noise
 from sfumato.diffusion.schedule import NoiseSchedule
 
 
-def draw_times_and_noise(x0: torch.Tensor, cfg, generator: torch.Generator | None,
-                         resolution_px: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_times_and_noise(
+    x0: torch.Tensor, cfg, generator: torch.Generator | None, resolution_px: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One timestep per pair and one noise per pair (`x0`: the preferred images, B x C x H x W),
     drawn as the pre-training loss draws them (flow: the configured time distribution and shift;
     DDPM: uniform discrete steps, plus the noise offset)."""
@@ -42,8 +43,9 @@ def draw_times_and_noise(x0: torch.Tensor, cfg, generator: torch.Generator | Non
     return t, sample_noise(x0, cfg.noise_offset, generator)
 
 
-def denoising_errors(denoise: Denoiser, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor,
-                     schedule: NoiseSchedule, cfg) -> torch.Tensor:
+def denoising_errors(
+    denoise: Denoiser, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule, cfg
+) -> torch.Tensor:
     """Per-sample mean squared error of `denoise`'s prediction against the objective's target."""
     if cfg.objective == "flow":
         prediction = denoise(flow.interpolate(x0, noise, t), t * cfg.num_train_timesteps, cond)
@@ -54,19 +56,33 @@ def denoising_errors(denoise: Denoiser, x0: torch.Tensor, cond, t: torch.Tensor,
     return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
 
 
-def dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, dict]:
+def dpo_loss(
+    policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict]:
     """Per-pair losses (not reduced) and detached statistics from the four per-sample errors."""
     inside = -0.5 * beta * ((policy_w - ref_w) - (policy_l - ref_l))
     losses = -F.logsigmoid(inside)
-    stats = {"reward_accuracy": (inside > 0).float().mean().detach(), "reward_margin": inside.mean().detach(),
-             "policy_error_chosen": policy_w.mean().detach(), "policy_error_rejected": policy_l.mean().detach()}
+    stats = {
+        "reward_accuracy": (inside > 0).float().mean().detach(),
+        "reward_margin": inside.mean().detach(),
+        "policy_error_chosen": policy_w.mean().detach(),
+        "policy_error_rejected": policy_l.mean().detach(),
+    }
     return losses, stats
 
 
-def pair_loss(policy: Denoiser, reference: Denoiser, chosen: torch.Tensor, rejected: torch.Tensor, cond,
-              schedule: NoiseSchedule, cfg, beta: float, generator: torch.Generator | None = None,
-              resolution_px: int | None = None) -> tuple[torch.Tensor, dict]:
+def pair_loss(
+    policy: Denoiser,
+    reference: Denoiser,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    cond,
+    schedule: NoiseSchedule,
+    cfg,
+    beta: float,
+    generator: torch.Generator | None = None,
+    resolution_px: int | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The batch's mean DPO loss: chosen and rejected go through each network in one forward pass,
     with the same t and noise; the reference runs without gradients. `cond`: the pairs'
     conditions (a tensor of B rows, or None)."""

@@ -22,8 +22,9 @@ def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sample_times(batch: int, flow_cfg, resolution_px: int, generator: torch.Generator | None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_times(
+    batch: int, flow_cfg, resolution_px: int, generator: torch.Generator | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Training times in (0, 1), drawn as `flow_cfg.timestep_sampling` says, shifted for the
     resolution (float32, on the generator's device, then moved)."""
     gen_device = generator.device if generator is not None else device

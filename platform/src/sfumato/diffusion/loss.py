@@ -16,7 +16,7 @@ an image's mean brightness.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -44,8 +44,9 @@ def sample_noise(x0: torch.Tensor, noise_offset: float, generator: torch.Generat
     return noise
 
 
-def drop_conditions(keep_shape: int, probability: float, generator: torch.Generator | None,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+def drop_conditions(
+    keep_shape: int, probability: float, generator: torch.Generator | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Boolean mask of samples whose condition is dropped (classifier-free guidance training,
     Ho & Salimans 2022): the model learns the unconditional score from the same batches."""
     if probability <= 0:
@@ -53,8 +54,15 @@ def drop_conditions(keep_shape: int, probability: float, generator: torch.Genera
     return torch.rand(keep_shape, generator=generator, device=device) < probability
 
 
-def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, cfg,
-                   generator: torch.Generator | None = None, resolution_px: int | None = None) -> tuple[torch.Tensor, dict]:
+def diffusion_loss(
+    denoise: Denoiser,
+    x0: torch.Tensor,
+    cond,
+    schedule: NoiseSchedule,
+    cfg,
+    generator: torch.Generator | None = None,
+    resolution_px: int | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Mean weighted MSE over a batch; `cfg` is the config's `diffusion` section, whose objective
     picks DDPM (below) or rectified flow (`flow_loss`). `resolution_px`: the images' size in
     pixels (flow's resolution-dependent shift; None: x0's width). Returns (loss, stats) with
@@ -73,8 +81,9 @@ def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSch
     return loss, {"loss_unweighted": per_sample.mean().detach(), "t_mean": t.float().mean()}
 
 
-def flow_loss(denoise: Denoiser, x0: torch.Tensor, cond, cfg, generator: torch.Generator | None,
-              resolution_px: int) -> tuple[torch.Tensor, dict]:
+def flow_loss(
+    denoise: Denoiser, x0: torch.Tensor, cond, cfg, generator: torch.Generator | None, resolution_px: int
+) -> tuple[torch.Tensor, dict]:
     """L = E_t || f(x_t, t, c) - (eps - x_0) ||^2, x_t = (1 - t) x_0 + t eps (sfumato.diffusion.flow).
     Unweighted: the time distribution (logit-normal, shift) is the weighting (SD3 sec. 3.1)."""
     t = flow.sample_times(x0.shape[0], cfg.flow, resolution_px, generator, x0.device)
@@ -91,8 +100,9 @@ def validation_timesteps(num_train_timesteps: int, count: int, device: torch.dev
 
 
 @torch.no_grad()
-def validation_loss(denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, cfg,
-                    count: int, generator: torch.Generator) -> torch.Tensor:
+def validation_loss(
+    denoise: Denoiser, x0: torch.Tensor, cond, schedule: NoiseSchedule, cfg, count: int, generator: torch.Generator
+) -> torch.Tensor:
     """Per-image plain MSE of the prediction target, averaged over `count` evenly spaced times
     of the whole noise range, with noise from `generator` (seeded the same at every evaluation).
     Unweighted, without noise offset, condition dropout or time shift: it stays one yardstick

@@ -18,7 +18,7 @@ then image i depends on its own seed only, not on the batch it was generated in.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
@@ -34,8 +34,13 @@ def null_class(unet) -> int | None:
     return None if count is None else count - 1
 
 
-def predict(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-            text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+def predict(
+    unet,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    text_encoder: torch.nn.Module | None = None,
+) -> torch.Tensor:
     """The network's prediction for (x_t, t, cond), whatever the family: `cond` is token ids for
     a text-conditional net (or, floating point, a frozen encoder's states of them, from the
     training's cache: sfumato.models.cache), class labels otherwise (None: the "no class" label)."""
@@ -92,13 +97,26 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             unet.__class__ = type(type(unet).__name__, (type(unet), PeftAdapterMixin), {})
         return super().load_lora_into_unet(state_dict, network_alphas, unet, *args, **kwargs)
 
-    def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None,
-                 class_names: list[str] | None = None, text_max_length: int | None = None,
-                 latent_scale: float = 1.0, latent_shift: float = 0.0):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        text_encoder=None,
+        tokenizer=None,
+        vae=None,
+        class_names: list[str] | None = None,
+        text_max_length: int | None = None,
+        latent_scale: float = 1.0,
+        latent_shift: float = 0.0,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
-        self.register_to_config(class_names=class_names, text_max_length=text_max_length,
-                                latent_scale=latent_scale, latent_shift=latent_shift)
+        self.register_to_config(
+            class_names=class_names,
+            text_max_length=text_max_length,
+            latent_scale=latent_scale,
+            latent_shift=latent_shift,
+        )
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -134,8 +152,9 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # ----------------------------------------------------------------------- conditions
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         max_length = self.config.text_max_length or self.tokenizer.model_max_length
-        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
-                              return_tensors="pt").input_ids
+        return self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        ).input_ids
 
     def _class_ids(self, class_labels) -> torch.Tensor:
         names = self.config.class_names or []
@@ -153,8 +172,9 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             ids.append(int(label))
         return torch.tensor(ids, dtype=torch.long)
 
-    def conditions(self, prompt=None, negative_prompt=None, class_labels=None, prompt_ids=None,
-                   batch_size: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    def conditions(
+        self, prompt=None, negative_prompt=None, class_labels=None, prompt_ids=None, batch_size: int = 1
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """(cond, uncond, batch size): token ids or class labels for the conditional and the
         guidance pass; None for an unconditional model."""
         if self.text_encoder is not None:
@@ -180,12 +200,23 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     # ---------------------------------------------------------------------------- sample
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 class_labels=None, prompt_ids: torch.Tensor | None = None, batch_size: int = 1,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 1.0, generator=None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True,
-                 callback: Callable[[int, torch.Tensor], None] | None = None):
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        class_labels=None,
+        prompt_ids: torch.Tensor | None = None,
+        batch_size: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator=None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ):
         """Images for the prompts / class labels (or `batch_size` unconditional ones).
         `latents`: the starting noise (else drawn from `generator`, one per image when a list).
         `callback(step_index, t)` runs before every denoising step; raising there cancels.
@@ -207,8 +238,11 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shape = (n, self.unet.config.in_channels, height // factor, width // factor)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        x = latents.to(device, self.unet.dtype) if latents is not None else \
-            randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        x = (
+            latents.to(device, self.unet.dtype)
+            if latents is not None
+            else randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        )
         # DDPM schedulers scale the noise and the model input; flow-matching ones do neither.
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
         scale = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)

@@ -36,15 +36,22 @@ def is_flow(scheduler_config) -> bool:
 def sampler_from(scheduler_config, name: str):
     """The named sampler on the noise schedule of any of these schedulers' configs (an exported
     pipeline's, for one); a flow model takes flow samplers only, a DDPM model the others."""
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                           FlowMatchHeunDiscreteScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+    )
 
     if name not in SAMPLERS:
         raise KeyError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
     flow = is_flow(scheduler_config)
     if flow != (name in FLOW_SAMPLERS):
-        raise ValueError(f"sampler {name!r} does not fit a {'flow-matching' if flow else 'DDPM'} model; "
-                         f"choose one of {FLOW_SAMPLERS if flow else DDPM_SAMPLERS}")
+        raise ValueError(
+            f"sampler {name!r} does not fit a {'flow-matching' if flow else 'DDPM'} model; "
+            f"choose one of {FLOW_SAMPLERS if flow else DDPM_SAMPLERS}"
+        )
     keys = ("num_train_timesteps", "shift")
     if name == "flow-euler":
         return FlowMatchEulerDiscreteScheduler(**{k: scheduler_config[k] for k in keys})
@@ -56,8 +63,13 @@ def sampler_from(scheduler_config, name: str):
         return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
     if name == "dpm-solver++":
         # final_sigmas_type "zero" is what a zero-terminal-SNR schedule needs; harmless otherwise.
-        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       timestep_spacing="trailing", final_sigmas_type="zero")
+        return DPMSolverMultistepScheduler.from_config(
+            scheduler_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing="trailing",
+            final_sigmas_type="zero",
+        )
     raise AssertionError(f"sampler {name!r} is listed but not built")
 
 
@@ -66,8 +78,17 @@ def generators(seed: int, first_index: int, count: int) -> list[torch.Generator]
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(first_index, first_index + count)]
 
 
-def sample(pipe, num_images: int, seed: int, steps: int, guidance_scale: float = 1.0, conditions=None,
-           first_index: int = 0, height: int | None = None, width: int | None = None) -> torch.Tensor:
+def sample(
+    pipe,
+    num_images: int,
+    seed: int,
+    steps: int,
+    guidance_scale: float = 1.0,
+    conditions=None,
+    first_index: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
     """Images in [0, 1], NCHW, from a SfumatoPipeline: images first_index .. first_index+num_images
     of the seed's sequence. `conditions` (one per image): prompts or token ids for a text model,
     class indices or names for a class model, None for an unconditional one (or "no condition").
@@ -80,9 +101,16 @@ def sample(pipe, num_images: int, seed: int, steps: int, guidance_scale: float =
     elif pipe.text_encoder is not None:
         kwargs = {"prompt": [""] * num_images}
     guidance = guidance_scale if pipe.is_conditional else 1.0
-    return pipe(**kwargs, batch_size=num_images, height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generators(seed, first_index, num_images), output_type="pt").images
+    return pipe(
+        **kwargs,
+        batch_size=num_images,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generators(seed, first_index, num_images),
+        output_type="pt",
+    ).images
 
 
 def to_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
@@ -94,5 +122,5 @@ def to_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
     grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
     for i, img in enumerate(pixels):
         r, c = divmod(i, columns)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img[..., :3]
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img[..., :3]
     return Image.fromarray(grid)

@@ -47,7 +47,7 @@ class NoiseSchedule:
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
 
     @classmethod
-    def from_config(cls, cfg) -> "NoiseSchedule":
+    def from_config(cls, cfg) -> NoiseSchedule:
         return cls(ddpm_scheduler(cfg).alphas_cumprod)
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

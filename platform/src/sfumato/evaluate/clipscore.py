@@ -22,8 +22,9 @@ from sfumato.evaluate.features import Clip
 CLIPSCORE_WEIGHT = 100.0
 
 
-def clip_scores(images: torch.Tensor, captions: list[str], source: str | Clip, device: str = "cpu",
-                batch_size: int = 64) -> np.ndarray:
+def clip_scores(
+    images: torch.Tensor, captions: list[str], source: str | Clip, device: str = "cpu", batch_size: int = 64
+) -> np.ndarray:
     """Per-pair CLIPScores, float64 [N]: image i (float NCHW RGB in [-1, 1]) with caption i.
     `source`: a CLIP hub id or local folder (loaded onto `device`), or an already loaded
     `Clip` (shared with FD-CLIP, on its own device)."""
@@ -33,15 +34,16 @@ def clip_scores(images: torch.Tensor, captions: list[str], source: str | Clip, d
     scores = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            image = clip.image_features(images[start:start + batch_size])
-            text = clip.text_features(captions[start:start + batch_size])
+            image = clip.image_features(images[start : start + batch_size])
+            text = clip.text_features(captions[start : start + batch_size])
             cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1, eps=1e-12)
             scores.append((CLIPSCORE_WEIGHT * cosine.clamp_min(0)).double().cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def clip_score(images: torch.Tensor, captions: list[str], source: str | Clip, device: str = "cpu",
-               batch_size: int = 64) -> float:
+def clip_score(
+    images: torch.Tensor, captions: list[str], source: str | Clip, device: str = "cpu", batch_size: int = 64
+) -> float:
     """Mean CLIPScore over the (image, caption) pairs, in [0, 100]."""
     if len(images) == 0:
         raise ValueError("CLIPScore of no images is undefined")

@@ -56,8 +56,11 @@ class ClassifierNet(nn.Module):
         super().__init__()
         layers, previous = [], 3
         for block, channels in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            layers += [nn.Conv2d(previous, channels, 3, stride=1 if block == 0 else 2, padding=1, bias=False),
-                       nn.BatchNorm2d(channels), nn.SiLU()]
+            layers += [
+                nn.Conv2d(previous, channels, 3, stride=1 if block == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.SiLU(),
+            ]
             previous = channels
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(previous, num_classes)
@@ -90,12 +93,14 @@ class DomainClassifier:
         """float NCHW in [-1, 1] -> (features float64 [N, 8 x width], predicted class int64 [N])."""
         images = torch.as_tensor(images)
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.resolution_px,) * 2:
-            raise ValueError(f"the domain classifier takes float images [N, 3, {self.resolution_px}, "
-                             f"{self.resolution_px}] in [-1, 1] (its training resolution), got {tuple(images.shape)}")
+            raise ValueError(
+                f"the domain classifier takes float images [N, 3, {self.resolution_px}, "
+                f"{self.resolution_px}] in [-1, 1] (its training resolution), got {tuple(images.shape)}"
+            )
         features, predicted = [], []
         with torch.no_grad():
             for start in range(0, len(images), BATCH):
-                chunk = images[start:start + BATCH].to(self.device, torch.float32)
+                chunk = images[start : start + BATCH].to(self.device, torch.float32)
                 f, logits = self.net(chunk)
                 features.append(f.double().cpu().numpy())
                 predicted.append(logits.argmax(1).cpu().numpy())
@@ -140,12 +145,17 @@ def _augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.
     pad = max(1, height // 8)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + height, dx[i]:dx[i] + width] for i in range(n)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)])
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     settings: DomainConfig | None = None, heldout: tuple[np.ndarray, np.ndarray] | None = None,
-                     device: str = "cpu") -> DomainClassifier:
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    settings: DomainConfig | None = None,
+    heldout: tuple[np.ndarray, np.ndarray] | None = None,
+    device: str = "cpu",
+) -> DomainClassifier:
     """Train on uint8 NHWC images with class indices into `class_names`; with `heldout`
     (images, labels), its accuracy is `heldout_accuracy`. Deterministic for the same inputs and
     settings.seed (initialisation, batch order and augmentation are seeded; the caller's torch
@@ -155,7 +165,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[s
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"{len(x)} images and {len(y)} labels: need as many labels as images, at least 2")
     if len(class_names) < 2 or int(y.min()) < 0 or int(y.max()) >= len(class_names):
-        raise ValueError(f"labels must index {len(class_names)} class names (at least 2), got {int(y.min())}..{int(y.max())}")
+        raise ValueError(
+            f"labels must index {len(class_names)} class names (at least 2), got {int(y.min())}..{int(y.max())}"
+        )
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
@@ -168,21 +180,31 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[s
     for _ in range(s.epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), s.batch_size):
-            batch = order[start:start + s.batch_size]
+            batch = order[start : start + s.batch_size]
             _, logits = net(_augment(x[batch], generator, s.hflip).to(device))
             loss = F.cross_entropy(logits, y[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-    meta = {"version": VERSION, "settings": s.model_dump(mode="json"), "train_images": len(x),
-            "train_seconds": round(time.perf_counter() - started, 2), "final_loss": round(loss.item(), 4)}
+    meta = {
+        "version": VERSION,
+        "settings": s.model_dump(mode="json"),
+        "train_images": len(x),
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "final_loss": round(loss.item(), 4),
+    }
     classifier = DomainClassifier(net, class_names, x.shape[-1], meta, device)
     if heldout is not None:
         predicted = classifier.predict(to_pixels(heldout[0]))
         meta.update(heldout_images=len(predicted), heldout_accuracy=float(np.mean(predicted == np.asarray(heldout[1]))))
-    log.info("domain classifier: %d images, %d classes, %d epochs in %.1f s", len(x), len(class_names), s.epochs,
-             meta["train_seconds"])
+    log.info(
+        "domain classifier: %d images, %d classes, %d epochs in %.1f s",
+        len(x),
+        len(class_names),
+        s.epochs,
+        meta["train_seconds"],
+    )
     return classifier
 
 
@@ -208,25 +230,39 @@ class Yardstick:
     def save(self, folder: Path) -> None:
         self.classifier.save(folder)
         self.reference.save(Path(folder) / REFERENCE)
-        atomic_write_json(Path(folder) / YARDSTICK, {**self.meta, "noise_accuracy": self.noise_accuracy,
-                                               "noise_fd_domain": self.noise_fd_domain})
+        atomic_write_json(
+            Path(folder) / YARDSTICK,
+            {**self.meta, "noise_accuracy": self.noise_accuracy, "noise_fd_domain": self.noise_fd_domain},
+        )
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> Yardstick:
         meta = json.loads((Path(folder) / YARDSTICK).read_text())
-        return cls(DomainClassifier.load(folder, device), Statistics.load(Path(folder) / REFERENCE),
-                   meta.pop("noise_accuracy"), meta.pop("noise_fd_domain"), meta)
+        return cls(
+            DomainClassifier.load(folder, device),
+            Statistics.load(Path(folder) / REFERENCE),
+            meta.pop("noise_accuracy"),
+            meta.pop("noise_fd_domain"),
+            meta,
+        )
 
 
-def build_yardstick(classifier: DomainClassifier, heldout_images: np.ndarray, heldout_labels: np.ndarray,
-                    fingerprint: str, settings: DomainConfig | None = None, **meta) -> Yardstick:
+def build_yardstick(
+    classifier: DomainClassifier,
+    heldout_images: np.ndarray,
+    heldout_labels: np.ndarray,
+    fingerprint: str,
+    settings: DomainConfig | None = None,
+    **meta,
+) -> Yardstick:
     """The classifier's held-out accuracy and reference statistics from real held-out images
     (uint8 NHWC), and its floor from `settings.noise_images` seeded noise images."""
     s = settings or DomainConfig()
     name = f"domain-classifier:{fingerprint}"
     features, predicted = classifier.classify(to_pixels(heldout_images))
-    classifier.meta.update(heldout_images=len(predicted),
-                           heldout_accuracy=float(np.mean(predicted == np.asarray(heldout_labels))))
+    classifier.meta.update(
+        heldout_images=len(predicted), heldout_accuracy=float(np.mean(predicted == np.asarray(heldout_labels)))
+    )
     reference = RunningStatistics(name)
     reference.add(features)
     reference = reference.result()
@@ -238,16 +274,26 @@ def build_yardstick(classifier: DomainClassifier, heldout_images: np.ndarray, he
     return yardstick
 
 
-def yardstick_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list[str],
-                          settings: DomainConfig | None = None, device: str = "cpu") -> Yardstick:
+def yardstick_from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    settings: DomainConfig | None = None,
+    device: str = "cpu",
+) -> Yardstick:
     """Split uint8 NHWC images (a seeded permutation, settings.holdout_fraction held out), train,
     and build the yardstick: one call for data without shards (a benchmark's)."""
     s = settings or DomainConfig()
     images, labels = np.asarray(images), np.asarray(labels)
     order = np.random.default_rng(s.seed).permutation(len(images))
-    heldout, train = order[: max(2, round(len(images) * s.holdout_fraction))], order[max(2, round(len(images) * s.holdout_fraction)):]
+    heldout, train = (
+        order[: max(2, round(len(images) * s.holdout_fraction))],
+        order[max(2, round(len(images) * s.holdout_fraction)) :],
+    )
     digest = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes()).hexdigest()
-    fingerprint = content_hash(VERSION, digest, images.shape, class_names, s.model_dump(mode="json", exclude={"enabled"}))
+    fingerprint = content_hash(
+        VERSION, digest, images.shape, class_names, s.model_dump(mode="json", exclude={"enabled"})
+    )
     classifier = train_classifier(images[train], labels[train], class_names, s, device=device)
     return build_yardstick(classifier, images[heldout], labels[heldout], fingerprint, s, source="arrays")
 
@@ -267,8 +313,9 @@ def yardstick_fingerprint(shards_dir: Path, resolution_px: int, settings: Domain
 
     with ShardFolder(shards_dir).manifest.open() as fh:
         shards = [row for row in csv.DictReader(fh) if int(row["resolution_px"]) == resolution_px]
-    return content_hash(VERSION, shards, resolution_px, data_classes(shards_dir),
-                        settings.model_dump(mode="json", exclude={"enabled"}))
+    return content_hash(
+        VERSION, shards, resolution_px, data_classes(shards_dir), settings.model_dump(mode="json", exclude={"enabled"})
+    )
 
 
 def _read_shards(shards_dir: Path, resolution_px: int, s: DomainConfig) -> tuple[dict, dict]:
@@ -287,25 +334,32 @@ def _read_shards(shards_dir: Path, resolution_px: int, s: DomainConfig) -> tuple
     splits = {"train": (h, h + (1 - h) * keep), "heldout": (0.0, h * keep)}
     out = {}
     for split, (low, high) in splits.items():
-        chosen = (x for x in iter_samples(paths) if "cls" in x and low <= split_position(json.loads(x["json"])["id"]) < high)
+        chosen = (
+            x for x in iter_samples(paths) if "cls" in x and low <= split_position(json.loads(x["json"])["id"]) < high
+        )
         batches = list(iter_batches_from(chosen, 512, resolution_px, drop_last=False))
         if not batches:
-            raise ValueError(f"no labelled {split} image among the shards at {resolution_px}px in {shards_dir}: "
-                             "the data needs classes (tags) and more images, or raise evaluate.domain.holdout_fraction")
+            raise ValueError(
+                f"no labelled {split} image among the shards at {resolution_px}px in {shards_dir}: "
+                "the data needs classes (tags) and more images, or raise evaluate.domain.holdout_fraction"
+            )
         out[split] = {k: np.concatenate([b[k] for b in batches]) for k in ("image", "class")}
     return out["train"], out["heldout"]
 
 
-def load_or_train_yardstick(shards_dir: Path, resolution_px: int, cache_dir: Path,
-                            settings: DomainConfig | None = None, device: str = "cpu") -> Yardstick:
+def load_or_train_yardstick(
+    shards_dir: Path, resolution_px: int, cache_dir: Path, settings: DomainConfig | None = None, device: str = "cpu"
+) -> Yardstick:
     """The yardstick of these shards at `resolution_px`: loaded from cache_dir/<fingerprint>/ when
     that folder is complete, else trained and written there (a temp folder renamed into place,
     so a half-written one is never read)."""
     s = settings or DomainConfig()
     class_names = data_classes(shards_dir)
     if len(class_names) < 2:
-        raise ValueError(f"{shards_dir} has {len(class_names)} classes: the domain yardstick needs at least 2 "
-                         "(the innermost tag of each sample); set evaluate.domain.enabled=false")
+        raise ValueError(
+            f"{shards_dir} has {len(class_names)} classes: the domain yardstick needs at least 2 "
+            "(the innermost tag of each sample); set evaluate.domain.enabled=false"
+        )
     fingerprint = yardstick_fingerprint(shards_dir, resolution_px, s)
     folder = Path(cache_dir) / fingerprint
     if (folder / YARDSTICK).is_file():
@@ -313,8 +367,15 @@ def load_or_train_yardstick(shards_dir: Path, resolution_px: int, cache_dir: Pat
         return Yardstick.load(folder, device)
     train, heldout = _read_shards(shards_dir, resolution_px, s)
     classifier = train_classifier(train["image"], train["class"], class_names, s, device=device)
-    yardstick = build_yardstick(classifier, heldout["image"], heldout["class"], fingerprint, s,
-                                source=str(shards_dir), resolution_px=resolution_px)
+    yardstick = build_yardstick(
+        classifier,
+        heldout["image"],
+        heldout["class"],
+        fingerprint,
+        s,
+        source=str(shards_dir),
+        resolution_px=resolution_px,
+    )
     tmp = folder.with_name(f".{fingerprint}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     yardstick.save(tmp)
@@ -322,8 +383,12 @@ def load_or_train_yardstick(shards_dir: Path, resolution_px: int, cache_dir: Pat
         os.replace(tmp, folder)
     except OSError:  # another evaluation finished the same fingerprint first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("domain yardstick: held-out accuracy %.3f on %d images -> %s", yardstick.real_accuracy,
-             len(heldout["class"]), folder)
+    log.info(
+        "domain yardstick: held-out accuracy %.3f on %d images -> %s",
+        yardstick.real_accuracy,
+        len(heldout["class"]),
+        folder,
+    )
     return yardstick
 
 
@@ -351,13 +416,23 @@ class DomainScorer:
         y = self.yardstick
         stats = self.running.result()
         accuracy = float(np.trace(self.confusion) / self.confusion.sum()) if self.conditional else None
-        return {"fd_domain": frechet_distance(stats, y.reference), "class_accuracy": accuracy,
-                "real_accuracy": y.real_accuracy, "noise_accuracy": y.noise_accuracy,
-                "noise_fd_domain": y.noise_fd_domain, "num_samples": stats.count, "class_names": y.class_names,
-                "confusion": self.confusion.tolist() if self.conditional else None,
-                "yardstick": {**y.meta, **{k: y.classifier.meta.get(k) for k in
-                                           ("train_images", "heldout_images", "train_seconds", "settings")},
-                              "feature_dim": int(y.reference.mu.shape[0])}}
+        return {
+            "fd_domain": frechet_distance(stats, y.reference),
+            "class_accuracy": accuracy,
+            "real_accuracy": y.real_accuracy,
+            "noise_accuracy": y.noise_accuracy,
+            "noise_fd_domain": y.noise_fd_domain,
+            "num_samples": stats.count,
+            "class_names": y.class_names,
+            "confusion": self.confusion.tolist() if self.conditional else None,
+            "yardstick": {
+                **y.meta,
+                **{
+                    k: y.classifier.meta.get(k) for k in ("train_images", "heldout_images", "train_seconds", "settings")
+                },
+                "feature_dim": int(y.reference.mu.shape[0]),
+            },
+        }
 
 
 def score(yardstick: Yardstick, images, asked_labels=None) -> dict:
@@ -372,5 +447,7 @@ def summary(domain: dict) -> str:
     fd = f"FD-domain {domain['fd_domain']:.3g} (noise {domain['noise_fd_domain']:.3g})"
     if domain["class_accuracy"] is None:
         return fd
-    return (f"class accuracy {domain['class_accuracy']:.2f} (real {domain['real_accuracy']:.2f}, "
-            f"noise {domain['noise_accuracy']:.2f}), {fd}")
+    return (
+        f"class accuracy {domain['class_accuracy']:.2f} (real {domain['real_accuracy']:.2f}, "
+        f"noise {domain['noise_accuracy']:.2f}), {fd}"
+    )

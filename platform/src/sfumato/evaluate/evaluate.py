@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sfumato.layout import DataFolder, RunFolder, append_jsonl
+from sfumato.records import QualityRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,13 @@ def domain_yardstick(cfg):
     if not has_domain_yardstick(cfg):
         return None
     data = DataFolder(cfg.data.output_dir)
-    return load_or_train_yardstick(data.shards, cfg.train.stages[-1].resolution_px, data.domain_classifier,
-                                   cfg.evaluate.domain, cfg.evaluate.device)
+    return load_or_train_yardstick(
+        data.shards,
+        cfg.train.stages[-1].resolution_px,
+        data.domain_classifier,
+        cfg.evaluate.domain,
+        cfg.evaluate.device,
+    )
 
 
 def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -91,9 +97,9 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     from sfumato.config import load_run_config
     from sfumato.console import progress_text
     from sfumato.diffusion.sample import sample, to_grid
-    from sfumato.evaluate.domain import DomainScorer
     from sfumato.evaluate.cards import write_run_documents
     from sfumato.evaluate.clipscore import clip_scores
+    from sfumato.evaluate.domain import DomainScorer
     from sfumato.evaluate.features import Clip, ClipFeatures, load_extractor
     from sfumato.evaluate.fid import RunningStatistics, frechet_distance, reference_statistics
     from sfumato.models.run import load_trained, pipeline
@@ -108,14 +114,17 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     shards = data.shards
     yardstick = domain_yardstick(cfg)
     if yardstick is None and not (e.inception_weights or clip_source):
-        raise ValueError(f"nothing to measure {run_dir} with: its data has no classes for the domain yardstick "
-                         "(or evaluate.domain.enabled is false) and no feature network is set "
-                         "(evaluate.inception_weights, evaluate.clip_model or data.curate.clip.model)")
+        raise ValueError(
+            f"nothing to measure {run_dir} with: its data has no classes for the domain yardstick "
+            "(or evaluate.domain.enabled is false) and no feature network is set "
+            "(evaluate.inception_weights, evaluate.clip_model or data.curate.clip.model)"
+        )
     extractor = reference = None
     if e.inception_weights or clip_source:
         extractor = load_extractor(e.inception_weights, clip_source, e.device, e.batch_size)
-        reference = reference_statistics(shards, resolution_px, extractor, e.reference_max_images,
-                                         data.fid_cache, e.batch_size)
+        reference = reference_statistics(
+            shards, resolution_px, extractor, e.reference_max_images, data.fid_cache, e.batch_size
+        )
     pipe = pipeline(cfg, run, e.sampler)
     conditions, captions, caption_origin = _plan(cfg, run)
     scorer, asked = None, None
@@ -136,36 +145,54 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     scores, grid = [], None
     for first in range(0, e.num_samples, e.batch_size):
         count = min(e.batch_size, e.num_samples - first)
-        batch_conditions = None if conditions is None else conditions[first:first + count]
-        images = sample(pipe, count, e.seed, e.steps, e.guidance_scale, batch_conditions, first_index=first,
-                        height=resolution_px, width=resolution_px)
+        batch_conditions = None if conditions is None else conditions[first : first + count]
+        images = sample(
+            pipe,
+            count,
+            e.seed,
+            e.steps,
+            e.guidance_scale,
+            batch_conditions,
+            first_index=first,
+            height=resolution_px,
+            width=resolution_px,
+        )
         if grid is None:
             grid = images[:16]
         if extractor is not None:
             generated.add(extractor(images * 2 - 1))
         if scorer is not None:
-            scorer.add(images * 2 - 1, None if asked is None else asked[first:first + count])
+            scorer.add(images * 2 - 1, None if asked is None else asked[first : first + count])
         if clip is not None:
-            scores.append(clip_scores(images * 2 - 1, captions[first:first + count], clip, e.device, e.batch_size))
+            scores.append(clip_scores(images * 2 - 1, captions[first : first + count], clip, e.device, e.batch_size))
         log.info("evaluate: %s", progress_text(first + count, e.num_samples, time.perf_counter() - started, "images"))
     seconds = time.perf_counter() - started
     step = ckpt.load_meta(folder)["step"]
     out = RunFolder(run_dir).evaluation
     out.mkdir(exist_ok=True)
     to_grid(grid).save(out / f"samples-{folder.name}.png")
-    record = {
-        "time": time.time(), "checkpoint": folder.name, "step": step,
-        "features": None if extractor is None else extractor.name,
-        "metric": None if extractor is None else extractor.metric,
-        "fd": None if extractor is None else frechet_distance(generated.result(), reference),
-        "domain": None if scorer is None else scorer.result(),
-        "clip_score": float(np.concatenate(scores).mean()) if scores else None,
-        "clip_score_model": clip_source if scores else None, "captions": caption_origin,
-        "num_samples": e.num_samples, "sampler": e.sampler, "steps": e.steps, "guidance_scale": e.guidance_scale,
-        "seed": e.seed, "resolution_px": resolution_px, "generation_s": round(seconds, 2),
-        "reference": None if reference is None else {"count": reference.count, "resolution_px": resolution_px,
-                                                     "shards": str(shards)},
-    }
-    append_jsonl(RunFolder(run_dir).evaluations, record)
+    record = QualityRecord(
+        time=time.time(),
+        checkpoint=folder.name,
+        step=step,
+        features=None if extractor is None else extractor.name,
+        metric=None if extractor is None else extractor.metric,
+        fd=None if extractor is None else frechet_distance(generated.result(), reference),
+        domain=None if scorer is None else scorer.result(),
+        clip_score=float(np.concatenate(scores).mean()) if scores else None,
+        clip_score_model=clip_source if scores else None,
+        captions=caption_origin,
+        num_samples=e.num_samples,
+        sampler=e.sampler,
+        steps=e.steps,
+        guidance_scale=e.guidance_scale,
+        seed=e.seed,
+        resolution_px=resolution_px,
+        generation_s=round(seconds, 2),
+        reference=None
+        if reference is None
+        else {"count": reference.count, "resolution_px": resolution_px, "shards": str(shards)},
+    )
+    append_jsonl(RunFolder(run_dir).evaluations, record.to_json())
     write_run_documents(run_dir, cfg.data.output_dir)
-    return record
+    return record.to_json()

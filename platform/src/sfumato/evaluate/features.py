@@ -41,7 +41,7 @@ def _batched(fn, images: torch.Tensor, batch_size: int, device: str, dim: int) -
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size].to(device=device, dtype=torch.float32).contiguous()
+            chunk = images[start : start + batch_size].to(device=device, dtype=torch.float32).contiguous()
             out.append(fn(chunk).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, dim))
 
@@ -93,7 +93,7 @@ class Clip:
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
         top, left = (size[0] - self.image_px) // 2, (size[1] - self.image_px) // 2
-        x = x[..., top:top + self.image_px, left:left + self.image_px].clamp(0, 1)  # bicubic overshoots
+        x = x[..., top : top + self.image_px, left : left + self.image_px].clamp(0, 1)  # bicubic overshoots
         return (x - self.mean) / self.std
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -102,8 +102,9 @@ class Clip:
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """Projected text embeddings, not normalised; captions truncated to the model's positions."""
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(self.device)
         return _tensor(self.model.get_text_features(**tokens))
 
 
@@ -130,8 +131,9 @@ class ClipFeatures:
         return _batched(self.clip.image_features, images, self.batch_size, self.clip.device, self.dim)
 
 
-def load_extractor(inception: str | None, clip: str | None, device: str = "cpu",
-                   batch_size: int = 64) -> FeatureExtractor:
+def load_extractor(
+    inception: str | None, clip: str | None, device: str = "cpu", batch_size: int = 64
+) -> FeatureExtractor:
     """Inception when its weights are configured (a load failure is an error: a CLIP number in
     place of the FID that was asked for would be silently incomparable), else CLIP."""
     if inception is not None:
@@ -139,6 +141,8 @@ def load_extractor(inception: str | None, clip: str | None, device: str = "cpu",
     if clip is not None:
         log.info("no evaluate.inception_weights: Fréchet distance in CLIP features (FD-CLIP, %s), not FID", clip)
         return ClipFeatures(clip, device, batch_size)
-    raise ValueError("no feature network for the Fréchet distance: set evaluate.inception_weights (pytorch-fid's "
-                     "Inception as safetensors, see sfumato/evaluate/inception.py) or evaluate.clip_model "
-                     "(defaults to data.curate.clip.model)")
+    raise ValueError(
+        "no feature network for the Fréchet distance: set evaluate.inception_weights (pytorch-fid's "
+        "Inception as safetensors, see sfumato/evaluate/inception.py) or evaluate.clip_model "
+        "(defaults to data.curate.clip.model)"
+    )

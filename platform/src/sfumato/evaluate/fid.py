@@ -61,8 +61,11 @@ class Statistics:
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
 
-            save_file({"mu": np.ascontiguousarray(self.mu), "sigma": np.ascontiguousarray(self.sigma)}, str(tmp),
-                      metadata={"count": str(self.count), "features": self.features})
+            save_file(
+                {"mu": np.ascontiguousarray(self.mu), "sigma": np.ascontiguousarray(self.sigma)},
+                str(tmp),
+                metadata={"count": str(self.count), "features": self.features},
+            )
         elif path.suffix == ".npz":
             with tmp.open("wb") as fh:  # a file object: np.savez would append .npz to a name
                 np.savez(fh, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), features=np.str_(self.features))
@@ -136,8 +139,10 @@ def _factored_first(a: Statistics, b: Statistics) -> tuple[Statistics, Statistic
 def frechet_distance(a: Statistics, b: Statistics) -> float:
     """Squared Fréchet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma)."""
     if a.features != b.features:
-        raise ValueError(f"statistics from different feature networks are not comparable: "
-                         f"'{a.features}' vs '{b.features}' (recompute one side with the other's network)")
+        raise ValueError(
+            f"statistics from different feature networks are not comparable: "
+            f"'{a.features}' vs '{b.features}' (recompute one side with the other's network)"
+        )
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
     factored, other = _factored_first(a, b)
@@ -149,8 +154,9 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     return float(max(distance, 0.0))  # a true distance; below zero only by rounding
 
 
-def reference_statistics(shards_dir: Path, resolution_px: int, extractor, max_images: int | None,
-                         cache_dir: Path, batch_size: int = 64) -> Statistics:
+def reference_statistics(
+    shards_dir: Path, resolution_px: int, extractor, max_images: int | None, cache_dir: Path, batch_size: int = 64
+) -> Statistics:
     """Statistics of the training shards' images at `resolution_px` (in shard order, the first
     `max_images`), loaded from `cache_dir` when the same shards, network and count were done."""
     # Imported here: the shard modules import Ray, which the distance itself does not need.
@@ -178,8 +184,13 @@ def reference_statistics(shards_dir: Path, resolution_px: int, extractor, max_im
         if max_images is not None and running.count >= max_images:
             break
     if max_images is not None and running.count < max_images:
-        log.warning("reference statistics: only %d images at %dpx in %s (max_images %d)",
-                    running.count, resolution_px, shards_dir, max_images)
+        log.warning(
+            "reference statistics: only %d images at %dpx in %s (max_images %d)",
+            running.count,
+            resolution_px,
+            shards_dir,
+            max_images,
+        )
     stats = running.result()
     cache.parent.mkdir(parents=True, exist_ok=True)
     stats.save(cache)

@@ -12,7 +12,8 @@ module names, which makes pytorch-fid's weight file load key for key.
 Weights: pytorch-fid publishes `pt_inception-2015-12-05-6726825d.pth` (a pickle, which sfumato
 never loads). Convert it once to safetensors with a torch of your own:
 
-    python -c "import torch, safetensors.torch as st; st.save_file(torch.load('pt_inception-2015-12-05-6726825d.pth', weights_only=True), 'pt_inception-2015-12-05.safetensors')"
+    python -c "import torch, safetensors.torch as st; st.save_file(torch.load(\
+        'pt_inception-2015-12-05-6726825d.pth', weights_only=True), 'pt_inception-2015-12-05.safetensors')"
 
 then point `evaluate.inception_weights` at that file, at a folder holding it, or at a hub
 repository that holds `pt_inception-2015-12-05.safetensors`.
@@ -63,10 +64,15 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(_avg_pool_tf(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg_pool_tf(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -78,9 +84,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -118,8 +129,7 @@ class InceptionD(nn.Module):
 
     def forward(self, x):
         seven = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), seven,
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), seven, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
@@ -143,10 +153,17 @@ class InceptionE(nn.Module):
         three = self.branch3x3_1(x)
         double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool_tf(x)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(three), self.branch3x3_2b(three),
-                          self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
-                          self.branch_pool(pooled)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(three),
+                self.branch3x3_2b(three),
+                self.branch3x3dbl_3a(double),
+                self.branch3x3dbl_3b(double),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -183,8 +200,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
@@ -197,8 +225,10 @@ def weights_path(source: str | Path) -> Path:
         return path
     if path.is_dir():
         if not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path} holds no {WEIGHTS_FILE}: convert pytorch-fid's weights "
-                                    "(see sfumato/evaluate/inception.py) and put the file there")
+            raise FileNotFoundError(
+                f"{path} holds no {WEIGHTS_FILE}: convert pytorch-fid's weights "
+                "(see sfumato/evaluate/inception.py) and put the file there"
+            )
         return path / WEIGHTS_FILE
     looks_like_path = str(source).startswith(("/", ".", "~")) or path.suffix in (".safetensors", ".pth")
     if looks_like_path:
@@ -208,8 +238,10 @@ def weights_path(source: str | Path) -> Path:
     try:
         return Path(hf_hub_download(str(source), WEIGHTS_FILE))
     except OSError as exc:  # the hub's HTTP and offline-cache errors are OSErrors
-        raise FileNotFoundError(f"evaluate.inception_weights={source} is not a local file or folder, and "
-                                f"downloading {WEIGHTS_FILE} from that hub repository failed: {exc}") from exc
+        raise FileNotFoundError(
+            f"evaluate.inception_weights={source} is not a local file or folder, and "
+            f"downloading {WEIGHTS_FILE} from that hub repository failed: {exc}"
+        ) from exc
 
 
 def load_fid_inception(source: str | Path) -> FIDInceptionV3:
@@ -224,12 +256,17 @@ def load_fid_inception(source: str | Path) -> FIDInceptionV3:
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in expected)
-    wrong_shape = sorted(f"{k} {tuple(state[k].shape)} (want {tuple(v.shape)})"
-                         for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    wrong_shape = sorted(
+        f"{k} {tuple(state[k].shape)} (want {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"{path} is not pytorch-fid's pt_inception-2015-12-05 state dict: "
-                         f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-                         f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}, "
-                         f"wrong shapes {wrong_shape[:10]}")
+        raise ValueError(
+            f"{path} is not pytorch-fid's pt_inception-2015-12-05 state dict: "
+            f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}, "
+            f"wrong shapes {wrong_shape[:10]}"
+        )
     model.load_state_dict({**expected, **state}, strict=True)
     return model.eval()

@@ -22,9 +22,21 @@ from pathlib import Path
 from sfumato.config import Config, load_run_config
 from sfumato.documents import format_duration, new_figure, table
 from sfumato.layout import RunFolder, atomic_write, read_jsonl
-from sfumato.records import (GRAD_NORM, LOSS, LOSS_EMA, LR, SAMPLES_PER_S, VAL_LOSS, AlignmentValidationRecord,
-                             MetricsLine, QualityRecord, TrainStepRecord, read_metric_lines, read_rollbacks,
-                             read_timeline)
+from sfumato.records import (
+    GRAD_NORM,
+    LOSS,
+    LOSS_EMA,
+    LR,
+    SAMPLES_PER_S,
+    VAL_LOSS,
+    AlignmentValidationRecord,
+    MetricsLine,
+    QualityRecord,
+    TrainStepRecord,
+    read_metric_lines,
+    read_rollbacks,
+    read_timeline,
+)
 
 SAMPLES_FIGURE = "samples_over_steps.png"
 MAX_SAMPLES_IN_FIGURE = 6
@@ -75,10 +87,13 @@ def training_compute(run_dir: Path) -> dict:
         device_s += seconds * (segment[-1].world_size or cfg.train.num_workers)
     elapsed_s = metrics[-1].time - min(starts) if timed and starts else None
     return {
-        "wall_s": wall_s, "wall_hours": wall_s / 3600, "device_hours": device_s / 3600,
+        "wall_s": wall_s,
+        "wall_hours": wall_s / 3600,
+        "device_hours": device_s / 3600,
         "device": "GPU" if cfg.train.use_gpu else "CPU worker",
         "world_size": max([m.world_size or cfg.train.num_workers for m in metrics], default=cfg.train.num_workers),
-        "attempts": len(segments), "elapsed_s": elapsed_s,
+        "attempts": len(segments),
+        "elapsed_s": elapsed_s,
         "method": ("timestamps" if timed else "step_time_s") if metrics else "no metrics.jsonl lines",
     }
 
@@ -114,14 +129,45 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
     fd = [e for e in records if e.fd is not None or e.clip_score is not None]
     if not fd:
         if not lines:
-            lines = ["No metric was computed: the data has no classes for the domain yardstick and no feature "
-                     "network is configured (evaluate.inception_weights, evaluate.clip_model).", ""]
-        return lines + ["- No FID or CLIPScore: they need pretrained Inception or CLIP weights "
-                        "(evaluate.inception_weights, evaluate.clip_model), none configured.", ""]
-    header = ["checkpoint", "step", "metric", "features", "FD ↓", "CLIPScore ↑", "samples", "sampler (steps)",
-              "guidance", "seed", "reference images"]
-    rows = [[e.checkpoint, e.step, e.metric, e.features, e.fd, e.clip_score, e.num_samples, f"{e.sampler} ({e.steps})",
-             e.guidance_scale, e.seed, (e.reference or {}).get("count")] for e in fd]
+            lines = [
+                "No metric was computed: the data has no classes for the domain yardstick and no feature "
+                "network is configured (evaluate.inception_weights, evaluate.clip_model).",
+                "",
+            ]
+        return lines + [
+            "- No FID or CLIPScore: they need pretrained Inception or CLIP weights "
+            "(evaluate.inception_weights, evaluate.clip_model), none configured.",
+            "",
+        ]
+    header = [
+        "checkpoint",
+        "step",
+        "metric",
+        "features",
+        "FD ↓",
+        "CLIPScore ↑",
+        "samples",
+        "sampler (steps)",
+        "guidance",
+        "seed",
+        "reference images",
+    ]
+    rows = [
+        [
+            e.checkpoint,
+            e.step,
+            e.metric,
+            e.features,
+            e.fd,
+            e.clip_score,
+            e.num_samples,
+            f"{e.sampler} ({e.steps})",
+            e.guidance_scale,
+            e.seed,
+            (e.reference or {}).get("count"),
+        ]
+        for e in fd
+    ]
     features = sorted({f"{e.metric}: `{e.features}`" for e in fd})
     clip_models = sorted({e.clip_score_model for e in fd if e.clip_score is not None and e.clip_score_model})
     notes = [
@@ -141,22 +187,49 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
     measured = [e for e in (QualityRecord.from_json(e) for e in evaluations) if e.domain]
     if not measured:
         return []
-    header = ["checkpoint", "step", "class accuracy ↑", "real (ceiling)", "noise (floor)", "FD-domain ↓",
-              "noise FD-domain", "samples", "sampler (steps)", "guidance", "seed"]
-    rows = [[e.checkpoint, e.step, e.domain["class_accuracy"], e.domain["real_accuracy"], e.domain["noise_accuracy"],
-             e.domain["fd_domain"], e.domain["noise_fd_domain"], e.num_samples, f"{e.sampler} ({e.steps})",
-             e.guidance_scale, e.seed] for e in measured]
+    header = [
+        "checkpoint",
+        "step",
+        "class accuracy ↑",
+        "real (ceiling)",
+        "noise (floor)",
+        "FD-domain ↓",
+        "noise FD-domain",
+        "samples",
+        "sampler (steps)",
+        "guidance",
+        "seed",
+    ]
+    rows = [
+        [
+            e.checkpoint,
+            e.step,
+            e.domain["class_accuracy"],
+            e.domain["real_accuracy"],
+            e.domain["noise_accuracy"],
+            e.domain["fd_domain"],
+            e.domain["noise_fd_domain"],
+            e.num_samples,
+            f"{e.sampler} ({e.steps})",
+            e.guidance_scale,
+            e.seed,
+        ]
+        for e in measured
+    ]
     last = measured[-1].domain
     y = last.get("yardstick") or {}
     lines = ["### Domain yardstick (offline)", ""] + table(header, rows)
-    lines += [f"- A classifier trained on this run's own training shards ({y.get('train_images')} images, "
-              f"{y.get('resolution_px') or ''} px; fingerprint `{str(y.get('fingerprint'))[:16]}`) scores the generated "
-              f"images: class accuracy is the share classified as the class they were asked for, against its "
-              f"accuracy on {y.get('heldout_images')} held-out real images (the ceiling) and on Gaussian noise (the "
-              "floor); FD-domain is the Fréchet distance to the held-out real images in its penultimate features "
-              "(the FID formula).",
-              "- Comparable only with other runs on the same data and yardstick fingerprint: not with published "
-              "FIDs, nor across datasets.", ""]
+    lines += [
+        f"- A classifier trained on this run's own training shards ({y.get('train_images')} images, "
+        f"{y.get('resolution_px') or ''} px; fingerprint `{str(y.get('fingerprint'))[:16]}`) scores the generated "
+        f"images: class accuracy is the share classified as the class they were asked for, against its "
+        f"accuracy on {y.get('heldout_images')} held-out real images (the ceiling) and on Gaussian noise (the "
+        "floor); FD-domain is the Fréchet distance to the held-out real images in its penultimate features "
+        "(the FID formula).",
+        "- Comparable only with other runs on the same data and yardstick fingerprint: not with published "
+        "FIDs, nor across datasets.",
+        "",
+    ]
     if last.get("confusion"):
         names = last["class_names"]
         lines += ["Confusion of the last evaluation (rows: asked, columns: classified as):", ""]
@@ -167,8 +240,11 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------ plots
 def _series(lines: list[MetricsLine], column: str, positive: bool) -> tuple[list[int], list[float]]:
     values = [(line.step, line.value(column)) for line in lines]
-    points = [(step, float(v)) for step, v in values
-              if isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive)]
+    points = [
+        (step, float(v))
+        for step, v in values
+        if isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive)
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -182,8 +258,15 @@ def stage_boundaries(cfg: Config) -> list[tuple[int, int]]:
     return bounds
 
 
-def plot_curve(path: Path, records: list[MetricsLine], title: str, ylabel: str, columns: list[str], log_y: bool,
-               boundaries: list[tuple[int, int]]) -> bool:
+def plot_curve(
+    path: Path,
+    records: list[MetricsLine],
+    title: str,
+    ylabel: str,
+    columns: list[str],
+    log_y: bool,
+    boundaries: list[tuple[int, int]],
+) -> bool:
     """One metric (or a raw/averaged pair) against step; False, and no file, without data."""
     series = {c: _series(records, c, positive=log_y) for c in columns}
     if not any(steps for steps, _ in series.values()):
@@ -248,17 +331,25 @@ def _summary(cfg: Config, run_dir: Path, metrics: list[MetricsLine], compute: di
     resumed = [a["resumed_from"] for a in attempts if a.get("resumed_from")]
     latest = ckpt.latest(RunFolder(run_dir).checkpoints)
     rows = [
-        ["name", cfg.name], ["model", f"`{t.model}`" + (" (latent, VAE)" if t.vae else " (pixel space)")],
+        ["name", cfg.name],
+        ["model", f"`{t.model}`" + (" (latent, VAE)" if t.vae else " (pixel space)")],
         ["conditioning", t.conditioning],
         ["resolution curriculum", " → ".join(f"{s.resolution_px} px × {s.steps:,} steps" for s in t.stages)],
         ["steps done / configured", f"{metrics[-1].step if metrics else 0:,} / {t.total_steps:,}"],
-        ["effective batch", ", ".join(f"{cfg.train.effective_batch(s)} at {s.resolution_px} px" for s in t.stages)
-         + f" (micro batch × {t.grad_accum_steps} accumulation × {t.num_workers} workers)"],
-        ["precision", t.precision], ["ZeRO stage", t.zero_stage],
+        [
+            "effective batch",
+            ", ".join(f"{cfg.train.effective_batch(s)} at {s.resolution_px} px" for s in t.stages)
+            + f" (micro batch × {t.grad_accum_steps} accumulation × {t.num_workers} workers)",
+        ],
+        ["precision", t.precision],
+        ["ZeRO stage", t.zero_stage],
         ["training wall time", format_duration(compute["wall_s"]) + f" ({compute['method']})"],
         [f"{compute['device']}-hours", f"{compute['device_hours']:.3g} ({compute['world_size']} × wall time)"],
-        ["attempts", f"{len(attempts)} start(s), {max(0, len(attempts) - 1)} restart(s)"
-         + (f", resumed from {', '.join(resumed)}" if resumed else "")],
+        [
+            "attempts",
+            f"{len(attempts)} start(s), {max(0, len(attempts) - 1)} restart(s)"
+            + (f", resumed from {', '.join(resumed)}" if resumed else ""),
+        ],
         [f"final {LOSS_EMA}", _last(metrics, LOSS_EMA)],
         [f"final {VAL_LOSS}", _last(metrics, VAL_LOSS)],
         ["latest committed checkpoint", latest.name if latest else None],
@@ -278,12 +369,31 @@ def _rollbacks(run_dir: Path) -> list[str]:
     lines = ["## Rollbacks (loss spikes)", ""]
     if not events:
         return lines + ["None: no lasting loss spike (train.spike_guard).", ""]
-    rows = [[e.rollback, e.spike_step, e.first_spike_step, e.loss, e.loss_average, e.factor, e.step, e.lr_scale]
-            for e in events]
-    return lines + table(["rollback", "confirmed at step", "spike began at step", "loss", "running average before",
-                          "factor", "back to step", "lr scale after"], rows) + [
-        "- Each rollback reloaded the newest committed checkpoint from before the spike and continued with the "
-        "learning rate scaled by the lr scale; the steps after it were trained and logged again.", ""]
+    rows = [
+        [e.rollback, e.spike_step, e.first_spike_step, e.loss, e.loss_average, e.factor, e.step, e.lr_scale]
+        for e in events
+    ]
+    return (
+        lines
+        + table(
+            [
+                "rollback",
+                "confirmed at step",
+                "spike began at step",
+                "loss",
+                "running average before",
+                "factor",
+                "back to step",
+                "lr scale after",
+            ],
+            rows,
+        )
+        + [
+            "- Each rollback reloaded the newest committed checkpoint from before the spike and continued with the "
+            "learning rate scaled by the lr scale; the steps after it were trained and logged again.",
+            "",
+        ]
+    )
 
 
 def _last(metrics: list[MetricsLine], column: str):
@@ -302,7 +412,10 @@ def _curves(cfg: Config, run_dir: Path, metrics: list[MetricsLine]) -> list[str]
         if plot_curve(folder.report_plots / filename, metrics, title, ylabel, columns, log_y, bounds):
             lines += [f"![{title}]({folder.relative(folder.report_plots / filename)})", ""]
         else:
-            lines += [f"*{title}: not plotted, {metrics_name} has no values of {', '.join(f'`{c}`' for c in columns)}.*", ""]
+            lines += [
+                f"*{title}: not plotted, {metrics_name} has no values of {', '.join(f'`{c}`' for c in columns)}.*",
+                "",
+            ]
     if bounds:
         lines += ["Dashed lines: curriculum stage boundaries (the new stage's resolution).", ""]
     return lines
@@ -325,7 +438,11 @@ def _evaluation(run_dir: Path) -> list[str]:
         return ["## Evaluation", "", f"Not evaluated yet: run `sfumato evaluate {run_dir}`.", ""]
     grids = sorted(folder.evaluation.glob("samples-*.png"))  # what `sfumato evaluate` generated
     links = [f"[{p.stem[8:]}]({folder.relative(p)})" for p in grids]
-    return ["## Evaluation", ""] + evaluation_lines(evaluations) + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
+    return (
+        ["## Evaluation", ""]
+        + evaluation_lines(evaluations)
+        + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
+    )
 
 
 def lineage_lines(cfg: Config) -> list[str]:
@@ -333,33 +450,52 @@ def lineage_lines(cfg: Config) -> list[str]:
     lineage, lora = cfg.train.lineage, cfg.train.lora
     if lineage is None:
         return []
-    start = (f"`{lineage.parent}` at {lineage.checkpoint} (step {lineage.parent_step:,}; parent config "
-             f"sha256 `{lineage.parent_config_sha256}`)" if lineage.parent else f"`{lineage.pretrained}`")
+    start = (
+        f"`{lineage.parent}` at {lineage.checkpoint} (step {lineage.parent_step:,}; parent config "
+        f"sha256 `{lineage.parent_config_sha256}`)"
+        if lineage.parent
+        else f"`{lineage.pretrained}`"
+    )
     select = ", ".join(f"{k}: {v}" for k, v in lineage.select.items()) or "every ok row"
-    method = "full weights" if lora is None else \
-        f"LoRA rank {lora.rank}, alpha {lora.alpha if lora.alpha is not None else lora.rank:g} (peft; the base is frozen)"
+    method = (
+        "full weights"
+        if lora is None
+        else f"LoRA rank {lora.rank}, alpha {lora.alpha if lora.alpha is not None else lora.rank:g} "
+        "(peft; the base is frozen)"
+    )
     dpo = cfg.train.dpo
     if dpo is None:
-        rows = [["started from", start], ["data filter", select], ["selected manifest rows", f"{lineage.selected_rows:,}"],
-                ["method", method]]
+        rows = [
+            ["started from", start],
+            ["data filter", select],
+            ["selected manifest rows", f"{lineage.selected_rows:,}"],
+            ["method", method],
+        ]
         return ["## Lineage (post-training)", ""] + table(["", ""], rows)
-    rows = [["started from", start], ["preference pairs", f"`{lineage.pairs}` ({lineage.pair_count:,} pairs, sha256 "
-                                                          f"`{lineage.pairs_sha256}`)"],
-            ["method", f"Diffusion-DPO, beta {dpo.beta:g}, against a frozen reference copy of the start; {method}"],
-            ["held-out pairs", f"{dpo.holdout_fraction:.0%} (by id hash): the heldout_reward_accuracy in metrics.jsonl"]]
+    rows = [
+        ["started from", start],
+        ["preference pairs", f"`{lineage.pairs}` ({lineage.pair_count:,} pairs, sha256 `{lineage.pairs_sha256}`)"],
+        ["method", f"Diffusion-DPO, beta {dpo.beta:g}, against a frozen reference copy of the start; {method}"],
+        ["held-out pairs", f"{dpo.holdout_fraction:.0%} (by id hash): the heldout_reward_accuracy in metrics.jsonl"],
+    ]
     return ["## Lineage (alignment)", ""] + table(["", ""], rows) + _alignment_figures(cfg)
 
 
 def _alignment_figures(cfg: Config) -> list[str]:
     """The last held-out reward figures of an alignment run."""
-    held = [(m.step, m.get(AlignmentValidationRecord)) for m in read_metric_lines(RunFolder(cfg.train.output_dir).metrics)]
+    held = [
+        (m.step, m.get(AlignmentValidationRecord)) for m in read_metric_lines(RunFolder(cfg.train.output_dir).metrics)
+    ]
     held = [(step, a) for step, a in held if a is not None and a.heldout_reward_accuracy is not None]
     if not held:
         return []
     step, last = held[-1]
-    return [f"At step {step:,}: held-out implicit reward accuracy {last.heldout_reward_accuracy:.3f}, "
-            f"margin {last.heldout_reward_margin:.3g}, DPO loss {last.heldout_dpo_loss:.4f} (log 2 = 0.6931 at "
-            f"the reference), policy distance from the reference {last.policy_distance:.3g}.", ""]
+    return [
+        f"At step {step:,}: held-out implicit reward accuracy {last.heldout_reward_accuracy:.3f}, "
+        f"margin {last.heldout_reward_margin:.3g}, DPO loss {last.heldout_dpo_loss:.4f} (log 2 = 0.6931 at "
+        f"the reference), policy distance from the reference {last.policy_distance:.3g}.",
+        "",
+    ]
 
 
 def write_report(run_dir: Path) -> Path:

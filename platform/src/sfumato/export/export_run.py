@@ -19,8 +19,9 @@ from sfumato.config import content_hash, to_dict
 from sfumato.layout import ExportFolder, RunFolder, atomic_write, atomic_write_json
 
 
-def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
-               out_dir: Path | None = None) -> dict:
+def run_export(
+    run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None, out_dir: Path | None = None
+) -> dict:
     from sfumato import checkpoint as ckpt
     from sfumato.diffusion.sample import make_sampler
     from sfumato.export.diffusers_folder import write_diffusers
@@ -35,9 +36,18 @@ def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str
     out.root.mkdir(parents=True, exist_ok=True)
     e = cfg.export
     step = ckpt.load_meta(folder)["step"]
-    meta = {"run": cfg.name, "run_dir": str(run_dir.resolve()), "checkpoint": folder.name, "step": step,
-            "model": cfg.train.model, "conditioning": cfg.train.conditioning, "config_hash": content_hash(to_dict(cfg)),
-            "parameters": parameter_count(run.denoiser), "sampler": e.sampler, "time": time.time()}
+    meta = {
+        "run": cfg.name,
+        "run_dir": str(run_dir.resolve()),
+        "checkpoint": folder.name,
+        "step": step,
+        "model": cfg.train.model,
+        "conditioning": cfg.train.conditioning,
+        "config_hash": content_hash(to_dict(cfg)),
+        "parameters": parameter_count(run.denoiser),
+        "sampler": e.sampler,
+        "time": time.time(),
+    }
     if cfg.trained_sizes_px is not None:
         meta["sizes_px"] = [list(size) for size in cfg.trained_sizes_px]  # the aspect buckets: what serve offers
     lora = None
@@ -50,10 +60,10 @@ def run_export(run_dir: Path, checkpoint: str | None = None, overrides: list[str
     if e.onnx:
         # The ONNX sampler runs DDIM (DDPM runs) or flow Euler with the run's shift at the size the
         # export generates (flow runs), and is checked against the same sampler in PyTorch.
-        onnx_scheduler = make_sampler(cfg.diffusion, ONNX_SAMPLERS[cfg.diffusion.objective],
-                                      cfg.train.stages[-1].resolution_px)
-        report["onnx"] = export_onnx(pipe, onnx_scheduler, out.onnx, e.onnx_opset, e.check_batch_size,
-                                     e.int8, cfg.seed)
+        onnx_scheduler = make_sampler(
+            cfg.diffusion, ONNX_SAMPLERS[cfg.diffusion.objective], cfg.train.stages[-1].resolution_px
+        )
+        report["onnx"] = export_onnx(pipe, onnx_scheduler, out.onnx, e.onnx_opset, e.check_batch_size, e.int8, cfg.seed)
     atomic_write_json(out.report_json, report)
     atomic_write(out.report_md, _markdown(report, out))
     return report
@@ -72,56 +82,93 @@ def _export_adapter(cfg, run, out: ExportFolder) -> dict:
     if run.denoiser.text_encoder is not None:
         merge_lora(run.denoiser.text_encoder)
     lineage = cfg.train.lineage
-    return {"adapter": str(folder), "file": LORA_WEIGHTS_FILE, "trainable_parameters": trainable,
-            "rank": cfg.train.lora.rank, "base": str(lineage.parent or lineage.pretrained)}
+    return {
+        "adapter": str(folder),
+        "file": LORA_WEIGHTS_FILE,
+        "trainable_parameters": trainable,
+        "rank": cfg.train.lora.rank,
+        "base": str(lineage.parent or lineage.pretrained),
+    }
 
 
 def _size_mb(path: Path) -> float:
     """A folder's, or a file's with its external weights (model.onnx.data) if any."""
-    files = [p for p in (path, path.with_name(path.name + ".data")) if p.is_file()] if not path.is_dir() \
+    files = (
+        [p for p in (path, path.with_name(path.name + ".data")) if p.is_file()]
+        if not path.is_dir()
         else [p for p in path.rglob("*") if p.is_file()]
+    )
     return sum(p.stat().st_size for p in files) / 2**20
 
 
 def _markdown(report: dict, out: ExportFolder) -> str:
-    lines = [f"# Export of {report['run']} at {report['checkpoint']} (step {report['step']})", "",
-             f"Model `{report['model']}` ({report['parameters']:,} parameters, {report['conditioning']} conditioning), "
-             f"EMA weights. Config hash `{report['config_hash']}`.", "",
-             "| artefact | size (MB) | load with |", "| --- | ---: | --- |",
-             f"| diffusers/ | {_size_mb(out.diffusers):.1f} | "
-             "`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` |"]
+    lines = [
+        f"# Export of {report['run']} at {report['checkpoint']} (step {report['step']})",
+        "",
+        f"Model `{report['model']}` ({report['parameters']:,} parameters, {report['conditioning']} conditioning), "
+        f"EMA weights. Config hash `{report['config_hash']}`.",
+        "",
+        "| artefact | size (MB) | load with |",
+        "| --- | ---: | --- |",
+        f"| diffusers/ | {_size_mb(out.diffusers):.1f} | "
+        "`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` |",
+    ]
     if report.get("lora"):
-        lines.append(f"| lora/ | {_size_mb(out.lora):.2f} | the adapter alone ({report['lora']['trainable_parameters']:,} "
-                     f"parameters, rank {report['lora']['rank']}): `pipe.load_lora_weights(path)` on the export of "
-                     f"{report['lora']['base']}; diffusers/ holds it merged |")
+        lines.append(
+            f"| lora/ | {_size_mb(out.lora):.2f} | the adapter alone ({report['lora']['trainable_parameters']:,} "
+            f"parameters, rank {report['lora']['rank']}): `pipe.load_lora_weights(path)` on the export of "
+            f"{report['lora']['base']}; diffusers/ holds it merged |"
+        )
     onnx = report["onnx"]
     if onnx is None:
         return "\n".join(lines + ["", "ONNX export was off (export.onnx: false)."]) + "\n"
-    lines.append(f"| onnx/denoiser.onnx | {_size_mb(out.onnx / 'denoiser.onnx'):.1f} | "
-                 "`python onnx/sample_onnx.py --out grid.png` |")
+    lines.append(
+        f"| onnx/denoiser.onnx | {_size_mb(out.onnx / 'denoiser.onnx'):.1f} | "
+        "`python onnx/sample_onnx.py --out grid.png` |"
+    )
     if onnx["int8"]:
-        lines.append(f"| onnx/denoiser.int8.onnx | {_size_mb(out.onnx / 'denoiser.int8.onnx'):.1f} | "
-                     "`python onnx/sample_onnx.py --model denoiser.int8.onnx --out grid.png` |")
-    lines += ["", f"## Agreement with PyTorch (opset {onnx['opset']})", "",
-              "Denoiser outputs on fixed random inputs (relative to the output's largest magnitude), and a whole "
-              f"{onnx['sampler']} run of the onnxruntime sampler against the PyTorch pipeline with the same "
-              "sampler from the same noise (pixel error in 0-255 levels).", "",
-              "| model | check | max abs | max rel | rel L2 |", "| --- | --- | ---: | ---: | ---: |"]
+        lines.append(
+            f"| onnx/denoiser.int8.onnx | {_size_mb(out.onnx / 'denoiser.int8.onnx'):.1f} | "
+            "`python onnx/sample_onnx.py --model denoiser.int8.onnx --out grid.png` |"
+        )
+    lines += [
+        "",
+        f"## Agreement with PyTorch (opset {onnx['opset']})",
+        "",
+        "Denoiser outputs on fixed random inputs (relative to the output's largest magnitude), and a whole "
+        f"{onnx['sampler']} run of the onnxruntime sampler against the PyTorch pipeline with the same "
+        "sampler from the same noise (pixel error in 0-255 levels).",
+        "",
+        "| model | check | max abs | max rel | rel L2 |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for name in ("fp32", "int8"):
         for check, errors in (onnx[name] or {}).items():
             if check.startswith("batch_"):
-                lines.append(f"| {name} | {check.replace('_', ' ')} | {errors['max_abs']:.2e} | {errors['max_rel']:.2e} | "
-                             f"{errors['rel_l2']:.2e} |")
-    lines += ["", "| model | sampling steps | max pixel error | mean pixel error | final sample rel L2 |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+                lines.append(
+                    f"| {name} | {check.replace('_', ' ')} | {errors['max_abs']:.2e} | {errors['max_rel']:.2e} | "
+                    f"{errors['rel_l2']:.2e} |"
+                )
+    lines += [
+        "",
+        "| model | sampling steps | max pixel error | mean pixel error | final sample rel L2 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for name in ("fp32", "int8"):
         if onnx[name]:
             s = onnx[name]["sampling"]
-            lines.append(f"| {name} | {s['steps']} | {s['max_pixel_error']:.2f} | {s['mean_pixel_error']:.3f} | "
-                         f"{s['final_sample_rel_l2']:.2e} |")
-    lines += ["", f"fp32 must agree within {onnx['tolerance_max_rel']:.0e} (relative) and its sampler's final sample "
-              f"within {onnx['tolerance_sampling_rel_l2']:.0e} (relative L2), or the export fails."]
+            lines.append(
+                f"| {name} | {s['steps']} | {s['max_pixel_error']:.2f} | {s['mean_pixel_error']:.3f} | "
+                f"{s['final_sample_rel_l2']:.2e} |"
+            )
+    lines += [
+        "",
+        f"fp32 must agree within {onnx['tolerance_max_rel']:.0e} (relative) and its sampler's final sample "
+        f"within {onnx['tolerance_sampling_rel_l2']:.0e} (relative L2), or the export fails.",
+    ]
     if onnx["int8"]:
-        lines += [f"INT8 (onnxruntime dynamic quantisation of the weights) is {onnx['int8']['size_ratio']:.2f}x the "
-                  "fp32 file; its error above is what the quantisation costs, reported, not gated."]
+        lines += [
+            f"INT8 (onnxruntime dynamic quantisation of the weights) is {onnx['int8']['size_ratio']:.2f}x the "
+            "fp32 file; its error above is what the quantisation costs, reported, not gated."
+        ]
     return "\n".join(lines) + "\n"

@@ -63,8 +63,11 @@ def example_inputs(pipe, batch: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     total = pipe.scheduler.config.num_train_timesteps
-    timestep = torch.rand(batch, generator=g) * total if is_flow(pipe.scheduler.config) else \
-        torch.randint(0, total, (batch,), generator=g)
+    timestep = (
+        torch.rand(batch, generator=g) * total
+        if is_flow(pipe.scheduler.config)
+        else torch.randint(0, total, (batch,), generator=g)
+    )
     inputs = {"sample": torch.randn(batch, c, size, size, generator=g), "timestep": timestep}
     kind = conditioning(pipe)
     if kind == "text":
@@ -80,10 +83,18 @@ def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per deduplicated constant
     batch = torch.export.Dim("batch", min=1, max=4096)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    torch.onnx.export(module.eval(), tuple(inputs.values()), str(path), input_names=list(inputs),
-                      output_names=[output], dynamic_shapes={name: {0: batch} for name in inputs},
-                      opset_version=opset, dynamo=True, verbose=False,
-                      external_data=weight_bytes > 1.5 * 2**30)  # protobuf's 2 GiB limit: weights beside the graph
+    torch.onnx.export(
+        module.eval(),
+        tuple(inputs.values()),
+        str(path),
+        input_names=list(inputs),
+        output_names=[output],
+        dynamic_shapes={name: {0: batch} for name in inputs},
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+        external_data=weight_bytes > 1.5 * 2**30,
+    )  # protobuf's 2 GiB limit: weights beside the graph
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -122,8 +133,11 @@ def quantize_int8(fp32: Path, int8: Path) -> None:
 
 def _errors(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     scale = float(np.abs(reference).max()) or 1.0
-    return {"max_abs": float(np.abs(reference - other).max()), "max_rel": float(np.abs(reference - other).max() / scale),
-            "rel_l2": float(np.linalg.norm(reference - other) / (np.linalg.norm(reference) or 1.0))}
+    return {
+        "max_abs": float(np.abs(reference - other).max()),
+        "max_rel": float(np.abs(reference - other).max() / scale),
+        "rel_l2": float(np.linalg.norm(reference - other) / (np.linalg.norm(reference) or 1.0)),
+    }
 
 
 def _run(session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
@@ -139,20 +153,29 @@ def sampler_spec(pipe, scheduler) -> dict:
     if is_flow(config):
         schedule = {"objective": "flow", "num_train_timesteps": config.num_train_timesteps, "shift": config.shift}
     else:
-        schedule = {"objective": "ddpm", "num_train_timesteps": len(scheduler.alphas_cumprod),
-                    "alphas_cumprod": scheduler.alphas_cumprod.double().tolist(), "prediction_type": config.prediction_type}
+        schedule = {
+            "objective": "ddpm",
+            "num_train_timesteps": len(scheduler.alphas_cumprod),
+            "alphas_cumprod": scheduler.alphas_cumprod.double().tolist(),
+            "prediction_type": config.prediction_type,
+        }
     return {
-        **schedule, "in_channels": pipe.unet.config.in_channels,
-        "sample_size": pipe.unet.config.sample_size, "conditioning": conditioning(pipe),
-        "class_names": pipe.config.class_names or [], "null_class": null_class(pipe.unet),
+        **schedule,
+        "in_channels": pipe.unet.config.in_channels,
+        "sample_size": pipe.unet.config.sample_size,
+        "conditioning": conditioning(pipe),
+        "class_names": pipe.config.class_names or [],
+        "null_class": null_class(pipe.unet),
         "text_max_length": pipe.config.text_max_length or (tokenizer.model_max_length if tokenizer else None),
         "pad_token_id": tokenizer.pad_token_id if tokenizer is not None else None,
-        "latent": pipe.vae is not None, "vae_scale_factor": pipe.vae_scale_factor, "latent_scale": pipe.config.latent_scale, "latent_shift": pipe.config.latent_shift,
+        "latent": pipe.vae is not None,
+        "vae_scale_factor": pipe.vae_scale_factor,
+        "latent_scale": pipe.config.latent_scale,
+        "latent_shift": pipe.config.latent_shift,
     }
 
 
-def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, int8: bool,
-                seed: int = 0) -> dict:
+def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, int8: bool, seed: int = 0) -> dict:
     """Write out_dir/{denoiser.onnx, denoiser.int8.onnx, sampler.json, sample_onnx.py, ...}
     (replaced whole) and return the verification figures. `scheduler`: the one the ONNX sampler
     follows, on the model's schedule (DDPM models: a DDIMScheduler, `make_sampler(cfg, "ddim")`;
@@ -163,9 +186,11 @@ def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, in
     objective = "flow" if is_flow(scheduler.config) else "ddpm"
     expected = {"ddpm": "DDIMScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}[objective]
     if type(scheduler).__name__ != expected or is_flow(pipe.scheduler.config) != (objective == "flow"):
-        raise ValueError(f"the ONNX sampler of a {'flow-matching' if is_flow(pipe.scheduler.config) else 'DDPM'} "
-                         f"model follows {onnx_sampler.SAMPLERS[objective]!r} ({expected}), "
-                         f"not a {type(scheduler).__name__}")
+        raise ValueError(
+            f"the ONNX sampler of a {'flow-matching' if is_flow(pipe.scheduler.config) else 'DDPM'} "
+            f"model follows {onnx_sampler.SAMPLERS[objective]!r} ({expected}), "
+            f"not a {type(scheduler).__name__}"
+        )
 
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
@@ -175,8 +200,13 @@ def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, in
     export_batch = max(2, check_batch)  # torch.export specialises a dimension of size 1
     _export(module, example_inputs(pipe, export_batch, seed), work / "denoiser.onnx", "prediction", opset)
     if pipe.vae is not None:
-        latents = torch.randn(2, pipe.unet.config.in_channels, pipe.unet.config.sample_size,
-                              pipe.unet.config.sample_size, generator=torch.Generator().manual_seed(seed))
+        latents = torch.randn(
+            2,
+            pipe.unet.config.in_channels,
+            pipe.unet.config.sample_size,
+            pipe.unet.config.sample_size,
+            generator=torch.Generator().manual_seed(seed),
+        )
         _export(_Decoder(pipe.vae), {"latents": latents}, work / "vae_decoder.onnx", "images", opset)
     if pipe.tokenizer is not None:
         pipe.tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
@@ -184,9 +214,14 @@ def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, in
     (work / onnx_sampler.SAMPLER_JSON).write_text(json.dumps(spec))
     shutil.copyfile(onnx_sampler.__file__, work / "sample_onnx.py")
 
-    report = {"opset": opset, "tolerance_max_rel": ONNX_TOLERANCE, "tolerance_sampling_rel_l2": SAMPLING_TOLERANCE,
-              "sampler": onnx_sampler.SAMPLERS[objective],
-              "fp32": {}, "int8": None}
+    report = {
+        "opset": opset,
+        "tolerance_max_rel": ONNX_TOLERANCE,
+        "tolerance_sampling_rel_l2": SAMPLING_TOLERANCE,
+        "sampler": onnx_sampler.SAMPLERS[objective],
+        "fp32": {},
+        "int8": None,
+    }
     session = ort.InferenceSession(str(work / "denoiser.onnx"), providers=["CPUExecutionProvider"])
     checks = {batch: example_inputs(pipe, batch, seed + batch) for batch in sorted({1, check_batch + 1})}
     references = {}
@@ -200,15 +235,19 @@ def export_onnx(pipe, scheduler, out_dir: Path, opset: int, check_batch: int, in
     report["fp32"]["sampling"] = _compare_sampling(pipe, scheduler, work, "denoiser.onnx", seed)
     drift = report["fp32"]["sampling"]["final_sample_rel_l2"]
     if not drift <= SAMPLING_TOLERANCE:
-        raise RuntimeError(f"the ONNX {report['sampler']} sampler ends {drift:.2e} (relative L2) away from the PyTorch "
-                           f"pipeline's {type(scheduler).__name__} from the same noise, above {SAMPLING_TOLERANCE}")
+        raise RuntimeError(
+            f"the ONNX {report['sampler']} sampler ends {drift:.2e} (relative L2) away from the PyTorch "
+            f"pipeline's {type(scheduler).__name__} from the same noise, above {SAMPLING_TOLERANCE}"
+        )
 
     if int8:
         quantize_int8(work / "denoiser.onnx", work / "denoiser.int8.onnx")
         quantised = ort.InferenceSession(str(work / "denoiser.int8.onnx"), providers=["CPUExecutionProvider"])
         report["int8"] = {f"batch_{b}": _errors(references[b], _run(quantised, inputs)) for b, inputs in checks.items()}
         report["int8"]["sampling"] = _compare_sampling(pipe, scheduler, work, "denoiser.int8.onnx", seed)
-        report["int8"]["size_ratio"] = (work / "denoiser.int8.onnx").stat().st_size / (work / "denoiser.onnx").stat().st_size
+        report["int8"]["size_ratio"] = (work / "denoiser.int8.onnx").stat().st_size / (
+            work / "denoiser.onnx"
+        ).stat().st_size
     (work / "onnx_report.json").write_text(json.dumps(report, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -231,8 +270,10 @@ def _compare_sampling(pipe, scheduler, folder: Path, model_file: str, seed: int,
     guidance = 2.0 if kind != "none" else 1.0
     run = dict(steps=steps, guidance_scale=guidance, noise=noise.numpy())
     onnx_images, onnx_raw = sampler(prompts, labels, count, **run), sampler(prompts, labels, count, **run, raw=True)
-    torch_pipe = SfumatoPipeline(**{**pipe.components, "scheduler": scheduler}, **{
-        k: pipe.config[k] for k in ("class_names", "text_max_length", "latent_scale", "latent_shift")})
+    torch_pipe = SfumatoPipeline(
+        **{**pipe.components, "scheduler": scheduler},
+        **{k: pipe.config[k] for k in ("class_names", "text_max_length", "latent_scale", "latent_shift")},
+    )
     torch_pipe.set_progress_bar_config(disable=True)
     kwargs = {"prompt": prompts} if kind == "text" else ({"class_labels": labels} if kind == "class" else {})
     run = dict(batch_size=count, num_inference_steps=steps, guidance_scale=guidance, latents=noise)
@@ -241,5 +282,10 @@ def _compare_sampling(pipe, scheduler, folder: Path, model_file: str, seed: int,
     diff = np.abs(onnx_images - torch_images) * 255
     # The final sample before clipping too: an undertrained model's pixels clip to 0 or 1, which
     # would hide differences from the pixel figures.
-    return {"steps": steps, "images": count, "max_pixel_error": float(diff.max()), "mean_pixel_error": float(diff.mean()),
-            "final_sample_rel_l2": float(np.linalg.norm(onnx_raw - torch_raw) / (np.linalg.norm(torch_raw) or 1.0))}
+    return {
+        "steps": steps,
+        "images": count,
+        "max_pixel_error": float(diff.max()),
+        "mean_pixel_error": float(diff.mean()),
+        "final_sample_rel_l2": float(np.linalg.norm(onnx_raw - torch_raw) / (np.linalg.norm(torch_raw) or 1.0)),
+    }

@@ -89,8 +89,11 @@ class OnnxSampler:
         if kind == "class":
             names = self.spec["class_names"]
             null = self.spec["null_class"]
-            labels = [null] * count if class_labels is None else [
-                names.index(c) if isinstance(c, str) else int(c) for c in class_labels]
+            labels = (
+                [null] * count
+                if class_labels is None
+                else [names.index(c) if isinstance(c, str) else int(c) for c in class_labels]
+            )
             cond = np.asarray(labels, dtype=np.int64)
             return cond, np.full_like(cond, null)
         return None, None
@@ -145,9 +148,18 @@ class OnnxSampler:
             x = x + float(sigmas[i + 1] - sigmas[i]) * predict(x, t)
         return x
 
-    def __call__(self, prompts: list[str] | None = None, class_labels=None, num_images: int = 1, seed: int = 0,
-                 steps: int = 30, guidance_scale: float = 1.0, noise: np.ndarray | None = None,
-                 callback=None, raw: bool = False) -> np.ndarray:
+    def __call__(
+        self,
+        prompts: list[str] | None = None,
+        class_labels=None,
+        num_images: int = 1,
+        seed: int = 0,
+        steps: int = 30,
+        guidance_scale: float = 1.0,
+        noise: np.ndarray | None = None,
+        callback=None,
+        raw: bool = False,
+    ) -> np.ndarray:
         """Images as float NHWC in [0, 1]; raw=True: the final sample before any decoding or
         clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every step."""
         cond, uncond = self._conditions(prompts, class_labels, num_images)
@@ -187,8 +199,9 @@ def main() -> None:
     from PIL import Image
 
     labels = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
-    images = to_uint8(OnnxSampler(args.folder, args.model)(args.prompt, labels, args.num_images, args.seed,
-                                                           args.steps, args.guidance))
+    images = to_uint8(
+        OnnxSampler(args.folder, args.model)(args.prompt, labels, args.num_images, args.seed, args.steps, args.guidance)
+    )
     Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
 
 

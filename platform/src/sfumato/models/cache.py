@@ -35,15 +35,22 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from sfumato.config import Config, content_hash
-from sfumato.layout import (CacheFolder, DataFolder, atomic_write_json, commit_file, is_temporary,
-                            read_json, temporary_sibling)
+from sfumato.layout import (
+    CacheFolder,
+    DataFolder,
+    atomic_write_json,
+    commit_file,
+    is_temporary,
+    read_json,
+    temporary_sibling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +107,11 @@ def _weights(root: Path, subfolder: str | None, pretrained: str) -> dict:
 
 def vae_identity(vae_cfg) -> dict:
     """What names the VAE's weights: hub id or folder, subfolder, and a local folder's content hash."""
-    return {"pretrained": vae_cfg.pretrained, "subfolder": vae_cfg.subfolder,
-            **_weights(Path(vae_cfg.pretrained), vae_cfg.subfolder, vae_cfg.pretrained)}
+    return {
+        "pretrained": vae_cfg.pretrained,
+        "subfolder": vae_cfg.subfolder,
+        **_weights(Path(vae_cfg.pretrained), vae_cfg.subfolder, vae_cfg.pretrained),
+    }
 
 
 def frozen_text(cfg: Config):
@@ -114,16 +124,24 @@ def frozen_text(cfg: Config):
 def text_identity(text_cfg) -> dict:
     """What fixes a caption's encoder states: encoder and tokenizer (and local folders' hashes), length."""
     root, t = Path(text_cfg.pretrained), text_cfg
-    return {"pretrained": t.pretrained, "encoder_subfolder": t.encoder_subfolder,
-            "tokenizer_subfolder": t.tokenizer_subfolder, "max_length": t.max_length,
-            "encoder": _weights(root, t.encoder_subfolder, t.pretrained),
-            "tokenizer": _weights(root, t.tokenizer_subfolder, t.pretrained)}
+    return {
+        "pretrained": t.pretrained,
+        "encoder_subfolder": t.encoder_subfolder,
+        "tokenizer_subfolder": t.tokenizer_subfolder,
+        "max_length": t.max_length,
+        "encoder": _weights(root, t.encoder_subfolder, t.pretrained),
+        "tokenizer": _weights(root, t.tokenizer_subfolder, t.pretrained),
+    }
 
 
 def cache_identity(cfg: Config) -> dict:
     text = frozen_text(cfg)
-    return {"format": FORMAT, "vae": vae_identity(cfg.train.vae) if cfg.train.vae else None,
-            "text": text_identity(text) if text else None, "dtype": cfg.data.cache.dtype}
+    return {
+        "format": FORMAT,
+        "vae": vae_identity(cfg.train.vae) if cfg.train.vae else None,
+        "text": text_identity(text) if text else None,
+        "dtype": cfg.data.cache.dtype,
+    }
 
 
 def cache_folder(cfg: Config) -> CacheFolder:
@@ -157,8 +175,12 @@ def _shards(data: DataFolder) -> list[ShardEntry]:
         raise FileNotFoundError(f"{manifest} does not exist: run `sfumato shards` first")
     with manifest.open() as fh:
         rows = list(csv.DictReader(fh))
-    return [ShardEntry(data.shards / r["shard"], int(r["resolution_px"]), int(Path(r["shard"]).stem.split("-")[-1]),
-                       r["sha256"]) for r in rows]
+    return [
+        ShardEntry(
+            data.shards / r["shard"], int(r["resolution_px"]), int(Path(r["shard"]).stem.split("-")[-1]), r["sha256"]
+        )
+        for r in rows
+    ]
 
 
 def _complete(folder: CacheFolder, shard: ShardEntry) -> dict | None:
@@ -232,9 +254,15 @@ class CacheEncoder:
         tmp = temporary_sibling(file)
         save_file(tensors, str(tmp), metadata={"shard_sha256": row["sha256"], "ids": json.dumps(ids)})
         commit_file(tmp, file)
-        sidecar = {"shard": row["shard_name"], "shard_sha256": row["sha256"], "samples": len(ids),
-                   "bytes": file.stat().st_size, "dtype": row["dtype"], "ids": ids,
-                   "shapes": {name: list(t.shape[1:]) for name, t in tensors.items() if name in _COLUMNS}}
+        sidecar = {
+            "shard": row["shard_name"],
+            "shard_sha256": row["sha256"],
+            "samples": len(ids),
+            "bytes": file.stat().st_size,
+            "dtype": row["dtype"],
+            "ids": ids,
+            "shapes": {name: list(t.shape[1:]) for name, t in tensors.items() if name in _COLUMNS},
+        }
         atomic_write_json(CacheFolder.sidecar(file), sidecar, indent=None)  # the completion marker, last
         return {"resolution_px": res, "index": int(row["index"]), "samples": len(ids)}
 
@@ -250,8 +278,10 @@ class CacheSummary:
     resolutions_px: list
 
     def line(self) -> str:
-        return (f"cache: {self.samples} samples in {self.files} files at {self.resolutions_px} px ({self.built} built, "
-                f"{self.reused} reused), {self.bytes_per_sample:.0f} bytes/sample -> {self.folder}")
+        return (
+            f"cache: {self.samples} samples in {self.files} files at {self.resolutions_px} px ({self.built} built, "
+            f"{self.reused} reused), {self.bytes_per_sample:.0f} bytes/sample -> {self.folder}"
+        )
 
 
 def latent_resolutions(cfg: Config, shards: list[ShardEntry]) -> list[int]:
@@ -261,7 +291,9 @@ def latent_resolutions(cfg: Config, shards: list[ShardEntry]) -> list[int]:
 
     vae, factor = cfg.train.vae, 1
     if vae is not None:
-        factor = 2 ** (len(AutoencoderKL.load_config(vae.pretrained, subfolder=vae.subfolder)["block_out_channels"]) - 1)
+        factor = 2 ** (
+            len(AutoencoderKL.load_config(vae.pretrained, subfolder=vae.subfolder)["block_out_channels"]) - 1
+        )
     return sorted({s.resolution_px for s in shards if s.resolution_px % factor == 0})
 
 
@@ -284,12 +316,31 @@ def run_cache(cfg: Config) -> CacheSummary:
     if pending:
         init_ray(cfg.ray)
         workers = min(len(pending), c.num_workers or cluster_cpus())
-        rows = [{"resolution_px": s.resolution_px, "index": s.index, "shard": str(s.path), "sha256": s.sha256,
-                 "shard_name": data.shard_folder.relative(s.path), "dtype": c.dtype} for s in pending]
+        rows = [
+            {
+                "resolution_px": s.resolution_px,
+                "index": s.index,
+                "shard": str(s.path),
+                "sha256": s.sha256,
+                "shard_name": data.shard_folder.relative(s.path),
+                "dtype": c.dtype,
+            }
+            for s in pending
+        ]
         done = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            CacheEncoder, fn_constructor_args=(cfg.train.vae, frozen_text(cfg), c.dtype, c.batch_size, str(folder.root),
-                                               "cuda" if c.num_gpus else "cpu"),
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if c.num_gpus else 1, num_gpus=c.num_gpus)
+            CacheEncoder,
+            fn_constructor_args=(
+                cfg.train.vae,
+                frozen_text(cfg),
+                c.dtype,
+                c.batch_size,
+                str(folder.root),
+                "cuda" if c.num_gpus else "cpu",
+            ),
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=0 if c.num_gpus else 1,
+            num_gpus=c.num_gpus,
+        )
         done.context.op_resource_reservation_enabled = False  # one operator: see ingest
         for _ in done.iter_rows():
             pass
@@ -304,17 +355,32 @@ def run_cache(cfg: Config) -> CacheSummary:
 def _write_meta(cfg: Config, folder: CacheFolder, sidecars: dict, built: int) -> CacheSummary:
     per_res = {}
     for shard, info in sidecars.items():
-        entry = per_res.setdefault(shard.resolution_px, {"files": 0, "samples": 0, "bytes": 0, "shapes": info["shapes"]})
+        entry = per_res.setdefault(
+            shard.resolution_px, {"files": 0, "samples": 0, "bytes": 0, "shapes": info["shapes"]}
+        )
         entry["files"] += 1
         entry["samples"] += info["samples"]
         entry["bytes"] += info["bytes"]
     for entry in per_res.values():
         entry["bytes_per_sample"] = round(entry["bytes"] / max(1, entry["samples"]), 1)
     samples, size = sum(e["samples"] for e in per_res.values()), sum(e["bytes"] for e in per_res.values())
-    atomic_write_json(folder.meta, {"key": folder.root.name, **cache_identity(cfg),
-                                    "resolutions": {str(r): e for r, e in sorted(per_res.items())}})
-    return CacheSummary(str(folder.root), len(sidecars), built, len(sidecars) - built, samples,
-                        round(size / max(1, samples), 1), sorted(per_res))
+    atomic_write_json(
+        folder.meta,
+        {
+            "key": folder.root.name,
+            **cache_identity(cfg),
+            "resolutions": {str(r): e for r, e in sorted(per_res.items())},
+        },
+    )
+    return CacheSummary(
+        str(folder.root),
+        len(sidecars),
+        built,
+        len(sidecars) - built,
+        samples,
+        round(size / max(1, samples), 1),
+        sorted(per_res),
+    )
 
 
 def _remove_stale(folder: CacheFolder, shards: list[ShardEntry]) -> None:
@@ -337,15 +403,17 @@ class LatentCache:
         for shard, info in zip(shards, sidecars):
             for row, sample_id in enumerate(info["ids"]):
                 if sample_id in self.where:
-                    raise ValueError(f"sample id {sample_id!r} is in two cache files at {shard.resolution_px}px "
-                                     f"({self.where[sample_id][0].path.name}, {shard.path.name}): re-run `sfumato shards`")
+                    raise ValueError(
+                        f"sample id {sample_id!r} is in two cache files at {shard.resolution_px}px "
+                        f"({self.where[sample_id][0].path.name}, {shard.path.name}): re-run `sfumato shards`"
+                    )
                 self.where[sample_id] = (shard, row)
         # A rank reads its shards one after another: the last few files stay open.
         self._open: OrderedDict[ShardEntry, object] = OrderedDict()
         self.max_open = max_open
 
     @classmethod
-    def open(cls, cfg: Config, resolution_px: int) -> "LatentCache | None":
+    def open(cls, cfg: Config, resolution_px: int) -> LatentCache | None:
         """The cache of the run's VAE for these shards at `resolution_px`, if every one of them
         has a complete file; None (train on the fly) otherwise or when disabled."""
         if cache_enabled(cfg):
@@ -374,13 +442,17 @@ class LatentCache:
         rows = []
         for sample_id in ids:
             if sample_id not in self.where:
-                raise KeyError(f"sample {sample_id!r} is not in the latent cache {self.folder.root}: "
-                               "re-run `sfumato cache`")
+                raise KeyError(
+                    f"sample {sample_id!r} is not in the latent cache {self.folder.root}: re-run `sfumato cache`"
+                )
             shard, row = self.where[sample_id]
             rows.append((self._file(shard), row))
         names = set(rows[0][0].keys())
-        found = {column: np.concatenate([file.get_slice(name)[row:row + 1] for file, row in rows])
-                 for name, column in _COLUMNS.items() if name in names}
+        found = {
+            column: np.concatenate([file.get_slice(name)[row : row + 1] for file, row in rows])
+            for name, column in _COLUMNS.items()
+            if name in names
+        }
         if "text_empty" in names:
             found[TEXT_EMPTY] = rows[0][0].get_tensor("text_empty")
         return found

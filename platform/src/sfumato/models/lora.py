@@ -41,8 +41,13 @@ def lora_config(cfg, net: torch.nn.Module):
     from peft import LoraConfig
 
     targets = list(cfg.target_modules) if cfg.target_modules else default_targets(net, cfg.conv)
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                      lora_dropout=cfg.dropout, target_modules=targets, init_lora_weights=True)
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+    )
 
 
 def add_lora(denoiser: torch.nn.Module, cfg) -> None:
@@ -61,8 +66,12 @@ def add_lora(denoiser: torch.nn.Module, cfg) -> None:
             raise ValueError("finetune.lora.text_encoder: the model has no text encoder (not a *-text-* model)")
         from peft import LoraConfig
 
-        text_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                                 lora_dropout=cfg.dropout, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+        text_config = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+            lora_dropout=cfg.dropout,
+            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+        )
         inject_adapter_in_model(text_config, denoiser.text_encoder, adapter_name=ADAPTER_NAME)
     for name, param in denoiser.named_parameters():
         param.requires_grad_("lora_" in name)
@@ -92,9 +101,12 @@ def save_adapter(denoiser: torch.nn.Module, folder, lora_cfg) -> None:
     unet_meta = lora_config(lora_cfg, denoiser.net).to_dict()
     unet_meta["target_modules"] = sorted(unet_meta["target_modules"])  # a set in peft: JSON needs a list
     StableDiffusionLoraLoaderMixin.save_lora_weights(
-        str(folder), unet_lora_layers={k: v.contiguous() for k, v in unet.items()},
+        str(folder),
+        unet_lora_layers={k: v.contiguous() for k, v in unet.items()},
         text_encoder_lora_layers=None if text is None else {k: v.contiguous() for k, v in text.items()},
-        weight_name=LORA_WEIGHTS_FILE, unet_lora_adapter_metadata=unet_meta)
+        weight_name=LORA_WEIGHTS_FILE,
+        unet_lora_adapter_metadata=unet_meta,
+    )
 
 
 def merge_lora(module: torch.nn.Module) -> torch.nn.Module:

@@ -10,7 +10,7 @@ text encoder is a submodule of the Denoiser, so it trains, averages and checkpoi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
@@ -19,8 +19,9 @@ from sfumato.diffusion.pipeline import predict
 from sfumato.models.names import MODEL_FAMILIES, TEXT_MODELS
 
 
-def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32,
-          text: bool = False) -> Callable:
+def _unet(
+    channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], heads_dim: int = 32, text: bool = False
+) -> Callable:
     """A pixel-space UNet; `text=True` gives Stable Diffusion's layout, cross-attending to the
     caption's token states (`cond` is then the text encoder's width, else the class count)."""
     down = ("CrossAttnDownBlock2D" if text else "AttnDownBlock2D", "DownBlock2D")
@@ -41,6 +42,7 @@ def _unet(channels: tuple[int, ...], layers: int, attention: tuple[bool, ...], h
         if text:
             return UNet2DConditionModel(**common, mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=cond)
         return UNet2DModel(**common, num_class_embeds=None if cond is None else cond + 1)
+
     return build
 
 
@@ -57,6 +59,7 @@ def _dit(depth: int, hidden: int, heads: int, patch: int) -> Callable:
             # adaLN-Zero needs a label: unconditional runs use the single "no class" label.
             num_embeds_ada_norm=(num_classes or 0) + 1,
         )
+
     return build
 
 
@@ -99,13 +102,20 @@ class Denoiser(torch.nn.Module):
         return predict(self.net, x_t, t, cond, self.text_encoder)
 
 
-def build_denoiser(name: str, resolution_px: int, in_channels: int = 3, num_classes: int | None = None,
-                   text_encoder: torch.nn.Module | None = None) -> Denoiser:
+def build_denoiser(
+    name: str,
+    resolution_px: int,
+    in_channels: int = 3,
+    num_classes: int | None = None,
+    text_encoder: torch.nn.Module | None = None,
+) -> Denoiser:
     if name not in MODELS:
         raise KeyError(f"model {name!r} is not registered; choose one of {sorted(MODELS)}")
     if (name in TEXT_MODELS) != (text_encoder is not None):
-        raise ValueError(f"model {name!r} {'needs' if name in TEXT_MODELS else 'takes no'} text encoder: "
-                         f"text-conditional models are {sorted(TEXT_MODELS)}")
+        raise ValueError(
+            f"model {name!r} {'needs' if name in TEXT_MODELS else 'takes no'} text encoder: "
+            f"text-conditional models are {sorted(TEXT_MODELS)}"
+        )
     if text_encoder is not None:
         net = MODELS[name](resolution_px, in_channels, text_encoder.config.hidden_size)
         return Denoiser(net, None, text_encoder)

@@ -42,8 +42,7 @@ def run_classes(cfg: Config) -> list[str]:
         if path.exists():
             classes = json.loads(path.read_text())
             return [name for name, _ in sorted(classes.items(), key=lambda kv: kv[1])]
-    raise FileNotFoundError(f"neither {run.classes} nor {shards.classes} exists: "
-                            "run `sfumato shards` first")
+    raise FileNotFoundError(f"neither {run.classes} nor {shards.classes} exists: run `sfumato shards` first")
 
 
 def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weights: bool = True) -> RunModel:
@@ -67,8 +66,10 @@ def load_start_weights(cfg: Config, denoiser) -> None:
     lineage = cfg.train.lineage
     if lineage.parent is not None:
         if load_run_config(lineage.parent).train.lora is not None:
-            raise ValueError(f"finetune.parent {lineage.parent} is a LoRA run: export it (`sfumato export` merges "
-                             "the adapter) and fine-tune from that export with finetune.pretrained")
+            raise ValueError(
+                f"finetune.parent {lineage.parent} is a LoRA run: export it (`sfumato export` merges "
+                "the adapter) and fine-tune from that export with finetune.pretrained"
+            )
         folder = resolve_checkpoint(lineage.parent, lineage.checkpoint)
         fill_parameters(denoiser, ckpt.load_ema(folder), f"the parent's {ckpt.ema_path(folder)}")
         return
@@ -77,14 +78,20 @@ def load_start_weights(cfg: Config, denoiser) -> None:
     try:
         net = net_class.from_pretrained(pretrained, subfolder="unet")
     except (OSError, ValueError) as err:
-        raise ValueError(f"finetune.pretrained={pretrained!r}: no {net_class.__name__} in its unet/ folder: {err}") from None
+        raise ValueError(
+            f"finetune.pretrained={pretrained!r}: no {net_class.__name__} in its unet/ folder: {err}"
+        ) from None
     try:
         missing = denoiser.net.load_state_dict(net.state_dict(), strict=False)
     except RuntimeError as err:  # a shape that differs
-        raise ValueError(f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: {err}") from None
+        raise ValueError(
+            f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: {err}"
+        ) from None
     if missing.missing_keys or missing.unexpected_keys:
-        raise ValueError(f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: missing "
-                         f"{missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}")
+        raise ValueError(
+            f"finetune.pretrained={pretrained!r} does not fit train.model={cfg.train.model!r}: missing "
+            f"{missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}"
+        )
     if denoiser.text_encoder is not None:
         encoder = type(denoiser.text_encoder).from_pretrained(pretrained, subfolder="text_encoder")
         denoiser.text_encoder.load_state_dict(encoder.state_dict())
@@ -121,25 +128,27 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     for path in done:
         if path.name == checkpoint:
             return path
-    raise FileNotFoundError(f"no committed checkpoint {checkpoint!r} in {checkpoints}; "
-                            f"have {[p.name for p in done]}")
+    raise FileNotFoundError(f"no committed checkpoint {checkpoint!r} in {checkpoints}; have {[p.name for p in done]}")
 
 
-def load_trained(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None,
-                 device: torch.device | str = "cpu") -> tuple[Config, RunModel, Path]:
+def load_trained(
+    run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None, device: torch.device | str = "cpu"
+) -> tuple[Config, RunModel, Path]:
     """(config, model with the checkpoint's EMA weights, checkpoint folder), eval mode."""
     cfg = load_run_config(run_dir, overrides)
     folder = resolve_checkpoint(run_dir, checkpoint)
     lora = cfg.train.lora is not None  # the checkpoint holds the adapters; the base is the lineage's
     run = build_run_model(cfg, device, start_weights=False)
-    fill_parameters(run.denoiser, ckpt.load_ema(folder), f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})",
-                    subset=lora)
+    fill_parameters(
+        run.denoiser, ckpt.load_ema(folder), f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})", subset=lora
+    )
     run.denoiser.to(device).eval()
     return cfg, run, folder
 
 
-def fill_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str,
-                    subset: bool = False) -> None:
+def fill_parameters(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, subset: bool = False
+) -> None:
     """Copy `weights` into the model's parameters by name; names and shapes must match exactly
     (`source` names where the weights came from in the error). `subset`: the weights are those of
     the trainable parameters only (a LoRA run's adapters), and must be exactly those."""
@@ -147,13 +156,15 @@ def fill_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], so
     expected = {n for n, p in params.items() if p.requires_grad} if subset else params.keys()
     if expected != weights.keys():
         missing, extra = expected - weights.keys(), weights.keys() - expected
-        raise ValueError(f"{source} does not fit the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(extra)[:3]}")
+        raise ValueError(
+            f"{source} does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, "
-                                 f"the model wants {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(value.shape)}, the model wants {tuple(params[name].shape)}"
+                )
             params[name].copy_(value)
 
 
@@ -164,12 +175,19 @@ def pipeline(cfg: Config, run: RunModel, sampler: str):
 
     codec = run.codec
     # Generate at the curriculum's last resolution by default (the net was built at the first).
-    run.denoiser.net.register_to_config(sample_size=cfg.train.stages[-1].resolution_px // (codec.downsample if codec else 1))
+    run.denoiser.net.register_to_config(
+        sample_size=cfg.train.stages[-1].resolution_px // (codec.downsample if codec else 1)
+    )
     pipe = SfumatoPipeline(
-        unet=run.denoiser.net, scheduler=make_sampler(cfg.diffusion, sampler, cfg.train.stages[-1].resolution_px),
-        text_encoder=run.denoiser.text_encoder, tokenizer=run.tokenizer, vae=None if codec is None else codec.vae,
+        unet=run.denoiser.net,
+        scheduler=make_sampler(cfg.diffusion, sampler, cfg.train.stages[-1].resolution_px),
+        text_encoder=run.denoiser.text_encoder,
+        tokenizer=run.tokenizer,
+        vae=None if codec is None else codec.vae,
         class_names=run.class_names or None,
         text_max_length=cfg.train.text.max_length if run.tokenizer is not None else None,
-        latent_scale=1.0 if codec is None else codec.scale, latent_shift=0.0 if codec is None else codec.shift)
+        latent_scale=1.0 if codec is None else codec.scale,
+        latent_shift=0.0 if codec is None else codec.shift,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -38,13 +38,20 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, max_length: int):
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(captions, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=max_length)
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=max_length
+    )
 
 
 def load_pretrained_tokenizer(source: str, subfolder: str | None):
@@ -65,12 +72,16 @@ def prepare_tokenizer(text_cfg, manifest: Path, run_dir: Path):
         tokenizer = load_pretrained_tokenizer(text_cfg.pretrained, text_cfg.tokenizer_subfolder)
     else:
         if not manifest.exists():
-            raise FileNotFoundError(f"{manifest} does not exist: a from-scratch tokenizer is trained on "
-                                    "the manifest's captions, run `sfumato ingest` first")
+            raise FileNotFoundError(
+                f"{manifest} does not exist: a from-scratch tokenizer is trained on "
+                "the manifest's captions, run `sfumato ingest` first"
+            )
         tokenizer = train_tokenizer(manifest_captions(manifest), text_cfg.vocab_size, text_cfg.max_length)
         if len(tokenizer) <= 3:
-            raise ValueError(f"{manifest} has no captions to train a tokenizer on: give the sources "
-                             "captions (e.g. a folder source's caption_template) or use conditioning: class")
+            raise ValueError(
+                f"{manifest} has no captions to train a tokenizer on: give the sources "
+                "captions (e.g. a folder source's caption_template) or use conditioning: class"
+            )
     tmp = folder.with_name(folder.name + ".tmp")
     tokenizer.save_pretrained(tmp)
     tmp.replace(folder)
@@ -88,19 +99,29 @@ def build_text_encoder(text_cfg, tokenizer) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if text_cfg.pretrained:
-        encoder = CLIPTextModel.from_pretrained(text_cfg.pretrained, subfolder=text_cfg.encoder_subfolder or "",
-                                                use_safetensors=True)
+        encoder = CLIPTextModel.from_pretrained(
+            text_cfg.pretrained, subfolder=text_cfg.encoder_subfolder or "", use_safetensors=True
+        )
     else:
-        encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=text_cfg.hidden_size, intermediate_size=4 * text_cfg.hidden_size,
-            num_hidden_layers=text_cfg.num_layers, num_attention_heads=text_cfg.num_heads,
-            max_position_embeddings=text_cfg.max_length, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=text_cfg.hidden_size,
+                intermediate_size=4 * text_cfg.hidden_size,
+                num_hidden_layers=text_cfg.num_layers,
+                num_attention_heads=text_cfg.num_heads,
+                max_position_embeddings=text_cfg.max_length,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
     encoder.requires_grad_(text_cfg.train_encoder)
     return encoder
 
 
 def tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
     """Token ids [B, max_length], padded and truncated (the end token kept)."""
-    return tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).input_ids

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 
-def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None, scale: float,
-                 shift: float) -> torch.Tensor:
+def draw_latents(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None, scale: float, shift: float
+) -> torch.Tensor:
     """z = mean + std * eps, eps ~ N(0, I) drawn from `generator`, then shifted and scaled: the
     posterior sample of diffusers' DiagonalGaussianDistribution, the same call on the same
     generator, so cached and on-the-fly latents consume the same random numbers."""
@@ -28,8 +29,14 @@ def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generat
 
 
 class LatentCodec:
-    def __init__(self, vae: torch.nn.Module | None, scaling_factor: float, shift_factor: float,
-                 config: dict | None = None, load_vae=None):
+    def __init__(
+        self,
+        vae: torch.nn.Module | None,
+        scaling_factor: float,
+        shift_factor: float,
+        config: dict | None = None,
+        load_vae=None,
+    ):
         self._vae = vae
         self._load_vae = load_vae
         self.config = vae.config if vae is not None else config
@@ -38,7 +45,7 @@ class LatentCodec:
         self.shift = shift_factor
 
     @classmethod
-    def load(cls, vae_cfg, device: torch.device | str = "cpu", lazy: bool = False) -> "LatentCodec":
+    def load(cls, vae_cfg, device: torch.device | str = "cpu", lazy: bool = False) -> LatentCodec:
         """The config's VAE; `lazy`: read its config now and its weights at the first use of `.vae`."""
         from diffusers import AutoencoderKL
 
@@ -47,7 +54,11 @@ class LatentCodec:
             return vae.requires_grad_(False).eval().to(device=device, dtype=torch.float32)
 
         vae = None if lazy else load_vae()
-        config = vae.config if vae is not None else AutoencoderKL.load_config(vae_cfg.pretrained, subfolder=vae_cfg.subfolder)
+        config = (
+            vae.config
+            if vae is not None
+            else AutoencoderKL.load_config(vae_cfg.pretrained, subfolder=vae_cfg.subfolder)
+        )
         scale = vae_cfg.scaling_factor if vae_cfg.scaling_factor is not None else config["scaling_factor"]
         shift = vae_cfg.shift_factor if vae_cfg.shift_factor is not None else (config.get("shift_factor") or 0.0)
         return cls(vae, float(scale), float(shift), dict(config), load_vae)
@@ -73,8 +84,9 @@ class LatentCodec:
 
     def latent_size(self, resolution_px: int, where: str = "resolution_px") -> int:
         if resolution_px % self.downsample:
-            raise ValueError(f"{where}={resolution_px} is not a multiple of the VAE's downsampling "
-                             f"factor {self.downsample}")
+            raise ValueError(
+                f"{where}={resolution_px} is not a multiple of the VAE's downsampling factor {self.downsample}"
+            )
         return resolution_px // self.downsample
 
     @torch.no_grad()

@@ -6,9 +6,10 @@ owns the accelerator, composed with `.bind()`.
 
 Requests are validated by pydantic against the model's limits (422 naming the field) before any
 model work; no input reaches a 500: non-finite numbers (NaN, Infinity, 1e400) are 422s, and a 422
-names the field without echoing the value (which may be huge or unencodable). Compatible concurrent requests (same sampler, steps, guidance, size) share one
-denoising loop through `@serve.batch`. Every request has a deadline; the loop checks it and a
-cancel flag before every step, so a timeout (408) or a client that goes away frees the replica.
+names the field without echoing the value (which may be huge or unencodable). Compatible
+concurrent requests (same sampler, steps, guidance, size) share one denoising loop through
+`@serve.batch`. Every request has a deadline; the loop checks it and a cancel flag before every
+step, so a timeout (408) or a client that goes away frees the replica.
 Overload is refused, not queued without bound: `max_queued_requests` answers 503 (or 429) with
 Retry-After. An optional bearer token guards everything but /healthz.
 
@@ -17,7 +18,6 @@ With `safety_model` set, every generated image is scored by the output safety fi
 a null image and its verdict in a JSON answer) or sent blurred (`safety_action: blur`). With none
 set the filter is off, and the startup log, /v1/model and every response say so.
 """
-
 
 import asyncio
 import base64
@@ -113,16 +113,23 @@ class ServeSettings(BaseModel):
         """What /v1/model and the startup log say about the output filter."""
         if self.safety_model is None:
             return {"enabled": False, "reason": "no safety_model configured: generated images are not checked"}
-        return {"enabled": True, "model": self.safety_model, "threshold": self.safety_threshold,
-                "action": self.safety_action}
+        return {
+            "enabled": True,
+            "model": self.safety_model,
+            "threshold": self.safety_threshold,
+            "action": self.safety_action,
+        }
 
 
 def request_model(info, settings: ServeSettings) -> type[BaseModel]:
     """The POST /v1/generate body, with this model's bounds in the schema (and so in OpenAPI)."""
     max_px = settings.max_size_px or 2 * info.default_size_px
     sampler_type = Literal[tuple(info.samplers)]  # type: ignore[valid-type]
-    size = dict(default=info.default_size_px, ge=max(8, info.size_multiple_px or info.default_size_px),
-                le=max_px if info.size_multiple_px else info.default_size_px)
+    size = dict(
+        default=info.default_size_px,
+        ge=max(8, info.size_multiple_px or info.default_size_px),
+        le=max_px if info.size_multiple_px else info.default_size_px,
+    )
     trained = {tuple(s) for s in info.trained_sizes_px}
     if trained:  # an aspect-bucketed model: its buckets, whatever max_size_px says
         sides = [side for s in trained for side in s]
@@ -138,7 +145,9 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
                     raise ValueError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         if trained and (self.width, self.height) not in trained:
             offered = ", ".join(f"{w}x{h}" for w, h in sorted(trained))
-            raise ValueError(f"width x height {self.width}x{self.height} is not a size this model was trained at: {offered}")
+            raise ValueError(
+                f"width x height {self.width}x{self.height} is not a size this model was trained at: {offered}"
+            )
         for name in ("width", "height"):
             value = getattr(self, name)
             if info.size_multiple_px and value % info.size_multiple_px:
@@ -158,11 +167,19 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
         "GenerateRequest",
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
         __validators__={"_check": model_validator(mode="after")(_check)},
-        model=(Literal[tuple(settings.model_names())], Field(settings.model_name,  # type: ignore[valid-type]
-                                                             description="a served model or adapter by name")),
+        model=(
+            Literal[tuple(settings.model_names())],
+            Field(
+                settings.model_name,  # type: ignore[valid-type]
+                description="a served model or adapter by name",
+            ),
+        ),
         prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
         negative_prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
-        class_label=(StrictInt | str | None, Field(None, description="class index or name (class-conditional models); true is neither")),
+        class_label=(
+            StrictInt | str | None,
+            Field(None, description="class index or name (class-conditional models); true is neither"),
+        ),
         seed=(int | None, Field(None, ge=0, le=2**31 - 1, description="None: a random seed, returned")),
         steps=(int, Field(min(30, settings.max_steps), ge=1, le=settings.max_steps)),
         guidance_scale=(float, Field(1.0, ge=0, le=30)),
@@ -170,8 +187,15 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
         sampler=(sampler_type, Field(info.default_sampler, description="one that fits the model's objective")),
         width=(int, Field(**size)),
         height=(int, Field(**size)),
-        timeout_s=(float | None, Field(None, gt=0, le=settings.request_timeout_s,
-                                       description="a shorter deadline than the server's (408 past it)")),
+        timeout_s=(
+            float | None,
+            Field(
+                None,
+                gt=0,
+                le=settings.request_timeout_s,
+                description="a shorter deadline than the server's (408 past it)",
+            ),
+        ),
     )
 
 
@@ -197,24 +221,35 @@ def default(name: str):
 
 
 # build_app sets these from the settings (.options); the decorators hold the same defaults.
-@serve.deployment(max_ongoing_requests=default("max_ongoing_requests"),
-                  max_queued_requests=default("max_queued_requests"), health_check_period_s=10,
-                  health_check_timeout_s=30,
-                  backpressure_config={"status_code": 503, "retry_after_s": default("retry_after_s")})
+@serve.deployment(
+    max_ongoing_requests=default("max_ongoing_requests"),
+    max_queued_requests=default("max_queued_requests"),
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    backpressure_config={"status_code": 503, "retry_after_s": default("retry_after_s")},
+)
 class Generator:
     """Owns the model (and the accelerator: give it num_gpus in the Serve config)."""
 
     def __init__(self, settings: dict):
         self.settings = ServeSettings(**settings)
-        self.backend = load_backend(self.settings.model, self.settings.backend, self.settings.device,
-                                    self.settings.lora, self.settings.adapters)
-        self.backends = {name: load_backend(folder, self.settings.backend, self.settings.device)
-                         for name, folder in self.settings.models.items()}
+        self.backend = load_backend(
+            self.settings.model, self.settings.backend, self.settings.device, self.settings.lora, self.settings.adapters
+        )
+        self.backends = {
+            name: load_backend(folder, self.settings.backend, self.settings.device)
+            for name, folder in self.settings.models.items()
+        }
         self.filter = None
         if self.settings.safety_model is not None:
-            self.filter = OutputFilter(self.settings.safety_model, self.settings.safety_threshold,
-                                       self.settings.safety_action, self.settings.safety_unsafe_prompts,
-                                       self.settings.safety_safe_prompts, self.settings.device)
+            self.filter = OutputFilter(
+                self.settings.safety_model,
+                self.settings.safety_threshold,
+                self.settings.safety_action,
+                self.settings.safety_unsafe_prompts,
+                self.settings.safety_safe_prompts,
+                self.settings.device,
+            )
         log.log(logging.INFO if self.filter else logging.WARNING, "output safety filter: %s", self.settings.safety())
         self.cancelled: set[str] = set()
         self.stats = {"completed": 0, "cancelled": 0, "batches": 0, "withheld": 0, "blurred": 0}
@@ -223,8 +258,12 @@ class Generator:
         self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     def info(self) -> dict:
-        return {**asdict(self.backend.info()), "stats": dict(self.stats), "safety": self.settings.safety(),
-                "models": self.settings.model_names()}
+        return {
+            **asdict(self.backend.info()),
+            "stats": dict(self.stats),
+            "safety": self.settings.safety(),
+            "models": self.settings.model_names(),
+        }
 
     def _outputs(self, images: list) -> list[Output]:
         """Each image scored (filter on), measured for the drift histograms and encoded: what
@@ -314,8 +353,12 @@ def build_ingress(settings: ServeSettings, info) -> type:
             metrics[0].responses.inc(tags={"status": str(response.status_code)})
         return response
 
-    @serve.deployment(max_ongoing_requests=64, max_queued_requests=64, ray_actor_options={"num_cpus": 0},
-                      backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s})
+    @serve.deployment(
+        max_ongoing_requests=64,
+        max_queued_requests=64,
+        ray_actor_options={"num_cpus": 0},
+        backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},
+    )
     @serve.ingress(app)
     class Ingress:
         def __init__(self, generator):
@@ -332,20 +375,38 @@ def build_ingress(settings: ServeSettings, info) -> type:
         @app.get("/v1/info")
         async def model(self) -> dict:
             model_info = await self.generator.info.remote()
-            return {**model_info, "limits": {"max_steps": settings.max_steps, "max_images": settings.max_images,
-                                             "max_prompt_chars": settings.max_prompt_chars,
-                                             "max_size_px": settings.max_size_px or 2 * model_info["default_size_px"],
-                                             "request_timeout_s": settings.request_timeout_s}}
+            return {
+                **model_info,
+                "limits": {
+                    "max_steps": settings.max_steps,
+                    "max_images": settings.max_images,
+                    "max_prompt_chars": settings.max_prompt_chars,
+                    "max_size_px": settings.max_size_px or 2 * model_info["default_size_px"],
+                    "request_timeout_s": settings.request_timeout_s,
+                },
+            }
 
         @app.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
         async def generate(self, body: GenerateRequest, request: Request):  # type: ignore[valid-type]
             started = time.perf_counter()
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - settings.max_images)
             timeout_s = body.timeout_s or settings.request_timeout_s
-            job = Job(id=uuid.uuid4().hex, seed=seed, steps=body.steps, guidance_scale=body.guidance_scale,
-                      num_images=body.num_images, sampler=body.sampler, width=body.width, height=body.height,
-                      prompt=body.prompt, negative_prompt=body.negative_prompt, class_label=body.class_label,
-                      deadline=time.time() + timeout_s, created=time.time(), model=body.model)
+            job = Job(
+                id=uuid.uuid4().hex,
+                seed=seed,
+                steps=body.steps,
+                guidance_scale=body.guidance_scale,
+                num_images=body.num_images,
+                sampler=body.sampler,
+                width=body.width,
+                height=body.height,
+                prompt=body.prompt,
+                negative_prompt=body.negative_prompt,
+                class_label=body.class_label,
+                deadline=time.time() + timeout_s,
+                created=time.time(),
+                model=body.model,
+            )
             self.metrics.in_flight_now += 1
             self.metrics.in_flight.set(self.metrics.in_flight_now)
             response = self.generator.generate.remote(job)
@@ -355,8 +416,11 @@ def build_ingress(settings: ServeSettings, info) -> type:
                 response.cancel()
                 return JSONResponse({"detail": f"generation took longer than {timeout_s} s"}, 408)
             except BackPressureError:
-                return JSONResponse({"detail": "the model is at capacity, retry later"}, 503,
-                                    headers={"Retry-After": str(settings.retry_after_s)})
+                return JSONResponse(
+                    {"detail": "the model is at capacity, retry later"},
+                    503,
+                    headers={"Retry-After": str(settings.retry_after_s)},
+                )
             finally:
                 self.metrics.in_flight_now -= 1
                 self.metrics.in_flight.set(self.metrics.in_flight_now)
@@ -368,17 +432,29 @@ def build_ingress(settings: ServeSettings, info) -> type:
             withheld = [k for k, out in enumerate(images) if out.verdict.action == WITHHELD]
             if len(images) == 1 and "application/json" not in request.headers.get("accept", ""):
                 if withheld:  # no pixels of a flagged image leave; 451 says why (docs/export-and-serving.md)
-                    return JSONResponse({"detail": f"the image was withheld by the output safety filter (score "
-                                                   f"{images[0].verdict.score:.3f} >= {settings.safety_threshold})",
-                                         "withheld": withheld, "safety": verdicts, "seeds": seeds}, 451,
-                                        headers={"X-Seed": str(seed), "X-Safety": WITHHELD})
+                    return JSONResponse(
+                        {
+                            "detail": f"the image was withheld by the output safety filter (score "
+                            f"{images[0].verdict.score:.3f} >= {settings.safety_threshold})",
+                            "withheld": withheld,
+                            "safety": verdicts,
+                            "seeds": seeds,
+                        },
+                        451,
+                        headers={"X-Seed": str(seed), "X-Safety": WITHHELD},
+                    )
                 headers = {"X-Seed": str(seed), "X-Safety": images[0].verdict.action}
                 if images[0].verdict.score is not None:
                     headers["X-Safety-Score"] = f"{images[0].verdict.score:.6f}"
                 return Response(images[0].png, media_type="image/png", headers=headers)
-            return {"images": [None if out.png is None else base64.b64encode(out.png).decode() for out in images],
-                    "seeds": seeds, "width": body.width, "height": body.height, "safety": verdicts,
-                    "withheld": withheld}
+            return {
+                "images": [None if out.png is None else base64.b64encode(out.png).decode() for out in images],
+                "seeds": seeds,
+                "width": body.width,
+                "height": body.height,
+                "safety": verdicts,
+                "withheld": withheld,
+            }
 
     return Ingress
 
@@ -387,8 +463,10 @@ def check_compatible(base, other, name: str) -> None:
     """One request schema serves every model: a second export must take the same requests."""
     for field in ("conditioning", "class_names", "samplers", "default_size_px", "size_multiple_px", "trained_sizes_px"):
         if getattr(base, field) != getattr(other, field):
-            raise ValueError(f"models.{name}: its {field} {getattr(other, field)!r} differs from the base model's "
-                             f"{getattr(base, field)!r}; serve it as an application of its own")
+            raise ValueError(
+                f"models.{name}: its {field} {getattr(other, field)!r} differs from the base model's "
+                f"{getattr(base, field)!r}; serve it as an application of its own"
+            )
 
 
 def build_app(args: dict):
@@ -396,18 +474,28 @@ def build_app(args: dict):
     settings = ServeSettings(**args)
     if settings.safety_model is None:
         log.warning("output safety filter: OFF, no safety_model configured: generated images leave unchecked")
-    info = load_backend(settings.model, settings.backend, settings.device, settings.lora).info()  # limits shape the schema
+    info = load_backend(
+        settings.model, settings.backend, settings.device, settings.lora
+    ).info()  # limits shape the schema
     for name, folder in settings.models.items():
         check_compatible(info, load_backend(folder, settings.backend, settings.device).info(), name)
-    generator = Generator.options(max_ongoing_requests=settings.max_ongoing_requests,
-                                  max_queued_requests=settings.max_queued_requests,
-                                  backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},
-                                  ray_actor_options={"num_cpus": settings.num_cpus}).bind(settings.model_dump())
+    generator = Generator.options(
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},
+        ray_actor_options={"num_cpus": settings.num_cpus},
+    ).bind(settings.model_dump())
     return build_ingress(settings, info).bind(generator)
 
 
-def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
-               name: str = "sfumato", route_prefix: str = "/"):
+def run_server(
+    settings: ServeSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking: bool = True,
+    name: str = "sfumato",
+    route_prefix: str = "/",
+):
     """`sfumato serve`: start Serve's HTTP proxy on host:port (local Ray, or $RAY_ADDRESS) and run
     the app; blocking until interrupted unless told otherwise."""
     from sfumato.config import RayConfig

@@ -3,10 +3,11 @@
 `torch` loads the diffusers export (`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
 safetensors only) and offers every sampler that fits the model's objective (DDPM: ddpm, ddim,
 dpm-solver++; flow matching: flow-euler, flow-heun); `onnx` runs the standalone onnxruntime
-sampler of the ONNX export (DDIM, or flow Euler) at the model's own size. Both take a group of compatible jobs (same sampler,
-steps, guidance and size), generate all their images in one batched denoising loop, and call
-`should_stop()` before every step: when it says so, the loop stops with `Cancelled` and the
-replica is free again. Image k of a job with seed s always starts from the noise of seed s + k.
+sampler of the ONNX export (DDIM, or flow Euler) at the model's own size. Both take a group of
+compatible jobs (same sampler, steps, guidance and size), generate all their images in one
+batched denoising loop, and call `should_stop()` before every step: when it says so, the loop
+stops with `Cancelled` and the replica is free again. Image k of a job with seed s always starts
+from the noise of seed s + k.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ def _stepper(should_stop):
     def callback(step_index, t):
         if should_stop():
             raise Cancelled(f"cancelled before step {step_index}")
+
     return callback
 
 
 class TorchBackend:
-    def __init__(self, export_dir: Path, device: str = "cpu", lora: Path | None = None,
-                 adapters: dict[str, Path] | None = None):
+    def __init__(
+        self, export_dir: Path, device: str = "cpu", lora: Path | None = None, adapters: dict[str, Path] | None = None
+    ):
         """`lora`: one adapter fused into the weights. `adapters`: named adapters loaded beside
         each other and not fused (diffusers' multi-adapter LoRA); a job naming one runs with it
         alone active, any other job with none."""
@@ -89,7 +92,9 @@ class TorchBackend:
         self.torch = torch
         folder = ExportFolder(export_dir).diffusers
         if not ExportFolder(export_dir).diffusers_index.exists():
-            raise FileNotFoundError(f"{folder} holds no diffusers export (model_index.json): run `sfumato export` first")
+            raise FileNotFoundError(
+                f"{folder} holds no diffusers export (model_index.json): run `sfumato export` first"
+            )
         self.pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.meta = _meta(ExportFolder(export_dir).meta)
@@ -129,18 +134,25 @@ class TorchBackend:
             multiple = p.vae_scale_factor * p.unet.config.patch_size if trained else 0
         else:
             multiple = p.vae_scale_factor * 2 ** (len(p.unet.config.block_out_channels) - 1)
-        return ModelInfo(self.meta.get("run", "model"), "torch", conditioning, list(p.config.class_names or []),
-                         list(FLOW_SAMPLERS if is_flow(p.scheduler.config) else DDPM_SAMPLERS), p.default_size_px,
-                         multiple, trained)
+        return ModelInfo(
+            self.meta.get("run", "model"),
+            "torch",
+            conditioning,
+            list(p.config.class_names or []),
+            list(FLOW_SAMPLERS if is_flow(p.scheduler.config) else DDPM_SAMPLERS),
+            p.default_size_px,
+            multiple,
+            trained,
+        )
 
     def _pipe_for(self, sampler: str):
         from sfumato.diffusion.sample import sampler_from
 
         if sampler not in self._pipes:
-            self._pipes[sampler] = type(self.pipe)(**{**self.pipe.components,
-                                                      "scheduler": sampler_from(self.pipe.scheduler.config, sampler)},
-                                                   **{k: self.pipe.config[k] for k in ("class_names", "text_max_length",
-                                                                                        "latent_scale", "latent_shift")})
+            self._pipes[sampler] = type(self.pipe)(
+                **{**self.pipe.components, "scheduler": sampler_from(self.pipe.scheduler.config, sampler)},
+                **{k: self.pipe.config[k] for k in ("class_names", "text_max_length", "latent_scale", "latent_shift")},
+            )
             self._pipes[sampler].set_progress_bar_config(disable=True)
         return self._pipes[sampler]
 
@@ -158,9 +170,17 @@ class TorchBackend:
             labels = [j.class_label for j in jobs for _ in range(j.num_images)]
             kwargs["class_labels"] = labels
         generators = [self.torch.Generator("cpu").manual_seed(j.seed + k) for j in jobs for k in range(j.num_images)]
-        images = pipe(**kwargs, batch_size=len(generators), height=first.height, width=first.width,
-                      num_inference_steps=first.steps, guidance_scale=first.guidance_scale if pipe.is_conditional else 1.0,
-                      generator=generators, output_type="np", callback=_stepper(should_stop)).images
+        images = pipe(
+            **kwargs,
+            batch_size=len(generators),
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale if pipe.is_conditional else 1.0,
+            generator=generators,
+            output_type="np",
+            callback=_stepper(should_stop),
+        ).images
         return _split(_to_uint8(images), jobs)
 
 
@@ -177,22 +197,42 @@ class OnnxBackend:
     def info(self) -> ModelInfo:
         spec = self.sampler.spec
         factor = spec.get("vae_scale_factor", 1)
-        return ModelInfo(self.meta.get("run", "model"), "onnx", spec["conditioning"], list(spec["class_names"]),
-                         [self.sampler.sampler_name], spec["sample_size"] * factor, 0)
+        return ModelInfo(
+            self.meta.get("run", "model"),
+            "onnx",
+            spec["conditioning"],
+            list(spec["class_names"]),
+            [self.sampler.sampler_name],
+            spec["sample_size"] * factor,
+            0,
+        )
 
     def generate(self, jobs: list[Job], should_stop=lambda: False) -> list[list[np.ndarray]]:
         first = jobs[0]
         spec = self.sampler.spec
         shape = (spec["in_channels"], spec["sample_size"], spec["sample_size"])
-        noise = np.stack([np.random.default_rng(j.seed + k).standard_normal(shape) for j in jobs for k in range(j.num_images)])
+        noise = np.stack(
+            [np.random.default_rng(j.seed + k).standard_normal(shape) for j in jobs for k in range(j.num_images)]
+        )
         prompts = labels = None
         if spec["conditioning"] == "text":
             prompts = [j.prompt or "" for j in jobs for _ in range(j.num_images)]
         elif spec["conditioning"] == "class":
-            labels = [spec["null_class"] if j.class_label is None else j.class_label for j in jobs for _ in range(j.num_images)]
+            labels = [
+                spec["null_class"] if j.class_label is None else j.class_label
+                for j in jobs
+                for _ in range(j.num_images)
+            ]
         guidance = first.guidance_scale if spec["conditioning"] != "none" else 1.0
-        images = self.sampler(prompts, labels, len(noise), steps=first.steps, guidance_scale=guidance, noise=noise,
-                              callback=_stepper(should_stop))
+        images = self.sampler(
+            prompts,
+            labels,
+            len(noise),
+            steps=first.steps,
+            guidance_scale=guidance,
+            noise=noise,
+            callback=_stepper(should_stop),
+        )
         return _split(_to_uint8(images), jobs)
 
 
@@ -216,18 +256,25 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 def _split(images: np.ndarray, jobs: list[Job]) -> list[list[np.ndarray]]:
     out, start = [], 0
     for job in jobs:
-        out.append(list(images[start:start + job.num_images]))
+        out.append(list(images[start : start + job.num_images]))
         start += job.num_images
     return out
 
 
-def load_backend(export_dir: Path, backend: str, device: str = "cpu", lora: Path | None = None,
-                 adapters: dict[str, Path] | None = None):
+def load_backend(
+    export_dir: Path,
+    backend: str,
+    device: str = "cpu",
+    lora: Path | None = None,
+    adapters: dict[str, Path] | None = None,
+):
     if backend == "torch":
         return TorchBackend(export_dir, device, lora, adapters)
     if lora is not None or adapters:
-        raise ValueError("a LoRA adapter (--lora, adapters) is served by the torch backend; the ONNX export of a "
-                         "LoRA run already holds it merged")
+        raise ValueError(
+            "a LoRA adapter (--lora, adapters) is served by the torch backend; the ONNX export of a "
+            "LoRA run already holds it merged"
+        )
     if backend == "onnx":
         return OnnxBackend(export_dir)
     raise ValueError(f"serve backend {backend!r} is not one of torch, onnx")

@@ -31,8 +31,13 @@ def token_matches(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass"))
 
 
-def require_token(app: FastAPI, token: str, open_paths: tuple[str, ...] = (HEALTH,), cookie: str | None = None,
-                  how: str = "send an 'Authorization: Bearer TOKEN' header") -> None:
+def require_token(
+    app: FastAPI,
+    token: str,
+    open_paths: tuple[str, ...] = (HEALTH,),
+    cookie: str | None = None,
+    how: str = "send an 'Authorization: Bearer TOKEN' header",
+) -> None:
     """Adds the token middleware to `app`; an empty `token` adds none (no auth). `cookie`: the name
     of a cookie that may carry the token when no bearer header does. `how` ends the 401's detail:
     how a client gives the token."""
@@ -55,8 +60,14 @@ def require_token(app: FastAPI, token: str, open_paths: tuple[str, ...] = (HEALT
 
 def validation_detail(exc: RequestValidationError) -> list[dict]:
     """Each error's location, message and type; its `input` (the value) left out."""
-    return [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
-             "type": str(error.get("type", ""))} for error in exc.errors()]
+    return [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        for error in exc.errors()
+    ]
 
 
 def answer_invalid_requests(app: FastAPI) -> None:
@@ -64,5 +75,6 @@ def answer_invalid_requests(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return Response(json.dumps({"detail": validation_detail(exc)}, ensure_ascii=True), 422,
-                        media_type="application/json")
+        return Response(
+            json.dumps({"detail": validation_detail(exc)}, ensure_ascii=True), 422, media_type="application/json"
+        )

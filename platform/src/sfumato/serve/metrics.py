@@ -40,11 +40,15 @@ class IngressMetrics:
     def __init__(self):
         from ray.serve.metrics import Counter, Gauge, Histogram
 
-        self.responses = Counter("sfumato_responses", description="answers of POST /v1/generate by HTTP status "
-                                 "(401/403 auth, 408 deadline, 422 invalid, 451 withheld, 503 at capacity)",
-                                 tag_keys=("status",))
-        self.latency = Histogram("sfumato_request_latency_s", description="POST /v1/generate latency, end to end",
-                                 boundaries=SECONDS)
+        self.responses = Counter(
+            "sfumato_responses",
+            description="answers of POST /v1/generate by HTTP status "
+            "(401/403 auth, 408 deadline, 422 invalid, 451 withheld, 503 at capacity)",
+            tag_keys=("status",),
+        )
+        self.latency = Histogram(
+            "sfumato_request_latency_s", description="POST /v1/generate latency, end to end", boundaries=SECONDS
+        )
         self.in_flight = Gauge("sfumato_requests_in_flight", description="generate requests being served or queued")
         self.in_flight_now = 0
 
@@ -66,23 +70,35 @@ class ModelMetrics:
     def __init__(self):
         from ray.serve.metrics import Counter, Histogram
 
-        self.queue_wait = Histogram("sfumato_queue_wait_s", description="request arrival to its denoising loop's start",
-                                    boundaries=SECONDS)
-        self.denoise = Histogram("sfumato_denoise_s", description="one denoising loop (a batch of requests)",
-                                 boundaries=SECONDS)
-        self.encode = Histogram("sfumato_encode_s", description="safety check and PNG encoding of one loop's images",
-                                boundaries=SECONDS)
-        self.batch_size = Histogram("sfumato_batch_requests", description="requests per denoising loop",
-                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.queue_wait = Histogram(
+            "sfumato_queue_wait_s", description="request arrival to its denoising loop's start", boundaries=SECONDS
+        )
+        self.denoise = Histogram(
+            "sfumato_denoise_s", description="one denoising loop (a batch of requests)", boundaries=SECONDS
+        )
+        self.encode = Histogram(
+            "sfumato_encode_s", description="safety check and PNG encoding of one loop's images", boundaries=SECONDS
+        )
+        self.batch_size = Histogram(
+            "sfumato_batch_requests",
+            description="requests per denoising loop",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
         self.images = Counter("sfumato_images_generated", description="images generated")
-        self.safety_score = Histogram("sfumato_safety_score", description="output safety filter score per image",
-                                      boundaries=UNIT)
-        self.safety_triggers = Counter("sfumato_safety_triggers", description="images the safety filter flagged",
-                                       tag_keys=("action",))
-        self.brightness = Histogram("sfumato_image_brightness", description="mean luma (0..1) per image sent",
-                                    boundaries=UNIT)
-        self.colourfulness = Histogram("sfumato_image_colourfulness", description="Hasler-Suesstrunk colourfulness "
-                                       "per image sent", boundaries=COLOURFULNESS)
+        self.safety_score = Histogram(
+            "sfumato_safety_score", description="output safety filter score per image", boundaries=UNIT
+        )
+        self.safety_triggers = Counter(
+            "sfumato_safety_triggers", description="images the safety filter flagged", tag_keys=("action",)
+        )
+        self.brightness = Histogram(
+            "sfumato_image_brightness", description="mean luma (0..1) per image sent", boundaries=UNIT
+        )
+        self.colourfulness = Histogram(
+            "sfumato_image_colourfulness",
+            description="Hasler-Suesstrunk colourfulness per image sent",
+            boundaries=COLOURFULNESS,
+        )
 
     def observe_image(self, image: np.ndarray) -> None:
         brightness, colourfulness = image_stats(image)

@@ -33,8 +33,9 @@ def blur(image: np.ndarray) -> np.ndarray:
 
 
 class OutputFilter:
-    def __init__(self, model: str, threshold: float, action: str, unsafe: list[str], safe: list[str],
-                 device: str = "cpu"):
+    def __init__(
+        self, model: str, threshold: float, action: str, unsafe: list[str], safe: list[str], device: str = "cpu"
+    ):
         from sfumato.data.embed import ClipEmbedder
         from sfumato.data.safety import NsfwScorer
 

@@ -26,8 +26,13 @@ from sfumato.config import Config, validated
 from sfumato.records import AlignmentStepRecord, AlignmentValidationRecord
 
 
-def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None = None,
-               pretrained: str | None = None, pairs: Path | None = None) -> Config:
+def run_config(
+    cfg: Config,
+    parent: Path | None = None,
+    checkpoint: str | None = None,
+    pretrained: str | None = None,
+    pairs: Path | None = None,
+) -> Config:
     """The alignment's own config (see the module docstring); errors before any work: no pairs
     file, a table that is not one, too few pairs."""
     from sfumato.data.pairs import PairSet
@@ -88,7 +93,9 @@ def load_pairs(cfg: Config, class_names: list[str]):
     pairs = PairSet(d.pairs, cfg.train.conditioning, classes)
     training, heldout = pairs.split(d.holdout_fraction)
     if len(training) == 0:
-        raise ValueError(f"{d.pairs}: all {len(pairs)} pairs are held out (align.holdout_fraction={d.holdout_fraction})")
+        raise ValueError(
+            f"{d.pairs}: all {len(pairs)} pairs are held out (align.holdout_fraction={d.holdout_fraction})"
+        )
     return pairs, training, heldout
 
 
@@ -117,8 +124,16 @@ class Alignment:
         from sfumato.data.pairs import pair_batches
 
         stage = self.cfg.train.stages[stage_index]
-        return pair_batches(self.pairs, self.training_rows, stage.micro_batch_size, stage.resolution_px, rank, world,
-                            self.cfg.seed + stage_index, position)
+        return pair_batches(
+            self.pairs,
+            self.training_rows,
+            stage.micro_batch_size,
+            stage.resolution_px,
+            rank,
+            world,
+            self.cfg.seed + stage_index,
+            position,
+        )
 
     def loss(self, model, batch: dict, state) -> tuple[torch.Tensor, dict]:
         """The DPO loss of a pair batch (sfumato.diffusion.dpo), and its reward statistics."""
@@ -126,8 +141,18 @@ class Alignment:
 
         chosen, rejected, cond = pair_inputs(batch, state, state.generator, state.dtype)
         resolution_px = chosen.shape[-1] * (state.codec.downsample if state.codec is not None else 1)
-        return pair_loss(model, self.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
-                         self.beta, state.generator, resolution_px)
+        return pair_loss(
+            model,
+            self.reference,
+            chosen,
+            rejected,
+            cond,
+            state.schedule,
+            state.diffusion_cfg,
+            self.beta,
+            state.generator,
+            resolution_px,
+        )
 
     def validation_due(self, step: int, last: bool, sample_now: bool) -> bool:
         """With every grid, and at train.validation.every_steps."""
@@ -136,7 +161,9 @@ class Alignment:
 
     def validate(self, model, stage_index: int, state) -> tuple[AlignmentValidationRecord]:
         v, stage = self.cfg.train.validation, self.cfg.train.stages[stage_index]
-        held = self.heldout_stats(model, stage.resolution_px, stage.micro_batch_size, state, v.seed if v is not None else 0)
+        held = self.heldout_stats(
+            model, stage.resolution_px, stage.micro_batch_size, state, v.seed if v is not None else 0
+        )
         return (replace(held, policy_distance=policy_distance(model, self.reference)),)
 
     def log_records(self, out: dict, position: dict | None) -> tuple[AlignmentStepRecord]:
@@ -157,11 +184,21 @@ class Alignment:
         loss_sum = accuracy_sum = margin_sum = 0.0
         count = 0
         for index, start in enumerate(range(0, len(rows), batch_size)):
-            batch = self.pairs.batch(rows[start:start + batch_size], resolution_px)
+            batch = self.pairs.batch(rows[start : start + batch_size], resolution_px)
             generator = torch.Generator(state.device).manual_seed(seed * 100_003 + index)
             chosen, rejected, cond = pair_inputs(batch, state, generator, dtype)
-            loss, stats = pair_loss(model, self.reference, chosen, rejected, cond, state.schedule, state.diffusion_cfg,
-                                    self.beta, generator, resolution_px)
+            loss, stats = pair_loss(
+                model,
+                self.reference,
+                chosen,
+                rejected,
+                cond,
+                state.schedule,
+                state.diffusion_cfg,
+                self.beta,
+                generator,
+                resolution_px,
+            )
             n, rewards = len(batch["id"]), _rewards(stats)
             loss_sum += float(loss) * n
             accuracy_sum += rewards.reward_accuracy * n
@@ -187,7 +224,7 @@ def policy_distance(model: torch.nn.Module, reference: torch.nn.Module) -> float
             continue
         moved += float((parameter.float() - ref[name].float()).pow(2).sum())
         norm += float(ref[name].float().pow(2).sum())
-    return (moved ** 0.5) / (norm ** 0.5) if norm else moved ** 0.5
+    return (moved**0.5) / (norm**0.5) if norm else moved**0.5
 
 
 def name_trains(name: str, model: torch.nn.Module) -> bool:

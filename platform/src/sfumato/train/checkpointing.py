@@ -47,8 +47,9 @@ def load_checkpoint(worker, folder) -> None:
 
     w = worker
     # LoRA: the checkpoint holds the adapters alone; the frozen base came from the lineage (setup).
-    w.engine.load_checkpoint(str(folder / "deepspeed"), tag=ckpt.DEEPSPEED_TAG,
-                             load_module_strict=w.cfg.train.lora is None)
+    w.engine.load_checkpoint(
+        str(folder / "deepspeed"), tag=ckpt.DEEPSPEED_TAG, load_module_strict=w.cfg.train.lora is None
+    )
     w.ema.load_state_dict(w.engine.module, ckpt.load_ema(folder))
     ckpt.load_rng(folder, w.rank, w.state.generator)
     w.position = ckpt.load_loader_position(folder, w.rank)
@@ -56,8 +57,9 @@ def load_checkpoint(worker, folder) -> None:
     w.state.step = meta["step"]
     w.loss_average = LossAverage.from_state(meta.get("loss_average"))
     average = w.loss_average.value  # None on every rank alike (the same number of updates)
-    w.spike_guard.load_state_dict(meta.get("spike_guard"),
-                                  None if average is None else all_reduce_mean([average], w.device)[0])
+    w.spike_guard.load_state_dict(
+        meta.get("spike_guard"), None if average is None else all_reduce_mean([average], w.device)[0]
+    )
 
 
 def _record_attempt(run: RunFolder, latest, step: int, world: int, nodes: list) -> None:
@@ -67,8 +69,9 @@ def _record_attempt(run: RunFolder, latest, step: int, world: int, nodes: list) 
     from sfumato.layout import read_jsonl
 
     number = 1 + len([a for a in read_jsonl(run.attempts) if "event" not in a])  # rollbacks are no starts
-    append_jsonl(run.attempts, {"time": time.time(), "resumed_from": latest and latest.name, "world_size": world,
-                                "nodes": nodes})
+    append_jsonl(
+        run.attempts, {"time": time.time(), "resumed_from": latest and latest.name, "world_size": world, "nodes": nodes}
+    )
     if latest is not None:
         say(f"attempt {number} of this run folder: resumed from {latest.name} at step {step}")
     elif number > 1:
@@ -84,16 +87,22 @@ def save_checkpoint(worker) -> None:
     if w.rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    w.engine.save_checkpoint(str(work / "deepspeed"), tag=ckpt.DEEPSPEED_TAG,
-                             exclude_frozen_parameters=w.cfg.train.lora is not None)
+    w.engine.save_checkpoint(
+        str(work / "deepspeed"), tag=ckpt.DEEPSPEED_TAG, exclude_frozen_parameters=w.cfg.train.lora is not None
+    )
     ckpt.save_rng(work, w.rank, w.state.generator)
     ckpt.save_loader_position(work, w.rank, w.position)
     dist.barrier()  # every rank's part is on disk before rank 0 commits
     ema_weights = w.ema.state_dict(w.engine.module)  # collective under ZeRO-3
     if w.rank == 0:
-        meta = {"step": w.state.step, "micro_step": w.state.micro_step, "model": w.cfg.train.model, "time": time.time(),
-                "loss_average": w.loss_average.state_dict(),  # the logged loss_ema continues on resume
-                "spike_guard": w.spike_guard.state_dict()}  # a restart keeps the rollbacks' lower lr
+        meta = {
+            "step": w.state.step,
+            "micro_step": w.state.micro_step,
+            "model": w.cfg.train.model,
+            "time": time.time(),
+            "loss_average": w.loss_average.state_dict(),  # the logged loss_ema continues on resume
+            "spike_guard": w.spike_guard.state_dict(),
+        }  # a restart keeps the rollbacks' lower lr
         ckpt.commit(w.run.checkpoints, w.state.step, ema_weights, meta, w.cfg.train.num_to_keep)
     dist.barrier()
 
@@ -112,8 +121,10 @@ def roll_back(worker, spike) -> None:
     done = {ckpt.load_meta(folder)["step"]: folder for folder in ckpt.committed(w.run.checkpoints)}
     to_step = rollback_target(sorted(done), spike.first_step)
     if to_step is None:
-        raise LossSpikeError(f"{spike.describe()}; no committed checkpoint from before step {spike.first_step} to "
-                             f"roll back to (train.checkpoint_every_steps={w.cfg.train.checkpoint_every_steps})")
+        raise LossSpikeError(
+            f"{spike.describe()}; no committed checkpoint from before step {spike.first_step} to "
+            f"roll back to (train.checkpoint_every_steps={w.cfg.train.checkpoint_every_steps})"
+        )
     run_state = guard.state_dict()  # the run's rollbacks so far, not the older checkpoint's
     load_checkpoint(w, done[to_step])
     guard.rollbacks, guard.lr_scale = run_state["rollbacks"], run_state["lr_scale"]
@@ -123,13 +134,30 @@ def roll_back(worker, spike) -> None:
     if w.rank == 0:
         ckpt.discard_after(w.run.checkpoints, to_step)
         truncate_metrics(w.run.metrics, to_step)
-        event = RollbackEvent(step=to_step, time=time.time(), spike_step=spike.step, first_spike_step=spike.first_step,
-                              loss=spike.loss, loss_average=spike.average, factor=spike.factor,
-                              rollback=guard.rollbacks, lr_scale=guard.lr_scale)
+        event = RollbackEvent(
+            step=to_step,
+            time=time.time(),
+            spike_step=spike.step,
+            first_spike_step=spike.first_step,
+            loss=spike.loss,
+            loss_average=spike.average,
+            factor=spike.factor,
+            rollback=guard.rollbacks,
+            lr_scale=guard.lr_scale,
+        )
         append_jsonl(w.run.metrics, event.to_json())
-        append_jsonl(w.run.attempts, {"time": event.time, "event": RollbackEvent.EVENT,
-                                      "resumed_from": done[to_step].name, "spike_step": spike.step,
-                                      "world_size": w.world})
-        say(f"{spike.describe()}: rolled back to step {to_step} (rollback {guard.rollbacks} of at most "
-            f"{guard.cfg.max_rollbacks}), learning rate x {guard.lr_scale:g} from here")
+        append_jsonl(
+            w.run.attempts,
+            {
+                "time": event.time,
+                "event": RollbackEvent.EVENT,
+                "resumed_from": done[to_step].name,
+                "spike_step": spike.step,
+                "world_size": w.world,
+            },
+        )
+        say(
+            f"{spike.describe()}: rolled back to step {to_step} (rollback {guard.rollbacks} of at most "
+            f"{guard.cfg.max_rollbacks}), learning rate x {guard.lr_scale:g} from here"
+        )
     dist.barrier()

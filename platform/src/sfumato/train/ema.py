@@ -17,8 +17,12 @@ import math
 import torch
 
 
-def ema_beta(decay: float | None, halflife_samples: float | None, samples_per_step: float,
-             decay_samples_per_step: float | None = None) -> float:
+def ema_beta(
+    decay: float | None,
+    halflife_samples: float | None,
+    samples_per_step: float,
+    decay_samples_per_step: float | None = None,
+) -> float:
     """beta for steps of `samples_per_step` images. A `decay` is the per-step beta at
     `decay_samples_per_step` images per step (default: these steps'); at another batch it becomes
     decay ** (samples_per_step / decay_samples_per_step), the same half-life in images."""
@@ -102,4 +106,4 @@ def _scatter(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     size = p.ds_tensor.numel()  # DeepSpeed: rank r holds elements [r*size, (r+1)*size), zero-padded
     flat = full.flatten()
     flat = torch.cat([flat, flat.new_zeros(size * dist.get_world_size() - flat.numel())])
-    return flat[dist.get_rank() * size: (dist.get_rank() + 1) * size]
+    return flat[dist.get_rank() * size : (dist.get_rank() + 1) * size]

@@ -70,4 +70,3 @@ class SpikeLossAt(Hooks):
         if number == self.step and self.handle is None and self.fired < self.times:
             self.fired += 1
             self.handle = worker.engine.module.register_forward_hook(lambda module, args, output: output + self.offset)
-

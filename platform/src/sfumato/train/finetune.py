@@ -26,6 +26,7 @@ from pathlib import Path
 from sfumato.config import Config, apply, content_hash, run_tree, validated
 from sfumato.layout import DataFolder, RunFolder, atomic_write
 
+
 def selected_rows(data_dir: Path, sel):
     """The manifest rows the select section (config.SelectConfig) keeps: every condition that is
     set must hold. A filter that keeps nothing is an error naming the key that emptied it."""
@@ -45,8 +46,9 @@ def selected_rows(data_dir: Path, sel):
             if not sel.ids_file.is_file():
                 raise FileNotFoundError(f"finetune.select.ids_file: {sel.ids_file} does not exist")
             wanted |= {line.strip() for line in sel.ids_file.read_text().splitlines() if line.strip()}
-        steps.append(("finetune.select.ids" if sel.ids is not None else "finetune.select.ids_file",
-                      rows["id"].isin(wanted)))
+        steps.append(
+            ("finetune.select.ids" if sel.ids is not None else "finetune.select.ids_file", rows["id"].isin(wanted))
+        )
     if sel.sources is not None:
         steps.append(("finetune.select.sources", rows["source"].isin(sel.sources)))
     if sel.tags is not None:
@@ -54,24 +56,34 @@ def selected_rows(data_dir: Path, sel):
         steps.append(("finetune.select.tags", rows["tags"].map(lambda tags: bool(wanted_tags & set(tags)))))
     if sel.caption_contains is not None:
         needle = sel.caption_contains.lower()
-        steps.append(("finetune.select.caption_contains",
-                      rows["caption"].fillna("").str.lower().str.contains(needle, regex=False)))
+        steps.append(
+            (
+                "finetune.select.caption_contains",
+                rows["caption"].fillna("").str.lower().str.contains(needle, regex=False),
+            )
+        )
     if sel.min_aesthetic is not None:
         if "aesthetic_score" not in rows:
-            raise ValueError(f"finetune.select.min_aesthetic: {path} has no aesthetic_score column (set "
-                             "data.curate.safety.aesthetic_weights and run `sfumato safety`)")
-        steps.append(("finetune.select.min_aesthetic", rows["aesthetic_score"].fillna(-float("inf")) >= sel.min_aesthetic))
+            raise ValueError(
+                f"finetune.select.min_aesthetic: {path} has no aesthetic_score column (set "
+                "data.curate.safety.aesthetic_weights and run `sfumato safety`)"
+            )
+        steps.append(
+            ("finetune.select.min_aesthetic", rows["aesthetic_score"].fillna(-float("inf")) >= sel.min_aesthetic)
+        )
     keep = pd.Series(True, index=rows.index)
     for key, mask in steps:
         if not (keep & mask).any():
-            raise ValueError(f"{key} leaves no row of {path} selected ({int(keep.sum())} ok rows before it): "
-                             "nothing to fine-tune on")
+            raise ValueError(
+                f"{key} leaves no row of {path} selected ({int(keep.sum())} ok rows before it): nothing to fine-tune on"
+            )
         keep &= mask
     return rows[keep]
 
 
-def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None = None,
-               pretrained: str | None = None) -> Config:
+def run_config(
+    cfg: Config, parent: Path | None = None, checkpoint: str | None = None, pretrained: str | None = None
+) -> Config:
     """The fine-tune's own config: `cfg` (the parent run's config, or any config with a
     `finetune` section) with finetune.overrides applied, finetune.lora as train.lora and
     train.lineage resolved; the rows it selects are counted (none is an error, before any work).
@@ -88,8 +100,9 @@ def run_config(cfg: Config, parent: Path | None = None, checkpoint: str | None =
     return validated(tree, "finetune.overrides applied to the run")
 
 
-def start_from(cfg: Config, section, key: str, parent: Path | None, checkpoint: str | None,
-               pretrained: str | None) -> tuple[dict, dict]:
+def start_from(
+    cfg: Config, section, key: str, parent: Path | None, checkpoint: str | None, pretrained: str | None
+) -> tuple[dict, dict]:
     """What every post-training run (finetune, align) resolves alike: the run's config tree (the
     section's overrides applied, section.lora as train.lora, train.lineage set to the returned
     lineage dict, which the caller completes) and where its weights come from."""
@@ -99,17 +112,21 @@ def start_from(cfg: Config, section, key: str, parent: Path | None, checkpoint: 
     parent = parent or section.parent
     pretrained = pretrained or section.pretrained
     if parent is not None and pretrained is not None:
-        raise ValueError(f"{key}: give either a parent run ({key}.parent, --from) or {key}.pretrained "
-                         "(--pretrained), not both")
+        raise ValueError(
+            f"{key}: give either a parent run ({key}.parent, --from) or {key}.pretrained (--pretrained), not both"
+        )
     if parent is None and pretrained is None:
         parent = cfg.train.output_dir  # the pipeline's own pre-training run
     lineage: dict = {}
     if parent is not None:
         run = RunFolder(parent).require()
         folder = resolve_checkpoint(run.root, checkpoint or section.checkpoint)
-        lineage.update(parent=str(run.root.resolve()), checkpoint=folder.name,
-                       parent_step=ckpt.load_meta(folder)["step"],
-                       parent_config_sha256=content_hash(run.config.read_text()))
+        lineage.update(
+            parent=str(run.root.resolve()),
+            checkpoint=folder.name,
+            parent_step=ckpt.load_meta(folder)["step"],
+            parent_config_sha256=content_hash(run.config.read_text()),
+        )
     else:
         lineage["pretrained"] = pretrained
     tree = apply(run_tree(cfg), section.overrides)
@@ -117,8 +134,7 @@ def start_from(cfg: Config, section, key: str, parent: Path | None, checkpoint: 
         tree.pop(recipe, None)
     out = Path(tree["train"]["output_dir"]).resolve()
     if parent is not None and out == Path(parent).resolve():
-        raise ValueError(f"{key}.overrides must set train.output_dir to a folder of its own: {out} is the "
-                         "parent run's")
+        raise ValueError(f"{key}.overrides must set train.output_dir to a folder of its own: {out} is the parent run's")
     lora = section.lora
     tree["train"]["lora"] = None if lora is None else lora.model_dump(mode="json", exclude={"learning_rate"})
     if lora is not None and lora.learning_rate is not None:
@@ -138,8 +154,10 @@ def same_start(out: Path, lineage: dict) -> None:
     keys = ("parent", "checkpoint", "pretrained", "select", "pairs")
     if before is None or any(before.model_dump(mode="json").get(k) != lineage.get(k) for k in keys):
         was = None if before is None else {k: v for k, v in before.model_dump(mode="json").items() if k in keys and v}
-        raise ValueError(f"{out} already holds a run started from {was}, not {({k: lineage[k] for k in keys if lineage.get(k)})}: "
-                         "give the fine-tune another train.output_dir (finetune.overrides), or the same parent and --checkpoint")
+        raise ValueError(
+            f"{out} already holds a run started from {was}, not { ({k: lineage[k] for k in keys if lineage.get(k)}) }: "
+            "give the fine-tune another train.output_dir (finetune.overrides), or the same parent and --checkpoint"
+        )
 
 
 def prepare(cfg: Config) -> None:
@@ -162,8 +180,10 @@ def prepare(cfg: Config) -> None:
         import json
 
         if json.loads(run.classes.read_text()) != json.loads(shards.read_text()):
-            raise ValueError(f"{shards} maps classes differently from the parent's {run.classes}: the shards "
-                             "were rebuilt with other tags; fine-tune on shards with the parent's classes")
+            raise ValueError(
+                f"{shards} maps classes differently from the parent's {run.classes}: the shards "
+                "were rebuilt with other tags; fine-tune on shards with the parent's classes"
+            )
 
 
 def selected_ids(cfg: Config) -> frozenset[str]:

@@ -67,13 +67,17 @@ def _check_vae(cfg: Config) -> None:
     try:
         vae_config = AutoencoderKL.load_config(vae.pretrained, subfolder=vae.subfolder)
     except (OSError, ValueError) as err:
-        raise ValueError(f"train.vae.pretrained={vae.pretrained!r} (subfolder {vae.subfolder!r}) has no "
-                         f"readable AutoencoderKL config: {err}") from None
+        raise ValueError(
+            f"train.vae.pretrained={vae.pretrained!r} (subfolder {vae.subfolder!r}) has no "
+            f"readable AutoencoderKL config: {err}"
+        ) from None
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     for i, stage in enumerate(cfg.train.stages):
         if stage.resolution_px % factor:
-            raise ValueError(f"train.stages.{i}.resolution_px={stage.resolution_px} is not a multiple of the "
-                             f"VAE's downsampling factor {factor}")
+            raise ValueError(
+                f"train.stages.{i}.resolution_px={stage.resolution_px} is not a multiple of the "
+                f"VAE's downsampling factor {factor}"
+            )
 
 
 def _keep_classes(cfg: Config) -> None:
@@ -144,9 +148,13 @@ def make_trainer(cfg: Config, callbacks: list | None = None, hooks: list | None 
         train_loop_config={"config": cfg.model_dump(mode="json"), "hooks": list(hooks or [])},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str(RunFolder(t.output_dir).ray_storage), callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             logging_config=LoggingConfig(log_level=train_log_level())),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(RunFolder(t.output_dir).ray_storage),
+            callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            logging_config=LoggingConfig(log_level=train_log_level()),
+        ),
     )
 
 
@@ -160,8 +168,10 @@ def finish_run(cfg: Config) -> dict:
     if run.stopped.exists():
         stopped = json.loads(run.stopped.read_text())
         error = LossSpikeError if stopped.get("kind") == "loss_spike" else NonFiniteError
-        raise error(f"training stopped: {stopped['error']} "
-                    f"(the run folder keeps the last good checkpoint: {ckpt.latest(run.checkpoints)})")
+        raise error(
+            f"training stopped: {stopped['error']} "
+            f"(the run folder keeps the last good checkpoint: {ckpt.latest(run.checkpoints)})"
+        )
     records = read_metrics(run.metrics)
     return records[-1] if records else {}
 
@@ -175,8 +185,14 @@ def run_training(cfg: Config, hooks: list | None = None) -> dict:
     init_ray(cfg.ray, dashboard=True)  # its state API lets Ray Train watch and clean up its controller
     t = cfg.train
     for stage in t.stages:
-        log.info("stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",
-                 stage.resolution_px, stage.steps, t.effective_batch(stage), stage.micro_batch_size,
-                 t.grad_accum_steps, t.num_workers)
+        log.info(
+            "stage %dpx: %d steps, effective batch %d = micro %d x accum %d x workers %d",
+            stage.resolution_px,
+            stage.steps,
+            t.effective_batch(stage),
+            stage.micro_batch_size,
+            t.grad_accum_steps,
+            t.num_workers,
+        )
     make_trainer(cfg, hooks=hooks).fit()
     return finish_run(cfg)

@@ -38,13 +38,13 @@ class LossAverage:
 
     @property
     def value(self) -> float | None:
-        return None if self.updates == 0 else float(self.biased_mean) / (1 - self.beta ** self.updates)
+        return None if self.updates == 0 else float(self.biased_mean) / (1 - self.beta**self.updates)
 
     def state_dict(self) -> dict:
         return {"biased_mean": float(self.biased_mean), "updates": self.updates}
 
     @classmethod
-    def from_state(cls, state: dict | None, beta: float = 0.98) -> "LossAverage":
+    def from_state(cls, state: dict | None, beta: float = 0.98) -> LossAverage:
         """From a checkpoint's meta; a checkpoint without one (older runs) starts the average anew."""
         return cls(beta) if not state else cls(beta, float(state["biased_mean"]), int(state["updates"]))
 
@@ -54,7 +54,7 @@ def remaining_work(train_cfg, step: int) -> float:
     work, start = 0.0, 0
     for stage in train_cfg.stages:
         left = min(stage.steps, max(0, start + stage.steps - step))
-        work += left * train_cfg.effective_batch(stage) * stage.resolution_px ** 2
+        work += left * train_cfg.effective_batch(stage) * stage.resolution_px**2
         start += stage.steps
     return work
 
@@ -85,10 +85,13 @@ class Progress:
         now = self.clock()
         seconds = now - self.window_start
         steps = max(1, step - self.window_step)
-        stage_rate = self.stage_samples * self.resolution_px ** 2 / max(now - self.stage_start, 1e-9)
-        record = {"samples_per_s": self.window_samples / max(seconds, 1e-9), "step_time_s": seconds / steps,
-                  "elapsed_s": now - self.started,
-                  "eta_s": remaining_work(self.train_cfg, step) / stage_rate if stage_rate > 0 else None}
+        stage_rate = self.stage_samples * self.resolution_px**2 / max(now - self.stage_start, 1e-9)
+        record = {
+            "samples_per_s": self.window_samples / max(seconds, 1e-9),
+            "step_time_s": seconds / steps,
+            "elapsed_s": now - self.started,
+            "eta_s": remaining_work(self.train_cfg, step) / stage_rate if stage_rate > 0 else None,
+        }
         self.window_start, self.window_samples, self.window_step = now, 0, step
         return record
 
@@ -100,9 +103,14 @@ def progress_line(line: MetricsLine, total_steps: int) -> str:
     train, validation = line.get(TrainStepRecord), line.get(ValidationRecord)
     if train is not None:
         eta = "?" if train.eta_s is None else duration(train.eta_s)
-        parts += [f"{train.resolution_px}px", f"loss {train.loss:.4f} (ema {train.loss_ema:.4f})",
-                  f"lr {train.lr:.2e}", f"{train.samples_per_s:.1f} samples/s",
-                  f"{duration(train.elapsed_s)} elapsed", f"ETA {eta}"]
+        parts += [
+            f"{train.resolution_px}px",
+            f"loss {train.loss:.4f} (ema {train.loss_ema:.4f})",
+            f"lr {train.lr:.2e}",
+            f"{train.samples_per_s:.1f} samples/s",
+            f"{duration(train.elapsed_s)} elapsed",
+            f"ETA {eta}",
+        ]
     if validation is not None:
         parts.append(f"{VAL_LOSS} {validation.val_loss:.4f}")
     return " | ".join(parts)

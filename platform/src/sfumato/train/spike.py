@@ -38,8 +38,10 @@ class Spike:
     logged_steps: int
 
     def describe(self) -> str:
-        return (f"loss {self.loss:.4g} above {self.factor:g} x its running average {self.average:.4g} "
-                f"for {self.logged_steps} logged steps at step {self.step}")
+        return (
+            f"loss {self.loss:.4g} above {self.factor:g} x its running average {self.average:.4g} "
+            f"for {self.logged_steps} logged steps at step {self.step}"
+        )
 
 
 class RollBack(Exception):
@@ -87,8 +89,10 @@ class SpikeGuard:
         if self.cfg.action == "stop":
             raise LossSpikeError(f"{spike.describe()}; train.spike_guard.action=stop")
         if self.rollbacks >= self.cfg.max_rollbacks:
-            raise LossSpikeError(f"{spike.describe()}; train.spike_guard.max_rollbacks={self.cfg.max_rollbacks} "
-                                 "reached (lower train.optimizer.lr, or raise max_rollbacks)")
+            raise LossSpikeError(
+                f"{spike.describe()}; train.spike_guard.max_rollbacks={self.cfg.max_rollbacks} "
+                "reached (lower train.optimizer.lr, or raise max_rollbacks)"
+            )
         return RollBack(spike)
 
     def rolled_back(self) -> None:

@@ -39,8 +39,13 @@ class PlainEngine:
 
     def __init__(self, model: torch.nn.Module, opt_cfg, grad_accum_steps: int = 1, grad_clip_norm: float | None = None):
         self.module = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
-                                           eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=opt_cfg.lr,
+            betas=tuple(opt_cfg.betas),
+            eps=opt_cfg.eps,
+            weight_decay=opt_cfg.weight_decay,
+        )
         self.grad_accum_steps = grad_accum_steps
         self.grad_clip_norm = grad_clip_norm
         self.micro_steps = 0
@@ -126,8 +131,9 @@ def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> t
     return x0, classes
 
 
-def model_inputs(batch: dict, state: TrainState, generator: torch.Generator,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(
+    batch: dict, state: TrainState, generator: torch.Generator, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, class indices) of a batch: the images in [-1, 1], or in latent mode their scaled
     latents drawn with `generator`, from the posterior mean and std the latent cache put in the
     batch (sfumato.models.cache), else through the VAE's encoder. Both make the same draw."""
@@ -138,12 +144,16 @@ def model_inputs(batch: dict, state: TrainState, generator: torch.Generator,
         return (x0 if state.codec is None else state.codec.encode(x0, generator)), classes
     from sfumato.models.vae import draw_latents
 
-    mean, std = (torch.from_numpy(np.asarray(batch[k], dtype=np.float32)).to(state.device) for k in (LATENT_MEAN, LATENT_STD))
+    mean, std = (
+        torch.from_numpy(np.asarray(batch[k], dtype=np.float32)).to(state.device) for k in (LATENT_MEAN, LATENT_STD)
+    )
     classes = torch.from_numpy(np.asarray(batch["class"], dtype=np.int64)).to(state.device)
     return draw_latents(mean, std, generator, state.codec.scale, state.codec.shift).to(dtype), classes
 
 
-def conditions(batch: dict, classes: torch.Tensor, state: TrainState, dropout: float | None = None) -> torch.Tensor | None:
+def conditions(
+    batch: dict, classes: torch.Tensor, state: TrainState, dropout: float | None = None
+) -> torch.Tensor | None:
     """The micro-batch's conditioning with classifier-free-guidance dropout applied (the config's,
     or `dropout`): class indices, token ids, or (the cache of a frozen encoder) its states, the
     "no class" / empty-caption value where dropped or missing."""
@@ -157,8 +167,10 @@ def conditions(batch: dict, classes: torch.Tensor, state: TrainState, dropout: f
         from sfumato.models.text import tokenize
 
         if TEXT_STATES in batch:  # a frozen encoder's cached states: the denoiser skips its encoder
-            states, empty = (torch.from_numpy(np.asarray(batch[k], dtype=np.float32)).to(classes.device)
-                             for k in (TEXT_STATES, TEXT_EMPTY))
+            states, empty = (
+                torch.from_numpy(np.asarray(batch[k], dtype=np.float32)).to(classes.device)
+                for k in (TEXT_STATES, TEXT_EMPTY)
+            )
             return torch.where(dropped[:, None, None], empty, states)
         ids = tokenize(state.tokenizer, list(batch["caption"]) + [""], state.max_length).to(classes.device)
         return torch.where(dropped[:, None], ids[-1:], ids[:-1])
@@ -183,8 +195,12 @@ def _check_finite(state: TrainState) -> None:
     all-reduce) of the loss and gradient flags gathered on the device over the micro-steps, so
     that all ranks raise at the same step and no update with a NaN in it is ever applied."""
     device = state.bad_loss.device
-    flags = torch.stack([state.bad_loss, state.watch.flag(device) if state.watch is not None
-                         else torch.zeros((), dtype=torch.bool, device=device)])
+    flags = torch.stack(
+        [
+            state.bad_loss,
+            state.watch.flag(device) if state.watch is not None else torch.zeros((), dtype=torch.bool, device=device),
+        ]
+    )
     bad_loss, bad_gradient = (state.all_ranks_any(flags) if state.all_ranks_any else flags.cpu()).tolist()
     state.bad_loss = None
     if state.watch is not None:

@@ -13,7 +13,8 @@ run's config describes, once, when the worker is set up.
 from __future__ import annotations
 
 import json
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -75,10 +76,25 @@ class PreTraining:
         stage = t.stages[stage_index]
         # Validation reads only held-out samples, training only the rest (a data fraction of it).
         split = training_range(t.validation.holdout_fraction if t.validation else 0.0, t.data_fraction)
-        plan = ReadPlan(shard_paths(self.shards.root, stage.resolution_px), rank, world, self.cfg.seed + stage_index,
-                        split, self.ids, self.class_weights)
-        batches = iter(training_batches(plan, stage.micro_batch_size, stage.resolution_px, position, d.source_weights,
-                                        bucketed=d.shards.buckets is not None))
+        plan = ReadPlan(
+            shard_paths(self.shards.root, stage.resolution_px),
+            rank,
+            world,
+            self.cfg.seed + stage_index,
+            split,
+            self.ids,
+            self.class_weights,
+        )
+        batches = iter(
+            training_batches(
+                plan,
+                stage.micro_batch_size,
+                stage.resolution_px,
+                position,
+                d.source_weights,
+                bucketed=d.shards.buckets is not None,
+            )
+        )
         cache = self.latent_cache(stage.resolution_px, announce=rank == 0)
         return batches if cache is None else cache.attach_all(batches)
 
@@ -103,9 +119,15 @@ class PreTraining:
         from sfumato.data.loader import shard_paths, validation_batches
 
         v = self.cfg.train.validation
-        batches = validation_batches(shard_paths(self.shards.root, resolution_px), resolution_px, v.holdout_fraction,
-                                     v.max_samples, v.batch_size, bucketed=self.cfg.data.shards.buckets is not None,
-                                     ids=self.ids)
+        batches = validation_batches(
+            shard_paths(self.shards.root, resolution_px),
+            resolution_px,
+            v.holdout_fraction,
+            v.max_samples,
+            v.batch_size,
+            bucketed=self.cfg.data.shards.buckets is not None,
+            ids=self.ids,
+        )
         cache = self.latent_cache(resolution_px, announce=False)
         return batches if cache is None else [cache.attach(b) for b in batches]
 
@@ -129,9 +151,12 @@ class PreTraining:
             return None
         cache = LatentCache.open(self.cfg, resolution_px)
         if announce:
-            say(f"{resolution_px}px: training from the cache {cache.folder.root}" if cache is not None else
-                f"{resolution_px}px: no complete latent cache for this VAE (`sfumato cache` builds it): "
-                "the VAE encodes every batch")
+            say(
+                f"{resolution_px}px: training from the cache {cache.folder.root}"
+                if cache is not None
+                else f"{resolution_px}px: no complete latent cache for this VAE (`sfumato cache` builds it): "
+                "the VAE encodes every batch"
+            )
         return cache
 
 

@@ -89,24 +89,50 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     trainable = [p for p in model.parameters() if p.requires_grad]
     # torch's fused AdamW: one kernel for all parameters (CPU and CUDA), 3.5x faster than the
     # per-tensor foreach one for unet-s on this CPU (10 vs 35 ms a step, BENCHMARKS.md).
-    optimizer = torch.optim.AdamW(trainable, lr=t.optimizer.lr, betas=tuple(t.optimizer.betas),
-                                  eps=t.optimizer.eps, weight_decay=t.optimizer.weight_decay, fused=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, t.stages[0].micro_batch_size))
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=t.optimizer.lr,
+        betas=tuple(t.optimizer.betas),
+        eps=t.optimizer.eps,
+        weight_decay=t.optimizer.weight_decay,
+        fused=True,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, t.stages[0].micro_batch_size)
+    )
     # After initialize: under ZeRO-3 the EMA keeps only this rank's partition of each weight.
     # beta: set again at every stage start; LoRA: the adapters' average only (the base is frozen).
     ema = EMA(engine.module, stage_beta(t, t.stages[0]), trainable_only=t.lora is not None)
     num_classes = len(run_model.class_names) or None
     state = TrainState(
-        engine=engine, schedule=NoiseSchedule.from_config(cfg.diffusion), diffusion_cfg=cfg.diffusion,
-        generator=torch.Generator(device).manual_seed(cfg.seed * 1000 + rank), device=device,
+        engine=engine,
+        schedule=NoiseSchedule.from_config(cfg.diffusion),
+        diffusion_cfg=cfg.diffusion,
+        generator=torch.Generator(device).manual_seed(cfg.seed * 1000 + rank),
+        device=device,
         dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision],
-        null_class=engine.module.null_class if num_classes else None, tokenizer=run_model.tokenizer,
-        max_length=t.text.max_length, codec=run_model.codec, watch=GradientWatch(engine.module),
+        null_class=engine.module.null_class if num_classes else None,
+        tokenizer=run_model.tokenizer,
+        max_length=t.text.max_length,
+        codec=run_model.codec,
+        watch=GradientWatch(engine.module),
         all_ranks_any=lambda flag: all_reduce_any(flag, device),
     )
-    worker = Worker(cfg, run, rank, world, device, engine, ema, state, run_model, task,
-                    _grid_conditions(cfg, run, run_model), list(hooks), spike_guard=SpikeGuard(t.spike_guard))
+    worker = Worker(
+        cfg,
+        run,
+        rank,
+        world,
+        device,
+        engine,
+        ema,
+        state,
+        run_model,
+        task,
+        _grid_conditions(cfg, run, run_model),
+        list(hooks),
+        spike_guard=SpikeGuard(t.spike_guard),
+    )
     if rank == 0 and t.wandb:
         worker.wandb_run = _wandb(cfg)
     return worker
@@ -194,7 +220,9 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
     w = worker
     for hook in w.hooks:
         hook.before_step(w)
-    lr = lr_at(w.state.step, w.cfg.train.optimizer, w.cfg.train.total_steps) * w.spike_guard.lr_scale  # < 1 after rollbacks
+    lr = (
+        lr_at(w.state.step, w.cfg.train.optimizer, w.cfg.train.total_steps) * w.spike_guard.lr_scale
+    )  # < 1 after rollbacks
     for group in w.engine.optimizer.param_groups:
         group["lr"] = lr
     while True:
@@ -253,11 +281,15 @@ def log_records(worker: Worker, stage_index: int, out: dict) -> tuple[Record, ..
     stage = t.stages[stage_index]
     grad_norm = w.engine.get_global_grad_norm()
     step = TrainStepRecord(
-        stage=stage_index, resolution_px=stage.resolution_px,
-        loss=float(out["loss"]), loss_ema=w.loss_average.value, lr=out["lr"],
+        stage=stage_index,
+        resolution_px=stage.resolution_px,
+        loss=float(out["loss"]),
+        loss_ema=w.loss_average.value,
+        lr=out["lr"],
         grad_norm=None if grad_norm is None else float(grad_norm),
         **w.progress.measure(w.state.step),  # samples_per_s, step_time_s, elapsed_s, eta_s
-        effective_batch=t.effective_batch(stage), ema_beta=w.ema.beta,
+        effective_batch=t.effective_batch(stage),
+        ema_beta=w.ema.beta,
         ema_halflife_images=halflife_images(w.ema.beta, t.effective_batch(stage)),
         memory_mb=_memory_mb(w.device),
     )
@@ -311,8 +343,9 @@ def sample_grid(worker: Worker, model, resolution_px: int) -> None:
     s = worker.cfg.train.sample
     pipe = pipeline(worker.cfg, replace(worker.run_model, denoiser=model), s.sampler)
     width, height = worker.cfg.sample_size_px(resolution_px)  # square, or train.sample.aspect_ratio's bucket
-    images = sample(pipe, s.num_images, s.seed, s.steps, s.guidance_scale, worker.grid_conditions,
-                    height=height, width=width)
+    images = sample(
+        pipe, s.num_images, s.seed, s.steps, s.guidance_scale, worker.grid_conditions, height=height, width=width
+    )
     path = worker.run.sample_grid(worker.state.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     to_grid(images).save(path)
@@ -346,5 +379,6 @@ def _wandb(cfg: Config):
     import wandb
 
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project="sfumato", name=cfg.name, dir=str(cfg.train.output_dir), mode=mode,
-                      config=cfg.model_dump(mode="json"))
+    return wandb.init(
+        project="sfumato", name=cfg.name, dir=str(cfg.train.output_dir), mode=mode, config=cfg.model_dump(mode="json")
+    )

@@ -53,12 +53,20 @@ def collect(cfg: Config, proxy: Config, grid) -> list[TrialRow]:
         else:
             status = "stopped early"
         times = [line.time for line in lines if line.time is not None]
-        rows.append(TrialRow(
-            trial_id=trial_id, params=params, status=status, steps=steps,
-            final_val_loss=curve[-1][1] if curve else None, best_val_loss=min(v for _, v in curve) if curve else None,
-            effective_batch=trial_config(cfg, params, run_dir, trial_id).train.mean_effective_batch,
-            training_s=times[-1] - times[0] if len(times) > 1 else None, curve=curve,
-            error=None if result.error is None else str(result.error).splitlines()[0][:200]))
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                params=params,
+                status=status,
+                steps=steps,
+                final_val_loss=curve[-1][1] if curve else None,
+                best_val_loss=min(v for _, v in curve) if curve else None,
+                effective_batch=trial_config(cfg, params, run_dir, trial_id).train.mean_effective_batch,
+                training_s=times[-1] - times[0] if len(times) > 1 else None,
+                curve=curve,
+                error=None if result.error is None else str(result.error).splitlines()[0][:200],
+            )
+        )
     return sorted(rows, key=lambda r: r.trial_id)
 
 
@@ -85,21 +93,56 @@ def write_table(out: Path, cfg: Config, rows: list[TrialRow], best: TrialRow | N
     writer = csv.writer(text)
     writer.writerow(header)
     for r in ranked:
-        writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.effective_batch, r.status, r.steps,
-                         r.final_val_loss, r.best_val_loss, r.training_s])
+        writer.writerow(
+            [
+                r.trial_id,
+                *(r.params.get(k) for k in keys),
+                r.effective_batch,
+                r.status,
+                r.steps,
+                r.final_val_loss,
+                r.best_val_loss,
+                r.training_s,
+            ]
+        )
     atomic_write(folder.results_csv, text.getvalue())
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "stopped early", "diverged", "error")}
     spent = sum(r.steps for r in rows)
-    lines = [f"# Sweep `{cfg.name}`", "",
-             f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". "
-             f"Trial-steps spent: {spent:,} of {len(rows) * total_steps:,} had every trial run its {total_steps} "
-             f"steps ({spent / max(1, len(rows) * total_steps):.0%}). Scheduler: {cfg.tune.scheduler.kind}, "
-             f"search: {cfg.tune.search.algorithm}. Ranked by final validation loss (EMA weights, held-out "
-             "images); completed trials first.", ""]
-    lines += table(["trial", *(f"`{_short(k)}`" for k in keys), "eff. batch", "status", "steps", "final val_loss",
-                    "best val_loss", "training s"],
-                   [[("**" + r.trial_id + "**") if r is best else r.trial_id, *(r.params.get(k) for k in keys),
-                     r.effective_batch, r.status, r.steps, r.final_val_loss, r.best_val_loss, r.training_s] for r in ranked])
+    lines = [
+        f"# Sweep `{cfg.name}`",
+        "",
+        f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". "
+        f"Trial-steps spent: {spent:,} of {len(rows) * total_steps:,} had every trial run its {total_steps} "
+        f"steps ({spent / max(1, len(rows) * total_steps):.0%}). Scheduler: {cfg.tune.scheduler.kind}, "
+        f"search: {cfg.tune.search.algorithm}. Ranked by final validation loss (EMA weights, held-out "
+        "images); completed trials first.",
+        "",
+    ]
+    lines += table(
+        [
+            "trial",
+            *(f"`{_short(k)}`" for k in keys),
+            "eff. batch",
+            "status",
+            "steps",
+            "final val_loss",
+            "best val_loss",
+            "training s",
+        ],
+        [
+            [
+                ("**" + r.trial_id + "**") if r is best else r.trial_id,
+                *(r.params.get(k) for k in keys),
+                r.effective_batch,
+                r.status,
+                r.steps,
+                r.final_val_loss,
+                r.best_val_loss,
+                r.training_s,
+            ]
+            for r in ranked
+        ],
+    )
     lines += [f"![learning curves]({folder.curves.name})", ""]
     errors = [r for r in rows if r.error]
     if errors:
@@ -118,8 +161,15 @@ def plot_curves(path: Path, rows: list[TrialRow], best: TrialRow | None, grace_s
             continue
         steps, values = zip(*r.curve)
         is_best = r is best
-        ax.plot(steps, values, color="black" if is_best else None, linewidth=2.2 if is_best else 1.0,
-                alpha=1.0 if is_best else 0.7, label=f"{r.trial_id} (best)" if is_best else None, zorder=3 if is_best else 2)
+        ax.plot(
+            steps,
+            values,
+            color="black" if is_best else None,
+            linewidth=2.2 if is_best else 1.0,
+            alpha=1.0 if is_best else 0.7,
+            label=f"{r.trial_id} (best)" if is_best else None,
+            zorder=3 if is_best else 2,
+        )
         if r.status != "completed":
             ax.plot(steps[-1], values[-1], marker="x", color="grey")
     if grace_steps:
@@ -139,16 +189,23 @@ def write_best(out: Path, cfg: Config, best: TrialRow) -> dict:
 
     trial_cfg = trial_config(cfg, best.params, trial_dir(cfg, best.trial_id), "x")
     full, how = best_run_config(cfg, best.params, trial_cfg)
-    header = [f"# The best trial of sweep {cfg.name} ({best.trial_id}: final val_loss {best.final_val_loss:.5g} "
-              f"at {best.steps} proxy steps), as a full run: `sfumato train --config {TuneFolder(out).best_config}`.",
-              f"# Tuned values, moved from the proxy's effective batch {how['effective_batch_proxy']:g} to the full "
-              f"run's {how['effective_batch_full']:g} ({how['lr_scaling']} learning-rate rule):"]
+    header = [
+        f"# The best trial of sweep {cfg.name} ({best.trial_id}: final val_loss {best.final_val_loss:.5g} "
+        f"at {best.steps} proxy steps), as a full run: `sfumato train --config {TuneFolder(out).best_config}`.",
+        f"# Tuned values, moved from the proxy's effective batch {how['effective_batch_proxy']:g} to the full "
+        f"run's {how['effective_batch_full']:g} ({how['lr_scaling']} learning-rate rule):",
+    ]
     header += [f"#   {k}: {how['proxy_values'][k]!r} -> {how['full_values'][k]!r}" for k in how["proxy_values"]]
     header += ["# Every other key is the full run's (the proxy-only keys of tune.proxy are not carried over)."]
     folder = TuneFolder(out)
     atomic_write(folder.best_config, "\n".join(header) + "\n" + dump_yaml(full))
-    info = {"trial_id": best.trial_id, "final_val_loss": best.final_val_loss, "steps": best.steps, **how,
-            "config": str(folder.best_config)}
+    info = {
+        "trial_id": best.trial_id,
+        "final_val_loss": best.final_val_loss,
+        "steps": best.steps,
+        **how,
+        "config": str(folder.best_config),
+    }
     atomic_write_json(folder.best, info)
     return info
 
@@ -159,15 +216,26 @@ def write_results(cfg: Config, proxy: Config, grid) -> dict:
     best = best_trial(rows)
     total = proxy.train.total_steps
     write_table(out, cfg, rows, best, total)
-    plot_curves(TuneFolder(out).curves, rows, best,
-                cfg.tune.scheduler.grace_period_steps if cfg.tune.scheduler.kind == "asha" else None)
+    plot_curves(
+        TuneFolder(out).curves,
+        rows,
+        best,
+        cfg.tune.scheduler.grace_period_steps if cfg.tune.scheduler.kind == "asha" else None,
+    )
     summary = {
-        "trials": len(rows), **{s.replace(" ", "_"): sum(r.status == s for r in rows)
-                                for s in ("completed", "stopped early", "diverged", "error")},
-        "trial_steps": sum(r.steps for r in rows), "trial_steps_if_all_completed": len(rows) * total,
-        "results": str(TuneFolder(out).results_md), "curves": str(TuneFolder(out).curves),
-        "trials_by_id": {r.trial_id: {"status": r.status, "steps": r.steps, "final_val_loss": r.final_val_loss,
-                                      "params": r.params} for r in rows},
+        "trials": len(rows),
+        **{
+            s.replace(" ", "_"): sum(r.status == s for r in rows)
+            for s in ("completed", "stopped early", "diverged", "error")
+        },
+        "trial_steps": sum(r.steps for r in rows),
+        "trial_steps_if_all_completed": len(rows) * total,
+        "results": str(TuneFolder(out).results_md),
+        "curves": str(TuneFolder(out).curves),
+        "trials_by_id": {
+            r.trial_id: {"status": r.status, "steps": r.steps, "final_val_loss": r.final_val_loss, "params": r.params}
+            for r in rows
+        },
     }
     if best is not None:
         summary["best"] = write_best(out, cfg, best)

@@ -52,8 +52,13 @@ def scale_to_full_run(cfg, params: dict[str, Any], trial_cfg) -> tuple[dict, dic
         values[LR_KEY] = float(values[LR_KEY]) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
     if EMA_DECAY_KEY in values:
         values[EMA_DECAY_KEY] = float(values[EMA_DECAY_KEY]) ** ratio
-    how = {"effective_batch_proxy": batch_proxy, "effective_batch_full": batch_full, "lr_scaling": rule,
-           "proxy_values": params, "full_values": values}
+    how = {
+        "effective_batch_proxy": batch_proxy,
+        "effective_batch_full": batch_full,
+        "lr_scaling": rule,
+        "proxy_values": params,
+        "full_values": values,
+    }
     return values, how
 
 

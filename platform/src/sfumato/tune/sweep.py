@@ -80,8 +80,14 @@ def _scheduler(cfg: Config, max_steps: int):
         return FIFOScheduler()
     # time_attr "step": rungs are optimizer steps, the same for every trial whatever its
     # effective batch or its number of reports.
-    return ASHAScheduler(time_attr="step", metric=METRIC, mode=MODE, max_t=max_steps,
-                         grace_period=s.grace_period_steps, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        metric=METRIC,
+        mode=MODE,
+        max_t=max_steps,
+        grace_period=s.grace_period_steps,
+        reduction_factor=s.reduction_factor,
+    )
 
 
 def param_space(cfg: Config) -> dict:
@@ -105,15 +111,18 @@ def _check_resume(cfg: Config, out: Path, resume: bool) -> None:
     experiment = TuneFolder(out).experiment
     if not resume:
         if experiment.exists():
-            raise ConfigError(f"{out} already holds a sweep: pass --resume to continue it, or set another "
-                              "tune.output_dir")
+            raise ConfigError(
+                f"{out} already holds a sweep: pass --resume to continue it, or set another tune.output_dir"
+            )
         return
     if not Tuner.can_restore(experiment):
         raise ConfigError(f"{out} holds no sweep to resume (no Tune experiment in {experiment})")
     saved = TuneFolder(out).sweep_config.read_text()
     if saved != dump_yaml(cfg):
-        raise ConfigError(f"the config differs from the one the sweep in {out} was started with "
-                          f"({TuneFolder(out).sweep_config}); resume with that config, or start a new sweep elsewhere")
+        raise ConfigError(
+            f"the config differs from the one the sweep in {out} was started with "
+            f"({TuneFolder(out).sweep_config}); resume with that config, or start a new sweep elsewhere"
+        )
 
 
 def _check_shards(proxy: Config) -> None:
@@ -132,8 +141,10 @@ def _check_state_api() -> None:
     try:
         list_nodes(limit=1, timeout=30)
     except (RayStateApiException, ConnectionError) as err:
-        raise ConfigError("Ray's state API (the dashboard) is not reachable, and early stopping needs it to free "
-                          f"a stopped trial's workers: start Ray with its dashboard ({err})") from None
+        raise ConfigError(
+            "Ray's state API (the dashboard) is not reachable, and early stopping needs it to free "
+            f"a stopped trial's workers: start Ray with its dashboard ({err})"
+        ) from None
 
 
 def run_sweep(cfg: Config, resume: bool = False) -> dict:
@@ -159,20 +170,29 @@ def run_sweep(cfg: Config, resume: bool = False) -> dict:
     # The trial process only waits on its trainer, so it reserves memory but no CPU (Tune refuses
     # an empty request): a trial costs exactly its training workers (proxy train.num_workers x
     # train.cpus_per_worker, plus GPUs), and max_concurrent_trials of them fit the cluster.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=to_dict(cfg)),
-                                    {"CPU": 0, "memory": TRIAL_PROCESS_MEMORY})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=to_dict(cfg)), {"CPU": 0, "memory": TRIAL_PROCESS_MEMORY}
+    )
     if resume:
-        tuner = tune.Tuner.restore(str(TuneFolder(out).experiment), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            str(TuneFolder(out).experiment), trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(cfg),
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(cfg), scheduler=_scheduler(cfg, proxy.train.total_steps),
-                num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent_trials,
-                trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=TuneFolder(out).experiment.name, storage_path=str(out),
-                                      failure_config=tune.FailureConfig(max_failures=s.max_failures)),
+                search_alg=_searcher(cfg),
+                scheduler=_scheduler(cfg, proxy.train.total_steps),
+                num_samples=s.num_trials,
+                max_concurrent_trials=s.max_concurrent_trials,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=TuneFolder(out).experiment.name,
+                storage_path=str(out),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            ),
         )
     grid = tuner.fit()
     return write_results(cfg, proxy, grid)
