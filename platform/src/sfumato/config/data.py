@@ -91,6 +91,28 @@ class DemoSource(_Source):
     num_images: int = Field(2000, ge=1, le=1_000_000)
     image_size_px: int = Field(96, ge=16, le=1024)
     seed: int = 0
+    mode: Literal["shapes", "scenes"] = "shapes"
+    """shapes: one shape on a two-colour ground (the class pilot's data); scenes: the
+    compositional world of 1 to 4 shapes whose captions cover GenEval's tasks (the text pilot's,
+    sfumato.data.scenes), with each scene's objects and boxes in demo/<name>/scenes.jsonl."""
+    held_out: list[str] = []
+    """scenes: combinations never drawn in training, e.g. "purple star" (a colour and a shape) or
+    "three squares" (a count and a shape); the compositional yardstick asks for them apart."""
+
+    @field_validator("held_out")
+    @classmethod
+    def _held_out(cls, value: list[str]) -> list[str]:
+        from sfumato.data.scenes import parse_held_out
+
+        for entry in value:
+            parse_held_out(entry)
+        return value
+
+    @model_validator(mode="after")
+    def _scenes_only(self) -> DemoSource:
+        if self.held_out and self.mode != "scenes":
+            raise ValueError("held_out is for mode: scenes (the shapes mode has no combinations to hold out)")
+        return self
 
 
 Source = Annotated[FolderSource | TableSource | WebDatasetSource | DemoSource, Field(discriminator="kind")]

@@ -43,6 +43,8 @@ PAIRS = [
 ]
 DESIGN = 2  # in the completion marker: a set drawn to an earlier design is drawn again
 SOURCE_URI = "sfumato demo generator (procedural shapes)"
+SCENES_URI = "sfumato demo generator (compositional scenes)"
+SCENES = "scenes.jsonl"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -87,27 +89,53 @@ def draw_sample(rng: np.random.Generator, size_px: int) -> tuple[Image.Image, st
 
 def ensure_demo(src, folder: Path) -> Path:
     """Draw the demo set into `folder` unless a complete one with the same parameters is there;
-    returns the path of its table (path, id, caption, license, source, tags)."""
+    returns the path of its table (path, id, caption, license, source, tags). In scenes mode the
+    ground truth of every scene (kind, caption, each object's shape, colour and box) goes to
+    `folder/scenes.jsonl`, one line per id."""
+    from sfumato.data import scenes
+
     table = folder / "demo.csv"
     marker = folder / "COMPLETE.json"
+    mode = getattr(src, "mode", "shapes")
     params = {"num_images": src.num_images, "image_size_px": src.image_size_px, "seed": src.seed, "design": DESIGN}
+    if mode == "scenes":
+        params |= {"mode": mode, "held_out": list(src.held_out), "scene_design": scenes.DESIGN}
     if marker.exists() and json.loads(marker.read_text()) == params and table.exists():
         return table
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(src.seed)
+    held_out = scenes.HeldOut(getattr(src, "held_out", ()))
     tmp = temporary_sibling(table)
+    truth = None if mode != "scenes" else temporary_sibling(folder / SCENES).open("w")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "id", "caption", "license", "source", "tags"])
         for i in range(src.num_images):
-            img, caption, shape = draw_sample(rng, src.image_size_px)
-            name = f"images/{i:07d}.png"
+            name, sample_id = f"images/{i:07d}.png", f"{src.name}-{i:07d}"
+            if truth is None:
+                img, caption, tag = draw_sample(rng, src.image_size_px)
+            else:
+                scene = scenes.draw_scene(rng, held_out)
+                img, caption, tag = scenes.render(scene.objects, src.image_size_px), scene.caption, scene.kind
+                truth.write(json.dumps({"id": sample_id, **scene.to_json()}) + "\n")
             img.save(folder / name, "PNG")
-            writer.writerow([name, f"{src.name}-{i:07d}", caption, src.license, SOURCE_URI, shape])
+            writer.writerow([name, sample_id, caption, src.license, SCENES_URI if truth else SOURCE_URI, tag])
+    if truth is not None:
+        truth.close()
+        commit_file(Path(truth.name), folder / SCENES)
     commit_file(tmp, table)
     atomic_write_json(marker, params)  # last: marks the set complete
     return table
+
+
+def read_scene_truth(folder: Path) -> dict[str, dict]:
+    """id -> the scene's ground truth (kind, caption, objects with shape, colour, box) of a
+    scenes-mode demo folder."""
+    path = folder / SCENES
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: it is written by a demo source with mode: scenes")
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
 
 
 def two_colour_share(images: np.ndarray, tolerance: float = 48.0) -> float:
