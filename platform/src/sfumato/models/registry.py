@@ -4,8 +4,10 @@ Every model is wrapped in `Denoiser`, whose forward is `(x_t, t, cond) -> predic
 whatever the family, so the loss, the EMA, DeepSpeed and the samplers never branch on it.
 `cond` is class indices for class-conditional models, which reserve the last index as the
 "no class" label that classifier-free guidance trains with and samples against; for
-text-conditional models (`*-text-*`, diffusers `UNet2DConditionModel`) it is token ids, and the
-text encoder is a submodule of the Denoiser, so it trains, averages and checkpoints with it.
+text-conditional models (`*-text-*`, diffusers `UNet2DConditionModel`) it is token ids (or a frozen
+encoder's cached states of them), and the text encoder (CLIP or T5, sfumato.models.text) is a
+submodule of the Denoiser, so it trains, averages and checkpoints with it; a frozen one is only
+checkpointed (no gradients, optimizer state or EMA copy) and stays in eval mode.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ MODELS: dict[str, Callable] = {
     "unet-b": _unet((128, 256, 256, 512), 2, (False, True, True, True)),  # 75 M
     "unet-l": _unet((224, 448, 672, 896), 2, (False, True, True, True)),  # 274 M
     "unet-text-tiny": _unet((32, 64), 1, (False, True), heads_dim=16, text=True),  # 1.0 M + text encoder: tests
+    # unet-xs with cross-attention where it has attention (8 px at 32 px, and the middle block):
+    # a word reaches each cell of the compositional world at unet-xs's step time (the text pilot).
+    "unet-text-xs": _unet((32, 64, 128), 1, (False, False, True), text=True),  # 3.9 M + text encoder
     "unet-text-s": _unet((64, 128, 256), 2, (False, True, True), text=True),  # 24 M + text encoder
     "dit-tiny": _dit(depth=2, hidden=64, heads=2, patch=4),  # 0.2 M: tests
     "dit-s": _dit(depth=12, hidden=384, heads=6, patch=2),  # DiT-S/2, 35 M
@@ -98,6 +103,16 @@ class Denoiser(torch.nn.Module):
     def null_class(self) -> int:
         return self.num_classes or 0
 
+    def train(self, mode: bool = True) -> Denoiser:
+        """A frozen text encoder is a fixed function of the caption: it stays in eval mode (no
+        dropout; T5's dropout_rate is 0.1), so the states it gives equal the cache's."""
+        from sfumato.models.text import is_frozen
+
+        super().train(mode)
+        if self.text_encoder is not None and is_frozen(self.text_encoder):
+            self.text_encoder.eval()
+        return self
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return predict(self.net, x_t, t, cond, self.text_encoder)
 
@@ -117,7 +132,9 @@ def build_denoiser(
             f"text-conditional models are {sorted(TEXT_MODELS)}"
         )
     if text_encoder is not None:
-        net = MODELS[name](resolution_px, in_channels, text_encoder.config.hidden_size)
+        from sfumato.models.text import states_width
+
+        net = MODELS[name](resolution_px, in_channels, states_width(text_encoder))
         return Denoiser(net, None, text_encoder)
     return Denoiser(MODELS[name](resolution_px, in_channels, num_classes), num_classes)
 
