@@ -102,6 +102,41 @@ def cifar_batch(cifar_dir: Path, start: int, stop: int, classes: list[str] | Non
     return {"image": images, "class": np.array(labels), "caption": captions, "id": [str(p) for p in paths]}
 
 
+def caption_shard(path: Path, cifar_dir: Path, count: int = 12, size_px: int = 16) -> list[str]:
+    """A shard tar of `count` real CIFAR-10 images (every fifth, at `size_px`) captioned 'a photo
+    of a <class>', ids s0, s1, ...: what `sfumato shards` writes, for the cache's builder without
+    Ray. Returns the captions in order."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from sfumato.data.shards import tar_add
+
+    paths = sorted(cifar_dir.rglob("*.jpg"))[::5][:count]
+    captions = [f"a photo of a {p.parent.name}" for p in paths]
+    with tarfile.open(path, "w") as tar:
+        for key, (image, caption) in enumerate(zip(paths, captions)):
+            png = io.BytesIO()
+            Image.open(image).convert("RGB").resize((size_px, size_px)).save(png, "PNG")
+            tar_add(tar, f"{key:09d}.png", png.getvalue())
+            tar_add(tar, f"{key:09d}.json", json.dumps({"id": f"s{key}", "caption": caption}).encode())
+    return captions
+
+
+def cache_row(shard: Path, resolution_px: int = 16, dtype: str = "float32") -> dict:
+    """The row the cache stage hands its builder (CacheEncoder) for one shard."""
+    return {
+        "resolution_px": resolution_px,
+        "index": 0,
+        "shard": str(shard),
+        "sha256": "abc",
+        "shard_name": shard.name,
+        "dtype": dtype,
+    }
+
+
 def exported(run_cfg) -> Path:
     """The run's export folder (diffusers + ONNX), exported once and reused by every test module."""
     from sfumato.export.export_run import run_export

@@ -82,29 +82,17 @@ def test_cache_files_train_a_frozen_text_latent_model_like_its_encoders(tmp_path
     text model whose pretrained CLIP text encoder is frozen: read back by sample id (LatentCache),
     the posterior and the captions' encoder states train with the losses of running the VAE and
     the encoder every step, caption dropout substituting the cached empty caption's states."""
-    import io
-    import json
-    import tarfile
-
-    from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from helpers import cache_row, caption_shard
     from sfumato.config import TextConfig
     from sfumato.data.loader import iter_batches
-    from sfumato.data.shards import tar_add
     from sfumato.layout import CacheFolder, read_json
     from sfumato.models.cache import TEXT_STATES, CacheEncoder, LatentCache, ShardEntry
     from sfumato.models.text import build_text_encoder, load_pretrained_tokenizer, train_tokenizer
 
-    paths = sorted(cifar_dir.rglob("*.jpg"))[::5][:12]
-    captions = [f"a photo of a {p.parent.name}" for p in paths]
     shard = tmp_path / "shard-000000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for key, (path, caption) in enumerate(zip(paths, captions)):
-            png = io.BytesIO()
-            Image.open(path).convert("RGB").resize((16, 16)).save(png, "PNG")
-            tar_add(tar, f"{key:09d}.png", png.getvalue())
-            tar_add(tar, f"{key:09d}.json", json.dumps({"id": f"s{key}", "caption": caption}).encode())
+    captions = caption_shard(shard, cifar_dir)
     save_tiny_vae(tmp_path / "sd")
     tokenizer = train_tokenizer(captions * 3, 300, 12)
     torch.manual_seed(1)
@@ -132,16 +120,7 @@ def test_cache_files_train_a_frozen_text_latent_model_like_its_encoders(tmp_path
     )
 
     folder = CacheFolder(tmp_path / "cache")
-    CacheEncoder(vae_cfg, text_cfg, "float32", 5, str(folder.root))(
-        {
-            "resolution_px": 16,
-            "index": 0,
-            "shard": str(shard),
-            "sha256": "abc",
-            "shard_name": shard.name,
-            "dtype": "float32",
-        }
-    )
+    CacheEncoder(vae_cfg, text_cfg, "float32", 5, str(folder.root))(cache_row(shard))
     sidecar = read_json(CacheFolder.sidecar(folder.shard(16, 0)))
     assert sidecar["samples"] == 12 and sidecar["shapes"] == {
         "mean": [4, 8, 8],

@@ -31,15 +31,24 @@ class VAEConfig(Frozen):
 class TextConfig(Frozen):
     """The caption encoder of text-conditional models (train.conditioning: text)."""
 
+    encoder: Literal["clip", "t5"] = "clip"
+    """The encoder's class: clip, transformers' CLIPTextModel (Stable Diffusion 1-2); t5, its
+    T5EncoderModel (the encoder half of a T5, as in Imagen, PixArt and SD3's third encoder), which
+    needs `pretrained`. The denoiser cross-attends to its last hidden states, whose width (T5:
+    d_model) sets the UNet's cross-attention width. Checked against the checkpoint's config.json."""
     pretrained: str | None = None
-    """Hub id or local folder of a CLIP text encoder and its tokenizer (safetensors weights),
-    e.g. openai/clip-vit-large-patch14. None: from scratch, a BPE tokenizer trained on the
-    manifest's captions and a randomly initialised CLIPTextModel of the size below."""
+    """Hub id or local folder of the encoder and its tokenizer (safetensors weights), e.g.
+    openai/clip-vit-large-patch14 or google/t5-v1_1-base. None: from scratch (clip only), a BPE
+    tokenizer trained on the manifest's captions and a randomly initialised CLIPTextModel of the
+    size below."""
     encoder_subfolder: str | None = None
-    """Where the encoder sits inside `pretrained` (e.g. text_encoder in a Stable Diffusion repo)."""
+    """Where the encoder sits inside `pretrained` (e.g. text_encoder in a Stable Diffusion repo,
+    text_encoder_3 for SD3's T5)."""
     tokenizer_subfolder: str | None = None
     train_encoder: bool = True
-    """Train the encoder jointly (always, from scratch); False freezes a pretrained one."""
+    """Train the encoder jointly (always, from scratch); False freezes a pretrained one: no
+    gradients, no optimizer state, no EMA copy, and `sfumato cache` stores every caption's states
+    so the training step does not run it (data.cache)."""
     max_length: int = Field(32, ge=4, le=512)
     """Tokens per caption, start and end tokens included; longer captions are truncated."""
     vocab_size: int = Field(4096, ge=300, le=1_000_000)
@@ -52,6 +61,11 @@ class TextConfig(Frozen):
     def _consistent(self) -> TextConfig:
         if self.pretrained is None and not self.train_encoder:
             raise ValueError("train_encoder: false needs a pretrained encoder (a random one would stay random)")
+        if self.pretrained is None and self.encoder != "clip":
+            raise ValueError(
+                f"train.text.encoder: {self.encoder} needs train.text.pretrained (a hub id or folder of a "
+                "T5EncoderModel or T5 checkpoint); from scratch the encoder is a CLIPTextModel (encoder: clip)"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         return self

@@ -64,10 +64,15 @@ FORMAT = 1  # bump when the files' content changes meaning: a new key, a rebuild
 
 
 # ------------------------------------------------------------------------------------- the key
+_HASHED = (".safetensors", ".json", ".model", ".txt")
+"""What a model folder's hash covers: weights, configs (a fast tokenizer's tokenizer.json among
+them), a sentencepiece tokenizer (T5's spiece.model) and BPE merges (CLIP's merges.txt)."""
+
+
 def _folder_digest(folder: Path) -> str | None:
-    """sha256 over a local model folder's safetensors weights and json configs (None: not a local
-    folder, a hub id, which names its weights). Local weights can be replaced under the same path."""
-    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+    """sha256 over a local model folder's weights, configs and tokenizer files (_HASHED; None: not
+    a local folder, a hub id, which names its weights). Local weights can be replaced under the same path."""
+    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in _HASHED)
     # Hashed once per process for each listing (names, sizes, modification times).
     return _digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)) if files else None
 
@@ -98,11 +103,11 @@ def _hub_revision(repo_id: str, subfolder: str | None, filename: str = "config.j
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
-def _weights(root: Path, subfolder: str | None, pretrained: str) -> dict:
+def _weights(root: Path, subfolder: str | None, pretrained: str, filename: str = "config.json") -> dict:
     folder = root / (subfolder or "")
     if folder.is_dir():
         return {"weights_sha256": _folder_digest(folder)}
-    return {"hub_revision": _hub_revision(pretrained, subfolder)}
+    return {"hub_revision": _hub_revision(pretrained, subfolder, filename)}
 
 
 def vae_identity(vae_cfg) -> dict:
@@ -130,7 +135,7 @@ def text_identity(text_cfg) -> dict:
         "tokenizer_subfolder": t.tokenizer_subfolder,
         "max_length": t.max_length,
         "encoder": _weights(root, t.encoder_subfolder, t.pretrained),
-        "tokenizer": _weights(root, t.tokenizer_subfolder, t.pretrained),
+        "tokenizer": _weights(root, t.tokenizer_subfolder, t.pretrained, "tokenizer_config.json"),
     }
 
 

@@ -1,10 +1,16 @@
-"""Text conditioning: a tokenizer and a CLIP text encoder (transformers' `CLIPTextModel`).
+"""Text conditioning: a tokenizer and a text encoder, transformers' `CLIPTextModel` or
+`T5EncoderModel` (train.text.encoder).
 
 Either both are pretrained, loaded from a hub id or a local folder (safetensors only), or the
-run is from scratch: a byte-level BPE tokenizer is trained with `tokenizers` on the manifest's
-captions and a randomly initialised `CLIPTextModel` of the configured size is trained jointly
-with the denoiser. Either way the run folder keeps its own copy of the tokenizer
+run is from scratch (CLIP only): a byte-level BPE tokenizer is trained with `tokenizers` on the
+manifest's captions and a randomly initialised `CLIPTextModel` of the configured size is trained
+jointly with the denoiser. Either way the run folder keeps its own copy of the tokenizer
 (`text/tokenizer/`), so a resumed or exported run never depends on where it came from.
+
+The denoiser cross-attends to the encoder's last hidden states at every position, padding
+included, with no attention mask, as Stable Diffusion does with CLIP and SD3 and Flux do with T5
+(their diffusers pipelines call the encoder on the padded ids alone): the padded states are a
+fixed function of the caption, the same in training, in the cache, in the export and in ONNX.
 """
 
 from __future__ import annotations
@@ -94,17 +100,57 @@ def load_run_tokenizer(run_dir: Path):
     return AutoTokenizer.from_pretrained(RunFolder(run_dir).tokenizer)
 
 
+# train.text.encoder -> (transformers class, the config.json model_types it loads). A full
+# CLIPModel folder (model_type clip) holds a text tower CLIPTextModel loads; a T5 seq2seq
+# checkpoint (T5ForConditionalGeneration) holds the encoder T5EncoderModel loads, decoder ignored.
+ENCODERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "clip": ("CLIPTextModel", ("clip_text_model", "clip")),
+    "t5": ("T5EncoderModel", ("t5",)),
+}
+
+
+def check_encoder(text_cfg) -> None:
+    """A pretrained encoder's config.json must hold the class train.text.encoder names: loading
+    a T5 checkpoint as CLIPTextModel (or the reverse) would build a random model and warn."""
+    from transformers import PretrainedConfig
+
+    where = f"train.text.pretrained={text_cfg.pretrained!r}" + (
+        f" (encoder_subfolder {text_cfg.encoder_subfolder!r})" if text_cfg.encoder_subfolder else ""
+    )
+    try:
+        found, _ = PretrainedConfig.get_config_dict(text_cfg.pretrained, subfolder=text_cfg.encoder_subfolder or "")
+    except OSError as err:
+        raise ValueError(f"{where} has no readable config.json: {err}") from None
+    model_type = found.get("model_type")
+    class_name, model_types = ENCODERS[text_cfg.encoder]
+    if model_type not in model_types:
+        fits = [kind for kind, (_, types) in ENCODERS.items() if model_type in types]
+        hint = f"set train.text.encoder: {fits[0]}" if fits else f"sfumato loads {sorted(ENCODERS)} only"
+        raise ValueError(
+            f"train.text.encoder: {text_cfg.encoder} loads a {class_name}, but {where} is model_type "
+            f"{model_type!r} (architectures {found.get('architectures')}): {hint}"
+        )
+
+
 def build_text_encoder(text_cfg, tokenizer) -> torch.nn.Module:
-    """The pretrained encoder (safetensors weights only), or a fresh one sized by the config."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The pretrained encoder (safetensors weights only), or a fresh CLIPTextModel sized by the
+    config. A frozen one (train_encoder: false) takes no gradients and stays in eval mode inside
+    the Denoiser (sfumato.models.registry), so its dropout (T5's dropout_rate is 0.1) is off."""
+    import transformers
 
     if text_cfg.pretrained:
-        encoder = CLIPTextModel.from_pretrained(
-            text_cfg.pretrained, subfolder=text_cfg.encoder_subfolder or "", use_safetensors=True
+        check_encoder(text_cfg)
+        model_class = getattr(transformers, ENCODERS[text_cfg.encoder][0])
+        # T5 with eager attention: torch.onnx (dynamo, torch 2.13) cannot decompose the reshape
+        # after its SDPA attention, so `sfumato export` could not trace it; the arithmetic is the
+        # same, and the scores are only [heads, L, L] for L = max_length.
+        attention = {"attn_implementation": "eager"} if text_cfg.encoder == "t5" else {}
+        encoder = model_class.from_pretrained(
+            text_cfg.pretrained, subfolder=text_cfg.encoder_subfolder or "", use_safetensors=True, **attention
         )
     else:
-        encoder = CLIPTextModel(
-            CLIPTextConfig(
+        encoder = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
                 vocab_size=len(tokenizer),
                 hidden_size=text_cfg.hidden_size,
                 intermediate_size=4 * text_cfg.hidden_size,
@@ -117,7 +163,21 @@ def build_text_encoder(text_cfg, tokenizer) -> torch.nn.Module:
             )
         )
     encoder.requires_grad_(text_cfg.train_encoder)
+    if not text_cfg.train_encoder:
+        encoder.eval()
     return encoder
+
+
+def states_width(encoder: torch.nn.Module) -> int:
+    """The width of the encoder's last hidden states: the UNet's cross-attention width
+    (CLIPTextConfig.hidden_size, T5Config.d_model)."""
+    config = encoder.config
+    return config.d_model if hasattr(config, "d_model") else config.hidden_size
+
+
+def is_frozen(encoder: torch.nn.Module) -> bool:
+    """No parameter of the encoder trains (train_encoder: false; LoRA adapters on it do train)."""
+    return not any(p.requires_grad for p in encoder.parameters())
 
 
 def tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:

@@ -129,3 +129,82 @@ def save_tiny_blip(folder):
     BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     processor.save_pretrained(folder)
+
+
+TINY_CAPTIONS = [
+    f"a photo of a {w}"
+    for w in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+]
+"""What the tiny text tokenizers are trained on (CIFAR-10's classes, the captions of tests' shards)."""
+
+
+def _tiny_t5_tokenizer(captions: list[str], max_length: int):
+    """A sentencepiece-style Unigram tokenizer learned with `tokenizers` (no sentencepiece
+    needed), wrapped as transformers' T5Tokenizer: <pad>=0, </s>=1, <unk>=2, the end token
+    appended, as T5's own."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(captions, trainer=trainer)
+    vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def save_tiny_text_encoder(folder, encoder: str, max_length: int = 32):
+    """A randomly initialised (seed 0) text encoder of the real class, CLIPTextModel (`encoder`
+    clip) or T5EncoderModel (t5), of width 32 and 2 layers, saved as a Stable-Diffusion-style
+    pretrained folder: folder/text_encoder (safetensors) and folder/tokenizer (a BPE tokenizer for
+    CLIP, a Unigram one in T5Tokenizer for T5), both trained here on TINY_CAPTIONS. T5 keeps its
+    default dropout_rate 0.1, so a frozen encoder left in train mode would show. Returns the encoder."""
+    from pathlib import Path
+
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from sfumato.models.text import train_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    if encoder == "clip":
+        tokenizer = train_tokenizer(TINY_CAPTIONS * 3, 300, max_length)
+        model = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=max_length,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+    elif encoder == "t5":
+        tokenizer = _tiny_t5_tokenizer(TINY_CAPTIONS * 3, max_length)
+        model = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+    else:
+        raise ValueError(f"encoder {encoder!r}: clip or t5")
+    model.save_pretrained(folder / "text_encoder")  # safetensors
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return model

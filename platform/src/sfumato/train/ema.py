@@ -59,29 +59,49 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, beta: float, trainable_only: bool = False):
         self.beta = beta
-        self.trainable_only = trainable_only  # LoRA: the frozen base weights need no average
-        self.params = [_local(p).detach().clone().float() for _, p in self._named(model)]
+        self.trainable_only = trainable_only  # LoRA: the state holds the adapters alone
+        # A frozen parameter (a pretrained text encoder with train_encoder: false, the base under
+        # LoRA) never changes, so its average is itself: it is read from the model when the state
+        # is saved, never copied or averaged (a frozen T5-XXL encoder would be 19 GB of fp32
+        # copies, lerped every step, for nothing).
+        averaged = self._averaged(model)
+        self.names = [n for n, _ in averaged]
+        self.params = [_local(p).detach().clone().float() for _, p in averaged]
+        self.frozen = (
+            {} if trainable_only else {n: _local(p) for n, p in model.named_parameters() if not p.requires_grad}
+        )
 
-    def _named(self, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad or not self.trainable_only]
+    @staticmethod
+    def _averaged(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        current = [_local(p).detach().float() for _, p in self._named(model)]
+        current = [_local(p).detach().float() for _, p in self._averaged(model)]
         torch._foreach_lerp_(self.params, current, 1.0 - self.beta)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        """Into an unpartitioned model of the same architecture."""
-        for (_, target), source in zip(self._named(model), self.params):
-            target.copy_(source.to(target.dtype))
+        """Into an unpartitioned model of the same architecture (frozen weights too, unless
+        trainable_only)."""
+        sources = {**self.frozen, **dict(zip(self.names, self.params))}
+        for name, target in model.named_parameters():
+            if name in sources:
+                target.copy_(sources[name].to(target.dtype))
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Named full tensors (for safetensors): the model's parameter names, EMA values."""
-        return {name: _gather(p, shard).contiguous() for (name, p), shard in zip(self._named(model), self.params)}
+        """Named full tensors (for safetensors): the model's parameter names, EMA values (a frozen
+        parameter's own value; none of them with trainable_only)."""
+        averaged = dict(zip(self.names, self.params))
+        return {
+            name: _gather(p, averaged[name] if name in averaged else _local(p).detach().float()).contiguous()
+            for name, p in model.named_parameters()
+            if name in averaged or not self.trainable_only
+        }
 
     def load_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        named = self._named(model)
+        """The averages back (frozen parameters' entries are not read: the model holds them)."""
+        named = self._averaged(model)
         missing = [n for n, _ in named if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")

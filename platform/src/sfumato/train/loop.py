@@ -96,9 +96,11 @@ def _prepare_text(cfg: Config) -> None:
     captions or copied from the pretrained source) and the sample grid's prompts."""
     from collections import Counter
 
-    from sfumato.models.text import manifest_captions, prepare_tokenizer
+    from sfumato.models.text import check_encoder, manifest_captions, prepare_tokenizer
 
     t = cfg.train
+    if t.text.pretrained:  # here, not in every worker: a T5 folder with encoder: clip fails before Ray starts
+        check_encoder(t.text)
     manifest = DataFolder(cfg.data.output_dir).manifest
     prepare_tokenizer(t.text, manifest, t.output_dir)
     prompts_file = RunFolder(t.output_dir).sample_prompts

@@ -40,7 +40,7 @@ class PlainEngine:
     def __init__(self, model: torch.nn.Module, opt_cfg, grad_accum_steps: int = 1, grad_clip_norm: float | None = None):
         self.module = model
         self.optimizer = torch.optim.AdamW(
-            model.parameters(),
+            [p for p in model.parameters() if p.requires_grad],  # as the worker's: frozen ones hold no state
             lr=opt_cfg.lr,
             betas=tuple(opt_cfg.betas),
             eps=opt_cfg.eps,

@@ -154,8 +154,8 @@ class PreTraining:
             say(
                 f"{resolution_px}px: training from the cache {cache.folder.root}"
                 if cache is not None
-                else f"{resolution_px}px: no complete latent cache for this VAE (`sfumato cache` builds it): "
-                "the VAE encodes every batch"
+                else f"{resolution_px}px: no complete cache for this VAE / frozen text encoder (`sfumato cache` "
+                "builds it): they encode every batch"
             )
         return cache
 
