@@ -120,3 +120,27 @@ def test_ema_state_round_trips_by_parameter_name():
     target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
     other.copy_to(target)
     assert all(torch.equal(a, b) for a, b in zip(target.parameters(), model.parameters()))
+
+
+def test_ema_reads_frozen_parameters_instead_of_averaging_copies():
+    """A frozen parameter (a pretrained text encoder) is never copied or averaged, yet the state
+    holds its value, so a checkpoint's EMA weights are still the whole model; with trainable_only
+    (LoRA) the state holds the trainable ones alone."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    ema = EMA(model, beta=0.5)
+    assert ema.names == ["1.weight", "1.bias"] and len(ema.params) == 2
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema.update(model)
+    state = ema.state_dict(model)
+    assert set(state) == {n for n, _ in model.named_parameters()}
+    assert torch.equal(state["0.weight"], start[0]) and torch.allclose(state["1.weight"], start[2] + 0.5)
+    target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    ema.copy_to(target)
+    assert all(torch.equal(a, state[n]) for n, a in target.named_parameters())
+    fresh = EMA(model, beta=0.5)
+    fresh.load_state_dict(model, state)
+    assert torch.equal(fresh.params[0], state["1.weight"])
+    assert set(EMA(model, 0.5, trainable_only=True).state_dict(model)) == {"1.weight", "1.bias"}
