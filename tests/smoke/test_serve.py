@@ -1,6 +1,6 @@
 """The Serve endpoint, started for real on 127.0.0.1 around the exported debug runs, spoken to over
-HTTP: images, validation, auth, overload, timeouts, the ONNX backend, and a flow-matching model
-on both backends."""
+HTTP: images, validation, auth, overload, timeouts, the ONNX backend, a flow-matching model and a
+text-conditional one (prompts) on both backends."""
 
 import base64
 import io
@@ -47,10 +47,10 @@ COMMON = dict(
 
 
 @pytest.fixture(scope="module")
-def serve_port(monkeypatch_module, flow_run):
+def serve_port(monkeypatch_module, flow_run, text_run):
     """One Serve HTTP proxy on this port for every app of the module, shut down after the last.
-    The flow run trains first: once the Serve replicas hold both CPUs, Ray Train could not start
-    (the module run alone would hang in flow_server's training)."""
+    The flow and text runs train first: once the Serve replicas hold both CPUs, Ray Train could
+    not start (the module run alone would hang in flow_server's or text_server's training)."""
     from ray import serve
 
     monkeypatch_module.setenv("SFUMATO_TEST_TOKEN", TOKEN)
@@ -84,6 +84,24 @@ def flow_server(flow_run, serve_port):
             blocking=False,
             name=f"flow-{backend}",
             route_prefix=f"/flow-{backend}",
+        )
+    return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="module")
+def text_server(text_run, serve_port):
+    """The text run's export (its own tokenizer: 12 tokens) on both backends, at /text-torch and
+    /text-onnx; their replicas reserve no CPU, as flow_server's."""
+    from sfumato.serve.app import ServeSettings, run_server
+
+    common = dict(model=str(exported(text_run)), num_cpus=0, **COMMON)
+    for backend in ("torch", "onnx"):
+        run_server(
+            ServeSettings(**common, backend=backend),
+            port=serve_port,
+            blocking=False,
+            name=f"text-{backend}",
+            route_prefix=f"/text-{backend}",
         )
     return f"http://127.0.0.1:{serve_port}"
 
@@ -173,6 +191,8 @@ def test_a_request_returns_a_png_of_the_asked_size_and_a_seed_repeats_it(server)
         ("class_label", "unicorn"),
         ("class_label", 10),
         ("prompt", "a dog"),
+        ("prompt", ""),
+        ("negative_prompt", "blurry"),
         ("colour", "red"),
         ("timeout_s", 121),
     ],
@@ -361,6 +381,62 @@ def test_a_flow_model_is_served_by_both_backends_and_takes_only_flow_samplers(fl
         for ddpm_sampler in ("ddim", "dpm-solver++"):
             wrong = _generate(flow_server, {**body, "sampler": ddpm_sampler}, route=route)
             assert wrong.status_code == 422 and "sampler" in json.dumps(wrong.json()["detail"]), wrong.text
+
+
+TEXT_BODY = {"prompt": "a photo of a frog", "seed": 5, "steps": 4, "guidance_scale": 3.0}
+
+
+def test_a_text_model_draws_the_prompt_asked_for_on_both_backends(text_server, text_run):
+    """The image of a prompt is the one the export's pipeline draws for it (same seed), a seed
+    repeats it, another prompt changes it; /v1/model says how long a prompt may be."""
+    import numpy as np
+
+    from sfumato.serve.backends import Job, load_backend
+
+    for backend in ("torch", "onnx"):
+        route = f"/text-{backend}"
+        info = requests.get(f"{text_server}{route}/v1/model", headers=HEADERS, timeout=30).json()
+        assert info["conditioning"] == "text" and info["limits"]["max_prompt_tokens"] == 12, info
+        first = _generate(text_server, TEXT_BODY, route=route)
+        assert first.status_code == 200 and first.headers["content-type"] == "image/png", first.text
+        assert _generate(text_server, TEXT_BODY, route=route).content == first.content
+        other = _generate(text_server, {**TEXT_BODY, "prompt": "a photo of a ship"}, route=route)
+        assert other.status_code == 200 and other.content != first.content, "the prompt steers the image"
+        local = load_backend(exported(text_run), backend)
+        sampler = info["samplers"][0] if backend == "onnx" else "dpm-solver++"
+        job = Job("local", num_images=1, sampler=sampler, width=32, height=32, **TEXT_BODY)
+        drawn = local.generate([job])[0][0].astype(int)
+        served = np.asarray(Image.open(io.BytesIO(first.content)).convert("RGB")).astype(int)
+        assert np.abs(served - drawn).max() <= 1, f"{backend}: the served image is the pipeline's for that prompt"
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "  \n "}, "prompt"),
+        ({"prompt": "a photo of a frog " * 3}, "prompt"),  # 15 words: more tokens than the 12 the model reads
+        ({"prompt": "a" * 501}, "prompt"),  # the character cap (max_prompt_chars)
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": ["a photo of a frog"]}, "prompt"),
+        ({"prompt": [1, 2]}, "prompt"),
+        ({"prompt": {"text": "a frog"}}, "prompt"),
+        ({"prompt": "a frog\u0000"}, "prompt"),
+        ({"prompt": "a \u0007frog"}, "prompt"),
+        ({"prompt": "a frog", "negative_prompt": 1.5}, "negative_prompt"),
+        ({"prompt": "a frog", "negative_prompt": "blurry " * 12}, "negative_prompt"),
+        ({"prompt": "a frog", "class_label": 0}, "class_label"),
+        ({"prompt": "a frog", "class_label": "frog"}, "class_label"),
+    ],
+)
+def test_a_text_model_refuses_a_bad_prompt_or_a_class_label_with_a_422_naming_the_field(text_server, body, field):
+    response = _generate(text_server, {"steps": 2, **body}, route="/text-torch")
+    assert response.status_code == 422, response.text
+    assert [field] in [error["loc"][1:] for error in response.json()["detail"]], response.text
+    if "frog " in str(body.get("prompt", "")):  # the ONNX app counts with the export's tokenizer.json
+        onnx = _generate(text_server, {"steps": 2, **body}, route="/text-onnx")
+        assert onnx.status_code == 422 and "tokens long" in onnx.text, onnx.text
 
 
 def test_the_safety_filter_withholds_flagged_images_and_passes_the_others_unchanged(safe_server):

@@ -79,3 +79,61 @@ def test_a_second_model_must_take_the_same_requests():
         check_compatible(base, ModelInfo("m", "torch", "class", ["cat", "bird"], ["ddim"], 32, 8), "v2")
     with pytest.raises(ValueError, match="models.v2: its samplers"):
         check_compatible(base, ModelInfo("m", "torch", "class", ["cat", "dog"], ["flow-euler"], 32, 8), "v2")
+
+
+def _text_request(max_tokens: int = 8, max_chars: int = 60):
+    """The request schema of a text model whose tokenizer (a real BPE one, trained here) reads
+    `max_tokens` tokens, start and end tokens included."""
+    from sfumato.models.text import train_tokenizer
+    from sfumato.serve.prompts import PromptTokens
+
+    tokenizer = train_tokenizer(["a photo of a red circle", "a photo of a blue square"] * 4, 300, max_tokens)
+    tokens = PromptTokens.from_transformers(tokenizer, max_tokens)
+    info = ModelInfo("m", "torch", "text", [], ["ddim"], 32, 8)
+    return request_model(info, ServeSettings(model="x", max_prompt_chars=max_chars), tokens), tokenizer
+
+
+def test_a_text_model_takes_a_prompt_that_fits_its_tokenizer_and_refuses_every_other_naming_the_field():
+    from pydantic import ValidationError
+
+    Request, tokenizer = _text_request()
+    assert Request(prompt="a red circle").prompt == "a red circle"
+    assert Request(prompt="a red\tcircle\n", negative_prompt="").negative_prompt == "", "whitespace is text"
+    fits = "a photo of a red circle"  # 6 words: 8 tokens with the start and end tokens
+    assert len(tokenizer(fits).input_ids) == 8 and Request(prompt=fits).prompt == fits
+    for body, field, says in [
+        ({}, "prompt", "Field required"),
+        ({"prompt": ""}, "prompt", "is empty"),
+        ({"prompt": " \t\n"}, "prompt", "is empty"),
+        ({"prompt": fits + " circle"}, "prompt", "9 tokens long"),
+        ({"prompt": "a red circle", "negative_prompt": fits + " blue"}, "negative_prompt", "tokens long"),
+        ({"prompt": "x" * 61}, "prompt", "at most 60 characters"),
+        ({"prompt": 3}, "prompt", "valid string"),
+        ({"prompt": ["a", "b"]}, "prompt", "valid string"),
+        ({"prompt": [1, 2]}, "prompt", "valid string"),
+        ({"prompt": None}, "prompt", "valid string"),
+        ({"prompt": True}, "prompt", "valid string"),
+        ({"prompt": "a red\x00circle"}, "prompt", "control character (U+0000) at position 5"),
+        ({"prompt": "a\x1b[31m red"}, "prompt", "U+001B"),
+        ({"prompt": "a red\x85circle"}, "prompt", "U+0085"),
+        ({"prompt": "a \ud800 circle"}, "prompt", "nicode"),  # pydantic's own check, or ours
+        ({"prompt": "a red circle", "class_label": 0}, "class_label", "not class-conditional (use prompt)"),
+        ({"prompt": "a red circle", "class_label": "circle"}, "class_label", "not class-conditional"),
+    ]:
+        with pytest.raises(ValidationError) as refused:
+            Request(**body)
+        (error,) = refused.value.errors()
+        assert error["loc"] == (field,) and says in error["msg"], (body, error)
+
+
+def test_a_class_model_refuses_any_prompt_naming_the_field():
+    from pydantic import ValidationError
+
+    info = ModelInfo("m", "torch", "class", ["cat", "dog"], ["ddim"], 32, 8)
+    Request = request_model(info, ServeSettings(model="x"))
+    assert Request(class_label="dog").prompt is None
+    for field, value in [("prompt", "a dog"), ("prompt", ""), ("negative_prompt", "blurry")]:
+        with pytest.raises(ValidationError) as refused:
+            Request(**{field: value})
+        (error,) = refused.value.errors()
+        assert error["loc"] == (field,) and "not text-conditional (use class_label)" in error["msg"]

@@ -31,12 +31,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator, model_validator
 from ray import serve
 
 from sfumato.config import SafetyConfig
 from sfumato.serve.backends import Cancelled, Job, load_backend
 from sfumato.serve.metrics import IngressMetrics, ModelMetrics
+from sfumato.serve.prompts import MAX_PROMPT_CHARS, PromptTokens, prompt_problem
 from sfumato.serve.safety import UNCHECKED, WITHHELD, OutputFilter, Verdict
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = Field(60.0, gt=0)
     max_steps: int = Field(100, ge=1, le=1000)
     max_images: int = Field(4, ge=1, le=64)
-    max_prompt_chars: int = Field(500, ge=1, le=10_000)
+    max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1, le=10_000)
     max_size_px: int | None = Field(None, ge=8)
     """Largest width/height; None: twice the model's training size."""
     retry_after_s: int = Field(2, ge=0)
@@ -121,8 +122,15 @@ class ServeSettings(BaseModel):
         }
 
 
-def request_model(info, settings: ServeSettings) -> type[BaseModel]:
-    """The POST /v1/generate body, with this model's bounds in the schema (and so in OpenAPI)."""
+def _takes(info) -> str:
+    """What a model of this conditioning takes instead, for a refusal."""
+    return {"class": "use class_label", "text": "use prompt", "none": "it takes no condition"}[info.conditioning]
+
+
+def request_model(info, settings: ServeSettings, tokens: PromptTokens | None = None) -> type[BaseModel]:
+    """The POST /v1/generate body, with this model's bounds in the schema (and so in OpenAPI).
+    `tokens`: a text model's tokenizer (the backend's `prompt_tokens()`): a prompt longer than
+    the model reads is refused, not cut off (sfumato.serve.prompts)."""
     max_px = settings.max_size_px or 2 * info.default_size_px
     sampler_type = Literal[tuple(info.samplers)]  # type: ignore[valid-type]
     size = dict(
@@ -134,15 +142,37 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
     if trained:  # an aspect-bucketed model: its buckets, whatever max_size_px says
         sides = [side for s in trained for side in s]
         size.update(ge=min(sides), le=max(sides))
+    text = info.conditioning == "text"
+
+    # Field validators: the 422's `loc` names the field.
+    def _prompt(cls, value, validation):
+        if value is None:
+            return value
+        name = validation.field_name
+        if not text:
+            raise ValueError(f"{name}: this model is not text-conditional ({_takes(info)})")
+        problem = prompt_problem(value, settings.max_prompt_chars, tokens, required=name == "prompt")
+        if problem:
+            raise ValueError(f"{name} {problem}")
+        return value
+
+    def _class_label(cls, value, validation):
+        if value is None:
+            return value
+        if info.conditioning != "class":
+            raise ValueError(f"class_label: this model is not class-conditional ({_takes(info)})")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("class_label is not valid Unicode text (it holds a lone surrogate)") from None
+            if value not in info.class_names:
+                raise ValueError(f"class_label {value[:64]!r} is not one of {info.class_names}")
+        elif not 0 <= value < len(info.class_names):
+            raise ValueError(f"class_label {value} is outside 0..{len(info.class_names) - 1}")
+        return value
 
     def _check(self):
-        for name in ("prompt", "negative_prompt", "class_label"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         if trained and (self.width, self.height) not in trained:
             offered = ", ".join(f"{w}x{h}" for w, h in sorted(trained))
             raise ValueError(
@@ -152,21 +182,22 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
             value = getattr(self, name)
             if info.size_multiple_px and value % info.size_multiple_px:
                 raise ValueError(f"{name}={value} must be a multiple of {info.size_multiple_px}")
-        if self.class_label is not None:
-            if info.conditioning != "class":
-                raise ValueError("class_label: this model is not class-conditional")
-            if isinstance(self.class_label, str) and self.class_label not in info.class_names:
-                raise ValueError(f"class_label {self.class_label[:64]!r} is not one of {info.class_names}")
-            if isinstance(self.class_label, int) and not 0 <= self.class_label < len(info.class_names):
-                raise ValueError(f"class_label {self.class_label} is outside 0..{len(info.class_names) - 1}")
-        if (self.prompt or self.negative_prompt) and info.conditioning != "text":
-            raise ValueError("prompt: this model is not text-conditional (use class_label)")
         return self
 
+    prompt_description = (
+        f"what the image should show (required): text, at most {settings.max_prompt_chars} characters"
+        + (f" and {tokens.max_tokens} tokens" if tokens is not None else "")
+        if text
+        else "text models only"
+    )
     return create_model(
         "GenerateRequest",
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-        __validators__={"_check": model_validator(mode="after")(_check)},
+        __validators__={
+            "_check": model_validator(mode="after")(_check),
+            "_prompt": field_validator("prompt", "negative_prompt")(_prompt),
+            "_class_label": field_validator("class_label")(_class_label),
+        },
         model=(
             Literal[tuple(settings.model_names())],
             Field(
@@ -174,8 +205,15 @@ def request_model(info, settings: ServeSettings) -> type[BaseModel]:
                 description="a served model or adapter by name",
             ),
         ),
-        prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
-        negative_prompt=(str | None, Field(None, max_length=settings.max_prompt_chars)),
+        prompt=(
+            (str, Field(..., max_length=settings.max_prompt_chars, description=prompt_description))
+            if text
+            else (str | None, Field(None, description=prompt_description))
+        ),
+        negative_prompt=(
+            str | None,
+            Field(None, max_length=settings.max_prompt_chars, description="what to steer away from (text models)"),
+        ),
         class_label=(
             StrictInt | str | None,
             Field(None, description="class index or name (class-conditional models); true is neither"),
@@ -326,15 +364,16 @@ class Generator:
         return results
 
 
-def build_ingress(settings: ServeSettings, info) -> type:
-    """The FastAPI ingress class for this model's limits (they shape the request schema)."""
+def build_ingress(settings: ServeSettings, info, tokens: PromptTokens | None = None) -> type:
+    """The FastAPI ingress class for this model's limits (they shape the request schema);
+    `tokens`: a text model's tokenizer, which bounds its prompts."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from ray.serve.exceptions import BackPressureError
 
     from sfumato.serve.guard import answer_invalid_requests, require_token
 
-    GenerateRequest = request_model(info, settings)
+    GenerateRequest = request_model(info, settings, tokens)
     app = FastAPI(title="sfumato", description="Image generation with a model trained by sfumato.")
 
     token = os.environ.get(settings.token_env, "") if settings.token_env else ""
@@ -381,6 +420,7 @@ def build_ingress(settings: ServeSettings, info) -> type:
                     "max_steps": settings.max_steps,
                     "max_images": settings.max_images,
                     "max_prompt_chars": settings.max_prompt_chars,
+                    "max_prompt_tokens": None if tokens is None else tokens.max_tokens,
                     "max_size_px": settings.max_size_px or 2 * model_info["default_size_px"],
                     "request_timeout_s": settings.request_timeout_s,
                 },
@@ -469,23 +509,36 @@ def check_compatible(base, other, name: str) -> None:
             )
 
 
+def check_same_tokens(base: PromptTokens | None, other: PromptTokens | None, name: str) -> None:
+    """The ingress bounds every model's prompts with the base model's tokenizer: a second text
+    model must read text the same way (the same tokenizer and length)."""
+    if base is None or other is None:
+        return
+    if base.max_tokens != other.max_tokens or base.tokenizer.to_str() != other.tokenizer.to_str():
+        raise ValueError(
+            f"models.{name}: its tokenizer or prompt length ({other.max_tokens} tokens) differs from the "
+            f"base model's ({base.max_tokens}): serve it as an application of its own"
+        )
+
+
 def build_app(args: dict):
     """The application for `serve run` / `serve.run`: `args` are ServeSettings' fields."""
     settings = ServeSettings(**args)
     if settings.safety_model is None:
         log.warning("output safety filter: OFF, no safety_model configured: generated images leave unchecked")
-    info = load_backend(
-        settings.model, settings.backend, settings.device, settings.lora
-    ).info()  # limits shape the schema
+    base = load_backend(settings.model, settings.backend, settings.device, settings.lora)
+    info, tokens = base.info(), base.prompt_tokens()  # limits shape the schema
     for name, folder in settings.models.items():
-        check_compatible(info, load_backend(folder, settings.backend, settings.device).info(), name)
+        other = load_backend(folder, settings.backend, settings.device)
+        check_compatible(info, other.info(), name)
+        check_same_tokens(tokens, other.prompt_tokens(), name)
     generator = Generator.options(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},
         ray_actor_options={"num_cpus": settings.num_cpus},
     ).bind(settings.model_dump())
-    return build_ingress(settings, info).bind(generator)
+    return build_ingress(settings, info, tokens).bind(generator)
 
 
 def run_server(

@@ -145,6 +145,15 @@ class TorchBackend:
             trained,
         )
 
+    def prompt_tokens(self):
+        """A text model's tokenizer, to bound its prompts (sfumato.serve.prompts); None otherwise."""
+        from sfumato.serve.prompts import PromptTokens
+
+        tokenizer = self.pipe.tokenizer
+        if self.pipe.text_encoder is None or tokenizer is None:
+            return None
+        return PromptTokens.from_transformers(tokenizer, self.pipe.config.text_max_length or tokenizer.model_max_length)
+
     def _pipe_for(self, sampler: str):
         from sfumato.diffusion.sample import sampler_from
 
@@ -192,6 +201,7 @@ class OnnxBackend:
         if not (folder / SAMPLER_JSON).exists():
             raise FileNotFoundError(f"{folder} holds no ONNX export ({SAMPLER_JSON}): run `sfumato export` first")
         self.sampler = OnnxSampler(folder, model_file)
+        self.folder = folder
         self.meta = _meta(ExportFolder(export_dir).meta)
 
     def info(self) -> ModelInfo:
@@ -206,6 +216,14 @@ class OnnxBackend:
             spec["sample_size"] * factor,
             0,
         )
+
+    def prompt_tokens(self):
+        """A text model's tokenizer (the export's onnx/tokenizer.json), to bound its prompts."""
+        from sfumato.serve.prompts import PromptTokens
+
+        if self.sampler.spec["conditioning"] != "text":
+            return None
+        return PromptTokens.from_file(self.folder / "tokenizer.json", self.sampler.spec["text_max_length"])
 
     def generate(self, jobs: list[Job], should_stop=lambda: False) -> list[list[np.ndarray]]:
         first = jobs[0]
