@@ -22,10 +22,18 @@ from sfumato.diffusion.sample import sample  # noqa: E402
 from sfumato.export.export_run import run_export  # noqa: E402
 from sfumato.models.run import load_trained, pipeline  # noqa: E402
 
-# Runs in a fresh interpreter in which `import sfumato` fails: only torch and diffusers.
-WITHOUT_SFUMATO = """
-import sys
-sys.modules["sfumato"] = None
+# The start of a fresh interpreter (`python -I`: no PYTHONPATH, no cwd) in which `import sfumato`
+# fails: no sys.path entry holds the package (the editable install's .pth puts its source there),
+# and sys.modules blocks it besides, so any import of it, however deep, raises.
+NO_SFUMATO = (
+    "import os, sys; sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'sfumato'))]; "
+    "sys.modules['sfumato'] = None"
+)
+
+# Only torch and diffusers: the export's own pipeline code draws the images.
+WITHOUT_SFUMATO = (
+    NO_SFUMATO
+    + """
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
@@ -36,9 +44,11 @@ count = kwargs.pop("count")
 generators = [torch.Generator().manual_seed(3 + i) for i in range(count)]
 images = pipe(**kwargs, num_inference_steps=6, generator=generators, output_type="pt").images
 expected = load_file(reference)["images"]
+assert not [m for m in sys.modules if m.startswith("sfumato") and sys.modules[m] is not None]
 print(type(pipe).__name__, type(pipe.scheduler).__name__, torch.equal(images, expected),
       float((images - expected).abs().max()))
 """
+)
 
 
 def _export_and_compare(
@@ -60,6 +70,7 @@ def _export_and_compare(
     done = subprocess.run(
         [
             sys.executable,
+            "-I",
             "-c",
             WITHOUT_SFUMATO,
             str(run_dir / "export" / "diffusers"),
@@ -97,22 +108,20 @@ def test_class_run_exports_to_diffusers_and_onnx(straight, tmp_path):
     _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png")
 
 
-def _sample_onnx_without_sfumato(run_dir, grid) -> None:
-    """The standalone ONNX sampler (INT8), run as a script from the export folder, without sfumato."""
+def _sample_onnx_without_sfumato(run_dir, grid, conditions=("--class", "3", "--class", "airplane")) -> None:
+    """The standalone ONNX sampler (INT8), run as a script from the export folder, without sfumato:
+    two images, of the two `conditions`."""
     onnx_dir = run_dir / "export" / "onnx"
     done = subprocess.run(
         [
             sys.executable,
+            "-I",
             "-c",
-            "import sys, runpy; sys.modules['sfumato'] = None; "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+            NO_SFUMATO + "; import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
             str(onnx_dir / "sample_onnx.py"),
             "--out",
             str(grid),
-            "--class",
-            "3",
-            "--class",
-            "airplane",
+            *conditions,
             "--steps",
             "4",
             "--guidance",
@@ -150,12 +159,37 @@ def test_flow_run_exports_its_shifted_scheduler_and_an_onnx_euler_sampler(flow_r
     _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png")
 
 
-def test_text_run_exports_its_encoder_and_tokenizer(text_run):
+def test_text_run_exports_its_encoder_and_tokenizer(text_run, tmp_path):
+    """The diffusers folder draws the run's images of the same prompts without sfumato; the ONNX
+    graph holds the text encoder, its sampler reads prompts with the export's tokenizer.json into
+    the pipeline's very token ids (a prompt longer than the model reads cut as the pipeline cuts
+    it), and the standalone script takes --prompt."""
     prompts = ["a photo of a frog", "a photo of a ship"]
     report = _export_and_compare(text_run, prompts, {"prompt": prompts}, guidance_scale=3.0)
-    _check_onnx(report, text_run.train.output_dir)
-    exported = text_run.train.output_dir / "export" / "diffusers"
+    run_dir = text_run.train.output_dir
+    _check_onnx(report, run_dir)
+    exported = run_dir / "export" / "diffusers"
     assert (exported / "text_encoder" / "model.safetensors").exists() and (exported / "tokenizer").is_dir()
+
+    import onnx
+
+    from sfumato.export.onnx_sampler import OnnxSampler
+
+    graph = onnx.load(str(run_dir / "export" / "onnx" / "denoiser.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["sample", "timestep", "cond"]
+    assert graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.INT64, "cond: token ids, not states"
+    assert any("text_model" in w.name or "token_embedding" in w.name for w in graph.initializer), (
+        "the encoder's weights"
+    )
+    cfg, run, _ = load_trained(run_dir)
+    sampler = OnnxSampler(run_dir / "export" / "onnx")
+    long_prompt = "a photo of a frog on a ship in the rain at night"
+    written = [*prompts, long_prompt, ""]
+    onnx_ids, _ = sampler._conditions(written, None, len(written))
+    torch_ids = pipeline(cfg, run, "ddim").tokenize(written)
+    assert len(run.tokenizer(long_prompt).input_ids) > cfg.train.text.max_length, "the long prompt is cut"
+    assert torch.equal(torch.from_numpy(onnx_ids), torch_ids)
+    _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png", ("--prompt", prompts[0], "--prompt", prompts[1]))
 
 
 def test_latent_run_exports_its_vae(latent_run):
