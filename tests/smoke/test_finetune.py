@@ -237,3 +237,38 @@ def test_a_finetune_starts_from_a_diffusers_export_and_refuses_a_folder_without_
     elsewhere = finetune.run_config(tree, pretrained=str(tmp_path / "base" / "no-such"))
     with pytest.raises(ValueError, match=r"finetune\.pretrained=.*no-such"):
         build_run_model(elsewhere)
+
+
+def test_a_text_finetune_selects_by_caption_and_keeps_the_parents_tokenizer(text_run):
+    """finetune.select.caption_contains on a text run: the fine-tune's batches are the frog photos
+    alone, its weights (text encoder included) start as the parent's, and its tokenizer is the
+    parent's even when the config would now train another (train.text.vocab_size changed)."""
+    from sfumato.config import run_tree, validated
+    from sfumato.data.manifest import read_manifest
+    from sfumato.models.run import build_run_model
+    from sfumato.train.loop import prepare_run
+    from sfumato.train.tasks import FineTuning, make_task
+
+    out = text_run.train.output_dir.parent / "text-frogs"
+    tree = run_tree(text_run)
+    tree["finetune"] = {
+        "select": {"caption_contains": "FROG"},
+        "overrides": {"train.output_dir": str(out), "train.text.vocab_size": 300},
+    }
+    cfg = finetune.run_config(validated(tree, "test"), parent=text_run.train.output_dir)
+    manifest = read_manifest(text_run.data.output_dir / "manifest.parquet")
+    frogs = manifest[manifest["caption"].str.contains("frog") & (manifest["status"] == "ok")]
+    assert cfg.train.lineage.selected_rows == len(frogs) > 0 and cfg.train.text.vocab_size == 300
+
+    prepare_run(cfg)
+    run, parent = RunFolder(out), RunFolder(text_run.train.output_dir)
+    assert sorted(run.selected_ids.read_text().split()) == sorted(frogs["id"])
+    assert (run.tokenizer / "tokenizer.json").read_text() == (parent.tokenizer / "tokenizer.json").read_text()
+    model = build_run_model(cfg)
+    weights = ckpt.load_ema(ckpt.latest(parent.checkpoints))
+    assert all(torch.equal(p, weights[n]) for n, p in model.denoiser.named_parameters()), "the parent's weights"
+    task = make_task(cfg, model)
+    assert isinstance(task, FineTuning)
+    batches = task.batches(0, 0, 1, None)
+    captions = [caption for _ in range(3) for caption in next(batches)[0]["caption"]]
+    assert captions and all("frog" in caption for caption in captions), captions

@@ -10,7 +10,9 @@ as `train.lora`, and a `train.lineage` that says where it starts:
   `finetune.checkpoint`), or a diffusers export folder / hub id of a model family sfumato trains
   (`finetune.pretrained`); the EMA restarts from them;
 - its data: the manifest rows that `finetune.select` keeps, listed once in the run folder
-  (selected_ids.txt); the loader reads the parent's shards and skips every other sample.
+  (selected_ids.txt); the loader reads the parent's shards and skips every other sample;
+- what its labels and tokens mean: the parent's classes.json and, for a text model, the
+  parent's (or the export's) tokenizer, copied into the run folder before any worker starts.
 
 The lineage (parent, checkpoint and its step, the parent config's hash, the filter, the selected
 row count) is resolved before any work and written into the run's config.yaml, so evaluation,
@@ -161,8 +163,9 @@ def same_start(out: Path, lineage: dict) -> None:
 
 
 def prepare(cfg: Config) -> None:
-    """Before any worker starts (the first start only): the selected ids in the run folder and the
-    parent's classes (the label -> index map the weights were trained with)."""
+    """Before any worker starts (the first start only): the selected ids in the run folder, the
+    parent's classes (the label -> index map the weights were trained with) and a text model's
+    tokenizer (keep_tokenizer)."""
     run = RunFolder(cfg.train.output_dir)
     target = run.selected_ids
     if cfg.train.dpo is None and not target.exists():  # an alignment's data are its pairs
@@ -171,6 +174,8 @@ def prepare(cfg: Config) -> None:
         ids = sorted(selected_rows(cfg.data.output_dir, SelectConfig(**cfg.train.lineage.select))["id"])
         atomic_write(target, "\n".join(ids) + "\n")
     lineage = cfg.train.lineage
+    if cfg.train.conditioning == "text" and not run.tokenizer.exists():
+        keep_tokenizer(lineage, run)
     if lineage.parent is not None and not run.classes.exists():
         source = RunFolder(lineage.parent).classes
         if source.exists():
@@ -184,6 +189,31 @@ def prepare(cfg: Config) -> None:
                 f"{shards} maps classes differently from the parent's {run.classes}: the shards "
                 "were rebuilt with other tags; fine-tune on shards with the parent's classes"
             )
+
+
+def keep_tokenizer(lineage, run: RunFolder) -> None:
+    """A text model's token ids mean what they meant to the weights it starts from: the run
+    folder gets the parent's tokenizer (or the diffusers export's `tokenizer/`), so the training
+    never trains a new one on the manifest, which could split the same words into other ids
+    (a rebuilt manifest, another train.text.vocab_size)."""
+    import shutil
+
+    tmp = run.tokenizer.with_name(run.tokenizer.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lineage.parent is not None:
+        source = RunFolder(lineage.parent).tokenizer
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source} does not exist: the parent {lineage.parent} is not a text run")
+        shutil.copytree(source, tmp)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(lineage.pretrained, subfolder="tokenizer")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"finetune.pretrained={lineage.pretrained!r}: no tokenizer/ to read: {err}") from None
+        tokenizer.save_pretrained(tmp)
+    tmp.replace(run.tokenizer)
 
 
 def selected_ids(cfg: Config) -> frozenset[str]:
