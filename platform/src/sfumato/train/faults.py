@@ -70,3 +70,23 @@ class SpikeLossAt(Hooks):
         if number == self.step and self.handle is None and self.fired < self.times:
             self.fired += 1
             self.handle = worker.engine.module.register_forward_hook(lambda module, args, output: output + self.offset)
+
+
+class TextEncoderMustNotRun(Hooks):
+    """Every rank stops the run (a RuntimeError) if the training denoiser's text encoder runs in
+    an optimizer step: what a run whose frozen encoder's states come from the cache promises.
+    The sample grids run an EMA copy's encoder, outside the steps, and are not counted."""
+
+    def __init__(self):
+        self.calls, self.handle = 0, None
+
+    def before_step(self, worker) -> None:
+        if self.handle is None:
+            self.handle = worker.engine.module.text_encoder.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+    def after_step(self, worker) -> None:
+        if self.calls:
+            raise RuntimeError(f"the text encoder ran {self.calls} times in step {worker.state.step}")
