@@ -91,11 +91,12 @@ def test_the_saved_adapter_is_diffusers_lora_format_and_loads_into_a_sfumato_pip
         torch.testing.assert_close(pipe.unet(x, t, class_labels=c).sample, model(x, t, c), atol=1e-5, rtol=1e-4)
 
 
-def test_text_encoder_adapters_train_with_the_unets_and_the_rest_stays_frozen():
-    from transformers import CLIPTextConfig, CLIPTextModel
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_text_encoder_adapters_train_with_the_unets_and_the_rest_stays_frozen(kind):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    encoder = CLIPTextModel(
-        CLIPTextConfig(
+    if kind == "clip":
+        config = CLIPTextConfig(
             vocab_size=64,
             hidden_size=32,
             intermediate_size=64,
@@ -103,11 +104,14 @@ def test_text_encoder_adapters_train_with_the_unets_and_the_rest_stays_frozen():
             num_attention_heads=2,
             max_position_embeddings=12,
         )
-    )
+        encoder = CLIPTextModel(config)
+    else:
+        encoder = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
     model = build_denoiser("unet-text-tiny", 16, 3, text_encoder=encoder)
     add_lora(model, _lora(text_encoder=True))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any(n.startswith("text_encoder.") for n in trainable) and any(n.startswith("net.") for n in trainable)
+    text = [n for n in trainable if n.startswith("text_encoder.")]
+    assert len(text) == 2 * 4 and any(n.startswith("net.") for n in trainable), "A and B on q, k, v and out"
     assert all("lora_" in n for n in trainable)
     with pytest.raises(ValueError, match="finetune.lora.text_encoder"):
         add_lora(build_denoiser("unet-tiny", 16, 3, 4), _lora(text_encoder=True))

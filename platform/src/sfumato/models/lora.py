@@ -20,6 +20,10 @@ ADAPTER_NAME = "default"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights(folder) finds it
 
 
+# The text encoder's attention projections by its config's model_type (train.text.encoder).
+TEXT_ATTENTION = {"clip": ["q_proj", "k_proj", "v_proj", "out_proj"], "t5": ["q", "k", "v", "o"]}
+
+
 def default_targets(net: torch.nn.Module, conv: bool) -> list[str]:
     """Every linear layer of the network (attention projections, feed-forward, time and adaLN
     embeddings), its class-embedding table (what a class, and the "no class" label of
@@ -70,7 +74,7 @@ def add_lora(denoiser: torch.nn.Module, cfg) -> None:
             r=cfg.rank,
             lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
             lora_dropout=cfg.dropout,
-            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+            target_modules=TEXT_ATTENTION.get(denoiser.text_encoder.config.model_type, TEXT_ATTENTION["clip"]),
         )
         inject_adapter_in_model(text_config, denoiser.text_encoder, adapter_name=ADAPTER_NAME)
     for name, param in denoiser.named_parameters():
