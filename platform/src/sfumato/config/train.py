@@ -38,7 +38,7 @@ class TextConfig(Frozen):
     d_model) sets the UNet's cross-attention width. Checked against the checkpoint's config.json."""
     pretrained: str | None = None
     """Hub id or local folder of the encoder and its tokenizer (safetensors weights), e.g.
-    openai/clip-vit-large-patch14 or google/t5-v1_1-base. None: from scratch (clip only), a BPE
+    openai/clip-vit-large-patch14, or a T5 with encoder: t5. None: from scratch (clip only), a BPE
     tokenizer trained on the manifest's captions and a randomly initialised CLIPTextModel of the
     size below."""
     encoder_subfolder: str | None = None
