@@ -426,6 +426,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="data split, batches, weights and noise")
     parser.add_argument("--out-dir", default=None, help="plot, grids and quality.json (default runs/bench-quality)")
+    text = parser.add_argument_group("--text: recipes on the compositional world (sfumato.bench.quality_text)")
+    text.add_argument("--text", action="store_true", help="race text-to-image recipes, scored per GenEval task")
+    text.add_argument("--recipe", action="append", help="NAME=configs/x.yaml[,key=value...] (repeatable, adds)")
+    text.add_argument("--recipes", default=None, help="comma-separated recipe names to race (default: all)")
+    text.add_argument("--seeds", type=int, default=1, help="seeds per recipe: mean and spread of the finals")
+    text.add_argument("--first-seed", type=int, default=0, help="the first of the seeds")
+    text.add_argument("--prompts-per-task", type=int, default=8, help="evaluation prompts per task and split")
+    text.add_argument("--images-per-prompt", type=int, default=2, help="images per prompt per score")
+    text.add_argument("--sample-steps", type=int, default=25, help="sampler steps per image")
+    text.add_argument("--scene-images", type=int, default=0, help="scenes drawn (0: configs/pilot-text.yaml's)")
     add_datasets_argument(parser, "cifar10-train.tar.gz")
     add_repo_argument(parser, "configs/pilot.yaml, the recipe the sfumato trainers train")
     add_out_argument(parser)
@@ -433,6 +443,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> dict:
     from sfumato.bench.ingest import machine
+
+    if args.text:
+        from sfumato.bench.quality_text import run_text
+
+        return run_text(args)
 
     repo = checkout(args.repo, "configs/pilot.yaml")
     out_dir = Path(args.out_dir or "runs/bench-quality")
