@@ -18,8 +18,9 @@ pytest.importorskip("onnxruntime")
 
 from safetensors.torch import save_file  # noqa: E402
 
+from helpers import exported  # noqa: E402
 from sfumato.diffusion.sample import sample  # noqa: E402
-from sfumato.export.export_run import run_export  # noqa: E402
+from sfumato.layout import ExportFolder  # noqa: E402
 from sfumato.models.run import load_trained, pipeline  # noqa: E402
 
 # The start of a fresh interpreter (`python -I`: no PYTHONPATH, no cwd) in which `import sfumato`
@@ -55,7 +56,8 @@ def _export_and_compare(
     run_cfg, conditions, pipe_kwargs, guidance_scale: float, scheduler: str = "DDIMScheduler"
 ) -> dict:
     run_dir = run_cfg.train.output_dir
-    report = run_export(run_dir)
+    # The export every module shares (made once a session): its report is the one run_export returned.
+    report = json.loads(ExportFolder(exported(run_cfg)).report_json.read_text())
     cfg, run, _ = load_trained(run_dir)
     reference = sample(
         pipeline(cfg, run, cfg.export.sampler),
