@@ -156,3 +156,58 @@ def test_a_person_votes_in_a_real_browser_and_the_table_and_results_page_show_it
     decided = [v for v in votes if v["choice"] in ("left", "right")]
     left = np.asarray(Image.open(test.images_dir / f"{decided[0]['left_image']}.png"))
     assert left.shape == (32, 32, 3)
+
+
+def test_a_text_ab_test_shows_and_records_the_prompt_each_pair_was_drawn_for(text_run, tmp_path):
+    """A collection round on the text run: the page's trial names its prompt, the vote records it,
+    each kept image is the model's image of that prompt and seed, the results page lists the
+    prompt (escaped), and a prompt the model would cut off is refused before any trial."""
+    from sfumato.data.pairs import run_pairs
+    from sfumato.serve.backends import Job
+
+    arm = load_arm(f"text={exported(text_run)}")
+    prompts = ["a photo of a frog", "a ship & <frog>"]
+    conditions = tmp_path / "prompts.txt"
+    conditions.write_text(f"{prompts[0]}\n\n  {prompts[1]}\n")
+    # Two steps without guidance: the text UNet's attention at 32 px costs ~0.1 s a step here.
+    test = ABTest(
+        tmp_path / "ab", [arm, arm], conditions_for([arm, arm], conditions), steps=2, guidance_scale=1.0, seed=2
+    )
+    assert test.conditions == prompts
+    server = Served(build_app(test, TOKEN))
+    try:
+        shown = []
+        while set(shown) != set(prompts) and len(shown) < 12:  # until each prompt has had a trial
+            trial = _trial(server.url)
+            shown.append(trial["condition"])
+            vote = {"trial": trial["trial"], "choice": "left", "rater": "r"}
+            assert requests.post(f"{server.url}/api/vote", json=vote, headers=AUTH, timeout=30).status_code == 200
+        page = requests.get(f"{server.url}/results", headers=AUTH, timeout=30).text
+    finally:
+        server.stop()
+    assert set(shown) == set(prompts), f"trials draw from the file's prompts: {shown}"
+    votes, _ = test.log.read()
+    assert [v["condition"] for v in votes] == shown
+    assert "a ship &amp; &lt;frog&gt;" in page and "<frog>" not in page
+
+    def draw(prompt: str, seed: int) -> bytes:
+        job = Job("j", seed, 2, 1.0, 1, "dpm-solver++", 32, 32, prompt=prompt)
+        image = arm.backend.generate([job])[0][0]
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    vote = votes[0]
+    kept = (test.images_dir / f"{vote['left_image']}.png").read_bytes()
+    assert kept == draw(vote["condition"], vote["seed_left"]), "the left image is the model's for that prompt and seed"
+    other = next(p for p in prompts if p != vote["condition"])
+    assert kept != draw(other, vote["seed_left"])
+    # The preference pairs carry the prompts (sfumato.data.pairs: what an alignment trains on).
+    run_pairs([tmp_path / "ab"], tmp_path / "pairs.parquet")
+    rows = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    assert [r["condition"] for r in rows] == shown and rows[0]["chosen"] == kept
+
+    too_long = tmp_path / "too-long.txt"
+    too_long.write_text("a photo of a frog\n" + "a photo of a frog " * 3 + "\n")
+    with pytest.raises(ValueError, match=r"too-long.txt line 2: the prompt is \d+ tokens long .* at most 12"):
+        conditions_for([arm, arm], too_long)

@@ -46,7 +46,7 @@ class Arm:
 
     id: str
     source: str
-    backend: object  # sfumato.serve.backends.TorchBackend (or anything with info() and generate())
+    backend: object  # sfumato.serve.backends.TorchBackend (or anything with info(), generate(), prompt_tokens())
 
 
 @dataclass
@@ -75,14 +75,17 @@ def load_arm(spec: str, device: str = "cpu") -> Arm:
 
 def conditions_for(arms: list[Arm], conditions_file: Path | None) -> list[str]:
     """The conditions trials draw from: the file's lines (prompts, or class names), else the
-    models' classes; [""] for unconditional models. Every condition must suit both models."""
+    models' classes; [""] for unconditional models. Every condition must suit both models: a
+    prompt must be one either model reads whole (sfumato.serve.prompts, as the endpoint checks)."""
     infos = [arm.backend.info() for arm in arms]
     kinds = {info.conditioning for info in infos}
     if len(kinds) != 1:
         raise ValueError(f"the two models are conditioned differently ({sorted(kinds)}): compare like with like")
     kind = kinds.pop()
     if conditions_file is not None:
-        lines = [line.strip() for line in Path(conditions_file).read_text().splitlines() if line.strip()]
+        text = Path(conditions_file).read_text().splitlines()
+        numbers = [n for n, line in enumerate(text, 1) if line.strip()]
+        lines = [text[n - 1].strip() for n in numbers]
         if not lines:
             raise ValueError(f"{conditions_file} lists no condition")
     elif kind == "class":
@@ -96,6 +99,15 @@ def conditions_for(arms: list[Arm], conditions_file: Path | None) -> list[str]:
             unknown = [c for c in lines if c not in info.class_names]
             if unknown:
                 raise ValueError(f"{arm.id} has no class {unknown[0]!r} (its classes: {info.class_names})")
+    elif kind == "text":
+        from sfumato.serve.prompts import MAX_PROMPT_CHARS, prompt_problem
+
+        for arm in arms:
+            tokens = arm.backend.prompt_tokens()
+            for number, line in zip(numbers, lines):
+                problem = prompt_problem(line, MAX_PROMPT_CHARS, tokens)
+                if problem:
+                    raise ValueError(f"{conditions_file} line {number}: the prompt {problem} for {arm.id}")
     elif kind == "none" and lines != [""]:
         raise ValueError("the models are unconditional: --conditions does not apply")
     return lines
