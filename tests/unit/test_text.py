@@ -267,6 +267,17 @@ def test_the_export_of_a_frozen_encoder_run_takes_prompts_in_diffusers(frozen_so
     assert not np.allclose(images[0][0], images[0][1]), "the prompt reaches the images"
 
 
+def test_a_half_precision_checkpoint_loads_in_float32(frozen_source, tmp_path):
+    """Stable Diffusion repos store their encoders in fp16; the run's precision decides."""
+    import copy
+
+    kind, folder, saved = frozen_source
+    copy.deepcopy(saved).half().save_pretrained(tmp_path / "text_encoder")
+    encoder = build_text_encoder(_frozen_cfg(kind, tmp_path), None)
+    assert encoder.dtype == torch.float32
+    assert all(torch.equal(a, b.half().float()) for a, b in zip(encoder.parameters(), saved.parameters()))
+
+
 def test_the_encoder_class_is_checked_against_the_checkpoint(frozen_source, tmp_path):
     from pydantic import ValidationError
 

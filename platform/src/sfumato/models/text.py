@@ -145,8 +145,15 @@ def build_text_encoder(text_cfg, tokenizer) -> torch.nn.Module:
         # after its SDPA attention, so `sfumato export` could not trace it; the arithmetic is the
         # same, and the scores are only [heads, L, L] for L = max_length.
         attention = {"attn_implementation": "eager"} if text_cfg.encoder == "t5" else {}
+        # fp32 whatever the checkpoint holds (transformers 5 loads the stored dtype, and Stable
+        # Diffusion repos store fp16): the run's precision decides, as for the VAE, and T5's
+        # activations overflow fp16 (transformers clamps them there).
         encoder = model_class.from_pretrained(
-            text_cfg.pretrained, subfolder=text_cfg.encoder_subfolder or "", use_safetensors=True, **attention
+            text_cfg.pretrained,
+            subfolder=text_cfg.encoder_subfolder or "",
+            use_safetensors=True,
+            dtype=torch.float32,
+            **attention,
         )
     else:
         encoder = transformers.CLIPTextModel(
