@@ -383,12 +383,13 @@ def test_a_flow_model_is_served_by_both_backends_and_takes_only_flow_samplers(fl
             assert wrong.status_code == 422 and "sampler" in json.dumps(wrong.json()["detail"]), wrong.text
 
 
-TEXT_BODY = {"prompt": "a photo of a frog", "seed": 5, "steps": 4, "guidance_scale": 3.0}
+TEXT_BODY = {"prompt": "a photo of a frog", "seed": 5, "steps": 2, "guidance_scale": 3.0}  # guided: negatives count
 
 
 def test_a_text_model_draws_the_prompt_asked_for_on_both_backends(text_server, text_run):
-    """The image of a prompt is the one the export's pipeline draws for it (same seed), a seed
-    repeats it, another prompt changes it; /v1/model says how long a prompt may be."""
+    """The image of a prompt (and negative prompt) is the one the export's pipeline draws for it
+    (same seed), a seed repeats it, another prompt or a negative prompt changes it; /v1/model says
+    how long a prompt may be."""
     import numpy as np
 
     from sfumato.serve.backends import Job, load_backend
@@ -397,17 +398,23 @@ def test_a_text_model_draws_the_prompt_asked_for_on_both_backends(text_server, t
         route = f"/text-{backend}"
         info = requests.get(f"{text_server}{route}/v1/model", headers=HEADERS, timeout=30).json()
         assert info["conditioning"] == "text" and info["limits"]["max_prompt_tokens"] == 12, info
-        first = _generate(text_server, TEXT_BODY, route=route)
-        assert first.status_code == 200 and first.headers["content-type"] == "image/png", first.text
-        assert _generate(text_server, TEXT_BODY, route=route).content == first.content
-        other = _generate(text_server, {**TEXT_BODY, "prompt": "a photo of a ship"}, route=route)
-        assert other.status_code == 200 and other.content != first.content, "the prompt steers the image"
         local = load_backend(exported(text_run), backend)
         sampler = info["samplers"][0] if backend == "onnx" else "dpm-solver++"
-        job = Job("local", num_images=1, sampler=sampler, width=32, height=32, **TEXT_BODY)
-        drawn = local.generate([job])[0][0].astype(int)
-        served = np.asarray(Image.open(io.BytesIO(first.content)).convert("RGB")).astype(int)
-        assert np.abs(served - drawn).max() <= 1, f"{backend}: the served image is the pipeline's for that prompt"
+        answers = {}
+        for name, body in {
+            "prompt": TEXT_BODY,
+            "other prompt": {**TEXT_BODY, "prompt": "a photo of a ship"},
+            "negative prompt": {**TEXT_BODY, "negative_prompt": "a photo of a ship"},
+        }.items():
+            answer = _generate(text_server, body, route=route)
+            assert answer.status_code == 200 and answer.headers["content-type"] == "image/png", answer.text
+            answers[name] = answer.content
+            job = Job("local", num_images=1, sampler=sampler, width=32, height=32, **body)
+            drawn = local.generate([job])[0][0].astype(int)
+            served = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
+            assert np.abs(served - drawn).max() <= 1, f"{backend}, {name}: the served image is the pipeline's"
+        assert _generate(text_server, TEXT_BODY, route=route).content == answers["prompt"]
+        assert len(set(answers.values())) == 3, f"{backend}: the prompt and the negative prompt steer the image"
 
 
 @pytest.mark.parametrize(

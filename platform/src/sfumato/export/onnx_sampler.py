@@ -6,7 +6,7 @@ model is conditioned), the tokenizer (text models; read with the `tokenizers` li
 vae_decoder.onnx (latent models). From that folder:
 
     python sample_onnx.py --out grid.png --seed 0 --steps 30 --class 3     # class model
-    python sample_onnx.py --out grid.png --prompt "a red circle" --guidance 3
+    python sample_onnx.py --out grid.png --prompt "a red circle" --guidance 3 --negative-prompt "blurry"
 
 The sampler is the one of the model's objective (sampler.json's `objective`): for DDPM models
 DDIM with eta 0 and "trailing" timesteps (Song et al. 2021; Lin et al. 2023), the same arithmetic
@@ -79,13 +79,19 @@ class OnnxSampler:
             self.alphas_cumprod = np.asarray(self.spec["alphas_cumprod"], dtype=np.float64)
 
     # ---------------------------------------------------------------------- conditions
-    def _conditions(self, prompts, class_labels, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _conditions(
+        self, prompts, class_labels, count: int, negative_prompts=None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(cond, uncond): token ids of the prompts and of the negative prompts (the empty
+        caption's by default: guidance's unconditional pass), or class labels and "no class"."""
         kind = self.spec["conditioning"]
         if kind == "text":
             prompts = [""] * count if prompts is None else list(prompts)
-            ids = [e.ids for e in self.tokenizer.encode_batch(prompts + [""])]
-            ids = np.asarray(ids, dtype=np.int64)
-            return ids[:-1], np.repeat(ids[-1:], len(prompts), axis=0)
+            negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            ids = np.asarray([e.ids for e in self.tokenizer.encode_batch(prompts + negatives)], dtype=np.int64)
+            return ids[: len(prompts)], ids[len(prompts) :]
         if kind == "class":
             names = self.spec["class_names"]
             null = self.spec["null_class"]
@@ -159,10 +165,12 @@ class OnnxSampler:
         noise: np.ndarray | None = None,
         callback=None,
         raw: bool = False,
+        negative_prompts: list[str] | None = None,
     ) -> np.ndarray:
         """Images as float NHWC in [0, 1]; raw=True: the final sample before any decoding or
-        clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every step."""
-        cond, uncond = self._conditions(prompts, class_labels, num_images)
+        clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every
+        step. `negative_prompts` (text models, one per prompt): what guidance steers away from."""
+        cond, uncond = self._conditions(prompts, class_labels, num_images, negative_prompts)
         count = num_images if cond is None else len(cond)
         if guidance_scale != 1.0 and cond is None:
             raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
@@ -190,6 +198,7 @@ def main() -> None:
     parser.add_argument("--model", default="denoiser.onnx", help="or denoiser.int8.onnx")
     parser.add_argument("--out", required=True, help="PNG grid to write")
     parser.add_argument("--prompt", action="append", help="text models (repeat for several images)")
+    parser.add_argument("--negative-prompt", default=None, help="text models: what guidance steers away from")
     parser.add_argument("--class", dest="classes", action="append", help="class models: index or name")
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -199,8 +208,18 @@ def main() -> None:
     from PIL import Image
 
     labels = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
+    negatives = None if args.negative_prompt is None or not args.prompt else [args.negative_prompt] * len(args.prompt)
+    sampler = OnnxSampler(args.folder, args.model)
     images = to_uint8(
-        OnnxSampler(args.folder, args.model)(args.prompt, labels, args.num_images, args.seed, args.steps, args.guidance)
+        sampler(
+            args.prompt,
+            labels,
+            args.num_images,
+            args.seed,
+            args.steps,
+            args.guidance,
+            negative_prompts=negatives,
+        )
     )
     Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
 

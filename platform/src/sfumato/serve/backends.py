@@ -232,9 +232,10 @@ class OnnxBackend:
         noise = np.stack(
             [np.random.default_rng(j.seed + k).standard_normal(shape) for j in jobs for k in range(j.num_images)]
         )
-        prompts = labels = None
+        prompts = labels = negatives = None
         if spec["conditioning"] == "text":
             prompts = [j.prompt or "" for j in jobs for _ in range(j.num_images)]
+            negatives = [j.negative_prompt or "" for j in jobs for _ in range(j.num_images)]
         elif spec["conditioning"] == "class":
             labels = [
                 spec["null_class"] if j.class_label is None else j.class_label
@@ -250,6 +251,7 @@ class OnnxBackend:
             guidance_scale=guidance,
             noise=noise,
             callback=_stepper(should_stop),
+            negative_prompts=negatives,
         )
         return _split(_to_uint8(images), jobs)
 
