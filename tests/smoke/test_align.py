@@ -1,7 +1,7 @@
 """`sfumato align`: Diffusion-DPO on Ray Train + DeepSpeed from a trained run, on pairs made from
 A/B votes (a collection round on the run's own export, judged by a script), with the reference
 frozen, the held-out reward accuracy and policy distance logged, lineage recorded, and an exact
-resume after a killed worker."""
+resume after a killed worker; and a text run aligned on pairs that carry their prompts."""
 
 from __future__ import annotations
 
@@ -43,15 +43,16 @@ def pairs(straight, tmp_path_factory):
     return out
 
 
-def _align_cfg(straight, pairs, name: str, *overrides: str):
-    tree = run_tree(straight)
+def _align_cfg(parent, pairs, name: str, *overrides: str, micro_batch_size: int = 4):
+    """An alignment of the `parent` run (its config) on `pairs`: 6 steps of 4 pairs (a rank) at 32 px."""
+    tree = run_tree(parent)
     tree["align"] = {
         "pairs": str(pairs),
         "beta": 1000.0,
         "holdout_fraction": 0.25,
         "overrides": {
-            "train.output_dir": str(straight.train.output_dir.parent / name),
-            "train.stages": [{"resolution_px": 32, "steps": 6, "micro_batch_size": 4}],
+            "train.output_dir": str(parent.train.output_dir.parent / name),
+            "train.stages": [{"resolution_px": 32, "steps": 6, "micro_batch_size": micro_batch_size}],
             "train.optimizer.lr": 1e-4,
             "train.checkpoint_every_steps": 3,
             "train.sample_every_steps": 3,
@@ -59,7 +60,7 @@ def _align_cfg(straight, pairs, name: str, *overrides: str):
         },
     }
     tree = apply(tree, dict(o.split("=", 1) for o in overrides))
-    return run_config(validated(tree, "test"), parent=straight.train.output_dir)
+    return run_config(validated(tree, "test"), parent=parent.train.output_dir)
 
 
 def _digest(folder) -> str:
@@ -124,3 +125,89 @@ def test_a_killed_alignment_resumes_to_the_uninterrupted_weights(aligned, straig
     a = ckpt.load_ema(ckpt.latest(aligned.train.output_dir / "checkpoints"))
     b = ckpt.load_ema(ckpt.latest(killed.train.output_dir / "checkpoints"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+PROMPTS = ["a photo of a frog", "a photo of a ship"]
+
+
+@pytest.fixture(scope="module")
+def text_pairs(text_run, tmp_path_factory):
+    """Pairs from 12 judged trials of the text run's export against itself, on two prompts (a tie
+    counts for the left image, so every trial is a pair; one denoising step without guidance:
+    the text UNet's attention at 32 px is the slow part)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("align-text") / "collect"
+    conditions = folder.parent / "prompts.txt"
+    conditions.write_text("\n".join(PROMPTS) + "\n")
+    arm = load_arm(f"base={exported(text_run)}")
+    test = ABTest(folder, [arm, arm], conditions_for([arm], conditions), steps=1, guidance_scale=1.0, seed=3)
+    for _ in range(12):
+        trial = test.new_trial()
+        left, right = (np.asarray(Image.open(io.BytesIO(trial.images[s])).convert("RGB")) for s in ("left", "right"))
+        choice = judge(left, right)
+        test.vote(trial.id, "left" if choice == "tie" else choice, "judge")
+    out = folder.parent / "pairs.parquet"
+    assert run_pairs([folder], out)["pairs"] == 12
+    return out
+
+
+def test_prompt_pairs_configure_a_text_alignment_that_conditions_each_pair_on_its_prompt(text_run, text_pairs):
+    """Without Ray: the alignment of the text run reads the pairs' prompts as the captions of its
+    batches, conditions both images of a pair on that prompt's tokens (no dropout), and starts at
+    the DPO loss of a policy equal to its reference, log 2."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    from helpers import plain_state
+    from sfumato.models.run import build_run_model
+    from sfumato.models.text import tokenize
+    from sfumato.train.align import pair_inputs
+    from sfumato.train.loop import prepare_run
+    from sfumato.train.tasks import make_task
+
+    cfg = _align_cfg(text_run, text_pairs, "text-aligned-probe")
+    assert cfg.train.conditioning == "text" and cfg.train.lineage.pair_count == pq.read_metadata(text_pairs).num_rows
+    prepare_run(cfg)  # what run_training does before any worker: the parent's tokenizer, copied
+    model = build_run_model(cfg)
+    task = make_task(cfg, model)
+    batch, _ = next(task.batches(0, 0, 1, None))
+    by_id = dict(zip(task.pairs.ids, task.pairs.conditions))
+    assert batch["caption"] == [by_id[i] for i in batch["id"]] and set(batch["caption"]) <= set(PROMPTS)
+    state = plain_state(model.denoiser, tokenizer=model.tokenizer, max_length=cfg.train.text.max_length)
+    _, _, cond = pair_inputs(batch, state, torch.Generator().manual_seed(0), torch.float32)
+    assert torch.equal(cond, tokenize(model.tokenizer, batch["caption"], cfg.train.text.max_length))
+    loss, _ = task.loss(model.denoiser, batch, state)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_text_run_aligns_on_prompt_pairs_and_exports(text_run, text_pairs):
+    """The whole alignment of the text run on Ray Train + DeepSpeed: DPO and held-out figures
+    logged, the weights (text encoder included) moved from the parent's, the parent's tokenizer
+    kept, and the result exports."""
+    from sfumato.export.export_run import run_export
+    from sfumato.models.run import load_trained
+
+    cfg = _align_cfg(text_run, text_pairs, "text-aligned", micro_batch_size=2)  # 12 pairs, 2 ranks
+    run_training(cfg)
+    run = RunFolder(cfg.train.output_dir)
+    metrics = [m for m in read_metrics(run.metrics) if "loss" in m]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert [m["step"] for m in read_metrics(run.metrics) if "heldout_reward_accuracy" in m] == [3, 6]
+    assert (run.tokenizer / "tokenizer.json").read_text() == (
+        RunFolder(text_run.train.output_dir).tokenizer / "tokenizer.json"
+    ).read_text()
+    run_export(cfg.train.output_dir, overrides=["export.onnx=false"])
+    _, policy, _ = load_trained(cfg.train.output_dir)
+    _, parent, _ = load_trained(text_run.train.output_dir)
+    moved = {
+        name.split(".")[0]
+        for (name, a), b in zip(policy.denoiser.named_parameters(), parent.denoiser.parameters())
+        if not torch.equal(a, b)
+    }
+    assert moved == {"net", "text_encoder"}, moved
