@@ -37,7 +37,7 @@ from sfumato.config.data import (
     WebDatasetSource,
 )
 from sfumato.config.diffusion import DiffusionConfig, FlowConfig, Sampler
-from sfumato.config.evaluate import DomainConfig, EvaluateConfig
+from sfumato.config.evaluate import CompositionalConfig, DomainConfig, EvaluateConfig, SegmenterConfig
 from sfumato.config.export import ExportConfig
 from sfumato.config.loading import load_config, load_run_config, parse_overrides, validate_config, validated
 from sfumato.config.posttrain import (

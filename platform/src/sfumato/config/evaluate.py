@@ -1,5 +1,6 @@
-"""The `evaluate` section: `sfumato evaluate`'s samples and feature networks, and the offline
-yardstick (a classifier trained on the run's own data) behind FD-domain and class accuracy."""
+"""The `evaluate` section: `sfumato evaluate`'s samples and feature networks, the offline
+yardstick (a classifier trained on the run's own data) behind FD-domain and class accuracy, and
+the compositional yardstick (a segmenter of the demo's scenes) behind GenEval-style accuracies."""
 
 from __future__ import annotations
 
@@ -40,6 +41,53 @@ class DomainConfig(Frozen):
     """Weights' initialisation, data order, augmentation and the noise images."""
 
 
+class SegmenterConfig(Frozen):
+    """The compositional yardstick's judge (sfumato.evaluate.compositional): a small fully
+    convolutional segmenter trained on freshly rendered scenes of every shape and colour (held-out
+    combinations too: it is the judge, not the model) at the run's last resolution, with
+    augmentation that makes it read generated images. Trained once per resolution and these
+    settings, cached under data.output_dir/segmenter/<fingerprint>/."""
+
+    scenes: int = Field(1500, ge=16, le=1_000_000)
+    """Scenes rendered for training, each with 1-4 objects of any shape and colour (and a few noise
+    images with no object); every epoch sees them under fresh augmentation."""
+    epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(16, ge=2)
+    """Small batches: what learning shapes needs is optimizer steps (470 at these defaults)."""
+    lr: float = Field(3e-3, gt=0, le=1)
+    """AdamW peak learning rate of a one-cycle schedule."""
+    weight_decay: float = Field(1e-4, ge=0)
+    foreground_weight: float = Field(3.0, ge=1, le=100)
+    """Loss weight of an object's pixels against the ground's (about 3 to 1 in area): shapes are
+    learnt in fewer steps."""
+    width: int = Field(16, ge=4, le=256)
+    """Channels at full resolution, doubled at 1/2 and 1/4 (16: 0.2 M parameters)."""
+    noise_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of the training images that are noise with no object: the judge sees nothing in noise."""
+    seed: int = 0
+    """Initialisation, the scenes drawn, batch order and augmentation."""
+
+
+class CompositionalConfig(Frozen):
+    """GenEval-style accuracies of a text model on the demo's compositional scenes
+    (sfumato.evaluate.compositional; docs/evaluation.md "Compositional yardstick"). Runs when the
+    model is text-conditional and data.sources has a demo source with mode: scenes: every
+    evaluation prompt of both splits (seen, held_out: the source's held-out combinations) is drawn
+    images_per_prompt times and judged by a segmenter, per task and overall."""
+
+    enabled: bool = True
+    prompts_per_task: int = Field(8, ge=1, le=1000)
+    """Distinct prompts per task and split (sfumato.data.scenes.evaluation_prompts)."""
+    images_per_prompt: int = Field(4, ge=1, le=1000)
+    """Images generated per prompt, image i from noise seed + i."""
+    seed: int = 0
+    """The prompt sets and the generation noise."""
+    min_object_fraction: float = Field(0.006, gt=0, lt=1)
+    """A connected foreground region smaller than this share of the image is not an object
+    (at 32 px: 6 pixels; the smallest drawn object covers about 30)."""
+    segmenter: SegmenterConfig = SegmenterConfig()
+
+
 class EvaluateConfig(Frozen):
     """`sfumato evaluate RUN_DIR`: generated images against the training shards."""
 
@@ -68,3 +116,5 @@ class EvaluateConfig(Frozen):
     device: str = "cpu"
     domain: DomainConfig = DomainConfig()
     """The offline yardstick: FD-domain and class accuracy, computed whenever the data has classes."""
+    compositional: CompositionalConfig = CompositionalConfig()
+    """GenEval-style task accuracies of text models trained on the demo's scenes."""

@@ -286,11 +286,17 @@ def outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     return [(cx + r * x, cy + r * y) for x, y in unit]
 
 
-def render(objects: tuple[SceneObject, ...], size_px: int, supersample: int = 4) -> Image.Image:
+def render(
+    objects: tuple[SceneObject, ...],
+    size_px: int,
+    supersample: int = 4,
+    background: tuple[int, int, int] = BACKGROUND,
+) -> Image.Image:
     """The scene as an RGB image, drawn at `supersample` x the size and box-filtered down (soft
-    edges, as a photo's or a resized image's)."""
+    edges, as a photo's or a resized image's). `background`: another ground (the compositional
+    yardstick's segmenter trains on tinted ones)."""
     big = size_px * supersample
-    img = Image.new("RGB", (big, big), BACKGROUND)
+    img = Image.new("RGB", (big, big), tuple(background))
     draw = ImageDraw.Draw(img)
     for o in objects:
         draw.polygon(
