@@ -191,6 +191,14 @@ def test_text_run_exports_its_encoder_and_tokenizer(text_run, tmp_path):
     torch_ids = pipeline(cfg, run, "ddim").tokenize(written)
     assert len(run.tokenizer(long_prompt).input_ids) > cfg.train.text.max_length, "the long prompt is cut"
     assert torch.equal(torch.from_numpy(onnx_ids), torch_ids)
+    # Negative prompts: the ONNX sampler guides away from them as the pipeline does, from the same noise.
+    negatives = ["a photo of a ship", ""]
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    guided = dict(num_inference_steps=4, guidance_scale=3.0, latents=noise, output_type="np")
+    expected = pipeline(cfg, run, "ddim")(prompt=prompts, negative_prompt=negatives, **guided).images
+    drawn = sampler(prompts, None, 2, steps=4, guidance_scale=3.0, noise=noise.numpy(), negative_prompts=negatives)
+    plain = sampler(prompts, None, 2, steps=4, guidance_scale=3.0, noise=noise.numpy())
+    assert abs(drawn - expected).max() * 255 < 0.5 < abs(plain - expected).max() * 255
     _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png", ("--prompt", prompts[0], "--prompt", prompts[1]))
 
 
