@@ -55,7 +55,14 @@ def test_nothing_imports_torchvision():
 # The layers, lowest first: a module may import its own layer and the ones below, never above
 # (an arrow up is a circle waiting to happen, and drags a heavier install into a lighter one).
 LAYERS = [
-    ("sfumato.layout", "sfumato.documents", "sfumato.console", "sfumato.models.names", "sfumato.records"),  # leaves
+    (
+        "sfumato.layout",
+        "sfumato.documents",
+        "sfumato.console",
+        "sfumato.models.names",
+        "sfumato.records",
+        "sfumato.world",
+    ),  # leaves
     ("sfumato.config", "sfumato.checkpoint", "sfumato.runtime"),
     ("sfumato.data", "sfumato.diffusion"),
     ("sfumato.models",),

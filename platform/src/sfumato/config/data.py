@@ -102,7 +102,7 @@ class DemoSource(_Source):
     @field_validator("held_out")
     @classmethod
     def _held_out(cls, value: list[str]) -> list[str]:
-        from sfumato.data.scenes import parse_held_out
+        from sfumato.world import parse_held_out
 
         for entry in value:
             parse_held_out(entry)

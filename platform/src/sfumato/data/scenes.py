@@ -24,7 +24,8 @@ shape. The evaluation prompts (`evaluation_prompts`) come in two splits, `seen` 
 combinations the training data has) and `held_out` (each prompt uses at least one held-out
 combination), so generalisation is measured apart from recall.
 
-Everything here is numpy and PIL: the config validates `held_out` with `parse_held_out`.
+Everything here is numpy and PIL; the words and `parse_held_out`, which the config validates
+`held_out` with, are sfumato.world's (no dependencies).
 """
 
 from __future__ import annotations
@@ -35,19 +36,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-}
-BACKGROUND = (235, 235, 235)
-SHAPES = ("circle", "square", "triangle", "star")
-NUMBERS = {2: "two", 3: "three", 4: "four"}
-WORD_NUMBERS = {word: n for n, word in NUMBERS.items()}
-RELATIONS = ("left of", "right of", "above", "below")
+from sfumato.world import (  # noqa: F401  (the vocabulary, re-exported)
+    BACKGROUND,
+    COLOURS,
+    NUMBERS,
+    RELATIONS,
+    SHAPES,
+    WORD_NUMBERS,
+    parse_held_out,
+)
+
 KINDS = ("single", "pair", "count", "relation")
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TASK_KIND = {
@@ -152,21 +150,6 @@ def caption(kind: str, things: tuple[Thing, ...], relation: str | None = None) -
         return f"{phrase(things[0])} and {phrase(things[1])}"
     joiner = {"left of": "to the left of", "right of": "to the right of"}.get(relation, relation)
     return f"{phrase(things[0])} {joiner} {phrase(things[1])}"
-
-
-def parse_held_out(entry: str) -> tuple[str, str, int | None]:
-    """'purple star' -> ('pair', 'purple', 'star') ... as ('colour', colour, shape) or
-    ('count', shape, n) for 'three squares'. Raises ValueError naming what is wrong."""
-    words = entry.strip().lower().split()
-    if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES:
-        return ("colour", words[0], words[1])  # type: ignore[return-value]
-    if len(words) == 2 and words[0] in WORD_NUMBERS and words[1].rstrip("s") in SHAPES:
-        return ("count", words[1].rstrip("s"), WORD_NUMBERS[words[0]])
-    raise ValueError(
-        f"{entry!r} is not a held-out combination: write a colour and a shape ('purple star'; colours "
-        f"{list(COLOURS)}, shapes {list(SHAPES)}) or a count and a shape "
-        f"('three squares'; counts {list(NUMBERS.values())})"
-    )
 
 
 class HeldOut:
