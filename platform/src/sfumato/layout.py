@@ -12,6 +12,7 @@ folder is named here, once, and written through the one atomic writer below.
       cache/<key>/<res>/*.safetensors (+ .json)
       dataset_card.md (+ .json, plots)        evaluation/metrics.jsonl
       domain_classifier/<fingerprint>/        report.md, report/, model_card.md
+      segmenter/<fingerprint>/ (scenes' judge)
       pipeline/<stage>.json                   export/, text/ (tokenizer, sample prompts)
                                               pipeline/<stage>.json, pipeline_summary.md|json
     TUNE_DIR/ (tune.output_dir)
@@ -223,6 +224,7 @@ class DataFolder(_Folder):
 
     dataset_card = property(lambda self: self.root / "dataset_card.md")
     domain_classifier = property(lambda self: self.root / "domain_classifier")
+    segmenter = property(lambda self: self.root / "segmenter")  # the compositional yardstick's judge
     fid_cache = property(lambda self: self.root / "fid_cache")
     ingest_config = property(lambda self: self.root / "ingest.config.yaml")  # data.* as ingest ran it
     blobs = property(lambda self: self.root / "blobs")  # content-addressed bytes of URLs and tar members

@@ -18,7 +18,7 @@ must travel as a string (Ray Tune's metric, a plot's column) is one of the const
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -197,10 +197,31 @@ def read_rollbacks(path: Path) -> list[RollbackEvent]:
 
 # ---------------------------------------------------------------------- evaluations.jsonl
 @dataclass(frozen=True)
+class CompositionalRecord(Record):
+    """The compositional yardstick's figures of one evaluation (sfumato.evaluate.compositional):
+    per split ("seen", "held_out"), {"overall", "tasks": {task: accuracy}, "images", "prompts"}
+    for the generated images, for rendered images of the same prompts (`real`, the ceiling) and
+    for Gaussian noise (`noise`, the floor)."""
+
+    splits: dict[str, dict]
+    real: dict[str, dict]
+    noise: dict[str, dict]
+    per_prompt: dict[str, list[dict]]  # split -> [{"task", "text", "correct", "images"}] in the grid's order
+    prompts_per_task: int
+    images_per_prompt: int
+    seed: int
+    held_out: list[str]  # the demo source's held-out combinations
+    resolution_px: int
+    grid: str | None = None  # the judged images (green border: right, red: wrong), under evaluation/
+    segmenter: dict | None = None  # its fingerprint, settings and training time
+    seconds: float | None = None  # generating and judging, the segmenter's training included
+
+
+@dataclass(frozen=True)
 class QualityRecord(Record):
     """One evaluation of a checkpoint (sfumato.evaluate.evaluate.run_evaluate): the domain
     yardstick's figures (a dict of sfumato.evaluate.domain's), FD in a named feature space,
-    CLIPScore, and what they were measured with."""
+    CLIPScore, the compositional yardstick's figures, and what they were measured with."""
 
     time: float | None = None
     checkpoint: str | None = None
@@ -220,6 +241,20 @@ class QualityRecord(Record):
     resolution_px: int | None = None
     generation_s: float | None = None
     reference: dict | None = None  # {"count", "resolution_px", "shards"} of the reference statistics
+    compositional: CompositionalRecord | None = _optional()  # text runs on the demo's scenes
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        if self.compositional is not None:
+            data["compositional"] = self.compositional.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> QualityRecord:
+        part = data.get("compositional")
+        return replace(
+            super().from_json(data), compositional=None if part is None else CompositionalRecord.from_json(part)
+        )
 
 
 # ----------------------------------------------------- the names that travel as strings

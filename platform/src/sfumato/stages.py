@@ -385,14 +385,17 @@ def evaluate(cfg: Config, checkpoint: str | None = None, overrides: list[str] | 
     `checkpoint`: which one (default: the newest); `overrides`: dotted keys over the run folder's
     config.yaml, which the evaluation reads (`cfg` must be that config with them applied)."""
     from sfumato.evaluate.cards import write_run_documents
+    from sfumato.evaluate.compositional import summary as compositional_summary
     from sfumato.evaluate.domain import summary as domain_summary
-    from sfumato.evaluate.evaluate import has_domain_yardstick, run_evaluate
+    from sfumato.evaluate.evaluate import has_compositional_yardstick, has_domain_yardstick, run_evaluate
 
     run_dir = _run(cfg).root
-    if _feature_network(cfg) or has_domain_yardstick(cfg):
+    if _feature_network(cfg) or has_domain_yardstick(cfg) or has_compositional_yardstick(cfg):
         record = run_evaluate(run_dir, checkpoint, list(overrides) or None)
         quality = QualityRecord.from_json(record)
         parts = [domain_summary(quality.domain)] if quality.domain else []
+        if quality.compositional:
+            parts.append(compositional_summary(quality.compositional))
         if quality.fd is not None:
             parts.append(f"{quality.metric} {quality.fd:.2f}")
         else:

@@ -508,6 +508,12 @@ def _limitations(cfg, data: dict | None, evaluations: list[dict]) -> list[str]:
             else "not an FID: not comparable with any published FID"
         )
         lines.append(f"- Evaluated with {metric} on features `{features}`: {caveat}.")
+    if any(e.get("compositional") for e in evaluations):
+        lines.append(
+            "- The GenEval-style accuracies are measured in the demo's world of four shapes and six colours "
+            "by a segmenter trained on it: they say how well the model composes that world's prompts, not "
+            "how it would score on GenEval's own prompts and detector."
+        )
     return lines + [""]
 
 

@@ -1,9 +1,13 @@
-"""`sfumato evaluate RUN_DIR`: the offline domain yardstick, and FID (or FD-CLIP) and CLIPScore
-where their weights are configured, of a checkpoint's EMA weights.
+"""`sfumato evaluate RUN_DIR`: the offline domain yardstick, the compositional yardstick of text
+runs on the demo's scenes, and FID (or FD-CLIP) and CLIPScore where their weights are configured,
+of a checkpoint's EMA weights.
 
 The domain yardstick (sfumato.evaluate.domain) needs no download: a small classifier trained on
 the run's own training shards gives FD-domain and, for class-conditional runs, the share of
-generated images classified as the class they were asked for.
+generated images classified as the class they were asked for. The compositional yardstick
+(sfumato.evaluate.compositional) needs none either: for a text model trained on the demo's
+scenes, every evaluation prompt of GenEval's six tasks, seen and held-out, is drawn a few times
+and judged by a segmenter trained on rendered scenes.
 
 `evaluate.num_samples` images are generated on fixed noise (image i from seed + i) with fixed
 conditions, a batch at a time, and only their features are kept, so memory does not grow with
@@ -24,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sfumato.layout import DataFolder, RunFolder, append_jsonl
-from sfumato.records import QualityRecord
+from sfumato.records import CompositionalRecord, QualityRecord
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,91 @@ def domain_yardstick(cfg):
     )
 
 
+def scenes_source(cfg):
+    """The data's demo source in scenes mode (sfumato.data.scenes), or None."""
+    return next((src for src in cfg.data.sources if src.kind == "demo" and src.mode == "scenes"), None)
+
+
+def has_compositional_yardstick(cfg) -> bool:
+    """evaluate.compositional is on, the model is text-conditional and the data has a demo
+    source with mode: scenes (the world whose prompts the yardstick judges)."""
+    return cfg.evaluate.compositional.enabled and cfg.train.conditioning == "text" and scenes_source(cfg) is not None
+
+
+def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> CompositionalRecord:
+    """Every evaluation prompt of both splits drawn images_per_prompt times (image i of the whole
+    set from noise evaluate.compositional.seed + i), judged by the segmenter; the judged images
+    as a grid under `out` (a row per task and split, the prompts in order, green right, red wrong)."""
+    import torch
+
+    from sfumato.data.scenes import TASKS, HeldOut, evaluation_prompts
+    from sfumato.diffusion.sample import sample
+    from sfumato.evaluate.compositional import judgement_grid, load_or_train_segmenter, repeat, validate
+
+    e, c = cfg.evaluate, cfg.evaluate.compositional
+    started, resolution_px = time.perf_counter(), cfg.train.stages[-1].resolution_px
+    held_out = list(scenes_source(cfg).held_out)
+    yardstick = load_or_train_segmenter(
+        resolution_px, DataFolder(cfg.data.output_dir).segmenter, c.segmenter, e.device, c.min_object_fraction
+    )
+    prompts = {
+        split: chosen
+        for split, chosen in evaluation_prompts(HeldOut(held_out), c.prompts_per_task, c.seed).items()
+        if chosen
+    }
+    k, first = c.images_per_prompt, 0
+    splits, per_prompt, rows = {}, {}, []
+    for split, chosen in prompts.items():
+        asked = repeat(chosen, k)
+        batches = []
+        for start in range(0, len(asked), e.batch_size):
+            texts = [p.text for p in asked[start : start + e.batch_size]]
+            batches.append(
+                sample(
+                    pipe,
+                    len(texts),
+                    c.seed,
+                    e.steps,
+                    e.guidance_scale,
+                    texts,
+                    first_index=first + start,
+                    height=resolution_px,
+                    width=resolution_px,
+                )
+            )
+        first += len(asked)
+        images = torch.cat(batches).cpu()
+        score = yardstick.score(images * 2 - 1, asked)
+        splits[split], correct = score.to_json(), score.correct
+        per_prompt[split] = [
+            {"task": p.task, "text": p.text, "correct": int(correct[i * k : (i + 1) * k].sum()), "images": k}
+            for i, p in enumerate(chosen)
+        ]
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for task in TASKS:
+            where = np.array([p.task == task for p in asked])
+            if where.any():
+                rows.append((pixels[where], correct[where]))
+        log.info("compositional %s: %s", split, splits[split])
+    grid = f"compositional-{checkpoint_name}.png"
+    judgement_grid(rows).save(out / grid)
+    floor_and_ceiling = validate(yardstick, prompts, k, c.seed)
+    return CompositionalRecord(
+        splits=splits,
+        real={split: v["real"] for split, v in floor_and_ceiling.items()},
+        noise={split: v["noise"] for split, v in floor_and_ceiling.items()},
+        per_prompt=per_prompt,
+        prompts_per_task=c.prompts_per_task,
+        images_per_prompt=k,
+        seed=c.seed,
+        held_out=held_out,
+        resolution_px=resolution_px,
+        grid=grid,
+        segmenter={key: yardstick.meta.get(key) for key in ("fingerprint", "version", "settings", "train_seconds")},
+        seconds=round(time.perf_counter() - started, 2),
+    )
+
+
 def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[str] | None = None) -> dict:
     from sfumato import checkpoint as ckpt
     from sfumato.config import load_run_config
@@ -113,11 +202,13 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     resolution_px = cfg.train.stages[-1].resolution_px
     shards = data.shards
     yardstick = domain_yardstick(cfg)
-    if yardstick is None and not (e.inception_weights or clip_source):
+    compositional = has_compositional_yardstick(cfg) and run.tokenizer is not None
+    if yardstick is None and not (e.inception_weights or clip_source) and not compositional:
         raise ValueError(
             f"nothing to measure {run_dir} with: its data has no classes for the domain yardstick "
-            "(or evaluate.domain.enabled is false) and no feature network is set "
-            "(evaluate.inception_weights, evaluate.clip_model or data.curate.clip.model)"
+            "(or evaluate.domain.enabled is false), no feature network is set "
+            "(evaluate.inception_weights, evaluate.clip_model or data.curate.clip.model) and it is not a "
+            "text model on the demo's scenes (the compositional yardstick)"
         )
     extractor = reference = None
     if e.inception_weights or clip_source:
@@ -171,6 +262,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     out = RunFolder(run_dir).evaluation
     out.mkdir(exist_ok=True)
     to_grid(grid).save(out / f"samples-{folder.name}.png")
+    judged = compositional_evaluation(cfg, pipe, out, folder.name) if compositional else None
     record = QualityRecord(
         time=time.time(),
         checkpoint=folder.name,
@@ -192,6 +284,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
         reference=None
         if reference is None
         else {"count": reference.count, "resolution_px": resolution_px, "shards": str(shards)},
+        compositional=judged,
     )
     append_jsonl(RunFolder(run_dir).evaluations, record.to_json())
     write_run_documents(run_dir, cfg.data.output_dir)

@@ -124,14 +124,15 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
     """The evaluations (evaluations.jsonl's lines) as tables: the domain yardstick's (when
     measured), then the Fréchet distances in pretrained feature spaces (when measured), with
     what each number can be compared with."""
-    lines = domain_lines(evaluations)
+    lines = domain_lines(evaluations) + compositional_lines(evaluations)
     records = [QualityRecord.from_json(e) for e in evaluations]
     fd = [e for e in records if e.fd is not None or e.clip_score is not None]
     if not fd:
         if not lines:
             lines = [
-                "No metric was computed: the data has no classes for the domain yardstick and no feature "
-                "network is configured (evaluate.inception_weights, evaluate.clip_model).",
+                "No metric was computed: the data has no classes for the domain yardstick, no feature "
+                "network is configured (evaluate.inception_weights, evaluate.clip_model) and the run is not "
+                "a text model on the demo's scenes (the compositional yardstick).",
                 "",
             ]
         return lines + [
@@ -235,6 +236,73 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
         lines += ["Confusion of the last evaluation (rows: asked, columns: classified as):", ""]
         lines += table(["asked"] + names, [[name] + row for name, row in zip(names, last["confusion"])])
     return lines
+
+
+def compositional_lines(evaluations: list[dict]) -> list[str]:
+    """The compositional yardstick's accuracies per evaluation and split: a row per task set, with
+    the rendered images' (ceiling) and noise's (floor) beside the last evaluation's."""
+    from sfumato.data.scenes import TASKS
+    from sfumato.evaluate.compositional import SPLIT_NAMES
+
+    measured = [e for e in (QualityRecord.from_json(e) for e in evaluations) if e.compositional]
+    if not measured:
+        return []
+    header = ["checkpoint", "step", "split", "overall ↑", *TASKS, "images"]
+
+    def row(label: list, figures: dict) -> list:
+        tasks, overall = figures.get("tasks", {}), figures.get("overall")
+        accuracies = [round(tasks[t], 3) if t in tasks else "–" for t in TASKS]
+        return [*label, None if overall is None else round(overall, 3), *accuracies, figures.get("images")]
+
+    rows = [
+        row([e.checkpoint, e.step, SPLIT_NAMES.get(split, split)], figures)
+        for e in measured
+        for split, figures in e.compositional.splits.items()
+    ]
+    last = measured[-1].compositional
+    for split in last.splits:
+        rows.append(row(["rendered scenes (ceiling)", "", SPLIT_NAMES.get(split, split)], last.real.get(split, {})))
+        rows.append(row(["Gaussian noise (floor)", "", SPLIT_NAMES.get(split, split)], last.noise.get(split, {})))
+    segmenter = last.segmenter or {}
+    held_out = ", ".join(f'"{h}"' for h in last.held_out) or "none"
+    lines = ["### Compositional yardstick (offline, GenEval-style)", ""] + table(header, rows)
+    return lines + [
+        f"- Each of {last.prompts_per_task} prompts per task and split drawn {last.images_per_prompt} times "
+        f"(seed {last.seed}) at {last.resolution_px} px and judged by a segmenter trained on rendered scenes "
+        f"(fingerprint `{str(segmenter.get('fingerprint'))[:16]}`) with GenEval's rules; overall is the mean of "
+        "the task accuracies. single_object, two_object, counting and position judge shapes only, colors and "
+        "color_attr colours too.",
+        f"- held-out: prompts that use a combination the training data never drew ({held_out}); seen: only "
+        "combinations it drew. The gap between the two is what the model did not generalise.",
+        "- Comparable across runs on the same prompts (prompts_per_task, seed, held-out list) and segmenter "
+        "fingerprint; not with published GenEval scores (other objects, detector and prompts).",
+        "",
+    ]
+
+
+def compositional_grid_lines(run_dir: Path, evaluations: list[dict]) -> list[str]:
+    """The last compositional evaluation's judged images and its prompts in the grid's order."""
+    from sfumato.evaluate.compositional import SPLIT_NAMES
+
+    measured = [e for e in (QualityRecord.from_json(e) for e in evaluations) if e.compositional]
+    if not measured or not measured[-1].compositional.grid:
+        return []
+    last, folder = measured[-1].compositional, RunFolder(run_dir)
+    lines = [
+        f"Judged images of {measured[-1].checkpoint} (a row per task and split, in the table's order, "
+        f"{last.images_per_prompt} images per prompt; green border: right, red: wrong):",
+        "",
+        f"![compositional]({folder.relative(folder.evaluation / last.grid)})",
+        "",
+        "<details><summary>The prompts, row by row</summary>",
+        "",
+    ]
+    rows = [
+        [SPLIT_NAMES.get(split, split), p["task"], p["text"], f"{p['correct']}/{p['images']}"]
+        for split, prompts in last.per_prompt.items()
+        for p in prompts
+    ]
+    return lines + table(["split", "task", "prompt", "right"], rows) + ["</details>", ""]
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -441,6 +509,7 @@ def _evaluation(run_dir: Path) -> list[str]:
     return (
         ["## Evaluation", ""]
         + evaluation_lines(evaluations)
+        + compositional_grid_lines(run_dir, evaluations)
         + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
     )
 
