@@ -24,6 +24,7 @@ BENCHES = {
     "quality": "time to quality at equal CPU time: a tutorial trainer vs sfumato's recipes",
     "finetune": "LoRA vs full fine-tuning of a trained run: effect, time, memory",
     "align": "A/B votes by a scripted judge -> Diffusion-DPO -> win rate, FD",
+    "compositional": "the GenEval-style judge: rendered scenes, wrong prompts, noise; same seed, same numbers",
 }
 
 
