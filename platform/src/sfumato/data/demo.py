@@ -17,19 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sfumato import world
 from sfumato.layout import atomic_write_json, commit_file, temporary_sibling
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle", "star")
+# The compositional world's six object colours (sfumato.world), then the two the shapes mode also
+# uses as grounds and shapes.
+COLOURS = {**world.COLOURS, "white": (245, 245, 245), "black": (20, 20, 20)}
+SHAPES = world.SHAPES
 # Shape and colour pair with a contrast a 32 px model and the yardstick classifier can resolve: a
 # radius of 0.30-0.42 of the side (0.22-0.36 before, when a 7 px square and circle blurred into one
 # blob at 32 px), rotation within +-0.2 rad, and only the 50 of 56 ordered colour pairs that are at
