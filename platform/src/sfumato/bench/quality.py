@@ -250,42 +250,56 @@ class Curve:
     note: str = ""
 
 
-def race(trainer, name: str, train: Dataset, yardstick, args) -> tuple[Curve, torch.Tensor]:
-    """Train `trainer` for args.cpu_seconds of CPU time, scoring every args.score_every."""
-    from sfumato.evaluate.domain import score
-
-    labels = np.arange(args.samples) % len(train.class_names)
-    feed = batches(train, args.micro_batch, args.seed)
-    curve, spent, steps, losses, started = Curve(name), 0.0, 0, [], time.perf_counter()
-    next_score = args.score_every
+def on_the_clock(trainer, feed, cpu_seconds: float, score_every: float, score) -> list[dict]:
+    """Train `trainer` on `feed` for `cpu_seconds` of process CPU time (scoring off the clock);
+    every `score_every` CPU seconds and at the end, `score(point)` with the point's cpu_s, steps,
+    recent loss and wall_s returns the point to keep (its own figures added)."""
+    points, spent, steps, losses, started = [], 0.0, 0, [], time.perf_counter()
+    next_score = score_every
     while True:
         batch = next(feed)
         t0 = time.process_time()
         losses.append(trainer.step(batch))
         spent += time.process_time() - t0
         steps += 1
-        if spent >= next_score or spent >= args.cpu_seconds:
-            images = trainer.generate(labels, args.seed)
-            result = score(yardstick, images, labels)
-            curve.points.append(
-                {
-                    "cpu_s": round(spent, 1),
-                    "steps": steps,
-                    "loss": round(float(np.mean(losses[-50:])), 4),
-                    "class_accuracy": round(result["class_accuracy"], 4),
-                    "fd_domain": round(result["fd_domain"], 2),
-                    "wall_s": round(time.perf_counter() - started, 1),
-                }
-            )
-            print(
-                f"  {train.name:8s} {name:13s} {spent:7.0f} CPU-s {steps:5d} steps  "
-                f"loss {curve.points[-1]['loss']:.4f}  "
-                f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f}",
-                flush=True,
-            )
-            next_score += args.score_every
-            if spent >= args.cpu_seconds:
-                return curve, images
+        if spent >= next_score or spent >= cpu_seconds:
+            point = {
+                "cpu_s": round(spent, 1),
+                "steps": steps,
+                "loss": round(float(np.mean(losses[-50:])), 4),
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
+            points.append(score(point))
+            next_score += score_every
+            if spent >= cpu_seconds:
+                return points
+
+
+def race(trainer, name: str, train: Dataset, yardstick, args) -> tuple[Curve, torch.Tensor]:
+    """Train `trainer` for args.cpu_seconds of CPU time, scoring every args.score_every."""
+    from sfumato.evaluate.domain import score
+
+    labels = np.arange(args.samples) % len(train.class_names)
+    last = {}
+
+    def judge(point: dict) -> dict:
+        last["images"] = images = trainer.generate(labels, args.seed)
+        result = score(yardstick, images, labels)
+        point |= {
+            "class_accuracy": round(result["class_accuracy"], 4),
+            "fd_domain": round(result["fd_domain"], 2),
+        }
+        print(
+            f"  {train.name:8s} {name:13s} {point['cpu_s']:7.0f} CPU-s {point['steps']:5d} steps  "
+            f"loss {point['loss']:.4f}  "
+            f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f}",
+            flush=True,
+        )
+        return point
+
+    feed = batches(train, args.micro_batch, args.seed)
+    points = on_the_clock(trainer, feed, args.cpu_seconds, args.score_every, judge)
+    return Curve(name, points), last["images"]
 
 
 def first_reaching(curve: Curve, key: str, target: float) -> float | None:

@@ -157,35 +157,22 @@ def score_splits(yardstick, images: np.ndarray, plan: dict[str, list]) -> dict:
 
 
 def race(trainer: TextTrainer, name: str, feed, yardstick, plan: dict[str, list], args) -> list[dict]:
-    """Train for args.cpu_seconds of CPU time, scoring every args.score_every."""
+    """Train for args.cpu_seconds of CPU time, scoring every args.score_every (bench quality's clock)."""
+    from sfumato.bench.quality import on_the_clock
+
     prompts = [p.text for split in plan.values() for p in split]
-    points, spent, steps, losses, started = [], 0.0, 0, [], time.perf_counter()
-    next_score = args.score_every
-    while True:
-        batch = next(feed)
-        t0 = time.process_time()
-        losses.append(trainer.step(batch))
-        spent += time.process_time() - t0
-        steps += 1
-        if spent >= next_score or spent >= args.cpu_seconds:
-            images = trainer.generate(prompts, args.seed_noise, args.sample_steps)
-            result = score_splits(yardstick, images, plan)
-            point = {
-                "cpu_s": round(spent, 1),
-                "steps": steps,
-                "loss": round(float(np.mean(losses[-50:])), 4),
-                "wall_s": round(time.perf_counter() - started, 1),
-                **result,
-            }
-            points.append(point)
-            print(
-                f"  {name:12s} {spent:7.0f} CPU-s {steps:5d} steps loss {point['loss']:.4f}  "
-                f"seen {result['seen']['overall']:.3f}  held-out {result['held_out']['overall']:.3f}",
-                flush=True,
-            )
-            next_score += args.score_every
-            if spent >= args.cpu_seconds:
-                return points
+
+    def judge(point: dict) -> dict:
+        images = trainer.generate(prompts, args.seed_noise, args.sample_steps)
+        point |= score_splits(yardstick, images, plan)
+        print(
+            f"  {name:12s} {point['cpu_s']:7.0f} CPU-s {point['steps']:5d} steps loss {point['loss']:.4f}  "
+            f"seen {point['seen']['overall']:.3f}  held-out {point['held_out']['overall']:.3f}",
+            flush=True,
+        )
+        return point
+
+    return on_the_clock(trainer, feed, args.cpu_seconds, args.score_every, judge)
 
 
 def summarise(finals: list[dict]) -> dict:
