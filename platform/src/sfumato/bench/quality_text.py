@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from sfumato.bench import checkout, publish
+from sfumato.bench.clock import on_the_clock
 
 RESOLUTION_PX = 32
 DEFAULT_RECIPES = {
@@ -158,8 +159,6 @@ def score_splits(yardstick, images: np.ndarray, plan: dict[str, list]) -> dict:
 
 def race(trainer: TextTrainer, name: str, feed, yardstick, plan: dict[str, list], args) -> list[dict]:
     """Train for args.cpu_seconds of CPU time, scoring every args.score_every (bench quality's clock)."""
-    from sfumato.bench.quality import on_the_clock
-
     prompts = [p.text for split in plan.values() for p in split]
 
     def judge(point: dict) -> dict:

@@ -1,0 +1,42 @@
+"""`sfumato bench quality --text`'s parts: the world it races on and its trainer, and how it
+sums up seeds. (The race itself is the bench: figures in BENCHMARKS.md.) A bench's own test."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from helpers import REPO  # noqa: E402
+
+
+def test_the_text_race_draws_the_pilots_world_without_its_held_out_combinations_and_its_trainer_generates():
+    from sfumato.bench.quality_text import DEFAULT_RECIPES, TextTrainer, batches, draw_world, load_recipe, scenes_source
+    from sfumato.data.scenes import HeldOut
+    from sfumato.models.text import train_tokenizer
+
+    src = scenes_source(REPO)
+    images, captions = draw_world(src, 200)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8
+    held = HeldOut(src.held_out)
+    forbidden = [f" {c} {s}" for c, s in held.pairs]  # colour-shape pairs
+    assert not [c for c in captions if any(f in f" {c}" for f in forbidden)], "a held-out pair was drawn"
+    cfg = load_recipe(DEFAULT_RECIPES["pilot-text"], REPO)
+    trainer = TextTrainer(cfg, train_tokenizer(captions, 300, cfg.train.text.max_length), seed=0)
+    batch = next(batches(images, captions, 4, seed=0))
+    assert np.isfinite(trainer.step(batch))
+    out = trainer.generate(["a red circle", "three blue stars", "a green square above a red star"], seed=0, steps=2)
+    assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8
+
+
+def test_the_text_race_reports_the_mean_and_the_sample_spread_of_its_seeds():
+    from sfumato.bench.quality_text import summarise
+
+    final = lambda seen, held: {  # noqa: E731
+        "seen": {"overall": seen, "tasks": {"colors": seen}},
+        "held_out": {"overall": held, "tasks": {"colors": held}},
+    }
+    s = summarise([final(0.5, 0.1), final(0.7, 0.3)])
+    assert s["seen"]["overall"]["mean"] == pytest.approx(0.6) and s["seen"]["overall"]["std"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
+    assert s["held_out"]["tasks"]["colors"]["seeds"] == [0.1, 0.3]
