@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from sfumato.config.base import Frozen, _absolute
 from sfumato.config.diffusion import Sampler
 from sfumato.config.posttrain import DPOConfig, LineageConfig, LoraSection
-from sfumato.models.names import DIT, MODEL_FAMILIES, TEXT_MODELS
+from sfumato.models.names import MODEL_FAMILIES, TEXT_MODELS, TRANSFORMERS
 
 
 class VAEConfig(Frozen):
@@ -167,6 +167,19 @@ class SpikeGuardConfig(Frozen):
     """A spike after this many rollbacks stops the run instead."""
 
 
+class RoutingConfig(Frozen):
+    """Token routing (TREAD, Krause et al. 2025) for sfumato's DiTs: in training, a random share
+    of each image's tokens skips a span of blocks and rejoins unchanged, so a step costs less;
+    sampling, evaluation and export use every token in every block."""
+
+    ratio: float = Field(0.5, gt=0, lt=1)
+    """Share of the image tokens that skip (drawn per image, per step)."""
+    start_block: int = Field(1, ge=0)
+    """The first block the routed tokens skip."""
+    end_block: int = -1
+    """The block where they rejoin (Python indexing: -1, the last block, runs on every token)."""
+
+
 class TrainConfig(Frozen):
     output_dir: Path
     """The run folder: config.yaml, checkpoints/, samples/, metrics.jsonl."""
@@ -203,6 +216,8 @@ class TrainConfig(Frozen):
     optimizer: OptimizerConfig = OptimizerConfig()
     ema: EMAConfig = EMAConfig(halflife_samples=10_000)
     stages: list[StageConfig] = Field(min_length=1)
+    routing: RoutingConfig | None = None
+    """Token routing for a DiT (`dit-*`, `dit-text-*`, `mmdit-*`); None: every token, every block."""
     log_every_steps: int = Field(10, ge=1)
     sample_every_steps: int = Field(500, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
@@ -249,10 +264,10 @@ class TrainConfig(Frozen):
         if (self.conditioning == "text") != (self.model in TEXT_MODELS):
             raise ValueError(
                 f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
-                "text conditioning needs a *-text-* model and those need text conditioning"
+                f"text conditioning needs a text model ({', '.join(sorted(TEXT_MODELS))}) and those need it"
             )
-        if MODEL_FAMILIES[self.model] == DIT and len(set(res)) > 1:
-            raise ValueError("a DiT's position embedding is fixed to one resolution: use one stage")
+        if self.routing is not None and self.model not in TRANSFORMERS:
+            raise ValueError(f"train.routing routes a DiT's tokens; model {self.model!r} is a UNet")
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("train.lora trains under ZeRO 0-2: set train.zero_stage (finetune.overrides) to 2")
         if self.dpo is not None and self.lineage is None:

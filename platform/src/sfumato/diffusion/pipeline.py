@@ -1,8 +1,10 @@
 """SfumatoPipeline: one diffusers `DiffusionPipeline` for every model sfumato trains.
 
-Pixel or latent space (a VAE), unconditional, class-conditional (UNet2DModel / DiT with class
-labels, the last label meaning "no class") or text-conditional (UNet2DConditionModel with a
-CLIP text encoder), with classifier-free guidance (Ho & Salimans 2022) for the conditional ones.
+Pixel or latent space (a VAE), unconditional, class-conditional (UNet2DModel or sfumato's DiT
+with class labels, the last label meaning "no class") or text-conditional (UNet2DConditionModel
+or sfumato's text DiT, with a CLIP or T5 text encoder), with classifier-free guidance (Ho &
+Salimans 2022) for the conditional ones, optionally only inside an interval of noise levels
+(Kynkäänniemi et al. 2024: guidance at high noise costs diversity and buys little).
 
 This file imports only torch and diffusers, on purpose: `sfumato export` copies it verbatim into
 the export folder as `sfumato_pipeline.py` and names it in model_index.json, so
@@ -21,16 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 
 def null_class(unet) -> int | None:
-    """The "no class" label (the last class embedding), or None for a net without labels.
-    Unconditional DiTs still take a label (adaLN-Zero needs one): their only one, 0."""
-    key = "num_embeds_ada_norm" if isinstance(unet, DiTTransformer2DModel) else "num_class_embeds"
-    count = unet.config.get(key)
+    """The "no class" label (the last class embedding), or None for a net without labels."""
+    count = unet.config.get("num_class_embeds")
     return None if count is None else count - 1
 
 
@@ -41,42 +41,21 @@ def predict(
     cond: torch.Tensor | None = None,
     text_encoder: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """The network's prediction for (x_t, t, cond), whatever the family: `cond` is token ids for
-    a text-conditional net (or, floating point, a frozen encoder's states of them, from the
-    training's cache: sfumato.models.cache), class labels otherwise (None: the "no class" label)."""
+    """The network's prediction for (x_t, t, cond), whatever the family (a UNet or sfumato's DiT,
+    which takes the same arguments): `cond` is token ids for a text-conditional net (or, floating
+    point, a frozen encoder's states of them, from the training's cache: sfumato.models.cache),
+    class labels otherwise (None: the "no class" label)."""
     if text_encoder is not None:
         if cond is None:
             raise ValueError("a text-conditional model needs token ids (the empty caption's for 'no text')")
         states = cond if cond.is_floating_point() else text_encoder(input_ids=cond).last_hidden_state
         return unet(x_t, t, encoder_hidden_states=states.to(x_t.dtype)).sample
     null = null_class(unet)
-    if null is not None and cond is None:
-        cond = torch.full((x_t.shape[0],), null, device=x_t.device, dtype=torch.long)
-    if isinstance(unet, DiTTransformer2DModel):
-        if x_t.shape[-2] != x_t.shape[-1]:
-            return dit_forward(unet, x_t, t, cond)
-        return unet(x_t, timestep=t, class_labels=cond).sample
     if null is None:
         return unet(x_t, t).sample
+    if cond is None:
+        cond = torch.full((x_t.shape[0],), null, device=x_t.device, dtype=torch.long)
     return unet(x_t, t, class_labels=cond).sample
-
-
-def dit_forward(dit: DiTTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """DiTTransformer2DModel.forward for any (height, width) grid of patches, aspect-ratio
-    buckets' included. The library's own forward takes a square grid only: it unpatchifies with
-    side sqrt(tokens). Its patch embedding already builds the 2D sin-cos position embedding of
-    whatever grid it is given (PixArt-alpha's: positions scaled to the trained grid's span,
-    Chen et al. 2023), so only the output reshape differs; every weight is the same."""
-    patch, channels = dit.config.patch_size, dit.out_channels
-    rows, columns = x_t.shape[-2] // patch, x_t.shape[-1] // patch
-    hidden = dit.pos_embed(x_t)
-    for block in dit.transformer_blocks:
-        hidden = block(hidden, timestep=t, class_labels=labels)
-    conditioning = dit.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=hidden.dtype)
-    shift, scale = dit.proj_out_1(torch.nn.functional.silu(conditioning)).chunk(2, dim=1)
-    hidden = dit.proj_out_2(dit.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None])
-    hidden = hidden.reshape(-1, rows, columns, patch, patch, channels)
-    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(-1, channels, rows * patch, columns * patch)
 
 
 class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -89,7 +68,7 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @classmethod
     def load_lora_into_unet(cls, state_dict, network_alphas, unet, *args, **kwargs):
         """diffusers loads a LoRA into a network through its PeftAdapterMixin, which
-        UNet2DConditionModel has and UNet2DModel and DiTTransformer2DModel lack: give this
+        UNet2DConditionModel has and UNet2DModel and sfumato's DiT lack: give this
         instance the mixin (its class gains it as a second base), then load as diffusers does."""
         if not hasattr(unet, "load_lora_adapter"):
             from diffusers.loaders.peft import PeftAdapterMixin
@@ -140,9 +119,9 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def check_size(self, height: int, width: int) -> None:
         """Raises ValueError unless the model can generate height x width pixels."""
         factor = self.vae_scale_factor
-        if isinstance(self.unet, DiTTransformer2DModel):
-            # Any grid of whole patches (`dit_forward`); which sizes it was trained on is the
-            # server's to check (the run's aspect buckets, in the export's meta).
+        if "patch_size" in self.unet.config:
+            # A DiT: any grid of whole patches (2D rotary positions); which sizes it was trained
+            # on is the server's to check (the run's aspect buckets, in the export's meta).
             multiple = factor * self.unet.config.patch_size
         else:
             multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -211,6 +190,7 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         generator=None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -219,6 +199,8 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ):
         """Images for the prompts / class labels (or `batch_size` unconditional ones).
         `latents`: the starting noise (else drawn from `generator`, one per image when a list).
+        `guidance_interval` (lo, hi): guide only at steps whose noise level t / num_train_timesteps
+        (1: pure noise) lies in [lo, hi]; the other steps make one conditional model call.
         `callback(step_index, t)` runs before every denoising step; raising there cancels.
         output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]) or "latent"."""
         device = self._execution_device
@@ -228,9 +210,12 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guided = guidance_scale != 1.0
         if guided and cond is None:
             raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
-        if cond is not None:
-            cond = torch.cat([uncond, cond]) if guided else cond
-            cond = cond.to(device)
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
+        pair = None if cond is None else torch.cat([uncond, cond]).to(device)
+        cond = None if cond is None else cond.to(device)
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"{len(generator)} generators for {n} images")
 
@@ -250,11 +235,13 @@ class SfumatoPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if callback is not None:
                 callback(i, t)
-            model_input = scale(torch.cat([x, x]) if guided else x, t)
             # DDPM timesteps are integers, flow-matching ones t x num_train_timesteps in floats.
+            level = t.item() / self.scheduler.config.num_train_timesteps
+            guide = guided and (guidance_interval is None or guidance_interval[0] <= level <= guidance_interval[1])
+            model_input = scale(torch.cat([x, x]) if guide else x, t)
             t_batch = torch.full((model_input.shape[0],), t.item(), device=device, dtype=t.dtype)
-            prediction = predict(self.unet, model_input, t_batch, cond, self.text_encoder)
-            if guided:
+            prediction = predict(self.unet, model_input, t_batch, pair if guide else cond, self.text_encoder)
+            if guide:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             x = self.scheduler.step(prediction, t, x, generator=generator).prev_sample

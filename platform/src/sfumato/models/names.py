@@ -2,7 +2,7 @@
 `train.model` against on any install (the constructors are sfumato.models.registry.MODELS, whose
 keys must be exactly these; a test checks it)."""
 
-UNET, TEXT_UNET, DIT = "unet", "unet-text", "dit"
+UNET, TEXT_UNET, DIT, TEXT_DIT, MMDIT = "unet", "unet-text", "dit", "dit-text", "mmdit"
 
 MODEL_FAMILIES: dict[str, str] = {
     "unet-tiny": UNET,
@@ -13,13 +13,13 @@ MODEL_FAMILIES: dict[str, str] = {
     "unet-text-tiny": TEXT_UNET,
     "unet-text-xs": TEXT_UNET,
     "unet-text-s": TEXT_UNET,
-    "dit-tiny": DIT,
-    "dit-s": DIT,
-    "dit-b": DIT,
-    "dit-l": DIT,
+    **{f"dit-{size}": DIT for size in ("tiny", "xs", "s", "b", "l", "xl")},
+    **{f"dit-text-{size}": TEXT_DIT for size in ("tiny", "xs", "s", "b", "l", "xl")},
+    **{f"mmdit-{size}": MMDIT for size in ("tiny", "xs", "s", "b", "l", "xl")},
 }
 
-TEXT_MODELS = frozenset(name for name, family in MODEL_FAMILIES.items() if family == TEXT_UNET)
+TEXT_MODELS = frozenset(name for name, family in MODEL_FAMILIES.items() if family in (TEXT_UNET, TEXT_DIT, MMDIT))
+TRANSFORMERS = frozenset(name for name, family in MODEL_FAMILIES.items() if family in (DIT, TEXT_DIT, MMDIT))
 
 # Image sides must be multiples of this (in the denoiser's own pixels, latent or not): a UNet
 # halves its grid at every level after the first (2^(levels-1)), a DiT cuts it into patches.
@@ -32,8 +32,5 @@ SIZE_DIVISOR_PX: dict[str, int] = {
     "unet-text-tiny": 2,
     "unet-text-xs": 4,
     "unet-text-s": 4,
-    "dit-tiny": 4,
-    "dit-s": 2,
-    "dit-b": 2,
-    "dit-l": 2,
+    **{name: 2 for name in TRANSFORMERS},  # every sfumato DiT has 2 px patches
 }

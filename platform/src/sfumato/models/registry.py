@@ -4,10 +4,11 @@ Every model is wrapped in `Denoiser`, whose forward is `(x_t, t, cond) -> predic
 whatever the family, so the loss, the EMA, DeepSpeed and the samplers never branch on it.
 `cond` is class indices for class-conditional models, which reserve the last index as the
 "no class" label that classifier-free guidance trains with and samples against; for
-text-conditional models (`*-text-*`, diffusers `UNet2DConditionModel`) it is token ids (or a frozen
-encoder's cached states of them), and the text encoder (CLIP or T5, sfumato.models.text) is a
-submodule of the Denoiser, so it trains, averages and checkpoints with it; a frozen one is only
-checkpointed (no gradients, optimizer state or EMA copy) and stays in eval mode.
+text-conditional models (`unet-text-*`, diffusers `UNet2DConditionModel`; `dit-text-*` and
+`mmdit-*`, sfumato's DiT) it is token ids (or a frozen encoder's cached states of them), and the
+text encoder (CLIP or T5, sfumato.models.text) is a submodule of the Denoiser, so it trains,
+averages and checkpoints with it; a frozen one is only checkpointed (no gradients, optimizer
+state or EMA copy) and stays in eval mode.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 from sfumato.diffusion.pipeline import predict
+from sfumato.models.dit import SfumatoDiT
 from sfumato.models.names import MODEL_FAMILIES, TEXT_MODELS
 
 
@@ -48,22 +50,36 @@ def _unet(
     return build
 
 
-def _dit(depth: int, hidden: int, heads: int, patch: int) -> Callable:
-    def build(resolution_px: int, in_channels: int, num_classes: int | None) -> torch.nn.Module:
-        return DiTTransformer2DModel(
-            num_attention_heads=heads,
-            attention_head_dim=hidden // heads,
+def _dit(depth: int, hidden: int, heads: int, text: str | None = None) -> Callable:
+    """sfumato's DiT (sfumato.models.dit) with 2 px patches. `text`: how the image reads the
+    caption ("cross" attention or "joint" MMDiT), and `cond` is then the caption states' width;
+    None: a class (or unconditional) model, `cond` the class count."""
+
+    def build(resolution_px: int, in_channels: int, cond: int | None) -> torch.nn.Module:
+        common = dict(
             in_channels=in_channels,
-            out_channels=in_channels,
-            num_layers=depth,
             sample_size=resolution_px,
-            patch_size=patch,
-            # adaLN-Zero needs a label: unconditional runs use the single "no class" label.
-            num_embeds_ada_norm=(num_classes or 0) + 1,
+            patch_size=2,
+            hidden_size=hidden,
+            depth=depth,
+            num_heads=heads,
         )
+        if text is not None:
+            return SfumatoDiT(**common, cross_attention_dim=cond, text_attention=text)
+        return SfumatoDiT(**common, num_class_embeds=None if cond is None else cond + 1)
 
     return build
 
+
+# DiT sizes: (depth, hidden, heads), DiT's S/B/L/XL (Peebles & Xie 2023) and two small ones.
+DIT_SIZES = {
+    "tiny": (2, 64, 2),  # tests
+    "xs": (6, 192, 3),  # the pilots on 2 CPU cores
+    "s": (12, 384, 6),
+    "b": (12, 768, 12),
+    "l": (24, 1024, 16),
+    "xl": (28, 1152, 16),
+}
 
 # name -> constructor; parameters at 64 px, 3 channels, 10 classes (measured), in the comments.
 MODELS: dict[str, Callable] = {
@@ -79,10 +95,11 @@ MODELS: dict[str, Callable] = {
     # a word reaches each cell of the compositional world at unet-xs's step time (the text pilot).
     "unet-text-xs": _unet((32, 64, 128), 1, (False, False, True), text=True),  # 3.9 M + text encoder
     "unet-text-s": _unet((64, 128, 256), 2, (False, True, True), text=True),  # 24 M + text encoder
-    "dit-tiny": _dit(depth=2, hidden=64, heads=2, patch=4),  # 0.2 M: tests
-    "dit-s": _dit(depth=12, hidden=384, heads=6, patch=2),  # DiT-S/2, 35 M
-    "dit-b": _dit(depth=12, hidden=768, heads=12, patch=2),  # DiT-B/2, 138 M
-    "dit-l": _dit(depth=24, hidden=1024, heads=16, patch=2),  # DiT-L/2, 487 M
+    # dit-<size>: class / unconditional; dit-text-<size>: text by cross-attention (PixArt);
+    # mmdit-<size>: text by joint attention (SD3). Parameters and FLOPs: BENCHMARKS.md.
+    **{f"dit-{size}": _dit(*shape) for size, shape in DIT_SIZES.items()},
+    **{f"dit-text-{size}": _dit(*shape, text="cross") for size, shape in DIT_SIZES.items()},
+    **{f"mmdit-{size}": _dit(*shape, text="joint") for size, shape in DIT_SIZES.items()},
 }
 
 

@@ -57,6 +57,9 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weigh
         from sfumato.models.lora import add_lora
 
         add_lora(run.denoiser, cfg.train.lora)
+    routing = cfg.train.routing
+    if routing is not None:  # training mode only: sampling and evaluation run eval()
+        run.denoiser.net.set_routing(routing.ratio, routing.start_block, routing.end_block)
     return run
 
 
@@ -139,9 +142,15 @@ def load_trained(
     folder = resolve_checkpoint(run_dir, checkpoint)
     lora = cfg.train.lora is not None  # the checkpoint holds the adapters; the base is the lineage's
     run = build_run_model(cfg, device, start_weights=False)
-    fill_parameters(
-        run.denoiser, ckpt.load_ema(folder), f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})", subset=lora
-    )
+    weights = ckpt.load_ema(folder)
+    if any(name.startswith("net.transformer_blocks.") for name in weights):
+        raise ValueError(
+            f"{ckpt.ema_path(folder)} holds a diffusers DiTTransformer2DModel, the DiT presets sfumato had "
+            f"before its own DiT (sfumato.models.dit) replaced them: this version cannot load run {run_dir}. "
+            "Its export (a diffusers folder) still loads with DiffusionPipeline.from_pretrained(folder, "
+            "trust_remote_code=True); to go on training, train a dit-* preset anew."
+        )
+    fill_parameters(run.denoiser, weights, f"{ckpt.ema_path(folder)} (model {cfg.train.model!r})", subset=lora)
     run.denoiser.to(device).eval()
     return cfg, run, folder
 

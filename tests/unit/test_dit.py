@@ -1,0 +1,135 @@
+"""sfumato's DiT (sfumato.models.dit): its presets, rotary positions, conditioning and token routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfumato.models.dit import SfumatoDiT, rope_angles, rotate
+from sfumato.models.registry import DIT_SIZES, MODELS
+
+
+def _awake(net: torch.nn.Module) -> torch.nn.Module:
+    """adaLN-zero starts every block (and the output) at zero: give them something to say."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net
+
+
+def _count(name: str, **cond) -> int:
+    with torch.device("meta"):
+        net = MODELS[name](256, 4, **cond)
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_the_presets_have_dits_sizes():
+    # DiT-S/2, B/2, L/2, XL/2 at 256 px in SD's 4-channel latent space, 1000 classes: Peebles &
+    # Xie's 33 M, 130 M, 458 M and 675 M, give or take the SwiGLU (2/3 of a 4x MLP's width,
+    # rounded up to 32) and QK-norm; the tiny test model stays tiny.
+    counts = {size: _count(f"dit-{size}", cond=1000) / 1e6 for size in DIT_SIZES}
+    for size, paper in (("s", 33), ("b", 130), ("l", 458), ("xl", 675)):
+        assert abs(counts[size] - paper) / paper < 0.05, (size, counts[size])
+    assert counts["tiny"] < 0.3 and 3 < counts["xs"] < 6
+    # Text by joint attention carries a second set of block weights for the caption's stream.
+    cross, joint = _count("dit-text-s", cond=768), _count("mmdit-s", cond=768)
+    assert 1.5 < joint / cross < 2.0
+
+
+def test_rotary_attention_depends_on_offsets_only_at_any_grid():
+    """The same relative offset gives the same query-key score on a 4x4 grid and an 8x12 one:
+    positions need no table, so a 16 px stage's weights mean the same at 32 px."""
+    torch.manual_seed(0)
+    head_dim = 16
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def score(rows, columns, a, b):
+        cos, sin = rope_angles(rows, columns, head_dim, 10000.0, "cpu")
+        ia, ib = a[0] * columns + a[1], b[0] * columns + b[1]
+        qa = rotate(q.view(1, 1, 1, -1), cos[:, :, ia : ia + 1], sin[:, :, ia : ia + 1])
+        kb = rotate(k.view(1, 1, 1, -1), cos[:, :, ib : ib + 1], sin[:, :, ib : ib + 1])
+        return float((qa * kb).sum())
+
+    reference = score(4, 4, (0, 1), (2, 3))
+    assert score(8, 12, (5, 7), (7, 9)) == pytest.approx(reference, rel=1e-5)
+    assert score(8, 12, (5, 7), (7, 10)) != pytest.approx(reference, rel=1e-3)  # another offset
+
+
+@pytest.mark.parametrize("name", ["dit-tiny", "dit-text-tiny", "mmdit-tiny"])
+def test_one_model_runs_every_resolution_and_aspect_and_reads_its_condition(name):
+    torch.manual_seed(0)
+    text = "text" in name or name.startswith("mmdit")
+    net = _awake(MODELS[name](16, 3, 24 if text else 3)).eval()
+    t = torch.tensor([100.0, 900.0])
+    conds = (
+        [dict(encoder_hidden_states=torch.randn(2, 6, 24)) for _ in range(2)]
+        if text
+        else [dict(class_labels=torch.tensor([0, 1])), dict(class_labels=torch.tensor([2, 3]))]
+    )
+    with torch.no_grad():
+        for h, w in ((16, 16), (32, 32), (16, 40)):
+            x = torch.randn(2, 3, h, w)
+            out = net(x, t, **conds[0]).sample
+            assert out.shape == x.shape and torch.isfinite(out).all()
+            assert not torch.allclose(out, net(x, t, **conds[1]).sample)  # the condition matters
+        with pytest.raises(ValueError, match="grid of 2x2 patches"):
+            net(torch.randn(2, 3, 15, 16), t, **conds[0])
+
+
+def test_a_fresh_dit_predicts_zero_as_adaln_zero_promises():
+    net = MODELS["dit-text-tiny"](16, 3, 8)
+    out = net(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]), encoder_hidden_states=torch.randn(2, 4, 8)).sample
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("name", ["dit-tiny", "mmdit-tiny"])
+def test_routing_changes_training_only(name):
+    torch.manual_seed(0)
+    text = name.startswith("mmdit")
+    net = _awake(MODELS[name](16, 3, 8 if text else 3))
+    cond = dict(encoder_hidden_states=torch.randn(2, 4, 8)) if text else dict(class_labels=torch.tensor([0, 2]))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300.0, 700.0])
+    net.eval()
+    with torch.no_grad():
+        plain = net(x, t, **cond).sample
+        net.set_routing(0.5, 0, 1)
+        assert torch.equal(net(x, t, **cond).sample, plain)  # eval: every token, every block
+        net.train()
+        torch.manual_seed(1)
+        routed = net(x, t, **cond).sample
+        torch.manual_seed(1)
+        assert torch.equal(net(x, t, **cond).sample, routed)  # the draw is torch's RNG: reproducible
+        assert not torch.allclose(routed, plain, atol=1e-4)
+        net.set_routing(None)
+        assert torch.allclose(net(x, t, **cond).sample, plain, atol=1e-6)
+
+
+def test_routed_tokens_skip_the_span_and_rejoin_as_they_left():
+    torch.manual_seed(0)
+    net = _awake(SfumatoDiT(hidden_size=32, depth=4, num_heads=2, num_class_embeds=3)).train()
+    net.set_routing(0.5, 1, 3)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output=None):
+            seen[name] = (output[0] if output is not None else args[0]).clone()
+
+        return hook
+
+    net.blocks[0].register_forward_hook(keep("left"))  # after block 0: every token
+    net.blocks[1].register_forward_pre_hook(keep("span"))  # into the span: the kept half
+    net.blocks[3].register_forward_pre_hook(keep("rejoined"))  # after it: every token again
+    with torch.no_grad():
+        net(torch.randn(2, 3, 8, 8), torch.tensor([10.0, 20.0]), class_labels=torch.tensor([0, 1]))
+    assert seen["span"].shape[1] == 8 and seen["rejoined"].shape[1] == 16
+    unchanged = (seen["left"] == seen["rejoined"]).all(dim=-1)  # (images, tokens)
+    assert unchanged.sum(dim=1).tolist() == [8, 8]  # the routed half, exactly as it left
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(ratio=0.0), dict(ratio=1.0), dict(ratio=0.5, start=2, end=1), dict(ratio=0.5, start=0, end=9)]
+)
+def test_impossible_routing_is_refused(bad):
+    net = SfumatoDiT(hidden_size=32, depth=4, num_heads=2)
+    with pytest.raises(ValueError, match="routing needs"):
+        net.set_routing(**bad)
