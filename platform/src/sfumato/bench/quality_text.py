@@ -92,6 +92,7 @@ class TextTrainer:
     def __init__(self, cfg, tokenizer, seed: int):
         from sfumato.diffusion.schedule import NoiseSchedule
         from sfumato.models.registry import build_denoiser, empty_like
+        from sfumato.models.run import training_levers
         from sfumato.models.text import build_text_encoder
         from sfumato.train.ema import EMA, ema_beta
         from sfumato.train.step import PlainEngine, TrainState
@@ -101,6 +102,7 @@ class TextTrainer:
         self.micro_batch = t.stages[-1].micro_batch_size
         torch.manual_seed(seed)
         model = build_denoiser(t.model, RESOLUTION_PX, 3, None, build_text_encoder(t.text, tokenizer))
+        training_levers(model, t)
         self.state = TrainState(
             engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
             schedule=NoiseSchedule.from_config(cfg.diffusion),

@@ -57,10 +57,16 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weigh
         from sfumato.models.lora import add_lora
 
         add_lora(run.denoiser, cfg.train.lora)
-    routing = cfg.train.routing
-    if routing is not None:  # training mode only: sampling and evaluation run eval()
-        run.denoiser.net.set_routing(routing.ratio, routing.start_block, routing.end_block)
+    training_levers(run.denoiser, cfg.train)
     return run
+
+
+def training_levers(denoiser, train_cfg) -> None:
+    """What the network does differently in training mode only (sampling and evaluation run
+    eval()): a DiT's token routing (train.routing)."""
+    routing = train_cfg.routing
+    if routing is not None:
+        denoiser.net.set_routing(routing.ratio, routing.start_block, routing.end_block)
 
 
 def load_start_weights(cfg: Config, denoiser) -> None:
