@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import REPO
 from sfumato.models.dit import SfumatoDiT, rope_angles, rotate
-from sfumato.models.registry import DIT_SIZES, MODELS
+from sfumato.models.registry import DIT_SIZES, MODELS, build_denoiser
 
 
 def _awake(net: torch.nn.Module) -> torch.nn.Module:
@@ -133,3 +134,87 @@ def test_impossible_routing_is_refused(bad):
     net = SfumatoDiT(hidden_size=32, depth=4, num_heads=2)
     with pytest.raises(ValueError, match="routing needs"):
         net.set_routing(**bad)
+
+
+def test_masking_predicts_the_kept_patches_only_and_says_which():
+    torch.manual_seed(0)
+    net = _awake(SfumatoDiT(hidden_size=32, depth=3, num_heads=2, num_class_embeds=3))
+    x, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([100.0, 800.0]), torch.tensor([0, 1])
+    net.eval()
+    with torch.no_grad():
+        plain = net(x, t, class_labels=labels).sample
+        net.set_masking(0.75, mixer_blocks=1)
+        assert torch.equal(net(x, t, class_labels=labels).sample, plain) and net.loss_mask is None
+        net.train()
+        net.token_generator = torch.Generator().manual_seed(3)
+        masked = net(x, t, class_labels=labels).sample
+        mask = net.loss_mask
+    assert mask.shape == (2, 1, 16, 16)
+    assert mask.mean(dim=(1, 2, 3)).tolist() == [0.25, 0.25]  # 16 of 64 patches per image
+    assert torch.equal(masked * (1 - mask), torch.zeros_like(masked))  # nothing drawn where dropped
+    assert (masked.abs() * mask).sum() > 0
+    # Patches are whole: the mask is constant on each 2x2 patch.
+    assert torch.equal(mask, mask[..., ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3))
+    with torch.no_grad():  # the draw is the generator's: a resumed run, whose generator is restored, redraws it
+        net.token_generator = torch.Generator().manual_seed(3)
+        assert torch.equal(net(x, t, class_labels=labels).sample, masked)
+
+
+def test_the_loss_of_a_masked_step_counts_the_predicted_pixels_only():
+    from sfumato.diffusion.loss import squared_error
+
+    prediction, target = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    target[:, :, :2] = 5.0  # the dropped half is far off; it must not count
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, 2:] = 1
+    assert squared_error(prediction, target, mask).tolist() == [1.0, 1.0]
+    assert squared_error(prediction, target, None).tolist() == [13.0, 13.0]
+
+
+def test_a_masked_dit_trains_on_photos_and_unmasks_for_the_last_share(flowers_dir):
+    import numpy as np
+    from PIL import Image
+
+    from helpers import plain_state
+    from sfumato.config import load_config
+    from sfumato.data.decode import render
+    from sfumato.models.run import training_levers
+    from sfumato.train.step import train_step
+
+    cfg = load_config(
+        REPO / "configs" / "pilot.yaml",
+        ["train.model=dit-tiny", "train.masking={ratio: 0.5, mixer_blocks: 0, unmasked_fraction: 0.25}"],
+        inputs=False,
+    )
+    torch.manual_seed(0)
+    model = build_denoiser("dit-tiny", 16, 3, num_classes=2)
+    state = plain_state(model, null_class=2)
+    photos = sorted(flowers_dir.glob("*/*.jpg"))[:4]
+    images = np.stack([np.asarray(render(Image.open(p).convert("RGB"), 16, "center_crop")) for p in photos])
+    batch = {"image": images, "class": np.array([0, 1, 0, 1]), "caption": [""] * 4, "id": list("abcd")}
+    masked_steps = 0
+    for step in range(8):
+        training_levers(model, cfg.train, step / 8)
+        out = train_step(state, batch)
+        masked_steps += model.net.loss_mask is not None
+        assert np.isfinite(float(out["loss"]))
+    assert masked_steps == 6  # the last quarter ran unmasked
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.masking={ratio: 0.5}"], r"train\.masking works on a DiT's tokens; model 'unet-tiny' is a UNet"),
+        (
+            ["train.model=dit-s", "train.routing={ratio: 0.5, start_block: 1}", "train.masking={mixer_blocks: 2}"],
+            r"train\.masking\.mixer_blocks 2 falls after train\.routing\.start_block 1",
+        ),
+        (["train.model=dit-s", "train.masking={ratio: 1.0}"], r"train\.masking\.ratio"),
+    ],
+)
+def test_levers_that_cannot_work_fail_at_load_naming_the_key(overrides, message):
+    from sfumato.config import load_config
+    from sfumato.config.base import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "pilot.yaml", ["train.model=unet-tiny", *overrides], inputs=False)

@@ -115,9 +115,14 @@ class TextTrainer:
         self.ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, self.micro_batch, self.micro_batch))
         self.ema_model = empty_like(model)
         self.parameters = sum(p.numel() for p in model.parameters())
+        self.progress = 0.0  # the share of the CPU budget spent (bench.clock sets it)
 
     def step(self, batch: dict) -> float:
+        from sfumato.models.run import training_levers
         from sfumato.train.step import lr_at, train_step
+
+        if self.cfg.train.masking is not None:  # masked until the budget's last unmasked_fraction
+            training_levers(self.state.engine.module, self.cfg.train, self.progress)
 
         self.state.engine.set_lr(lr_at(self.state.step, self.cfg.train.optimizer, 10**6))
         out = train_step(self.state, batch)

@@ -180,6 +180,21 @@ class RoutingConfig(Frozen):
     """The block where they rejoin (Python indexing: -1, the last block, runs on every token)."""
 
 
+class MaskingConfig(Frozen):
+    """Patch masking (MaskDiT, Zheng et al. 2024; micro_diffusion's recipe) for sfumato's DiTs:
+    in training, after the first `mixer_blocks` blocks a random share of each image's tokens is
+    dropped and the loss counts the predicted patches only, so a step costs less; the last
+    `unmasked_fraction` of the training runs unmasked (the unmasking fine-tune), and sampling,
+    evaluation and export use every token."""
+
+    ratio: float = Field(0.5, gt=0, lt=1)
+    """Share of the image tokens dropped (drawn per image, per step)."""
+    mixer_blocks: int = Field(1, ge=0)
+    """Blocks that see every token before the drop (micro_diffusion's patch mixer)."""
+    unmasked_fraction: float = Field(0.1, ge=0, lt=1)
+    """The share of the run's optimizer steps, at its end, trained without masking."""
+
+
 class TrainConfig(Frozen):
     output_dir: Path
     """The run folder: config.yaml, checkpoints/, samples/, metrics.jsonl."""
@@ -218,6 +233,8 @@ class TrainConfig(Frozen):
     stages: list[StageConfig] = Field(min_length=1)
     routing: RoutingConfig | None = None
     """Token routing for a DiT (`dit-*`, `dit-text-*`, `mmdit-*`); None: every token, every block."""
+    masking: MaskingConfig | None = None
+    """Patch masking for a DiT; None: every token predicted."""
     log_every_steps: int = Field(10, ge=1)
     sample_every_steps: int = Field(500, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
@@ -266,8 +283,15 @@ class TrainConfig(Frozen):
                 f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
                 f"text conditioning needs a text model ({', '.join(sorted(TEXT_MODELS))}) and those need it"
             )
-        if self.routing is not None and self.model not in TRANSFORMERS:
-            raise ValueError(f"train.routing routes a DiT's tokens; model {self.model!r} is a UNet")
+        for lever in ("routing", "masking"):
+            if getattr(self, lever) is not None and self.model not in TRANSFORMERS:
+                raise ValueError(f"train.{lever} works on a DiT's tokens; model {self.model!r} is a UNet")
+        if self.routing is not None and self.masking is not None:
+            if self.masking.mixer_blocks > self.routing.start_block:
+                raise ValueError(
+                    f"train.masking.mixer_blocks {self.masking.mixer_blocks} falls after train.routing.start_block "
+                    f"{self.routing.start_block}: the drop must come before the routed span"
+                )
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("train.lora trains under ZeRO 0-2: set train.zero_stage (finetune.overrides) to 2")
         if self.dpo is not None and self.lineage is None:

@@ -54,6 +54,38 @@ def drop_conditions(
     return torch.rand(keep_shape, generator=generator, device=device) < probability
 
 
+def token_lever(denoise) -> torch.nn.Module | None:
+    """The network of a denoiser (or of the engine around it) that draws random tokens in this
+    forward (sfumato's DiT training with routing or masking), else None."""
+    net = getattr(getattr(denoise, "module", denoise), "net", None)
+    return net if getattr(net, "draws_tokens", False) else None
+
+
+def predict_and_mask(denoise, x_t, t, cond, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, loss mask): a DiT with token levers draws its tokens from the training's
+    generator (a resumed run draws the same) and, when it masks patches, says which pixels it
+    predicted (1) and which it dropped (0); None: every pixel counts."""
+    net = token_lever(denoise)
+    if net is None:
+        return denoise(x_t, t, cond), None
+    net.token_generator = generator
+    try:
+        prediction = denoise(x_t, t, cond)
+    finally:
+        net.token_generator = None
+    return prediction, net.loss_mask
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean squared error, over the predicted pixels only when `mask` is given."""
+    error = (prediction.float() - target.float()).pow(2)
+    dims = tuple(range(1, error.ndim))
+    if mask is None:
+        return error.mean(dim=dims)
+    mask = mask.float().expand_as(error)
+    return (error * mask).sum(dim=dims) / mask.sum(dim=dims).clamp(min=1)
+
+
 def diffusion_loss(
     denoise: Denoiser,
     x0: torch.Tensor,
@@ -73,9 +105,8 @@ def diffusion_loss(
     t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator, device=x0.device)
     noise = sample_noise(x0, cfg.noise_offset, generator)
     x_t = schedule.add_noise(x0, noise, t)
-    prediction = denoise(x_t, t, cond)
-    target = schedule.target(x0, noise, t, cfg.prediction_type)
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    prediction, mask = predict_and_mask(denoise, x_t, t, cond, generator)
+    per_sample = squared_error(prediction, schedule.target(x0, noise, t, cfg.prediction_type), mask)
     weight = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, cfg.prediction_type).to(per_sample)
     loss = (weight * per_sample).mean()
     return loss, {"loss_unweighted": per_sample.mean().detach(), "t_mean": t.float().mean()}
@@ -88,9 +119,10 @@ def flow_loss(
     Unweighted: the time distribution (logit-normal, shift) is the weighting (SD3 sec. 3.1)."""
     t = flow.sample_times(x0.shape[0], cfg.flow, resolution_px, generator, x0.device)
     noise = sample_noise(x0, cfg.noise_offset, generator)
-    prediction = denoise(flow.interpolate(x0, noise, t), t * cfg.num_train_timesteps, cond)
-    per_sample = (prediction.float() - flow.velocity(x0, noise).float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))
-    loss = per_sample.mean()
+    prediction, mask = predict_and_mask(
+        denoise, flow.interpolate(x0, noise, t), t * cfg.num_train_timesteps, cond, generator
+    )
+    loss = squared_error(prediction, flow.velocity(x0, noise), mask).mean()
     return loss, {"loss_unweighted": loss.detach(), "t_mean": t.mean()}
 
 

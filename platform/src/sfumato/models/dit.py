@@ -12,9 +12,14 @@ PixArt-alpha, SD3, Flux and Lumina changed):
   `scaled_dot_product_attention` (flash / memory-efficient kernels where the device has them);
 - text either by cross-attention (`text_attention="cross"`: PixArt, Sana) or by joint attention
   over caption and image tokens, each stream with its own weights (`"joint"`: SD3's MMDiT);
-- token routing (TREAD, Krause et al. 2025), in training only: `set_routing(ratio, start, end)`
-  lets a random share of the image tokens skip blocks start..end-1 and rejoin unchanged; in
-  eval mode every token takes every block, so inference is the plain model's.
+- two training-only levers that cut a step's cost, drawing which tokens from `token_generator`
+  (the training's seeded generator, so a resumed run draws the same): token routing (TREAD,
+  Krause et al. 2025; `set_routing(ratio, start, end)`: a random share of the image tokens skips
+  blocks start..end-1 and rejoins unchanged) and patch masking (MaskDiT, Zheng et al. 2024, as
+  micro_diffusion trains it: `set_masking(ratio, mixer_blocks)`: after the first mixer_blocks
+  blocks a random share of the tokens is dropped for good, and `loss_mask` tells the loss which
+  pixels were predicted). In eval mode every token takes every block: inference is the plain
+  model's.
 
 Signature as diffusers' UNets (`forward(sample, timestep, class_labels=, encoder_hidden_states=)
 .sample`, config keys `num_class_embeds`, `cross_attention_dim`, `sample_size`), so the pipeline,
@@ -197,6 +202,11 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
         self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.routing: tuple[float, int, int] | None = None
+        self.masking: tuple[float, int] | None = None
+        self.token_generator: torch.Generator | None = None
+        """Where routing and masking draw from (None: torch's global RNG); the loss sets it."""
+        self.loss_mask: torch.Tensor | None = None
+        """After a masked forward: (batch, 1, height, width), 1 where the output is a prediction."""
         self._initialize()
 
     def _initialize(self) -> None:
@@ -222,9 +232,9 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
 
     def set_routing(self, ratio: float | None, start: int = 0, end: int | None = None) -> None:
-        """TREAD: in training, `ratio` of the image tokens (drawn per image from torch's RNG)
-        skip blocks start..end-1 and rejoin as they left (end < 0 counts from the depth, as
-        Python's indexing); None switches routing off."""
+        """TREAD: in training, `ratio` of the image tokens (drawn per image) skip blocks
+        start..end-1 and rejoin as they left (end < 0 counts from the depth, as Python's
+        indexing); None switches routing off."""
         if ratio is None:
             self.routing = None
             return
@@ -236,6 +246,26 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
                 f"from the last, -1), got ratio {ratio}, start {start}, end {end}"
             )
         self.routing = (ratio, start, end)
+
+    def set_masking(self, ratio: float | None, mixer_blocks: int = 1) -> None:
+        """Patch masking: in training, after the first `mixer_blocks` blocks (which see every
+        token, micro_diffusion's patch mixer), `ratio` of the tokens (drawn per image) are
+        dropped; the output has zeros there and `loss_mask` says so. None switches it off
+        (the unmasking fine-tune at the end of a masked run)."""
+        if ratio is None:
+            self.masking = None
+            return
+        if not 0 < ratio < 1 or not 0 <= mixer_blocks < len(self.blocks):
+            raise ValueError(
+                f"masking needs 0 < ratio < 1 and 0 <= mixer_blocks < depth {len(self.blocks)}, "
+                f"got ratio {ratio}, mixer_blocks {mixer_blocks}"
+            )
+        self.masking = (ratio, mixer_blocks)
+
+    @property
+    def draws_tokens(self) -> bool:
+        """Whether a forward now draws random tokens (training with routing or masking)."""
+        return self.training and (self.routing is not None or self.masking is not None)
 
     @staticmethod
     def timestep_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
@@ -273,41 +303,54 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
             text = self.text_proj(states)
             c = c + self.text_pool(states.mean(dim=1))
         cos, sin = rope_angles(rows, columns, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, sample.device)
+        angles = torch.cat([cos, sin], dim=-1).expand(batch, -1, -1, -1)  # travels with its tokens
 
-        ratio, start, end = self.routing if (self.training and self.routing) else (0.0, -1, -1)
-        full = keep = None
+        mask_ratio, mask_at = self.masking if (self.training and self.masking) else (0.0, -1)
+        route_ratio, start, end = self.routing if (self.training and self.routing) else (0.0, -1, -1)
+        if start < mask_at < end:
+            raise ValueError(f"masking after block {mask_at} falls inside routing's span {start}..{end - 1}")
+        visible = waiting = routed = None
         for i, block in enumerate(self.blocks):
-            if i == start:  # the kept tokens go on; the others wait, unchanged, for block `end`
-                full, keep = x, self._kept(batch, x.shape[1], ratio, x.device)
-                x, cos_all, sin_all = self._gather(x, keep), cos, sin
-                cos, sin = self._gather_angles(cos, keep), self._gather_angles(sin, keep)
+            if i == mask_at:  # the dropped tokens are gone for good
+                visible = self._draw(batch, x.shape[1], mask_ratio, x.device)
+                x, angles = self._take(x, visible), self._take(angles, visible)
+            if i == start:  # the routed tokens wait, unchanged, for block `end`
+                waiting, routed = (x, angles), self._draw(batch, x.shape[1], route_ratio, x.device)
+                x, angles = self._take(x, routed), self._take(angles, routed)
             if i == end:
-                x, cos, sin = self._scatter(full, keep, x), cos_all, sin_all
+                x, angles = self._put(waiting[0], routed, x), waiting[1]
+            cos, sin = angles.chunk(2, dim=-1)
             x, text = block(x, c, text, cos, sin)
         if end == len(self.blocks):
-            x = self._scatter(full, keep, x)
+            x = self._put(waiting[0], routed, x)
 
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))
+        self.loss_mask = None
+        if visible is not None:  # zeros where a token was dropped; loss_mask marks the rest
+            kept = self._put(x.new_zeros(batch, rows * columns, 1), visible, x.new_ones(batch, visible.shape[1], 1))
+            x = self._put(x.new_zeros(batch, rows * columns, x.shape[-1]), visible, x)
+            self.loss_mask = kept.reshape(batch, 1, rows, columns).repeat_interleave(p, 2).repeat_interleave(p, 3)
         out_channels = cfg.out_channels or cfg.in_channels
         x = x.reshape(batch, rows, columns, p, p, out_channels)
         x = torch.einsum("nhwpqc->nchpwq", x).reshape(batch, out_channels, height, width)
         return Transformer2DModelOutput(sample=x) if return_dict else (x,)
 
-    @staticmethod
-    def _kept(batch: int, tokens: int, ratio: float, device) -> torch.Tensor:
+    def _draw(self, batch: int, tokens: int, ratio: float, device) -> torch.Tensor:
+        """Indices (batch, kept) of the tokens that go on: 1 - ratio of them, per image, in order."""
         kept = max(1, round(tokens * (1 - ratio)))
-        return torch.rand(batch, tokens, device=device).argsort(dim=1)[:, :kept].sort(dim=1).values
+        generator = self.token_generator
+        scores = torch.rand(batch, tokens, device=generator.device if generator else device, generator=generator)
+        return scores.to(device).argsort(dim=1)[:, :kept].sort(dim=1).values
 
     @staticmethod
-    def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x (batch, [1,] tokens, width) at the token indices (batch, kept)."""
+        if x.ndim == 4:
+            return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
     @staticmethod
-    def _gather_angles(angles: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        table = angles[0, 0]  # (tokens, head_dim / 2)
-        return table[keep][:, None]  # (batch, 1, kept, head_dim / 2)
-
-    @staticmethod
-    def _scatter(full: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return full.scatter(1, keep[..., None].expand(-1, -1, full.shape[-1]), x)
+    def _put(full: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`full` with its tokens at `index` replaced by x's."""
+        return full.scatter(1, index[..., None].expand(-1, -1, full.shape[-1]), x)

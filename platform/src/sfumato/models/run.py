@@ -61,12 +61,16 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weigh
     return run
 
 
-def training_levers(denoiser, train_cfg) -> None:
+def training_levers(denoiser, train_cfg, progress: float = 0.0) -> None:
     """What the network does differently in training mode only (sampling and evaluation run
-    eval()): a DiT's token routing (train.routing)."""
-    routing = train_cfg.routing
+    eval()), at `progress` (the share of the run's training done): a DiT's token routing
+    (train.routing) and patch masking (train.masking, off for its last unmasked_fraction)."""
+    routing, masking = train_cfg.routing, train_cfg.masking
     if routing is not None:
         denoiser.net.set_routing(routing.ratio, routing.start_block, routing.end_block)
+    if masking is not None:
+        masked = progress < 1 - masking.unmasked_fraction
+        denoiser.net.set_masking(masking.ratio if masked else None, masking.mixer_blocks)
 
 
 def load_start_weights(cfg: Config, denoiser) -> None:

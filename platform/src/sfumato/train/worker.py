@@ -225,6 +225,10 @@ def optimizer_step(worker: Worker, stage_index: int, batches) -> dict:
     )  # < 1 after rollbacks
     for group in w.engine.optimizer.param_groups:
         group["lr"] = lr
+    if w.cfg.train.masking is not None:  # masked until the run's last unmasked_fraction
+        from sfumato.models.run import training_levers
+
+        training_levers(w.engine.module, w.cfg.train, w.state.step / w.cfg.train.total_steps)
     while True:
         batch, position = next(batches)
         w.position = {**position, "stage": stage_index}
