@@ -50,19 +50,49 @@ def text_run(cifar_shards):
     """A text-conditional run with its own BPE tokenizer and CLIP text encoder (wandb offline)."""
     from sfumato.train.loop import run_training
 
-    cfg = run_config(
-        cifar_shards,
-        "text",
-        "train.model=unet-text-tiny",
-        "train.conditioning=text",
-        "train.text.vocab_size=400",
-        "train.text.hidden_size=32",
-        "train.text.num_heads=2",
-        "train.text.num_layers=1",
-        "train.text.max_length=12",
-        "train.class_balanced=true",
-        "train.wandb=true",
-    )
+    cfg = run_config(cifar_shards, "text", "train.model=unet-text-tiny", *TINY_TEXT, "train.wandb=true")
+    run_training(cfg)
+    return cfg
+
+
+# A text run's own tokenizer and CLIP text encoder, tiny: 12 tokens of width 32.
+TINY_TEXT = (
+    "train.conditioning=text",
+    "train.text.vocab_size=400",
+    "train.text.hidden_size=32",
+    "train.text.num_heads=2",
+    "train.text.num_layers=1",
+    "train.text.max_length=12",
+    "train.class_balanced=true",
+)
+
+
+@pytest.fixture(scope="session")
+def dit_run(cifar_shards):
+    """`straight` with sfumato's DiT (dit-tiny) in place of the UNet: a class-conditional DiT run."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "dit", "train.model=dit-tiny")
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def dit_text_run(cifar_shards):
+    """`text_run` with sfumato's DiT reading the caption by cross-attention (dit-text-tiny)."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "dit-text", "train.model=dit-text-tiny", *TINY_TEXT)
+    run_training(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def mmdit_run(cifar_shards):
+    """`text_run` with sfumato's DiT reading the caption by joint attention (mmdit-tiny, SD3's MMDiT)."""
+    from sfumato.train.loop import run_training
+
+    cfg = run_config(cifar_shards, "mmdit", "train.model=mmdit-tiny", *TINY_TEXT)
     run_training(cfg)
     return cfg
 

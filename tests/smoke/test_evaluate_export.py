@@ -4,7 +4,8 @@ The diffusers export loads in a process where sfumato cannot be imported and gen
 the images the run generates for the same seeds, DDPM and flow-matching runs alike; the ONNX
 export agrees with PyTorch (DDIM, or flow Euler) and samples on its own with numpy and
 onnxruntime; evaluation writes its metrics, report and cards with the real counts of the run and
-its data."""
+its data. sfumato's DiT (class, text by cross-attention, text by joint attention) does all of it
+as the UNets do: its code travels inside the export."""
 
 import json
 import subprocess
@@ -46,14 +47,14 @@ generators = [torch.Generator().manual_seed(3 + i) for i in range(count)]
 images = pipe(**kwargs, num_inference_steps=6, generator=generators, output_type="pt").images
 expected = load_file(reference)["images"]
 assert not [m for m in sys.modules if m.startswith("sfumato") and sys.modules[m] is not None]
-print(type(pipe).__name__, type(pipe.scheduler).__name__, torch.equal(images, expected),
+print(type(pipe).__name__, type(pipe.scheduler).__name__, type(pipe.unet).__name__, torch.equal(images, expected),
       float((images - expected).abs().max()))
 """
 )
 
 
 def _export_and_compare(
-    run_cfg, conditions, pipe_kwargs, guidance_scale: float, scheduler: str = "DDIMScheduler"
+    run_cfg, conditions, pipe_kwargs, guidance_scale: float, scheduler: str = "DDIMScheduler", unet: str | None = None
 ) -> dict:
     run_dir = run_cfg.train.output_dir
     # The export every module shares (made once a session): its report is the one run_export returned.
@@ -83,8 +84,9 @@ def _export_and_compare(
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    name, loaded_scheduler, equal, max_diff = done.stdout.split()
+    name, loaded_scheduler, loaded_unet, equal, max_diff = done.stdout.split()
     assert name == "SfumatoPipeline" and loaded_scheduler == scheduler
+    assert unet is None or loaded_unet == unet, loaded_unet
     assert equal == "True", f"the export generates other images than the run (max diff {max_diff})"
     assert float(reference.std()) > 0.01, "the images are not blank"
     return report
@@ -199,6 +201,41 @@ def test_text_run_exports_its_encoder_and_tokenizer(text_run, tmp_path):
     drawn = sampler(prompts, None, 2, steps=4, guidance_scale=3.0, noise=noise.numpy(), negative_prompts=negatives)
     plain = sampler(prompts, None, 2, steps=4, guidance_scale=3.0, noise=noise.numpy())
     assert abs(drawn - expected).max() * 255 < 0.5 < abs(plain - expected).max() * 255
+    _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png", ("--prompt", prompts[0], "--prompt", prompts[1]))
+
+
+def _check_shipped_dit(run_dir) -> None:
+    """The DiT's own code is in the export, where diffusers looks for a custom component
+    (`<component>/<module>.py`, the module named in model_index.json)."""
+    folder = run_dir / "export" / "diffusers"
+    assert json.loads((folder / "model_index.json").read_text())["unet"] == ["sfumato_dit", "SfumatoDiT"]
+    assert (folder / "unet" / "sfumato_dit.py").is_file()
+
+
+def test_class_dit_run_exports_to_diffusers_and_onnx(dit_run, tmp_path):
+    """A DiT run's export loads where sfumato cannot be imported (its network's code ships in
+    unet/) and draws the run's very images; its ONNX graph agrees with PyTorch as a UNet's does."""
+    report = _export_and_compare(
+        dit_run, [0, 1, 2, 9], {"class_labels": [0, 1, 2, 9]}, guidance_scale=2.0, unet="SfumatoDiT"
+    )
+    run_dir = dit_run.train.output_dir
+    assert report["model"] == "dit-tiny"
+    _check_shipped_dit(run_dir)
+    _check_onnx(report, run_dir)
+    _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png")
+
+
+@pytest.mark.parametrize("run", ["dit_text_run", "mmdit_run"])
+def test_text_dit_runs_export_to_diffusers_and_onnx(run, request, tmp_path):
+    """Text by cross-attention (dit-text-tiny) and by joint attention (mmdit-tiny): the export
+    draws the run's images of the same prompts without sfumato, and the ONNX graph, text encoder
+    inside, samples prompts as the pipeline does."""
+    run_cfg = request.getfixturevalue(run)
+    prompts = ["a photo of a frog", "a photo of a ship"]
+    report = _export_and_compare(run_cfg, prompts, {"prompt": prompts}, guidance_scale=3.0, unet="SfumatoDiT")
+    run_dir = run_cfg.train.output_dir
+    _check_shipped_dit(run_dir)
+    _check_onnx(report, run_dir)
     _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png", ("--prompt", prompts[0], "--prompt", prompts[1]))
 
 

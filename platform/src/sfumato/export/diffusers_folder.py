@@ -7,8 +7,11 @@
 The folder holds the denoiser (unet/), the scheduler, and for text models the text encoder and
 tokenizer, for latent models the VAE, all weights as safetensors; the pipeline's code is
 sfumato.diffusion.pipeline, copied in as sfumato_pipeline.py (it imports only torch and
-diffusers), and model_index.json names it. `trust_remote_code` is diffusers' switch for loading a
-pipeline class shipped inside the folder.
+diffusers), and model_index.json names it. A DiT's network is sfumato's own class
+(sfumato.models.dit, also torch and diffusers only): its file goes into unet/ as sfumato_dit.py
+and model_index.json's "unet" entry names it, diffusers' custom-component layout
+(`<component>/<module>.py`). `trust_remote_code` is diffusers' switch for loading code shipped
+inside the folder.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import shutil
 from pathlib import Path
 
 import sfumato.diffusion.pipeline as pipeline_module
+import sfumato.models.dit as dit_module
 from sfumato.layout import EXPORT_META
 
 PIPELINE_FILE = "sfumato_pipeline"
+# sfumato's network modules that an export ships as code: module -> its file's name in the
+# component's folder. Any other sfumato class in model_index.json would not load without sfumato.
+SHIPPED_MODULES = {dit_module.__name__: ("sfumato_dit", dit_module.__file__)}
 
 
 def write_diffusers(pipe, out_dir: Path, meta: dict) -> Path:
@@ -34,6 +41,18 @@ def write_diffusers(pipe, out_dir: Path, meta: dict) -> Path:
     index_path = work / "model_index.json"  # diffusers' own file
     index = json.loads(index_path.read_text())
     index["_class_name"] = [PIPELINE_FILE, "SfumatoPipeline"]
+    for component, entry in index.items():
+        library = entry[0] if isinstance(entry, list) and entry and isinstance(entry[0], str) else ""
+        if component == "_class_name" or not library.startswith("sfumato"):
+            continue
+        if library not in SHIPPED_MODULES:
+            raise RuntimeError(
+                f"the export's {component} is {library}.{entry[1]}, a sfumato class whose code the export does "
+                f"not ship (it ships {sorted(SHIPPED_MODULES)}): the folder would not load without sfumato"
+            )
+        name, source = SHIPPED_MODULES[library]
+        shutil.copyfile(source, work / component / f"{name}.py")
+        index[component] = [name, entry[1]]
     index_path.write_text(json.dumps(index, indent=2))
     (work / EXPORT_META).write_text(json.dumps(meta, indent=1))
     pickles = [p for p in work.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
