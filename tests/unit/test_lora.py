@@ -1,6 +1,7 @@
-"""LoRA adapters (sfumato.models.lora) on every denoiser family, without Ray: only the adapters
-train, a fresh adapter changes nothing, merging keeps the function and the base's names, and
-the exported adapter is what diffusers' own loader reads back into a SfumatoPipeline."""
+"""LoRA adapters (sfumato.models.lora) on every denoiser family (UNets, sfumato's DiT for class
+and text, cross- or joint-attention), without Ray: only the adapters train, a fresh adapter
+changes nothing, merging keeps the function and the base's names, and the exported adapter is
+what diffusers' own loader reads back into a SfumatoPipeline."""
 
 import copy
 import types
@@ -10,7 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from sfumato.diffusion.pipeline import predict  # noqa: E402
 from sfumato.models.lora import add_lora, default_targets, merge_lora, save_adapter  # noqa: E402
+from sfumato.models.names import TEXT_MODELS  # noqa: E402
 from sfumato.models.registry import build_denoiser  # noqa: E402
 
 
@@ -28,20 +31,51 @@ def _lora(rank=4, **kw):
     )
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10, 700]), torch.tensor([0, 3])
+def _tiny_clip():
+    """A CLIP text encoder of width 32, one layer, 12 tokens (a vocabulary of 64)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+    )
+    return CLIPTextModel(config)
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "unet-xs", "dit-tiny"])
-def test_only_the_adapters_train_and_merging_keeps_the_function(name):
+def _model(name: str):
+    """The named denoiser at 32 px, 4 classes or a tiny CLIP text encoder (12 tokens), in eval
+    mode, its weights nudged off their initial values: a fresh DiT's adaLN-zero makes every
+    block the identity and the output zero, which any adapter would trivially keep."""
     torch.manual_seed(0)
-    model = build_denoiser(name, 32, 3, 4).eval()  # eval: the DiT drops class labels at random in training
+    if name in TEXT_MODELS:
+        model = build_denoiser(name, 32, 3, text_encoder=_tiny_clip())
+    else:
+        model = build_denoiser(name, 32, 3, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def _inputs(name: str = "unet-tiny"):
+    """(noise, timesteps, condition): class labels, or token ids for a text model."""
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randint(0, 64, (2, 12), generator=g) if name in TEXT_MODELS else torch.tensor([0, 3])
+    return torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10, 700]), cond
+
+
+@pytest.mark.parametrize("name", ["unet-tiny", "unet-xs", "dit-tiny", "dit-text-tiny", "mmdit-tiny"])
+def test_only_the_adapters_train_and_merging_keeps_the_function(name):
+    model = _model(name)
     base = copy.deepcopy(model)
     add_lora(model, _lora())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    x, t, c = _inputs()
+    x, t, c = _inputs(name)
     with torch.no_grad():
         assert torch.equal(model(x, t, c), base(x, t, c)), "a fresh adapter (B = 0) must change nothing"
         for n, p in model.named_parameters():
@@ -65,46 +99,58 @@ def test_adapters_are_few_of_the_parameters_and_conv_widens_the_targets():
         add_lora(build_denoiser("unet-tiny", 32, 3, 4), _lora(target_modules=["no_such_layer"]))
 
 
-def test_the_saved_adapter_is_diffusers_lora_format_and_loads_into_a_sfumato_pipeline(tmp_path):
+@pytest.mark.parametrize("name", ["dit-tiny", "mmdit-tiny"])
+def test_a_dits_adapters_reach_every_attention_and_mlp_layer_but_not_the_images_channels(name):
+    """Every linear layer of every block (self-attention, cross- or joint-attention, the caption's
+    own stream, SwiGLU, adaLN) is a default target; with `conv`, still neither the patch
+    embedding nor the output projection, which read and write the image's channels."""
+    net = _model(name).net
+    in_blocks = {f"blocks.{n}" for n, m in net.blocks.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = set(default_targets(net, conv=True))
+    assert in_blocks and in_blocks <= targets and not targets & {"patch_embed", "proj_out"}
+    assert any(".text_attn." in n for n in in_blocks) == (name == "mmdit-tiny")
+
+
+@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny", "mmdit-tiny"])
+def test_the_saved_adapter_is_diffusers_lora_format_and_loads_into_a_sfumato_pipeline(name, tmp_path):
+    """Network and (text models) text-encoder adapters written by save_adapter, read back by
+    diffusers' load_lora_weights onto the base: the pipeline's network computes the adapted one."""
     from diffusers import DDIMScheduler
     from safetensors import safe_open
 
     from sfumato.diffusion.pipeline import SfumatoPipeline
 
-    torch.manual_seed(0)
-    model = build_denoiser("unet-tiny", 32, 3, 4)
+    model = _model(name)
     base = copy.deepcopy(model)
-    add_lora(model, _lora())
+    text = name in TEXT_MODELS
+    add_lora(model, _lora(text_encoder=text, conv=True))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    save_adapter(model, tmp_path, _lora())
+    save_adapter(model, tmp_path, _lora(text_encoder=text, conv=True))
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         keys = list(f.keys())
         assert f.metadata() and "lora_adapter_metadata" in f.metadata()
-    assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys)
-    pipe = SfumatoPipeline(unet=base.net, scheduler=DDIMScheduler())
-    pipe.load_lora_weights(str(tmp_path))
-    x, t, c = _inputs()
+    prefixes = ("unet.", "text_encoder.") if text else ("unet.",)
+    assert keys and all(k.startswith(prefixes) and ".lora_" in k for k in keys)
+    assert {k.split(".")[0] for k in keys} == {p.rstrip(".") for p in prefixes}
+    x, t, c = _inputs(name)
     with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(x, t, class_labels=c).sample, model(x, t, c), atol=1e-5, rtol=1e-4)
+        adapted = model(x, t, c)
+        assert (adapted - base(x, t, c)).abs().max() > 1e-4
+    pipe = SfumatoPipeline(unet=base.net, scheduler=DDIMScheduler(), text_encoder=base.text_encoder)
+    pipe.load_lora_weights(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(predict(pipe.unet, x, t, c, pipe.text_encoder), adapted, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["clip", "t5"])
 def test_text_encoder_adapters_train_with_the_unets_and_the_rest_stays_frozen(kind):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     if kind == "clip":
-        config = CLIPTextConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=12,
-        )
-        encoder = CLIPTextModel(config)
+        encoder = _tiny_clip()
     else:
         encoder = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
     model = build_denoiser("unet-text-tiny", 16, 3, text_encoder=encoder)

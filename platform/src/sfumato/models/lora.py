@@ -24,16 +24,21 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_
 TEXT_ATTENTION = {"clip": ["q_proj", "k_proj", "v_proj", "out_proj"], "t5": ["q", "k", "v", "o"]}
 
 
+# The layers that read or write the image's own channels: a UNet's first and last convolutions,
+# a DiT's patch embedding and output projection (sfumato.models.dit). They stay the base's.
+IMAGE_LAYERS = ("conv_in", "conv_out", "patch_embed", "proj_out")
+
+
 def default_targets(net: torch.nn.Module, conv: bool) -> list[str]:
     """Every linear layer of the network (attention projections, feed-forward, time and adaLN
-    embeddings), its class-embedding table (what a class, and the "no class" label of
-    classifier-free guidance, means to the model: the class model's counterpart of a text
-    encoder), and with `conv` every convolution but the first and the last (their channels are
-    the image's): the modules' full names, as peft targets."""
+    embeddings; a DiT's caption projections too), its class-embedding table (what a class, and
+    the "no class" label of classifier-free guidance, means to the model: the class model's
+    counterpart of a text encoder), and with `conv` every convolution but those of IMAGE_LAYERS
+    (their channels are the image's): the modules' full names, as peft targets."""
     kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d) if conv else (torch.nn.Linear, torch.nn.Embedding)
     names = set()
     for name, module in net.named_modules():
-        if isinstance(module, kinds) and name not in ("conv_in", "conv_out", "proj_out"):
+        if isinstance(module, kinds) and name not in IMAGE_LAYERS:
             names.add(name)
     if not names:
         raise ValueError(f"{type(net).__name__} has no linear{' or conv' if conv else ''} layer for LoRA")
@@ -54,6 +59,18 @@ def lora_config(cfg, net: torch.nn.Module):
     )
 
 
+def text_lora_config(cfg, text_encoder: torch.nn.Module):
+    """peft's LoraConfig for the text encoder: its attention projections (TEXT_ATTENTION)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        lora_dropout=cfg.dropout,
+        target_modules=TEXT_ATTENTION.get(text_encoder.config.model_type, TEXT_ATTENTION["clip"]),
+    )
+
+
 def add_lora(denoiser: torch.nn.Module, cfg) -> None:
     """Adapters on `denoiser.net` (and on its text encoder when cfg.text_encoder), every other
     parameter frozen. B starts at zero, so the adapted network first computes exactly what the
@@ -68,15 +85,7 @@ def add_lora(denoiser: torch.nn.Module, cfg) -> None:
     if cfg.text_encoder:
         if denoiser.text_encoder is None:
             raise ValueError("finetune.lora.text_encoder: the model has no text encoder (not a *-text-* model)")
-        from peft import LoraConfig
-
-        text_config = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-            lora_dropout=cfg.dropout,
-            target_modules=TEXT_ATTENTION.get(denoiser.text_encoder.config.model_type, TEXT_ATTENTION["clip"]),
-        )
-        inject_adapter_in_model(text_config, denoiser.text_encoder, adapter_name=ADAPTER_NAME)
+        inject_adapter_in_model(text_lora_config(cfg, denoiser.text_encoder), denoiser.text_encoder, ADAPTER_NAME)
     for name, param in denoiser.named_parameters():
         param.requires_grad_("lora_" in name)
 
@@ -98,18 +107,26 @@ def adapter_state(denoiser: torch.nn.Module) -> tuple[dict, dict | None]:
 
 def save_adapter(denoiser: torch.nn.Module, folder, lora_cfg) -> None:
     """The adapter alone, in diffusers' LoRA format (folder/pytorch_lora_weights.safetensors, the
-    LoraConfig in its metadata), through diffusers' own writer."""
+    LoraConfigs of the network and of a text encoder with adapters in its metadata), through
+    diffusers' own writer. The text encoder's config must be there too: given the network's
+    alone, diffusers' loader reads an empty one for the encoder and peft refuses it."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+    def metadata(config) -> dict:
+        meta = config.to_dict()
+        meta["target_modules"] = sorted(meta["target_modules"])  # a set in peft: JSON needs a list
+        return meta
+
     unet, text = adapter_state(denoiser)
-    unet_meta = lora_config(lora_cfg, denoiser.net).to_dict()
-    unet_meta["target_modules"] = sorted(unet_meta["target_modules"])  # a set in peft: JSON needs a list
     StableDiffusionLoraLoaderMixin.save_lora_weights(
         str(folder),
         unet_lora_layers={k: v.contiguous() for k, v in unet.items()},
         text_encoder_lora_layers=None if text is None else {k: v.contiguous() for k, v in text.items()},
         weight_name=LORA_WEIGHTS_FILE,
-        unet_lora_adapter_metadata=unet_meta,
+        unet_lora_adapter_metadata=metadata(lora_config(lora_cfg, denoiser.net)),
+        text_encoder_lora_adapter_metadata=None
+        if text is None
+        else metadata(text_lora_config(lora_cfg, denoiser.text_encoder)),
     )
 
 
