@@ -17,6 +17,7 @@ NEEDS_TRAIN_EXTRA = (
     "sfumato.models",
     "sfumato.bench.train",
     "sfumato.bench.quality",
+    "sfumato.bench.models",
     "sfumato.evaluate",
     "sfumato.export",
     "sfumato.bench.export",

@@ -25,6 +25,7 @@ BENCHES = {
     "finetune": "LoRA vs full fine-tuning of a trained run: effect, time, memory",
     "align": "A/B votes by a scripted judge -> Diffusion-DPO -> win rate, FD",
     "compositional": "the GenEval-style judge: rendered scenes, wrong prompts, noise; same seed, same numbers",
+    "models": "every preset's parameters and FLOPs at 256 px latent; the CPU training step of the pilots' sizes",
 }
 
 
