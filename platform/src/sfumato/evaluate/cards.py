@@ -384,13 +384,16 @@ def parameter_counts(ema_path: Path) -> dict[str, int]:
 
 
 def _family(model: str) -> str:
-    from sfumato.models.names import DIT, MODEL_FAMILIES, TEXT_UNET
+    from sfumato.models.names import DIT, MMDIT, MODEL_FAMILIES, TEXT_DIT, TEXT_UNET, UNET
 
-    if MODEL_FAMILIES.get(model) == DIT:
-        return "DiT (diffusers DiTTransformer2DModel; Peebles & Xie 2023)"
-    if MODEL_FAMILIES.get(model) == TEXT_UNET:
-        return "UNet cross-attending to a text encoder (diffusers UNet2DConditionModel + CLIPTextModel)"
-    return "UNet (diffusers UNet2DModel)"
+    dit = "sfumato's DiT (sfumato.models.dit, shipped in the export's unet/; Peebles & Xie 2023)"
+    return {
+        UNET: "UNet (diffusers UNet2DModel)",
+        TEXT_UNET: "UNet cross-attending to a text encoder (diffusers UNet2DConditionModel)",
+        DIT: dit,
+        TEXT_DIT: f"{dit}, cross-attending to a text encoder (as PixArt)",
+        MMDIT: f"{dit}, joint attention over caption and image tokens (SD3's MMDiT)",
+    }[MODEL_FAMILIES[model]]
 
 
 def _architecture(cfg, run_dir: Path, data: dict | None) -> list[str]:
