@@ -13,6 +13,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
+# The start of a fresh interpreter (`python -I`: no PYTHONPATH, no cwd) in which `import sfumato`
+# fails: no sys.path entry holds the package (the editable install's .pth puts its source there),
+# and sys.modules blocks it besides, so any import of it, however deep, raises. What a user of an
+# export has: torch and diffusers.
+NO_SFUMATO = (
+    "import os, sys; sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'sfumato'))]; "
+    "sys.modules['sfumato'] = None"
+)
+
 
 def fixture_images(name: str, classes: int, per_class: int) -> Path:
     """tests/fixtures/<name>: `classes` class folders of `per_class` real JPEGs each, used in place

@@ -1,7 +1,8 @@
 """`sfumato align`: Diffusion-DPO on Ray Train + DeepSpeed from a trained run, on pairs made from
 A/B votes (a collection round on the run's own export, judged by a script), with the reference
 frozen, the held-out reward accuracy and policy distance logged, lineage recorded, and an exact
-resume after a killed worker; and a text run aligned on pairs that carry their prompts."""
+resume after a killed worker; a text run aligned on pairs that carry their prompts; and a DiT
+run aligned as a UNet run is."""
 
 from __future__ import annotations
 
@@ -22,25 +23,29 @@ from sfumato.train.faults import KillWorkerAt
 from sfumato.train.loop import run_training
 
 
-@pytest.fixture(scope="module")
-def pairs(straight, tmp_path_factory):
-    """Pairs from 40 judged trials of the straight run's export against itself."""
+def _judged_pairs(run_cfg, folder, trials: int):
+    """Pairs from `trials` judged trials of the run's export against itself (4 steps, by class)."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    folder = tmp_path_factory.mktemp("align") / "collect"
-    arm = load_arm(f"base={exported(straight)}")
-    test = ABTest(folder, [arm, arm], conditions_for([arm], None), steps=4, seed=3)
-    for _ in range(40):
+    arm = load_arm(f"base={exported(run_cfg)}")
+    test = ABTest(folder / "collect", [arm, arm], conditions_for([arm], None), steps=4, seed=3)
+    for _ in range(trials):
         trial = test.new_trial()
         left, right = (np.asarray(Image.open(io.BytesIO(trial.images[s])).convert("RGB")) for s in ("left", "right"))
         test.vote(trial.id, judge(left, right), "judge")
-    out = folder.parent / "pairs.parquet"
-    summary = run_pairs([folder], out)
-    assert summary["pairs"] + summary["ties"] == 40
+    out = folder / "pairs.parquet"
+    summary = run_pairs([folder / "collect"], out)
+    assert summary["pairs"] + summary["ties"] == trials
     return out
+
+
+@pytest.fixture(scope="module")
+def pairs(straight, tmp_path_factory):
+    """Pairs from 40 judged trials of the straight run's export against itself."""
+    return _judged_pairs(straight, tmp_path_factory.mktemp("align"), 40)
 
 
 def _align_cfg(parent, pairs, name: str, *overrides: str, micro_batch_size: int = 4):
@@ -211,3 +216,22 @@ def test_a_text_run_aligns_on_prompt_pairs_and_exports(text_run, text_pairs):
         if not torch.equal(a, b)
     }
     assert moved == {"net", "text_encoder"}, moved
+
+
+@pytest.mark.slow  # an A/B round on the DiT's export, then DPO on Ray Train + DeepSpeed: minutes on 2 cores
+def test_a_dit_run_aligns_and_exports(dit_run, tmp_path):
+    """Diffusion-DPO of a DiT run (dit-tiny) on pairs of its own export's images: DPO and held-out
+    figures logged, the DiT's weights moved from the parent's, and the aligned run exports."""
+    from sfumato.export.export_run import run_export
+    from sfumato.models.run import load_trained
+
+    cfg = _align_cfg(dit_run, _judged_pairs(dit_run, tmp_path, 16), "dit-aligned", micro_batch_size=2)
+    run_training(cfg)
+    run = RunFolder(cfg.train.output_dir)
+    assert [m["step"] for m in read_metrics(run.metrics) if "loss" in m] == list(range(1, 7))
+    assert [m["step"] for m in read_metrics(run.metrics) if "heldout_reward_accuracy" in m] == [3, 6]
+    report = run_export(cfg.train.output_dir, overrides=["export.onnx=false"])
+    assert report["model"] == "dit-tiny"
+    _, policy, _ = load_trained(cfg.train.output_dir)
+    _, parent, _ = load_trained(dit_run.train.output_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.denoiser.parameters(), parent.denoiser.parameters()))

@@ -19,18 +19,10 @@ pytest.importorskip("onnxruntime")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from helpers import exported  # noqa: E402
+from helpers import NO_SFUMATO, exported  # noqa: E402
 from sfumato.diffusion.sample import sample  # noqa: E402
 from sfumato.layout import ExportFolder  # noqa: E402
 from sfumato.models.run import load_trained, pipeline  # noqa: E402
-
-# The start of a fresh interpreter (`python -I`: no PYTHONPATH, no cwd) in which `import sfumato`
-# fails: no sys.path entry holds the package (the editable install's .pth puts its source there),
-# and sys.modules blocks it besides, so any import of it, however deep, raises.
-NO_SFUMATO = (
-    "import os, sys; sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'sfumato'))]; "
-    "sys.modules['sfumato'] = None"
-)
 
 # Only torch and diffusers: the export's own pipeline code draws the images.
 WITHOUT_SFUMATO = (
@@ -212,6 +204,9 @@ def _check_shipped_dit(run_dir) -> None:
     assert (folder / "unet" / "sfumato_dit.py").is_file()
 
 
+# The DiT runs' training and ONNX export cost a couple of minutes each on 2 cores: the default tier
+# keeps the text DiT (cross-attention: the main product, and the run test_dit_lifecycle shares).
+@pytest.mark.slow
 def test_class_dit_run_exports_to_diffusers_and_onnx(dit_run, tmp_path):
     """A DiT run's export loads where sfumato cannot be imported (its network's code ships in
     unet/) and draws the run's very images; its ONNX graph agrees with PyTorch as a UNet's does."""
@@ -225,7 +220,7 @@ def test_class_dit_run_exports_to_diffusers_and_onnx(dit_run, tmp_path):
     _sample_onnx_without_sfumato(run_dir, tmp_path / "grid.png")
 
 
-@pytest.mark.parametrize("run", ["dit_text_run", "mmdit_run"])
+@pytest.mark.parametrize("run", ["dit_text_run", pytest.param("mmdit_run", marks=pytest.mark.slow)])
 def test_text_dit_runs_export_to_diffusers_and_onnx(run, request, tmp_path):
     """Text by cross-attention (dit-text-tiny) and by joint attention (mmdit-tiny): the export
     draws the run's images of the same prompts without sfumato, and the ONNX graph, text encoder
