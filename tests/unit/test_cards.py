@@ -63,6 +63,7 @@ EVALUATIONS = [
         "sampler": "ddim",
         "steps": 20,
         "guidance_scale": 2.0,
+        "guidance_interval": [0.2, 0.8],
         "seed": 0,
         "reference": {"count": 60, "cache": "ref-clip.npz"},
     },
@@ -335,6 +336,8 @@ def test_report_plots_curves_samples_and_evaluations(data):
     )
     fid = next(line for line in text.splitlines() if "| FID |" in line)
     assert "inception-v3-compat" in fid and "123.5" in fid
+    clip = next(line for line in text.splitlines() if "| FD-CLIP |" in line)
+    assert "| 2 at noise [0.2, 0.8] |" in clip and "at noise" not in fid, "guidance and the levels it was limited to"
     assert "clip:tiny-clip" in text and "not comparable" in text
     assert "[step-00000010](evaluation/samples-step-00000010.png)" in text
 
@@ -366,6 +369,7 @@ def test_model_card_has_the_checkpoints_parameters_and_the_data_cards_counts(dat
     assert f"{counts['training_images']:,} training images from {counts['inputs']:,} inputs" in text
     assert f"from scratch on {counts['training_images']:,} images at 32 px" in text
     assert "FD-CLIP on features `clip:tiny-clip`: not an FID" in text and "| 7.891 |" in text
+    assert "| 2 at noise [0.2, 0.8] |" in text, "the evaluation's guidance interval"
     assert "1 flagged at threshold 0.5, 1 excluded" in text and "| CC-BY-2.0 | 6 |" in text
 
 

@@ -113,3 +113,27 @@ def test_source_weights_are_set_on_every_source_or_none_and_normalised():
         "synthetic": pytest.approx(0.1),
     }
     assert load_config(PILOT).data.source_weights is None
+
+
+@pytest.mark.parametrize("key", ["train.sample.guidance_interval", "evaluate.guidance_interval"])
+def test_a_guidance_interval_is_two_noise_levels_in_order_and_a_bad_one_names_its_key(key, tmp_path):
+    section = (lambda cfg: cfg.train.sample) if key.startswith("train.") else (lambda cfg: cfg.evaluate)
+    assert section(load_config(PILOT)).guidance_interval is None, "by default guidance at every step"
+    cfg = load_config(PILOT, [f"{key}=[0.2, 0.8]"])
+    assert section(cfg).guidance_interval == (0.2, 0.8)
+    (tmp_path / "resolved.yaml").write_text(dump_yaml(cfg))
+    assert load_config(tmp_path / "resolved.yaml") == cfg, "the resolved config a run writes reads back"
+    for value, says in [
+        ("[0.8, 0.2]", "must be [lo, hi] with 0 <= lo <= hi <= 1, got [0.8, 0.2]"),
+        ("[-0.1, 0.5]", "0 <= lo <= hi <= 1"),
+        ("[0.5, 1.5]", "0 <= lo <= hi <= 1"),
+        ("[.nan, 0.5]", "0 <= lo <= hi <= 1"),
+        ("[0.5]", "2 numbers, not 1"),
+        ("[0.1, 0.5, 0.9]", "2 numbers, not 3"),
+        ("[true, 1]", "valid number"),
+        ('["0.2", 0.8]', "valid number"),
+        ("0.5", "valid tuple"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(PILOT, [f"{key}={value}"])
+        assert f"  {key}" in str(err.value) and says in str(err.value), (value, str(err.value))

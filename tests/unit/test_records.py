@@ -108,6 +108,8 @@ def test_an_evaluation_record_reads_back_with_its_keys():
         "reference": None,
     }
     assert QualityRecord.from_json(record).to_json() == record
+    limited = {**record, "guidance_interval": [0.2, 0.8]}  # written only when evaluate.guidance_interval is set
+    assert QualityRecord.from_json(limited).to_json() == limited
 
 
 def test_a_report_is_written_from_metrics_lines_of_the_old_key_names(tmp_path):

@@ -1,5 +1,6 @@
 """Sampling: every sampler runs on the run's schedule, an image depends only on its own seed,
-classifier-free guidance combines the two passes, and bad conditions fail before any work."""
+classifier-free guidance combines the two passes (inside a guidance interval only, when given),
+and bad conditions fail before any work."""
 
 import typing
 
@@ -90,3 +91,56 @@ def test_bad_conditions_fail_naming_what_is_wrong():
     with pytest.raises(ValueError, match="guidance_scale needs a conditional model"):
         unconditional(batch_size=1, guidance_scale=2.0, num_inference_steps=1)
     assert unconditional(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 3, 16, 16)
+
+
+def _levels(pipe, steps: int) -> list[float]:
+    """The noise level t / num_train_timesteps (1: pure noise) of each of the sampler's steps."""
+    pipe.scheduler.set_timesteps(steps)
+    return [t.item() / pipe.scheduler.config.num_train_timesteps for t in pipe.scheduler.timesteps]
+
+
+def _rows_per_call(pipe) -> list[tuple[float, int]]:
+    """(noise level, images in the batch) of every call of the pipeline's network, as it runs."""
+    calls = []
+
+    def record(module, args, kwargs):
+        sample, timestep = args[:2] if len(args) > 1 else (args[0], kwargs["timestep"])
+        calls.append((timestep[0].item() / pipe.scheduler.config.num_train_timesteps, sample.shape[0]))
+
+    pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_guidance_in_an_interval_spends_the_second_call_only_on_its_noise_levels(sampler):
+    """Kynkäänniemi et al. 2024: [0, 1] is plain guidance, bit for bit; an interval that holds no
+    step is no guidance, bit for bit; a middle one guides (two images a call) exactly at the steps
+    whose noise level lies in it, one image a call elsewhere, and draws images unlike both."""
+    pipe, steps, n = _pipe(sampler), 6, 3
+    levels = _levels(pipe, steps)
+    guided = dict(guidance_scale=3.0, conditions=[0, 1, 2])
+    plain = sample(pipe, n, 7, steps, **guided)
+    assert torch.equal(sample(pipe, n, 7, steps, **guided, guidance_interval=(0.0, 1.0)), plain)
+
+    distinct = sorted(set(levels))
+    gap = (distinct[0] + distinct[1]) / 2  # between the two lowest noise levels: no step there
+    unguided = sample(pipe, n, 7, steps, guidance_scale=1.0, conditions=[0, 1, 2])
+    assert not torch.equal(plain, unguided), "guidance changes these images: the checks below can tell"
+    assert torch.equal(sample(pipe, n, 7, steps, **guided, guidance_interval=(gap, gap)), unguided)
+
+    middle = (distinct[1], distinct[-2])  # every level but the lowest and the highest
+    calls = _rows_per_call(pipe)
+    limited = sample(pipe, n, 7, steps, **guided, guidance_interval=middle)
+    assert [level for level, _ in calls] == levels, "one network call per timestep (Heun: two a step but the last)"
+    for level, rows in calls:
+        assert rows == (2 * n if middle[0] <= level <= middle[1] else n), (level, rows, middle)
+    rows = sum(rows for _, rows in calls)
+    assert n * len(levels) < rows < 2 * n * len(levels), "fewer network evaluations than guiding every step"
+    assert not torch.equal(limited, plain) and not torch.equal(limited, unguided)
+
+
+def test_a_guidance_interval_outside_zero_to_one_or_reversed_is_refused():
+    pipe = _pipe()
+    for interval in ((0.8, 0.2), (-0.1, 0.5), (0.5, 1.5), (float("nan"), 0.5)):
+        with pytest.raises(ValueError, match="guidance_interval must be"):
+            pipe(class_labels=[0], guidance_scale=2.0, guidance_interval=interval, num_inference_steps=1)

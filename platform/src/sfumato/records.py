@@ -237,6 +237,7 @@ class QualityRecord(Record):
     sampler: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    guidance_interval: list[float] | None = _optional()  # [lo, hi] noise levels guided; absent: every step
     seed: int | None = None
     resolution_px: int | None = None
     generation_s: float | None = None

@@ -36,7 +36,13 @@ from sfumato.config.data import (
     TableSource,
     WebDatasetSource,
 )
-from sfumato.config.diffusion import DiffusionConfig, FlowConfig, Sampler
+from sfumato.config.diffusion import (
+    DiffusionConfig,
+    FlowConfig,
+    GuidanceInterval,
+    Sampler,
+    check_guidance_interval,
+)
 from sfumato.config.evaluate import CompositionalConfig, DomainConfig, EvaluateConfig, SegmenterConfig
 from sfumato.config.export import ExportConfig
 from sfumato.config.loading import load_config, load_run_config, parse_overrides, validate_config, validated

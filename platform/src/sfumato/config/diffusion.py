@@ -3,9 +3,9 @@ samplers every stage that draws images chooses from."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, StrictFloat, model_validator
 
 from sfumato.config.base import Frozen
 
@@ -67,3 +67,28 @@ Sampler = Literal["ddpm", "ddim", "dpm-solver++", "flow-euler", "flow-heun"]
 (DPM-Solver++, Lu et al. 2022, order 2) on the run's noise schedule. Flow runs: Euler or Heun
 (2nd order) along the learnt velocity, diffusers' FlowMatchEuler/HeunDiscreteScheduler.
 sfumato.diffusion.sample.SAMPLERS; a run's sampler must fit its objective."""
+
+
+def _two_items(value):
+    """A list or tuple of another length is refused in words (pydantic would say "Field required"
+    of item 1); anything else goes on to the tuple's own checks."""
+    if isinstance(value, (list, tuple)) and len(value) != 2:
+        raise ValueError(f"must be [lo, hi]: 2 numbers, not {len(value)}")
+    return value
+
+
+def check_guidance_interval(interval: tuple[float, float]) -> tuple[float, float]:
+    """`interval` unchanged if it is [lo, hi] with 0 <= lo <= hi <= 1; else a ValueError."""
+    lo, hi = interval
+    if not 0 <= lo <= hi <= 1:  # NaN fails every comparison
+        raise ValueError(f"must be [lo, hi] with 0 <= lo <= hi <= 1, got [{lo}, {hi}]")
+    return interval
+
+
+GuidanceInterval = Annotated[
+    tuple[StrictFloat, StrictFloat], BeforeValidator(_two_items), AfterValidator(check_guidance_interval)
+]
+"""Classifier-free guidance only at the steps whose noise level t / num_train_timesteps (1: pure
+noise) lies in [lo, hi]; the other steps make one conditional model call (Kynkäänniemi et al.
+2024: guidance at high noise costs diversity and buys little, at low noise it does nothing; EDM2
+on ImageNet-512 went from FID 1.81 to 1.40). Numbers only: true or "0.5" is refused, not read as one."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from sfumato.config.base import Frozen
-from sfumato.config.diffusion import Sampler
+from sfumato.config.diffusion import GuidanceInterval, Sampler
 
 
 class DomainConfig(Frozen):
@@ -98,6 +98,9 @@ class EvaluateConfig(Frozen):
     sampler: Sampler = "dpm-solver++"
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(1.0, ge=0, le=50)
+    guidance_interval: GuidanceInterval | None = None
+    """[lo, hi]: guide only at noise levels t / num_train_timesteps in [lo, hi] (1: pure noise),
+    elsewhere one conditional call (Kynkäänniemi et al. 2024). None: at every step."""
     seed: int = 0
     """Image i starts from noise seeded seed + i, for every checkpoint evaluated."""
     inception_weights: str | None = None

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from sfumato.config.base import Frozen, _absolute
-from sfumato.config.diffusion import Sampler
+from sfumato.config.diffusion import GuidanceInterval, Sampler
 from sfumato.config.posttrain import DPOConfig, LineageConfig, LoraSection
 from sfumato.models.names import MODEL_FAMILIES, TEXT_MODELS, TRANSFORMERS
 
@@ -117,6 +117,9 @@ class SampleConfig(Frozen):
     sampler: Sampler = "ddim"
     guidance_scale: float = Field(1.0, ge=0, le=50)
     """Classifier-free guidance (1: none) for class- and text-conditional models."""
+    guidance_interval: GuidanceInterval | None = None
+    """[lo, hi]: guide only at noise levels t / num_train_timesteps in [lo, hi] (1: pure noise),
+    elsewhere one conditional call (Kynkäänniemi et al. 2024). None: at every step."""
     prompts: list[str] | None = Field(None, min_length=1)
     """Text-conditional runs: the grid's captions, cycled. None: the manifest's most frequent
     captions, chosen at the run's first start and kept in text/sample_prompts.json."""

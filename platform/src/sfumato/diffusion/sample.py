@@ -88,11 +88,13 @@ def sample(
     first_index: int = 0,
     height: int | None = None,
     width: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1], NCHW, from a SfumatoPipeline: images first_index .. first_index+num_images
     of the seed's sequence. `conditions` (one per image): prompts or token ids for a text model,
     class indices or names for a class model, None for an unconditional one (or "no condition").
-    height, width: pixels (None: the model's training size)."""
+    height, width: pixels (None: the model's training size). guidance_interval: guide only at
+    noise levels in [lo, hi] (SfumatoPipeline.__call__; None: at every step)."""
     kwargs = {}
     if conditions is not None and pipe.text_encoder is not None:
         kwargs = {"prompt_ids": conditions} if torch.is_tensor(conditions) else {"prompt": list(conditions)}
@@ -108,6 +110,7 @@ def sample(
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        guidance_interval=guidance_interval,
         generator=generators(seed, first_index, num_images),
         output_type="pt",
     ).images

@@ -146,6 +146,7 @@ def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> Comp
                     first_index=first + start,
                     height=resolution_px,
                     width=resolution_px,
+                    guidance_interval=e.guidance_interval,
                 )
             )
         first += len(asked)
@@ -247,6 +248,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
             first_index=first,
             height=resolution_px,
             width=resolution_px,
+            guidance_interval=e.guidance_interval,
         )
         if grid is None:
             grid = images[:16]
@@ -278,6 +280,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
         sampler=e.sampler,
         steps=e.steps,
         guidance_scale=e.guidance_scale,
+        guidance_interval=None if e.guidance_interval is None else list(e.guidance_interval),
         seed=e.seed,
         resolution_px=resolution_px,
         generation_s=round(seconds, 2),

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sfumato.config import Config, load_run_config
-from sfumato.documents import format_duration, new_figure, table
+from sfumato.documents import cell, format_duration, new_figure, table
 from sfumato.layout import RunFolder, atomic_write, read_jsonl
 from sfumato.records import (
     GRAD_NORM,
@@ -120,6 +120,15 @@ def _attempt_segments(metrics: list[MetricsLine], attempt_starts: list[float]) -
     return [groups[k] for k in sorted(groups)]
 
 
+def _guidance(e: QualityRecord) -> str | float | None:
+    """The guidance an evaluation sampled with: its scale, and the noise levels it guided at when
+    limited to an interval (evaluate.guidance_interval)."""
+    if e.guidance_interval is None:
+        return e.guidance_scale
+    lo, hi = e.guidance_interval
+    return f"{cell(e.guidance_scale)} at noise [{lo:g}, {hi:g}]"
+
+
 def evaluation_lines(evaluations: list[dict]) -> list[str]:
     """The evaluations (evaluations.jsonl's lines) as tables: the domain yardstick's (when
     measured), then the Fréchet distances in pretrained feature spaces (when measured), with
@@ -163,7 +172,7 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
             e.clip_score,
             e.num_samples,
             f"{e.sampler} ({e.steps})",
-            e.guidance_scale,
+            _guidance(e),
             e.seed,
             (e.reference or {}).get("count"),
         ]
@@ -212,7 +221,7 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
             e.domain["noise_fd_domain"],
             e.num_samples,
             f"{e.sampler} ({e.steps})",
-            e.guidance_scale,
+            _guidance(e),
             e.seed,
         ]
         for e in measured

@@ -348,7 +348,15 @@ def sample_grid(worker: Worker, model, resolution_px: int) -> None:
     pipe = pipeline(worker.cfg, replace(worker.run_model, denoiser=model), s.sampler)
     width, height = worker.cfg.sample_size_px(resolution_px)  # square, or train.sample.aspect_ratio's bucket
     images = sample(
-        pipe, s.num_images, s.seed, s.steps, s.guidance_scale, worker.grid_conditions, height=height, width=width
+        pipe,
+        s.num_images,
+        s.seed,
+        s.steps,
+        s.guidance_scale,
+        worker.grid_conditions,
+        height=height,
+        width=width,
+        guidance_interval=s.guidance_interval,
     )
     path = worker.run.sample_grid(worker.state.step)
     path.parent.mkdir(parents=True, exist_ok=True)
