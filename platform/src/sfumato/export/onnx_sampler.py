@@ -7,6 +7,7 @@ vae_decoder.onnx (latent models). From that folder:
 
     python sample_onnx.py --out grid.png --seed 0 --steps 30 --class 3     # class model
     python sample_onnx.py --out grid.png --prompt "a red circle" --guidance 3 --negative-prompt "blurry"
+    python sample_onnx.py --out grid.png --class 3 --guidance 3 --guidance-interval 0.2 0.8
 
 The sampler is the one of the model's objective (sampler.json's `objective`): for DDPM models
 DDIM with eta 0 and "trailing" timesteps (Song et al. 2021; Lin et al. 2023), the same arithmetic
@@ -112,9 +113,12 @@ class OnnxSampler:
             feed["cond"] = cond
         return self.session.run(None, feed)[0].astype(np.float64)
 
-    def _guided(self, x: np.ndarray, t, cond, uncond, guidance_scale: float) -> np.ndarray:
-        """The prediction, with classifier-free guidance (Ho & Salimans 2022) when the scale is not 1."""
-        if guidance_scale == 1.0:
+    def _guided(self, x: np.ndarray, t, cond, uncond, guidance_scale: float, interval) -> np.ndarray:
+        """The prediction, with classifier-free guidance (Ho & Salimans 2022) when the scale is not 1
+        and t's noise level (t / num_train_timesteps, 1: pure noise) lies in `interval` (lo, hi),
+        or at every step when it is None, as the PyTorch pipeline guides."""
+        level = float(t) / self.spec["num_train_timesteps"]
+        if guidance_scale == 1.0 or (interval is not None and not interval[0] <= level <= interval[1]):
             return self._predict(x, t, cond)
         both = self._predict(np.concatenate([x, x]), t, np.concatenate([uncond, cond]))
         unconditional, conditional = np.split(both, 2)
@@ -166,19 +170,27 @@ class OnnxSampler:
         callback=None,
         raw: bool = False,
         negative_prompts: list[str] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> np.ndarray:
         """Images as float NHWC in [0, 1]; raw=True: the final sample before any decoding or
         clipping (NCHW, latents for a latent model). `callback(step_index, t)` runs before every
-        step. `negative_prompts` (text models, one per prompt): what guidance steers away from."""
+        step. `negative_prompts` (text models, one per prompt): what guidance steers away from.
+        `guidance_interval` (lo, hi): guide only at steps whose noise level t / num_train_timesteps
+        (1: pure noise) lies in [lo, hi], one conditional call at the others (Kynkäänniemi et al.
+        2024); None: at every step."""
         cond, uncond = self._conditions(prompts, class_labels, num_images, negative_prompts)
         count = num_images if cond is None else len(cond)
         if guidance_scale != 1.0 and cond is None:
             raise ValueError("guidance_scale needs a conditional model (this one is unconditional)")
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
         if noise is None:
             shape = (self.spec["in_channels"], self.spec["sample_size"], self.spec["sample_size"])
             noise = np.stack([np.random.default_rng(seed + i).standard_normal(shape) for i in range(count)])
         x = noise.astype(np.float64)
-        predict = lambda x, t: self._guided(x, t, cond, uncond, guidance_scale)  # noqa: E731
+        predict = lambda x, t: self._guided(x, t, cond, uncond, guidance_scale, guidance_interval)  # noqa: E731
         x = (self._flow_euler if self.objective == "flow" else self._ddim)(x, steps, predict, callback)
         if raw:
             return x
@@ -204,6 +216,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="guide only at noise levels in [LO, HI] (1: pure noise); default: every step",
+    )
     args = parser.parse_args()
     from PIL import Image
 
@@ -219,6 +239,7 @@ def main() -> None:
             args.steps,
             args.guidance,
             negative_prompts=negatives,
+            guidance_interval=args.guidance_interval,
         )
     )
     Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
