@@ -36,3 +36,11 @@ def publish(result: dict, text: str, out: str | None) -> dict:
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def load_recipe(spec: str, repo: Path):
+    """A race's recipe, 'configs/x.yaml,key=value,...' (paths relative to the repo) -> its config."""
+    from sfumato.config import load_config
+
+    path, *overrides = [p.strip() for p in spec.split(",") if p.strip()]
+    return load_config(repo / path, overrides, inputs=False)

@@ -15,6 +15,10 @@ parameters), the same 32 px training images in the same batches (the pilot's 32 
   sfumato-flow  the pilot's recipe as shipped: rectified flow, logit-normal times; flow-euler,
                 25 steps, the same guidance.
 
+`--recipe NAME=configs/x.yaml[,key=value...]` adds a trainer (name it in `--trainers`) with any
+config's recipe and model, e.g. sfumato's DiT (`train.model=dit-xs`) with token routing or patch
+masking (`train.routing={ratio: 0.5}`, `train.masking={ratio: 0.5}`): issue 35's race.
+
 The sfumato trainers run sfumato's own `train_step`, loss, LR schedule and EMA, with `PlainEngine`
 standing in for DeepSpeed (`sfumato bench train` measures what Ray + DeepSpeed cost on top).
 One curriculum-free stage at 32 px for all three, so only the recipe differs.
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sfumato.bench import add_datasets_argument, add_out_argument, add_repo_argument, checkout, publish
+from sfumato.bench import add_datasets_argument, add_out_argument, add_repo_argument, checkout, load_recipe, publish
 from sfumato.bench.clock import on_the_clock
 
 TRAINERS = ("plain", "sfumato-ddpm", "sfumato-flow")
@@ -192,12 +196,15 @@ class SfumatoTrainer:
     def __init__(self, cfg, num_classes: int, class_names: list[str], micro_batch: int, total_steps: int, seed: int):
         from sfumato.diffusion.schedule import NoiseSchedule
         from sfumato.models.registry import build_denoiser, empty_like
+        from sfumato.models.run import training_levers
         from sfumato.train.ema import EMA, ema_beta
         from sfumato.train.step import PlainEngine, TrainState
 
         self.cfg, self.class_names, self.total_steps = cfg, class_names, total_steps
         torch.manual_seed(seed)
-        model = build_denoiser(MODEL, RESOLUTION_PX, 3, num_classes)
+        model = build_denoiser(cfg.train.model, RESOLUTION_PX, 3, num_classes)
+        training_levers(model, cfg.train)
+        self.progress = 0.0  # the share of the CPU budget spent (bench.clock sets it)
         t = cfg.train
         self.state = TrainState(
             engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
@@ -211,8 +218,11 @@ class SfumatoTrainer:
         self.ema_model = empty_like(model)
 
     def step(self, batch: dict) -> float:
+        from sfumato.models.run import training_levers
         from sfumato.train.step import lr_at, train_step
 
+        if self.cfg.train.masking is not None:  # masked until the budget's last unmasked_fraction
+            training_levers(self.state.engine.module, self.cfg.train, self.progress)
         self.state.engine.set_lr(lr_at(self.state.step, self.cfg.train.optimizer, self.total_steps))
         out = train_step(self.state, batch)
         self.ema.update(self.state.engine.module)
@@ -308,7 +318,8 @@ def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
         if name == "plain":
             trainer = PlainTrainer(len(data.class_names), args.seed)
         else:
-            cfg = recipe(name.removeprefix("sfumato-"), repo)
+            cfg = load_recipe(args.recipes_by_name[name], repo) if name in args.recipes_by_name else None
+            cfg = cfg or recipe(name.removeprefix("sfumato-"), repo)
             trainer = SfumatoTrainer(
                 cfg, len(data.class_names), data.class_names, args.micro_batch, estimated_steps, args.seed
             )
@@ -409,7 +420,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cpu-seconds", type=float, default=600.0, help="training CPU time per trainer")
     parser.add_argument("--score-every", type=float, default=100.0, help="CPU seconds between scores")
     parser.add_argument("--samples", type=int, default=160, help="generated images per score")
-    parser.add_argument("--trainers", default="plain,sfumato-ddpm,sfumato-flow", help="which trainers race")
+    parser.add_argument(
+        "--trainers",
+        default="plain,sfumato-ddpm,sfumato-flow",
+        help="which trainers race: plain, sfumato-ddpm, sfumato-flow, or a --recipe's name",
+    )
     parser.add_argument("--quality-datasets", default="shapes,cifar10", help="shapes and/or cifar10")
     parser.add_argument("--shapes-images", type=int, default=2000, help="demo shapes drawn (the pilot's count)")
     parser.add_argument("--cifar-per-class", type=int, default=500, help="CIFAR-10 images per class")
@@ -418,7 +433,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", default=None, help="plot, grids and quality.json (default runs/bench-quality)")
     text = parser.add_argument_group("--text: recipes on the compositional world (sfumato.bench.quality_text)")
     text.add_argument("--text", action="store_true", help="race text-to-image recipes, scored per GenEval task")
-    text.add_argument("--recipe", action="append", help="NAME=configs/x.yaml[,key=value...] (repeatable, adds)")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        help="NAME=configs/x.yaml[,key=value...] (repeatable): a recipe to race (class: name it in --trainers)",
+    )
     text.add_argument("--recipes", default=None, help="comma-separated recipe names to race (default: all)")
     text.add_argument("--seeds", type=int, default=1, help="seeds per recipe: mean and spread of the finals")
     text.add_argument("--first-seed", type=int, default=0, help="the first of the seeds")
@@ -443,9 +462,10 @@ def run(args) -> dict:
     out_dir = Path(args.out_dir or "runs/bench-quality")
     out_dir.mkdir(parents=True, exist_ok=True)
     args.trainers = [t.strip() for t in args.trainers.split(",")]
-    unknown = [t for t in args.trainers if t not in TRAINERS]
+    args.recipes_by_name = dict(spec.split("=", 1) for spec in args.recipe or [])
+    unknown = [t for t in args.trainers if t not in TRAINERS and t not in args.recipes_by_name]
     if unknown:
-        raise SystemExit(f"--trainers: unknown {unknown}; choose from {TRAINERS}")
+        raise SystemExit(f"--trainers: unknown {unknown}; choose from {TRAINERS} or name a --recipe")
     wanted = [d.strip() for d in args.quality_datasets.split(",")]
     if set(wanted) - set(DATASETS):
         raise SystemExit(f"--quality-datasets: unknown {sorted(set(wanted) - set(DATASETS))}; choose from {DATASETS}")
@@ -464,7 +484,10 @@ def run(args) -> dict:
     plot(results, out_dir / "quality.png")
     result = {
         "machine": machine(),
-        "model": MODEL,
+        "model": {
+            n: load_recipe(args.recipes_by_name[n], repo).train.model if n in args.recipes_by_name else MODEL
+            for n in args.trainers
+        },
         "resolution_px": RESOLUTION_PX,
         "micro_batch": args.micro_batch,
         "cpu_seconds_per_trainer": args.cpu_seconds,

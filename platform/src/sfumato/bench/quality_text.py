@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfumato.bench import checkout, publish
+from sfumato.bench import checkout, load_recipe, publish
 from sfumato.bench.clock import on_the_clock
 
 RESOLUTION_PX = 32
@@ -76,14 +76,6 @@ def batches(images: np.ndarray, captions: list[str], batch_size: int, seed: int)
                 "class": np.full(len(idx), -1, np.int64),
                 "id": [str(i) for i in idx],
             }
-
-
-def load_recipe(spec: str, repo: Path):
-    """'configs/x.yaml,key=value,...' -> the config (paths relative to the repo)."""
-    from sfumato.config import load_config
-
-    path, *overrides = [p.strip() for p in spec.split(",") if p.strip()]
-    return load_config(repo / path, overrides, inputs=False)
 
 
 class TextTrainer:
