@@ -81,6 +81,22 @@ def test_a_collection_round_on_one_model_draws_the_sides_from_different_noise(ar
     assert same.seed_left == same.seed_right
 
 
+def test_the_page_draws_with_its_guidance_interval_and_refuses_a_bad_one(arms, tmp_path):
+    """Four steps sit at noise levels 0.999 .. 0.249 (DDPM) and above 0 (flow): an interval of
+    [0, 0] holds none of them, so both sides are the unguided images of the same trial."""
+    conditions = conditions_for(arms, None)
+
+    def trial(name, **guidance):
+        return ABTest(tmp_path / name, arms, conditions, steps=4, seed=1, **guidance).new_trial().hashes
+
+    guided = trial("guided", guidance_scale=3.0)
+    assert trial("none", guidance_scale=3.0, guidance_interval=(0.0, 0.0)) == trial("unguided", guidance_scale=1.0)
+    limited = trial("limited", guidance_scale=3.0, guidance_interval=(0.3, 0.8))
+    assert guided["left"] != limited["left"] and guided["right"] != limited["right"]
+    with pytest.raises(ValueError, match=r"guidance_interval must be \[lo, hi\] with 0 <= lo <= hi <= 1"):
+        ABTest(tmp_path / "bad", arms, conditions, guidance_interval=(0.8, 0.2))
+
+
 def test_tokens_bad_votes_and_spent_trials_get_clear_answers(served):
     test, url = served
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200

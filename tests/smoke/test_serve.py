@@ -195,6 +195,14 @@ def test_a_request_returns_a_png_of_the_asked_size_and_a_seed_repeats_it(server)
         ("negative_prompt", "blurry"),
         ("colour", "red"),
         ("timeout_s", 121),
+        ("guidance_interval", [0.8, 0.2]),
+        ("guidance_interval", [-0.1, 0.5]),
+        ("guidance_interval", [0.5, 1.5]),
+        ("guidance_interval", [0.5]),
+        ("guidance_interval", [0.1, 0.5, 0.9]),
+        ("guidance_interval", ["low", "high"]),
+        ("guidance_interval", [True, 1]),
+        ("guidance_interval", 0.5),
     ],
 )
 def test_each_invalid_field_is_a_422_naming_it(server, field, value):
@@ -238,6 +246,7 @@ def _malformed_bodies(count: int, seed: int = 0) -> list[tuple[str, bytes, str]]
         "width": ["1.5"],
         "height": ["1.5"],
         "guidance_scale": [],
+        "guidance_interval": ["[NaN, 0.5]", "[0.2, Infinity]", "[1e400, 0]", "[0.9, 0.1]", "[0.5]", "[true, 1]"],
         "timeout_s": [],
         "class_label": ["1.5", "true", '"\\u0000"'],
         "prompt": ["true", '"a dog"', '"\\u0000"'],
@@ -279,13 +288,14 @@ def test_no_malformed_body_ends_in_a_500_and_the_server_serves_afterwards(server
         assert 400 <= response.status_code < 500, f"{what}: {response.status_code} {response.text[:300]}"
         assert "detail" in response.json(), what
         assert len(response.content) < 20_000, f"{what}: the answer echoes the input ({len(response.content)} bytes)"
-    named = requests.post(
-        f"{server}/v1/generate",
-        data=b'{"steps": 2, "guidance_scale": NaN}',
-        timeout=60,
-        headers={**HEADERS, "Content-Type": "application/json"},
-    )
-    assert named.status_code == 422 and "guidance_scale" in json.dumps(named.json()["detail"]), named.text
+    for field, value in (("guidance_scale", "NaN"), ("guidance_interval", "[0.2, NaN]")):
+        named = requests.post(
+            f"{server}/v1/generate",
+            data=f'{{"steps": 2, "{field}": {value}}}'.encode(),
+            timeout=60,
+            headers={**HEADERS, "Content-Type": "application/json"},
+        )
+        assert named.status_code == 422 and field in json.dumps(named.json()["detail"]), named.text
     assert _generate(server, {"seed": 1, "steps": 2}).status_code == 200, (
         f"still serving after {len(answers)} bad bodies"
     )
@@ -361,6 +371,33 @@ def test_the_onnx_backend_serves_too(server):
     )
     wrong = _generate(server, {"seed": 3, "steps": 4, "sampler": "ddpm"}, route="/onnx")
     assert wrong.status_code == 422 and "sampler" in wrong.text, "the ONNX sampler is DDIM only"
+
+
+def test_a_guidance_interval_limits_guidance_to_its_noise_levels_on_both_backends(server):
+    """Four DDIM steps sit at noise levels 0.999, 0.749, 0.499 and 0.249: [0, 1] guides them all (the
+    guided image, byte for byte), [0, 0] none (the unguided image), [0.3, 0.8] the middle two (an
+    image unlike both). Requests with other intervals are never batched into one loop: each
+    concurrent answer is the one it gets alone."""
+    body = {"seed": 3, "steps": 4, "class_label": 2, "guidance_scale": 3, "sampler": "ddim"}
+    for route in ("", "/onnx"):
+        images = {}
+        for name, extra in [
+            ("guided", {}),
+            ("all", {"guidance_interval": [0, 1]}),
+            ("none", {"guidance_interval": [0, 0]}),
+            ("unguided", {"guidance_scale": 1}),
+            ("middle", {"guidance_interval": [0.3, 0.8]}),
+        ]:
+            response = _generate(server, {**body, **extra}, route=route)
+            assert response.status_code == 200, (route, name, response.text)
+            images[name] = response.content
+        assert images["all"] == images["guided"] and images["none"] == images["unguided"], route
+        assert images["guided"] != images["unguided"], "guidance changes this model's images: the test can tell"
+        assert images["middle"] not in (images["guided"], images["unguided"]), route
+        bodies = [{**body, "guidance_interval": interval} for interval in ([0, 0], [0.3, 0.8])]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            together = [pool.submit(_generate, server, b, route=route) for b in bodies]
+        assert [f.result().content for f in together] == [images["none"], images["middle"]], route
 
 
 def test_a_flow_model_is_served_by_both_backends_and_takes_only_flow_samplers(flow_server):

@@ -137,3 +137,38 @@ def test_a_class_model_refuses_any_prompt_naming_the_field():
             Request(**{field: value})
         (error,) = refused.value.errors()
         assert error["loc"] == (field,) and "not text-conditional (use class_label)" in error["msg"]
+
+
+def test_a_guidance_interval_is_two_noise_levels_in_order_and_anything_else_is_refused_naming_it():
+    """As the request arrives (JSON, NaN and Infinity included): absent, guidance at every step;
+    each malformed interval a validation error located at guidance_interval (a 422 naming it)."""
+    from pydantic import ValidationError
+
+    Request = request_model(ModelInfo("m", "torch", "class", ["cat", "dog"], ["ddim"], 32, 8), ServeSettings(model="x"))
+    assert Request().guidance_interval is None
+    assert Request.model_validate_json('{"guidance_interval": [0, 1]}').guidance_interval == (0.0, 1.0)
+    assert Request.model_validate_json('{"guidance_interval": [0.3, 0.3]}').guidance_interval == (0.3, 0.3)
+    assert Request.model_validate_json('{"guidance_interval": null}').guidance_interval is None
+    for raw, says in [
+        ("[0.5]", "2 numbers, not 1"),
+        ("[0.1, 0.2, 0.3]", "2 numbers, not 3"),
+        ("[]", "2 numbers, not 0"),
+        ('["0.1", 0.5]', "valid number"),
+        ("[true, 1]", "valid number"),
+        ("[null, 0.5]", "valid number"),
+        ("[[0.1], 0.5]", "valid number"),
+        ("0.5", "valid array"),
+        ('"0.2, 0.8"', "valid array"),
+        ('{"lo": 0.2, "hi": 0.8}', "valid array"),
+        ("[0.8, 0.2]", "0 <= lo <= hi <= 1"),
+        ("[-0.1, 0.5]", "0 <= lo <= hi <= 1"),
+        ("[0.5, 1.5]", "0 <= lo <= hi <= 1"),
+        ("[NaN, 0.5]", "finite number"),
+        ("[0.5, Infinity]", "finite number"),
+        ("[0, 1e400]", "finite number"),
+    ]:
+        with pytest.raises(ValidationError) as refused:
+            Request.model_validate_json(f'{{"guidance_interval": {raw}}}')
+        errors = refused.value.errors()
+        assert all(e["loc"][0] == "guidance_interval" for e in errors), (raw, errors)
+        assert says in errors[0]["msg"], (raw, errors)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from sfumato.config import check_guidance_interval
 from sfumato.data.votes import CHOICES, VoteLog, results, votes_table, winner
 from sfumato.layout import atomic_write
 
@@ -134,15 +135,22 @@ class ABTest:
         steps: int = 25,
         guidance_scale: float = 3.0,
         seed: int | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ):
+        """`guidance_interval` (lo, hi): guide only at noise levels in it, as Serve's request does."""
         if len(arms) != 2:
             raise ValueError("an A/B test compares two models")
+        if guidance_interval is not None:
+            try:
+                check_guidance_interval(guidance_interval)
+            except ValueError as err:
+                raise ValueError(f"guidance_interval {err}") from None
         self.folder = Path(folder)
         self.images_dir = self.folder / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self.log = VoteLog(self.folder / "votes.jsonl")
         self.arms, self.conditions, self.planned = arms, conditions, planned
-        self.steps, self.guidance_scale = steps, guidance_scale
+        self.steps, self.guidance_scale, self.guidance_interval = steps, guidance_scale, guidance_interval
         self.same_model = arms[0].source == arms[1].source
         self.rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
         self._sides: list[bool] = []
@@ -189,6 +197,7 @@ class ABTest:
             seed=seed,
             steps=self.steps,
             guidance_scale=self.guidance_scale,
+            guidance_interval=self.guidance_interval,
             num_images=1,
             sampler=info.default_sampler,
             width=info.default_size_px,
@@ -415,6 +424,7 @@ def run_abtest(
     port: int = 8300,
     token_env: str | None = None,
     seed: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> None:
     """`sfumato abtest`: load both models and serve the page until interrupted."""
     import uvicorn
@@ -425,7 +435,9 @@ def run_abtest(
     token = os.environ.get(token_env, "") if token_env else ""
     if token_env and not token:
         raise ValueError(f"--token-env {token_env}: that environment variable is unset or empty")
-    test = ABTest(out, loaded, conditions_for(loaded, conditions_file), planned, steps, guidance_scale, seed)
+    test = ABTest(
+        out, loaded, conditions_for(loaded, conditions_file), planned, steps, guidance_scale, seed, guidance_interval
+    )
     print(
         f"A/B test of {loaded[0].id} and {loaded[1].id} on {len(test.conditions)} condition(s): "
         f"http://{host}:{port}/ (results: /results); votes in {test.log.path}",

@@ -77,6 +77,14 @@ class AbTest(Command):
         parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
         parser.add_argument("--guidance-scale", type=float, default=3.0)
         parser.add_argument(
+            "--guidance-interval",
+            type=float,
+            nargs=2,
+            metavar=("LO", "HI"),
+            default=None,
+            help="guide only at noise levels in [LO, HI] (1: pure noise; default: every step)",
+        )
+        parser.add_argument(
             "--seed", type=int, default=None, help="the trials' conditions, seeds and sides (default: random)"
         )
         parser.add_argument("--host", default="127.0.0.1")
@@ -99,6 +107,7 @@ class AbTest(Command):
             args.port,
             args.token_env,
             args.seed,
+            None if args.guidance_interval is None else tuple(args.guidance_interval),
         )
         return 0
 

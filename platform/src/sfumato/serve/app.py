@@ -7,9 +7,9 @@ owns the accelerator, composed with `.bind()`.
 Requests are validated by pydantic against the model's limits (422 naming the field) before any
 model work; no input reaches a 500: non-finite numbers (NaN, Infinity, 1e400) are 422s, and a 422
 names the field without echoing the value (which may be huge or unencodable). Compatible
-concurrent requests (same sampler, steps, guidance, size) share one denoising loop through
-`@serve.batch`. Every request has a deadline; the loop checks it and a cancel flag before every
-step, so a timeout (408) or a client that goes away frees the replica.
+concurrent requests (same sampler, steps, guidance and its interval, size) share one denoising
+loop through `@serve.batch`. Every request has a deadline; the loop checks it and a cancel flag
+before every step, so a timeout (408) or a client that goes away frees the replica.
 Overload is refused, not queued without bound: `max_queued_requests` answers 503 (or 429) with
 Retry-After. An optional bearer token guards everything but /healthz.
 
@@ -34,7 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator, model_validator
 from ray import serve
 
-from sfumato.config import SafetyConfig
+from sfumato.config import GuidanceInterval, SafetyConfig
 from sfumato.serve.backends import Cancelled, Job, load_backend
 from sfumato.serve.metrics import IngressMetrics, ModelMetrics
 from sfumato.serve.prompts import MAX_PROMPT_CHARS, PromptTokens, prompt_problem
@@ -221,6 +221,14 @@ def request_model(info, settings: ServeSettings, tokens: PromptTokens | None = N
         seed=(int | None, Field(None, ge=0, le=2**31 - 1, description="None: a random seed, returned")),
         steps=(int, Field(min(30, settings.max_steps), ge=1, le=settings.max_steps)),
         guidance_scale=(float, Field(1.0, ge=0, le=30)),
+        guidance_interval=(
+            GuidanceInterval | None,
+            Field(
+                None,
+                description="[lo, hi]: guide only at noise levels in it (1: pure noise; Kynkäänniemi et al. "
+                "2024), one model call at the others; null: at every step",
+            ),
+        ),
         num_images=(int, Field(1, ge=1, le=settings.max_images)),
         sampler=(sampler_type, Field(info.default_sampler, description="one that fits the model's objective")),
         width=(int, Field(**size)),
@@ -436,6 +444,7 @@ def build_ingress(settings: ServeSettings, info, tokens: PromptTokens | None = N
                 seed=seed,
                 steps=body.steps,
                 guidance_scale=body.guidance_scale,
+                guidance_interval=body.guidance_interval,
                 num_images=body.num_images,
                 sampler=body.sampler,
                 width=body.width,

@@ -4,8 +4,8 @@
 safetensors only) and offers every sampler that fits the model's objective (DDPM: ddpm, ddim,
 dpm-solver++; flow matching: flow-euler, flow-heun); `onnx` runs the standalone onnxruntime
 sampler of the ONNX export (DDIM, or flow Euler) at the model's own size. Both take a group of
-compatible jobs (same sampler, steps, guidance and size), generate all their images in one
-batched denoising loop, and call `should_stop()` before every step: when it says so, the loop
+compatible jobs (same sampler, steps, guidance and its interval, size), generate all their images
+in one batched denoising loop, and call `should_stop()` before every step: when it says so, the loop
 stops with `Cancelled` and the replica is free again. Image k of a job with seed s always starts
 from the noise of seed s + k.
 """
@@ -37,6 +37,8 @@ class Job:
     prompt: str | None = None
     negative_prompt: str | None = None
     class_label: int | str | None = None
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only at noise levels in [lo, hi] (SfumatoPipeline.__call__); None: at every step."""
     deadline: float = float("inf")
     """time.time() after which nobody waits for the result any more."""
     created: float = 0.0
@@ -47,7 +49,15 @@ class Job:
 
     def group_key(self) -> tuple:
         """Jobs with equal keys share one denoising loop."""
-        return self.model, self.sampler, self.steps, self.guidance_scale, self.width, self.height
+        return (
+            self.model,
+            self.sampler,
+            self.steps,
+            self.guidance_scale,
+            self.guidance_interval,
+            self.width,
+            self.height,
+        )
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,7 @@ class TorchBackend:
             width=first.width,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale if pipe.is_conditional else 1.0,
+            guidance_interval=first.guidance_interval,
             generator=generators,
             output_type="np",
             callback=_stepper(should_stop),
@@ -252,6 +263,7 @@ class OnnxBackend:
             noise=noise,
             callback=_stepper(should_stop),
             negative_prompts=negatives,
+            guidance_interval=first.guidance_interval,
         )
         return _split(_to_uint8(images), jobs)
 
