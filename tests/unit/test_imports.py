@@ -18,6 +18,7 @@ NEEDS_TRAIN_EXTRA = (
     "sfumato.bench.train",
     "sfumato.bench.quality",
     "sfumato.bench.models",
+    "sfumato.bench.cache",
     "sfumato.evaluate",
     "sfumato.export",
     "sfumato.bench.export",

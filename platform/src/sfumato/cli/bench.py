@@ -26,6 +26,7 @@ BENCHES = {
     "align": "A/B votes by a scripted judge -> Diffusion-DPO -> win rate, FD",
     "compositional": "the GenEval-style judge: rendered scenes, wrong prompts, noise; same seed, same numbers",
     "models": "every preset's parameters and FLOPs at 256 px latent; the CPU training step of the pilots' sizes",
+    "cache": "the latent cache: a step on cached latents vs the VAE in the step; bytes per image, build rate",
 }
 
 
