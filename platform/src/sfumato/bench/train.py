@@ -137,30 +137,49 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batch", type=int, default=16, help="samples per worker per step at --workers workers")
     parser.add_argument("--layouts", default="2x1,1x2", help="Ray layouts of the CPUs, workers x threads each")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
-    parser.add_argument(
-        "--gpu", action="store_true", help="time the DeepSpeed step alone on one GPU (bf16, synthetic batch) with MFU"
+    gpu = parser.add_argument_group("one GPU (sfumato.bench.train_gpu)")
+    gpu.add_argument(
+        "--gpu", action="store_true", help="time the DeepSpeed step alone on one GPU (synthetic batch) with MFU"
     )
-    parser.add_argument("--compile", action="store_true", help="--gpu: train.compile on (torch.compile)")
-    parser.add_argument(
-        "--gpu-matrix",
+    gpu.add_argument("--compile", action="store_true", help="--gpu: train.compile on (torch.compile)")
+    gpu.add_argument(
+        "--latent",
         action="store_true",
-        help="every preset x ZeRO 0/2/3 (+ compiled rows) on one GPU, one process per row",
+        help="--gpu: train on cached latents of SD's VAE (4 channels, 1/8 the side of --resolution)",
     )
+    gpu.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="--gpu: the step's precision")
+    gpu.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="--gpu: cpu is a dry run on gloo (checks the path)"
+    )
+    gpu.add_argument(
+        "--gpu-matrix",
+        nargs="?",
+        const="dit",
+        default=None,
+        choices=["dit", "zero"],
+        help="one process per row: dit (default) = every DiT preset at 256 px latent, bf16, compiled, ZeRO-2; "
+        "zero = the UNets under ZeRO 0/2/3",
+    )
+    gpu.add_argument("--models", default=None, help="--gpu-matrix: only these presets, comma-separated, in this order")
     add_out_argument(parser)
 
 
 def run(args) -> dict:
-    if args.gpu_matrix:
-        return gpu_matrix(args)
-    if args.gpu:
+    if args.gpu_matrix or args.gpu:
+        from sfumato.bench.train_gpu import gpu_matrix, gpu_step
+
+        if args.gpu_matrix:
+            return gpu_matrix(args.gpu_matrix, args.models, args.steps, args.out, args.device)
         result = gpu_step(
             args.model,
             args.resolution,
             args.micro_batch,
             args.zero_stage,
-            "bf16",
+            args.precision,
             steps=args.steps,
             compile=args.compile,
+            latent=args.latent,
+            device=args.device,
         )
         print(json.dumps(result))
         if args.out:
@@ -218,184 +237,3 @@ def run(args) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
-
-
-PEAK_BF16_TFLOPS = 989.0  # dense bf16 of an H100/H200 SXM, the datasheet figure MFU is quoted against
-
-
-# The GPU matrix: every preset at a micro-batch that fills an 80 GB GPU, ZeRO 0/2/3, eager, and
-# the largest presets compiled (train.compile) for the before/after row.
-GPU_MATRIX = [
-    (model, px, batch, zero, False)
-    for model, px, batch in [
-        ("unet-s", 64, 128),
-        ("unet-b", 64, 64),
-        ("unet-l", 64, 32),
-        ("dit-s", 32, 256),
-        ("dit-b", 32, 256),
-        ("dit-l", 32, 256),
-    ]
-    for zero in (0, 2, 3)
-]
-GPU_MATRIX += [("unet-l", 64, 32, 2, True), ("dit-l", 32, 256, 2, True)]
-
-
-def gpu_matrix(args) -> list[dict]:
-    """`sfumato bench train --gpu-matrix`: one process per row (a fresh CUDA context and
-    DeepSpeed group each; a row that runs out of memory is recorded, not fatal), the rows as
-    JSON lines in --out and a table on the console: the one prepared script for a lent GPU."""
-    import subprocess
-    import sys
-
-    rows = []
-    for model, px, batch, zero, compiled in GPU_MATRIX:
-        cmd = [
-            sys.executable,
-            "-m",
-            "sfumato.cli",
-            "bench",
-            "train",
-            "--gpu",
-            "--model",
-            model,
-            "--resolution",
-            str(px),
-            "--micro-batch",
-            str(batch),
-            "--zero-stage",
-            str(zero),
-            "--steps",
-            str(args.steps),
-            *(["--compile"] if compiled else []),
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        row = (
-            json.loads(lines[-1])
-            if done.returncode == 0 and lines
-            else {
-                "model": model,
-                "resolution_px": px,
-                "micro_batch": batch,
-                "zero_stage": zero,
-                "compile": compiled,
-                "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300],
-            }
-        )
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return rows
-
-
-def gpu_step(
-    model_name: str,
-    resolution_px: int,
-    micro_batch: int,
-    zero_stage: int,
-    precision: str,
-    steps: int = 30,
-    warmup: int = 10,
-    compile: bool = False,
-) -> dict:
-    """One process, one GPU: the DeepSpeed engine the Ray workers build, around the same
-    `train_step`, on synthetic uint8 images (the step, not the loader, is measured). Reports
-    samples/s, peak memory and model FLOPs utilisation against the GPU's dense bf16 peak.
-    `compile`: train.compile and train.channels_last as the workers apply them (speed_up)."""
-    import os
-    from types import SimpleNamespace
-
-    import deepspeed
-    import numpy as np
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from sfumato.config import DiffusionConfig
-    from sfumato.diffusion.schedule import NoiseSchedule
-    from sfumato.models.registry import build_denoiser, parameter_count
-    from sfumato.train.step import GradientWatch, TrainState, train_step
-    from sfumato.train.worker import deepspeed_config, speed_up
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend="nccl")
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = build_denoiser(model_name, resolution_px, 3, num_classes=10)
-    params = parameter_count(model)
-    speed_up(model, SimpleNamespace(compile=compile, channels_last=None), device)
-    cfg = Config.model_validate(
-        {
-            "name": "gpu",
-            "data": {
-                "output_dir": "/tmp/unused",
-                "sources": [{"kind": "demo", "name": "d"}],
-                "ingest": {"license_allowlist": ["CC0-1.0"]},
-                "shards": {"resolutions_px": [resolution_px]},
-            },
-            "train": {
-                "output_dir": "/tmp/unused-run",
-                "model": model_name,
-                "num_workers": 1,
-                "use_gpu": True,
-                "precision": precision,
-                "zero_stage": zero_stage,
-                "wandb": False,
-                "stages": [{"resolution_px": resolution_px, "steps": steps, "micro_batch_size": micro_batch}],
-            },
-        }
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model.to(device), optimizer=optimizer, config=deepspeed_config(cfg, micro_batch)
-    )
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    diffusion = DiffusionConfig()
-    state = TrainState(
-        engine=engine,
-        schedule=NoiseSchedule.from_config(diffusion),
-        diffusion_cfg=diffusion,
-        generator=torch.Generator(device).manual_seed(0),
-        device=device,
-        dtype=dtype,
-        null_class=10,
-        watch=GradientWatch(engine.module),
-    )
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (micro_batch, resolution_px, resolution_px, 3), dtype=np.uint8),
-        "class": rng.integers(0, 10, micro_batch),
-        "id": [str(i) for i in range(micro_batch)],
-    }
-    # Model FLOPs of one sample's forward, counted by PyTorch; training = 3x forward.
-    with FlopCounterMode(display=False) as counter:
-        x = torch.randn(1, 3, resolution_px, resolution_px, device=device, dtype=dtype)
-        with torch.no_grad():
-            engine.module(x, torch.tensor([10], device=device), torch.tensor([0], device=device))
-    flops_per_sample = 3 * counter.get_total_flops()
-    for _ in range(warmup):
-        train_step(state, batch)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(state, batch)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    samples_per_s = steps * micro_batch / seconds
-    return {
-        "model": model_name,
-        "params_m": round(params / 1e6, 1),
-        "resolution_px": resolution_px,
-        "micro_batch": micro_batch,
-        "zero_stage": zero_stage,
-        "precision": precision,
-        "compile": compile,
-        "samples_per_s": round(samples_per_s, 1),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "mfu": round(samples_per_s * flops_per_sample / (PEAK_BF16_TFLOPS * 1e12), 3),
-        "gpu": torch.cuda.get_device_name(),
-    }
