@@ -126,7 +126,7 @@ def test_text_models_and_text_conditioning_go_together():
     from sfumato.config import TrainConfig
 
     base = {"output_dir": "/tmp/x", "stages": [{"resolution_px": 16, "steps": 1, "micro_batch_size": 1}]}
-    with pytest.raises(ValidationError, match="text conditioning needs a \\*-text-\\* model"):
+    with pytest.raises(ValidationError, match="text conditioning needs a text model \\(dit-text-b, "):
         TrainConfig.model_validate({**base, "model": "unet-tiny", "conditioning": "text"})
     with pytest.raises(ValidationError, match="does not fit model 'unet-text-tiny'"):
         TrainConfig.model_validate({**base, "model": "unet-text-tiny", "conditioning": "class"})
