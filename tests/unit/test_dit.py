@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, plain_state
 from sfumato.models.dit import SfumatoDiT, rope_angles, rotate
 from sfumato.models.registry import DIT_SIZES, MODELS, build_denoiser
 
@@ -175,7 +175,6 @@ def test_a_masked_dit_trains_on_photos_and_unmasks_for_the_last_share(flowers_di
     import numpy as np
     from PIL import Image
 
-    from helpers import plain_state
     from sfumato.config import load_config
     from sfumato.data.decode import render
     from sfumato.models.run import training_levers
@@ -218,3 +217,33 @@ def test_levers_that_cannot_work_fail_at_load_naming_the_key(overrides, message)
 
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "pilot.yaml", ["train.model=unet-tiny", *overrides], inputs=False)
+
+
+@pytest.mark.parametrize("lever", ["routing", "masking"])
+def test_the_levers_draw_from_the_trainings_generator_so_a_resumed_run_redraws_them(lever, flowers_dir):
+    """A resumed run restores the training's generator, not torch's global RNG: the tokens a
+    lever drops must come from the former, or a resumed run would train on other tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from sfumato.data.decode import render
+    from sfumato.train.step import train_step
+
+    photos = sorted(flowers_dir.glob("*/*.jpg"))[:2]
+    images = np.stack([np.asarray(render(Image.open(p).convert("RGB"), 16, "center_crop")) for p in photos])
+    batch = {"image": images, "class": np.array([0, 1]), "caption": ["", ""], "id": ["a", "b"]}
+
+    def loss(global_seed: int) -> float:
+        torch.manual_seed(0)
+        model = build_denoiser("dit-tiny", 16, 3, num_classes=2)
+        _awake(model.net)
+        if lever == "routing":
+            model.net.set_routing(0.5, 0, 1)
+        else:
+            model.net.set_masking(0.5, 0)
+        state = plain_state(model, null_class=2)  # its generator: seed 0 every time
+        torch.manual_seed(global_seed)  # what a resumed process's global RNG may be
+        return float(train_step(state, batch)["loss"])
+
+    assert loss(1) == loss(2)  # the global RNG plays no part
+    assert np.isfinite(loss(1))
