@@ -40,3 +40,14 @@ def test_the_text_race_reports_the_mean_and_the_sample_spread_of_its_seeds():
         0.1414, abs=1e-4
     )
     assert s["held_out"]["tasks"]["colors"]["seeds"] == [0.1, 0.3]
+
+
+def test_the_shuffled_captions_floor_keeps_the_words_but_parts_them_from_their_images():
+    from sfumato.bench.quality_text import draw_world, scenes_source, shuffled
+
+    _, captions = draw_world(scenes_source(REPO), 300)
+    floor = shuffled(captions)
+    assert sorted(floor) == sorted(captions), "the floor trains on the same captions"
+    kept = sum(a == b for a, b in zip(floor, captions))
+    assert kept < 0.1 * len(captions), f"{kept} of {len(captions)} scenes kept their own caption"
+    assert shuffled(captions) == floor, "the same permutation every run"

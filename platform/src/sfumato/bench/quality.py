@@ -444,6 +444,11 @@ def add_arguments(parser) -> None:
     text.add_argument("--prompts-per-task", type=int, default=8, help="evaluation prompts per task and split")
     text.add_argument("--images-per-prompt", type=int, default=2, help="images per prompt per score")
     text.add_argument("--sample-steps", type=int, default=25, help="sampler steps per image")
+    text.add_argument(
+        "--shuffled-captions",
+        action="store_true",
+        help="train on the captions permuted across the scenes (the floor: a model that cannot learn its prompts)",
+    )
     text.add_argument("--scene-images", type=int, default=0, help="scenes drawn (0: configs/pilot-text.yaml's)")
     add_datasets_argument(parser, "cifar10-train.tar.gz")
     add_repo_argument(parser, "configs/pilot.yaml, the recipe the sfumato trainers train")

@@ -19,7 +19,9 @@ The clock is the process's CPU time in training steps (run it on an idle machine
 images for each evaluation prompt of both splits (seen, held-out; fixed noise seeds) and the
 yardstick scores them: per-task accuracy and the overall mean. `--seeds N` repeats the race
 with N seeds (weights, batches, noise; the data and the yardstick stay) and reports the mean and
-spread of the final scores with the per-seed figures.
+spread of the final scores with the per-seed figures. `--shuffled-captions` trains every recipe on
+the same captions permuted across the scenes (each image with another image's caption): a model
+that cannot learn its prompts, the floor a recipe's score is read against.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def draw_world(src, num_images: int) -> tuple[np.ndarray, list[str]]:
         images.append(np.asarray(resize(render(scene.objects, src.image_size_px), RESOLUTION_PX, "center_crop")))
         captions.append(scene.caption)
     return np.stack(images), captions
+
+
+def shuffled(captions: list[str], seed: int = 0) -> list[str]:
+    """The captions permuted across the scenes: the same words, no longer about their images."""
+    return [captions[i] for i in np.random.default_rng(seed).permutation(len(captions))]
 
 
 def batches(images: np.ndarray, captions: list[str], batch_size: int, seed: int):
@@ -269,6 +276,7 @@ def run_text(args) -> dict:
         recipes = {k: recipes[k] for k in args.recipes.split(",")}
     started = time.perf_counter()
     images, captions = draw_world(src, args.scene_images or src.num_images)
+    trained_on = shuffled(captions) if args.shuffled_captions else captions
     yardstick = load_or_train_segmenter(RESOLUTION_PX, out_dir / "segmenter", SegmenterConfig())
     prompts = evaluation_prompts(HeldOut(src.held_out), args.prompts_per_task, seed=0)
     plan = {split: repeat(prompts[split], args.images_per_prompt) for split in ("seen", "held_out")}
@@ -282,7 +290,7 @@ def run_text(args) -> dict:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             args.seed_noise = 10_000  # the same noise for every recipe and seed
             trainer = TextTrainer(cfg, tokenizer, seed)
-            feed = batches(images, captions, trainer.micro_batch, seed)
+            feed = batches(images, trained_on, trainer.micro_batch, seed)
             print(f"{name} (seed {seed}): {spec}, {trainer.parameters / 1e6:.2f} M parameters", flush=True)
             curves.append(race(trainer, name, feed, yardstick, plan, args))
         results[name] = {
@@ -298,6 +306,7 @@ def run_text(args) -> dict:
         "resolution_px": RESOLUTION_PX,
         "scenes": len(captions),
         "held_out": list(src.held_out),
+        "shuffled_captions": bool(args.shuffled_captions),
         "cpu_seconds_per_recipe": args.cpu_seconds,
         "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "images_per_score": count,
