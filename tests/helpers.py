@@ -71,6 +71,25 @@ def save_tiny_vae(folder: Path):
     return vae
 
 
+def save_tiny_dinov2(folder: Path, layers: int = 1) -> Path:
+    """A tiny random DINOv2 (transformers' Dinov2Model, 4 px patches, width 32) saved as a
+    pretrained image encoder would be: REPA's encoder in tests."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=4,
+        image_size=32,
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
 def plain_state(model, lr: float = 2e-3, condition_dropout: float = 0.1, **state_fields):
     """A TrainState around `model` without Ray or DeepSpeed (PlainEngine: AdamW, clipping at 1),
     seeded, on the CPU: what the unit tests call `train_step` with."""

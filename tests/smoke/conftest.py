@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import debug_config, run_config, save_tiny_vae
+from helpers import debug_config, run_config, save_tiny_dinov2, save_tiny_vae
 
 
 @pytest.fixture(scope="session")
@@ -69,10 +69,15 @@ TINY_TEXT = (
 
 @pytest.fixture(scope="session")
 def dit_run(cifar_shards):
-    """`straight` with sfumato's DiT (dit-tiny) in place of the UNet: a class-conditional DiT run."""
+    """`straight` with sfumato's DiT (dit-tiny) in place of the UNet: a class-conditional DiT run,
+    trained with REPA to a tiny random DINOv2 (the projector trains and checkpoints with the run;
+    evaluation and export must do without it)."""
     from sfumato.train.loop import run_training
 
-    cfg = run_config(cifar_shards, "dit", "train.model=dit-tiny")
+    encoder = save_tiny_dinov2(cifar_shards / "dinov2")
+    cfg = run_config(
+        cifar_shards, "dit", "train.model=dit-tiny", f"train.repa={{encoder: {encoder}, depth: 1, projector_dim: 16}}"
+    )
     run_training(cfg)
     return cfg
 

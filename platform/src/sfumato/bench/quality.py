@@ -196,6 +196,7 @@ class SfumatoTrainer:
     def __init__(self, cfg, num_classes: int, class_names: list[str], micro_batch: int, total_steps: int, seed: int):
         from sfumato.diffusion.schedule import NoiseSchedule
         from sfumato.models.registry import build_denoiser, empty_like
+        from sfumato.models.repa import attach
         from sfumato.models.run import training_levers
         from sfumato.train.ema import EMA, ema_beta
         from sfumato.train.step import PlainEngine, TrainState
@@ -204,6 +205,7 @@ class SfumatoTrainer:
         torch.manual_seed(seed)
         model = build_denoiser(cfg.train.model, RESOLUTION_PX, 3, num_classes)
         training_levers(model, cfg.train)
+        repa = None if cfg.train.repa is None else attach(model, cfg.train.repa)
         self.progress = 0.0  # the share of the CPU budget spent (bench.clock sets it)
         t = cfg.train
         self.state = TrainState(
@@ -213,6 +215,7 @@ class SfumatoTrainer:
             generator=torch.Generator().manual_seed(seed),
             device=torch.device("cpu"),
             null_class=num_classes,
+            repa=repa,
         )
         self.ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, micro_batch, micro_batch))
         self.ema_model = empty_like(model)

@@ -91,6 +91,7 @@ class TextTrainer:
     def __init__(self, cfg, tokenizer, seed: int):
         from sfumato.diffusion.schedule import NoiseSchedule
         from sfumato.models.registry import build_denoiser, empty_like
+        from sfumato.models.repa import attach
         from sfumato.models.run import training_levers
         from sfumato.models.text import build_text_encoder
         from sfumato.train.ema import EMA, ema_beta
@@ -102,6 +103,7 @@ class TextTrainer:
         torch.manual_seed(seed)
         model = build_denoiser(t.model, RESOLUTION_PX, 3, None, build_text_encoder(t.text, tokenizer))
         training_levers(model, t)
+        repa = None if t.repa is None else attach(model, t.repa)
         self.state = TrainState(
             engine=PlainEngine(model, t.optimizer, grad_clip_norm=t.grad_clip_norm),
             schedule=NoiseSchedule.from_config(cfg.diffusion),
@@ -110,6 +112,7 @@ class TextTrainer:
             device=torch.device("cpu"),
             tokenizer=tokenizer,
             max_length=t.text.max_length,
+            repa=repa,
         )
         self.ema = EMA(model, ema_beta(t.ema.decay, t.ema.halflife_samples, self.micro_batch, self.micro_batch))
         self.ema_model = empty_like(model)

@@ -138,6 +138,16 @@ class Config(Frozen):
         return min(self.data.shards.bucket_sizes(resolution_px), key=lambda s: abs(math.log(s[0] / s[1] / ratio)))
 
     @model_validator(mode="after")
+    def _repa_reads_images(self) -> Config:
+        if self.train is not None and self.train.repa is not None and self.train.vae is not None:
+            if self.data.cache.enabled:
+                raise ValueError(
+                    "train.repa with train.vae needs data.cache.enabled: false (REPA's encoder reads the clean "
+                    "images; the latent cache holds only their latents)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _buckets_fit_the_model(self) -> Config:
         buckets = self.data.shards.buckets
         ratio = None if self.train is None else self.train.sample.aspect_ratio

@@ -183,6 +183,23 @@ class RoutingConfig(Frozen):
     """The block where they rejoin (Python indexing: -1, the last block, runs on every token)."""
 
 
+class RepaConfig(Frozen):
+    """Representation alignment (REPA, Yu et al. 2025) for sfumato's DiTs: in training, a small
+    MLP maps the tokens after the first `depth` blocks to a frozen pretrained image encoder's
+    features of the clean image, and the loss adds `weight` x (1 - their cosine similarity)
+    (sfumato.models.repa). Sampling, evaluation and export do not use it."""
+
+    encoder: str
+    """A transformers vision transformer by hub id or folder (facebook/dinov2-base as the paper;
+    Dinov2Model, Dinov2WithRegistersModel, ViTModel), loaded frozen."""
+    depth: int = Field(4, ge=1)
+    """The DiT blocks before the aligned tokens (REPA: 8 of SiT-XL's 28, 4 of SiT-B's 12)."""
+    weight: float = Field(0.5, gt=0)
+    """lambda: the alignment loss's weight beside the diffusion loss."""
+    projector_dim: int = Field(2048, ge=1)
+    """The projector MLP's hidden width."""
+
+
 class MaskingConfig(Frozen):
     """Patch masking (MaskDiT, Zheng et al. 2024; micro_diffusion's recipe) for sfumato's DiTs:
     in training, after the first `mixer_blocks` blocks a random share of each image's tokens is
@@ -238,6 +255,8 @@ class TrainConfig(Frozen):
     """Token routing for a DiT (`dit-*`, `dit-text-*`, `mmdit-*`); None: every token, every block."""
     masking: MaskingConfig | None = None
     """Patch masking for a DiT; None: every token predicted."""
+    repa: RepaConfig | None = None
+    """Representation alignment for a DiT to a frozen image encoder; None: the diffusion loss only."""
     log_every_steps: int = Field(10, ge=1)
     sample_every_steps: int = Field(500, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
@@ -286,7 +305,7 @@ class TrainConfig(Frozen):
                 f"conditioning: {self.conditioning} does not fit model {self.model!r}: "
                 f"text conditioning needs a text model ({', '.join(sorted(TEXT_MODELS))}) and those need it"
             )
-        for lever in ("routing", "masking"):
+        for lever in ("routing", "masking", "repa"):
             if getattr(self, lever) is not None and self.model not in TRANSFORMERS:
                 raise ValueError(f"train.{lever} works on a DiT's tokens; model {self.model!r} is a UNet")
         if self.routing is not None and self.masking is not None:

@@ -19,7 +19,10 @@ PixArt-alpha, SD3, Flux and Lumina changed):
   micro_diffusion trains it: `set_masking(ratio, mixer_blocks)`: after the first mixer_blocks
   blocks a random share of the tokens is dropped for good, and `loss_mask` tells the loss which
   pixels were predicted). In eval mode every token takes every block: inference is the plain
-  model's.
+  model's;
+- for representation alignment (REPA, Yu et al. 2025; `set_repa(depth)`, training only), the
+  tokens after the first `depth` blocks and which image positions they are (`repa_tokens`), for
+  the loss to align with a frozen image encoder's features (sfumato.models.repa).
 
 Signature as diffusers' UNets (`forward(sample, timestep, class_labels=, encoder_hidden_states=)
 .sample`, config keys `num_class_embeds`, `cross_attention_dim`, `sample_size`), so the pipeline,
@@ -207,6 +210,10 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
         """Where routing and masking draw from (None: torch's global RNG); the loss sets it."""
         self.loss_mask: torch.Tensor | None = None
         """After a masked forward: (batch, 1, height, width), 1 where the output is a prediction."""
+        self.repa_depth: int | None = None
+        self.repa_tokens: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+        """After a training forward with REPA on: (tokens after block repa_depth, their positions
+        in the rows x columns grid (batch, tokens), rows, columns)."""
         self._initialize()
 
     def _initialize(self) -> None:
@@ -262,6 +269,13 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
             )
         self.masking = (ratio, mixer_blocks)
 
+    def set_repa(self, depth: int | None) -> None:
+        """REPA: in training, keep the tokens after the first `depth` blocks (and their grid
+        positions) in `repa_tokens`; None switches it off."""
+        if depth is not None and not 1 <= depth <= len(self.blocks):
+            raise ValueError(f"REPA aligns the tokens after block 1..{len(self.blocks)} (the depth), got {depth}")
+        self.repa_depth, self.repa_tokens = depth, None
+
     @property
     def draws_tokens(self) -> bool:
         """Whether a forward now draws random tokens (training with routing or masking)."""
@@ -309,18 +323,25 @@ class SfumatoDiT(ModelMixin, ConfigMixin):
         route_ratio, start, end = self.routing if (self.training and self.routing) else (0.0, -1, -1)
         if start < mask_at < end:
             raise ValueError(f"masking after block {mask_at} falls inside routing's span {start}..{end - 1}")
+        repa_at = self.repa_depth if self.training else None
+        # Grid positions of the tokens in x, tracked as they are dropped and routed (REPA only).
+        where = torch.arange(rows * columns, device=x.device).expand(batch, -1)[..., None] if repa_at else None
         visible = waiting = routed = None
         for i, block in enumerate(self.blocks):
             if i == mask_at:  # the dropped tokens are gone for good
                 visible = self._draw(batch, x.shape[1], mask_ratio, x.device)
                 x, angles = self._take(x, visible), self._take(angles, visible)
+                where = None if where is None else self._take(where, visible)
             if i == start:  # the routed tokens wait, unchanged, for block `end`
-                waiting, routed = (x, angles), self._draw(batch, x.shape[1], route_ratio, x.device)
+                waiting, routed = (x, angles, where), self._draw(batch, x.shape[1], route_ratio, x.device)
                 x, angles = self._take(x, routed), self._take(angles, routed)
+                where = None if where is None else self._take(where, routed)
             if i == end:
-                x, angles = self._put(waiting[0], routed, x), waiting[1]
+                x, angles, where = self._put(waiting[0], routed, x), waiting[1], waiting[2]
             cos, sin = angles.chunk(2, dim=-1)
             x, text = block(x, c, text, cos, sin)
+            if i + 1 == repa_at:
+                self.repa_tokens = (x, where[..., 0], rows, columns)
         if end == len(self.blocks):
             x = self._put(waiting[0], routed, x)
 

@@ -161,7 +161,12 @@ def empty_like(denoiser: Denoiser) -> Denoiser:
     for sampling, whatever ZeRO stage holds the trained model."""
     net = type(denoiser.net).from_config(denoiser.net.config)
     text = None if denoiser.text_encoder is None else type(denoiser.text_encoder)(denoiser.text_encoder.config)
-    return Denoiser(net, denoiser.num_classes, text)
+    out = Denoiser(net, denoiser.num_classes, text)
+    if getattr(denoiser, "repa", None) is not None:  # REPA's projector: the same names as the EMA's
+        import copy
+
+        out.repa = copy.deepcopy(denoiser.repa)
+    return out
 
 
 def parameter_count(module: torch.nn.Module) -> int:

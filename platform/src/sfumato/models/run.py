@@ -19,6 +19,7 @@ import torch
 from sfumato import checkpoint as ckpt
 from sfumato.config import Config, load_run_config
 from sfumato.layout import DataFolder, RunFolder
+from sfumato.models.repa import without_projector
 
 
 @dataclass
@@ -64,8 +65,11 @@ def build_run_model(cfg: Config, device: torch.device | str = "cpu", start_weigh
 def training_levers(denoiser, train_cfg, progress: float = 0.0) -> None:
     """What the network does differently in training mode only (sampling and evaluation run
     eval()), at `progress` (the share of the run's training done): a DiT's token routing
-    (train.routing) and patch masking (train.masking, off for its last unmasked_fraction)."""
+    (train.routing), patch masking (train.masking, off for its last unmasked_fraction) and the
+    tokens it keeps for REPA (train.repa; the projector and encoder: sfumato.models.repa.attach)."""
     routing, masking = train_cfg.routing, train_cfg.masking
+    if train_cfg.repa is not None:
+        denoiser.net.set_repa(train_cfg.repa.depth)
     if routing is not None:
         denoiser.net.set_routing(routing.ratio, routing.start_block, routing.end_block)
     if masking is not None:
@@ -84,7 +88,8 @@ def load_start_weights(cfg: Config, denoiser) -> None:
                 "the adapter) and fine-tune from that export with finetune.pretrained"
             )
         folder = resolve_checkpoint(lineage.parent, lineage.checkpoint)
-        fill_parameters(denoiser, ckpt.load_ema(folder), f"the parent's {ckpt.ema_path(folder)}")
+        weights = without_projector(ckpt.load_ema(folder))  # REPA's projector trains with its run only
+        fill_parameters(denoiser, weights, f"the parent's {ckpt.ema_path(folder)}")
         return
     pretrained = lineage.pretrained
     net_class = type(denoiser.net)
@@ -152,7 +157,7 @@ def load_trained(
     folder = resolve_checkpoint(run_dir, checkpoint)
     lora = cfg.train.lora is not None  # the checkpoint holds the adapters; the base is the lineage's
     run = build_run_model(cfg, device, start_weights=False)
-    weights = ckpt.load_ema(folder)
+    weights = without_projector(ckpt.load_ema(folder))  # REPA's projector: training only
     if any(name.startswith("net.transformer_blocks.") for name in weights):
         raise ValueError(
             f"{ckpt.ema_path(folder)} holds a diffusers DiTTransformer2DModel, the DiT presets sfumato had "

@@ -56,10 +56,11 @@ def run_config(
         # average" is then no spike. Non-finite losses still stop the run; a guard set in the
         # overrides is kept.
         tree["train"]["spike_guard"] = None
-    for lever in ("routing", "masking"):
+    for lever in ("routing", "masking", "repa"):
         if f"train.{lever}" not in al.overrides:
             # The DPO loss compares the policy's and the reference's errors on every pixel of the
-            # same noisy image: a DiT parent's token levers are for pre-training, not for this.
+            # same noisy image: a DiT parent's token levers (and REPA, which the DPO loss does not
+            # add) are for pre-training, not for this.
             tree["train"][lever] = None
     same_start(Path(tree["train"]["output_dir"]).resolve(), lineage)
     return validated(tree, "align.overrides applied to the run")

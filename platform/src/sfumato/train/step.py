@@ -121,6 +121,8 @@ class TrainState:
     stats: dict = field(default_factory=dict)
     bad_loss: torch.Tensor | None = None
     """A non-finite loss since the last optimizer step, kept on the device until the boundary."""
+    repa: object = None
+    """train.repa: the frozen image encoder the DiT's tokens align to (sfumato.models.repa)."""
 
 
 def batch_to_tensors(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +189,19 @@ def image_loss(model, batch: dict, state: TrainState) -> tuple[torch.Tensor, dic
     """The diffusion loss of a micro-batch of images (pre-training, fine-tuning): the batch's x0
     and its conditions with classifier-free-guidance dropout, then `loss_fn`."""
     x0, classes = model_inputs(batch, state, state.generator, state.dtype)
-    return loss_fn(model, x0, conditions(batch, classes, state), state)
+    loss, stats = loss_fn(model, x0, conditions(batch, classes, state), state)
+    if state.repa is None:
+        return loss, stats
+    from sfumato.models.repa import alignment_loss
+
+    if "image" not in batch:
+        raise ValueError(
+            "train.repa aligns to the encoder's features of the clean images, and this run's batches hold "
+            "only cached latents (sfumato cache): set data.cache.enabled: false to use REPA"
+        )
+    images = x0 if state.codec is None else batch_to_tensors(batch, state.device, torch.float32)[0]
+    align = alignment_loss(model, images, state.repa)
+    return loss + state.repa.weight * align, {**stats, "repa_loss": align.detach()}
 
 
 def _check_finite(state: TrainState) -> None:

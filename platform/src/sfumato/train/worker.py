@@ -84,6 +84,11 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     torch.manual_seed(cfg.seed)
     run_model = build_run_model(cfg, device)
     model = run_model.denoiser
+    repa = None
+    if t.repa is not None:  # the frozen encoder, and the projector the optimizer then trains
+        from sfumato.models.repa import attach
+
+        repa = attach(model, t.repa, device)
     task = make_task(cfg, run_model)  # before anything trains or is partitioned (an alignment's reference)
     speed_up(model, t, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -117,6 +122,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
         codec=run_model.codec,
         watch=GradientWatch(engine.module),
         all_ranks_any=lambda flag: all_reduce_any(flag, device),
+        repa=repa,
     )
     worker = Worker(
         cfg,
