@@ -201,7 +201,8 @@ class CompositionalRecord(Record):
     """The compositional yardstick's figures of one evaluation (sfumato.evaluate.compositional):
     per split ("seen", "held_out"), {"overall", "tasks": {task: accuracy}, "images", "prompts"}
     for the generated images, for rendered images of the same prompts (`real`, the ceiling) and
-    for Gaussian noise (`noise`, the floor)."""
+    for Gaussian noise (`noise`), and for random training scenes unrelated to the prompt
+    (`chance`: what a model that ignores its prompt scores; older records lack it)."""
 
     splits: dict[str, dict]
     real: dict[str, dict]
@@ -215,6 +216,7 @@ class CompositionalRecord(Record):
     grid: str | None = None  # the judged images (green border: right, red: wrong), under evaluation/
     segmenter: dict | None = None  # its fingerprint, settings and training time
     seconds: float | None = None  # generating and judging, the segmenter's training included
+    chance: dict[str, dict] | None = None  # random training scenes scored against the prompts
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ held-out of `--held-out`: the text pilot's list by default), `--images-per-promp
     real      rendered scenes that make the prompt true (the ceiling: should be ~1)
     degraded  the same blurred, tinted, mottled and noised, as a generated image is
     shuffled  the same scored against another prompt of the task whose rules differ (should be ~0)
+    chance    random training scenes scored against the prompts: what a model that ignores its
+              prompt scores (not 0: a random scene often holds the asked shape)
     noise     Gaussian noise clamped to [-1, 1] (the floor: should be 0)
 
 per task and overall (the mean of the task accuracies), with the training's wall and CPU time;
@@ -50,7 +52,7 @@ def run(args) -> dict:
         wall, cpu = time.perf_counter(), time.process_time()
         yardstick = train_segmenter(args.resolution, settings)
         trainings.append({"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)})
-        figures.append(validate(yardstick, prompts, args.images_per_prompt, args.seed))
+        figures.append(validate(yardstick, prompts, args.images_per_prompt, args.seed, HeldOut(args.held_out)))
     result = {
         "machine": machine(),
         "resolution_px": args.resolution,

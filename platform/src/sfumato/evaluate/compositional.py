@@ -394,6 +394,9 @@ def summary(record) -> str:
         tasks = ", ".join(f"{SHORT_TASKS[t]} {v:.2f}" for t, v in figures["tasks"].items())
         real, noise = record.real.get(split, {}).get("overall"), record.noise.get(split, {}).get("overall")
         bounds = f"; real {real:.2f}, noise {noise:.2f}" if real is not None and noise is not None else ""
+        chance = (record.chance or {}).get(split, {}).get("overall")
+        if bounds and chance is not None:
+            bounds = f"; real {real:.2f}, prompt ignored {chance:.2f}, noise {noise:.2f}"
         parts.append(f"{SPLIT_NAMES.get(split, split)} {figures['overall']:.2f} ({tasks}{bounds})")
     return "GenEval-style " + ", ".join(parts)
 
@@ -467,12 +470,29 @@ def _rules(prompt: Prompt) -> tuple:
     return tuple(include), tuple(exclude)
 
 
-def validate(yardstick: Yardstick, prompts: dict[str, list[Prompt]], images_per_prompt: int = 4, seed: int = 0) -> dict:
+def unrelated_scenes(count: int, resolution_px: int, held_out: scenes.HeldOut, seed: int = 0) -> np.ndarray:
+    """`count` random scenes of the training distribution (no held-out combination), uint8 NHWC:
+    what a model that draws the world well and ignores its prompt draws."""
+    rng = np.random.default_rng(seed + 7919)
+    return np.stack(
+        [np.asarray(scenes.render(scenes.draw_scene(rng, held_out).objects, resolution_px)) for _ in range(count)]
+    )
+
+
+def validate(
+    yardstick: Yardstick,
+    prompts: dict[str, list[Prompt]],
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    held_out: scenes.HeldOut | None = None,
+) -> dict:
     """Per split of evaluation prompts: the scores of rendered images that make each prompt true
     (`real`, the ceiling), the same degraded (`degraded`), the same against another prompt of the
-    same task whose rules differ, drawn from both splits (`shuffled`), and Gaussian noise clamped
-    to [-1, 1] (`noise`, the floor)."""
+    same task whose rules differ, drawn from both splits (`shuffled`), random training scenes
+    unrelated to the prompt (`chance`: what a model that ignores its prompt scores, since a random
+    scene often holds the asked shape), and Gaussian noise clamped to [-1, 1] (`noise`)."""
     pool = [p for chosen in prompts.values() for p in chosen]
+    held_out = held_out or scenes.HeldOut()
     out = {}
     for split, chosen in prompts.items():
         if not chosen:
@@ -485,6 +505,9 @@ def validate(yardstick: Yardstick, prompts: dict[str, list[Prompt]], images_per_
             "real": yardstick.score(real, asked).to_json(),
             "degraded": yardstick.score(degrade(real, seed), asked).to_json(),
             "shuffled": yardstick.score(real, other_prompts(asked, pool)).to_json(),
+            "chance": yardstick.score(
+                unrelated_scenes(len(asked), yardstick.resolution_px, held_out, seed), asked
+            ).to_json(),
             "noise": yardstick.score(noise.clamp(-1, 1), asked).to_json(),
         }
     return out

@@ -165,11 +165,12 @@ def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> Comp
         log.info("compositional %s: %s", split, splits[split])
     grid = f"compositional-{checkpoint_name}.png"
     judgement_grid(rows).save(out / grid)
-    floor_and_ceiling = validate(yardstick, prompts, k, c.seed)
+    floor_and_ceiling = validate(yardstick, prompts, k, c.seed, HeldOut(held_out))
     return CompositionalRecord(
         splits=splits,
         real={split: v["real"] for split, v in floor_and_ceiling.items()},
         noise={split: v["noise"] for split, v in floor_and_ceiling.items()},
+        chance={split: v["chance"] for split, v in floor_and_ceiling.items()},
         per_prompt=per_prompt,
         prompts_per_task=c.prompts_per_task,
         images_per_prompt=k,

@@ -271,6 +271,10 @@ def compositional_lines(evaluations: list[dict]) -> list[str]:
     last = measured[-1].compositional
     for split in last.splits:
         rows.append(row(["rendered scenes (ceiling)", "", SPLIT_NAMES.get(split, split)], last.real.get(split, {})))
+        if last.chance:
+            rows.append(
+                row(["random scenes, prompt ignored (chance)", "", SPLIT_NAMES.get(split, split)], last.chance[split])
+            )
         rows.append(row(["Gaussian noise (floor)", "", SPLIT_NAMES.get(split, split)], last.noise.get(split, {})))
     segmenter = last.segmenter or {}
     held_out = ", ".join(f'"{h}"' for h in last.held_out) or "none"
