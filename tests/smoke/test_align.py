@@ -7,6 +7,7 @@ run aligned as a UNet run is."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -229,7 +230,8 @@ def test_a_dit_run_aligns_and_exports(dit_run, tmp_path):
     # A pair's side of the 25% held-out split is its random trial id's hash: 32 trials leave
     # none held out about once in 10^4 runs (16 did it about once in 100).
     pairs = _judged_pairs(dit_run, tmp_path, 32)
-    assert len(PairSet(pairs, "class", None).split(0.25)[1]) > 0, "no pair held out: the split is by random id"
+    classes = json.loads(RunFolder(dit_run.train.output_dir).classes.read_text())
+    assert len(PairSet(pairs, "class", classes).split(0.25)[1]) > 0, "no pair held out: the split is by random id"
     cfg = _align_cfg(dit_run, pairs, "dit-aligned", micro_batch_size=2)
     run_training(cfg)
     run = RunFolder(cfg.train.output_dir)
