@@ -118,6 +118,6 @@ def alignment_loss(model, images: torch.Tensor, target: RepaTarget) -> torch.Ten
     tokens, positions, rows, columns = kept
     denoiser.net.repa_tokens = None
     features = target.features((images + 1) / 2, rows, columns)
-    features = features.gather(1, positions[..., None].expand(-1, -1, features.shape[-1]))
+    features = type(denoiser.net)._take(features, positions)  # the DiT's own token gather
     projected = denoiser.repa(tokens)
     return 1 - F.cosine_similarity(projected.float(), features.float(), dim=-1).mean()
