@@ -51,3 +51,40 @@ def test_the_shuffled_captions_floor_keeps_the_words_but_parts_them_from_their_i
     kept = sum(a == b for a, b in zip(floor, captions))
     assert kept < 0.1 * len(captions), f"{kept} of {len(captions)} scenes kept their own caption"
     assert shuffled(captions) == floor, "the same permutation every run"
+
+
+def test_races_run_side_by_side_merge_into_one_table_with_each_recipes_time_to_the_references_final(tmp_path):
+    """Seeds of one recipe from two processes join (mean and spread over all of them); the time to
+    target is where a recipe's seed-mean curve first reaches the reference's final seed mean."""
+    import json
+
+    from sfumato.bench.quality_text import merged, summarise
+
+    def point(cpu_s, seen, held):
+        return {
+            "cpu_s": cpu_s,
+            "steps": int(cpu_s),
+            "seen": {"overall": seen, "tasks": {"colors": seen}},
+            "held_out": {"overall": held, "tasks": {"colors": held}},
+        }
+
+    def run(name, curves):
+        recipe = {"spec": name, "cpu_s": 300.0, "steps": 300, "curves": curves}
+        recipe["summary"] = summarise([c[-1] for c in curves])
+        return {"scenes": 10, "seeds": [0], "wall_s": 1.0, "recipes": {name: recipe}}
+
+    unet = [[point(100, 0.1, 0.1), point(200, 0.2, 0.1), point(300, 0.3, 0.2)]]
+    dit_a = [[point(100, 0.0, 0.0), point(200, 0.3, 0.3), point(300, 0.5, 0.3)]]
+    dit_b = [[point(100, 0.0, 0.0), point(200, 0.2, 0.1), point(300, 0.3, 0.1)]]
+    paths = []
+    for i, r in enumerate([run("unet", unet), run("dit", dit_a), run("dit", dit_b)]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = merged([str(p) for p in paths], "unet", str(tmp_path / "merged.json"))
+    assert len(out["recipes"]["dit"]["curves"]) == 2
+    assert out["recipes"]["dit"]["summary"]["seen"]["overall"]["mean"] == pytest.approx(0.4)
+    seen, held = out["versus"]["seen"], out["versus"]["held_out"]
+    assert seen["dit"] == {"target": pytest.approx(0.3), "cpu_s": 300, "share": 1.0}, "mean 0.25 at 200 < 0.3"
+    assert held["dit"]["cpu_s"] == 200 and held["dit"]["share"] == pytest.approx(0.667, abs=1e-3)
+    assert seen["unet"]["cpu_s"] == 300, "the reference reaches its own final at its end"
+    assert json.loads((tmp_path / "merged.json").read_text())["versus"]["reference"] == "unet"

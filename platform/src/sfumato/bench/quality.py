@@ -342,19 +342,23 @@ def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
         "curves": {k: c.points for k, c in curves.items()},
         "grids": grids,
     }
-    if "plain" in curves:
-        final, budget = curves["plain"].points[-1], curves["plain"].points[-1]["cpu_s"]
-        result["versus_plain"] = {
-            name: {
-                key: {
-                    "plain_final": final[key],
-                    "cpu_s": (s := first_reaching(curves[name], key, final[key])),
-                    "share_of_plain_time": None if s is None else round(s / budget, 3),
+    reference = args.versus or "plain"
+    if reference in curves:  # time to target: when each trainer first reaches the reference's final score
+        final, budget = curves[reference].points[-1], curves[reference].points[-1]["cpu_s"]
+        result["versus"] = {
+            "reference": reference,
+            "trainers": {
+                name: {
+                    key: {
+                        "reference_final": final[key],
+                        "cpu_s": (s := first_reaching(curves[name], key, final[key])),
+                        "share_of_reference_time": None if s is None else round(s / budget, 3),
+                    }
+                    for key in ("class_accuracy", "fd_domain")
                 }
-                for key in ("class_accuracy", "fd_domain")
-            }
-            for name in curves
-            if name != "plain"
+                for name in curves
+                if name != reference
+            },
         }
     return result
 
@@ -388,15 +392,16 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
+    reference = next((r["versus"]["reference"] for r in results.values() if "versus" in r), "plain")
     lines = [
-        "| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | reaches plain's final accuracy at | "
-        "reaches plain's final FD at |",
+        f"| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | reaches {reference}'s final accuracy at | "
+        f"reaches {reference}'s final FD at |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for dataset, r in results.items():
         for trainer, points in r["curves"].items():
             final = points[-1]
-            versus = r.get("versus_plain", {}).get(trainer, {})
+            versus = r.get("versus", {}).get("trainers", {}).get(trainer, {})
 
             def when(key, versus=versus):
                 v = versus.get(key)
@@ -405,7 +410,7 @@ def table(results: dict) -> str:
                 return (
                     "not reached"
                     if v["cpu_s"] is None
-                    else f"{v['cpu_s']:.0f} s ({v['share_of_plain_time']:.2f} of plain's)"
+                    else f"{v['cpu_s']:.0f} s ({v['share_of_reference_time']:.2f} of {reference}'s)"
                 )
 
             lines.append(
@@ -434,6 +439,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="data split, batches, weights and noise")
     parser.add_argument("--out-dir", default=None, help="plot, grids and quality.json (default runs/bench-quality)")
+    parser.add_argument(
+        "--versus",
+        default=None,
+        help="the trainer or recipe whose final score the others' time to target is measured against "
+        "(default: plain; --text: the first recipe)",
+    )
     text = parser.add_argument_group("--text: recipes on the compositional world (sfumato.bench.quality_text)")
     text.add_argument("--text", action="store_true", help="race text-to-image recipes, scored per GenEval task")
     parser.add_argument(
@@ -451,6 +462,12 @@ def add_arguments(parser) -> None:
         "--shuffled-captions",
         action="store_true",
         help="train on the captions permuted across the scenes (the floor: a model that cannot learn its prompts)",
+    )
+    text.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="join the quality-text.json of races run as separate processes into one table (no training)",
     )
     text.add_argument("--scene-images", type=int, default=0, help="scenes drawn (0: configs/pilot-text.yaml's)")
     add_datasets_argument(parser, "cifar10-train.tar.gz")

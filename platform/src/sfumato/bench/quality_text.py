@@ -204,6 +204,62 @@ def summarise(finals: list[dict]) -> dict:
     return out
 
 
+def time_to_target(results: dict, reference: str) -> dict:
+    """When each recipe's seed-mean curve first reaches the reference recipe's final seed-mean
+    score, per split: {"reference", split: {recipe: {"target", "cpu_s", "share"}}} (cpu_s None:
+    not within its budget). The curves are scored at the same CPU seconds, so seed means align."""
+    out: dict = {"reference": reference}
+    budget = results[reference]["cpu_s"]
+    for split in ("seen", "held_out"):
+        target = results[reference]["summary"][split]["overall"]["mean"]
+        out[split] = {}
+        for name, r in results.items():
+            points = min(len(c) for c in r["curves"])
+            mean = [np.mean([c[i][split]["overall"] for c in r["curves"]]) for i in range(points)]
+            when = next((r["curves"][0][i]["cpu_s"] for i in range(points) if mean[i] >= target), None)
+            out[split][name] = {
+                "target": target,
+                "cpu_s": when,
+                "share": None if when is None else round(when / budget, 3),
+            }
+    return out
+
+
+def target_lines(versus: dict) -> str:
+    reference, lines = versus["reference"], []
+    for split in ("seen", "held_out"):
+        cells = [
+            f"{name} not reached" if v["cpu_s"] is None else f"{name} at {v['cpu_s']:.0f} CPU-s ({v['share']:.2f})"
+            for name, v in versus[split].items()
+            if name != reference
+        ]
+        target = next(iter(versus[split].values()))["target"]
+        lines.append(f"{split}: {reference}'s final {target:.3f} reached by " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def merged(paths: list[str], versus: str | None, out: str | None) -> dict:
+    """Races run as separate processes (a recipe or seed range each, side by side) joined into one
+    table and time to target, as one run of all of them would print."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    results: dict = {}
+    for run in runs:
+        for name, r in run["recipes"].items():
+            if name in results:  # more seeds of a recipe: their curves and finals joined
+                results[name]["curves"] += r["curves"]
+                results[name]["summary"] = summarise([c[-1] for c in results[name]["curves"]])
+            else:
+                results[name] = dict(r)
+    reference = versus or next(iter(results))
+    result = {
+        **{k: v for k, v in runs[0].items() if k not in ("recipes", "wall_s", "seeds", "plot")},
+        "merged_from": list(paths),
+        "recipes": results,
+        "versus": time_to_target(results, reference),
+    }
+    return publish(result, table(results) + "\n\n" + target_lines(result["versus"]), out)
+
+
 def table(results: dict) -> str:
     lines = []
     for split in ("seen", "held_out"):
@@ -259,6 +315,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run_text(args) -> dict:
+    if args.merge:
+        return merged(args.merge, args.versus, args.out)
     from sfumato.bench.ingest import machine
     from sfumato.config.evaluate import SegmenterConfig
     from sfumato.data.scenes import HeldOut, evaluation_prompts
@@ -318,6 +376,8 @@ def run_text(args) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "plot": str(out_dir / "quality-text.png"),
         "recipes": results,
+        "versus": time_to_target(results, args.versus or next(iter(results))),
     }
     (out_dir / "quality-text.json").write_text(json.dumps(result, indent=1))
-    return publish(result, table(results) + f"\n\nplot: {out_dir / 'quality-text.png'}", args.out)
+    text = table(results) + "\n\n" + target_lines(result["versus"]) + f"\n\nplot: {out_dir / 'quality-text.png'}"
+    return publish(result, text, args.out)

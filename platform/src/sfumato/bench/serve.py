@@ -46,7 +46,12 @@ def load(url: str, concurrency: int, duration_s: float, steps: int, classes: int
         session = requests.Session()
         n = 0
         while time.perf_counter() < stop_at:
-            body = {"seed": index * 100_000 + n, "steps": steps, "class_label": (index + n) % classes}
+            body = {  # unguided, as the in-process rows: one model call a step, whatever the export's default
+                "seed": index * 100_000 + n,
+                "steps": steps,
+                "class_label": (index + n) % classes,
+                "guidance_scale": 1.0,
+            }
             start = time.perf_counter()
             try:
                 status = session.post(f"{url}/v1/generate", json=body, timeout=120).status_code
