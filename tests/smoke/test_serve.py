@@ -400,6 +400,52 @@ def test_a_guidance_interval_limits_guidance_to_its_noise_levels_on_both_backend
         assert [f.result().content for f in together] == [images["none"], images["middle"]], route
 
 
+def test_a_request_naming_no_guidance_gets_the_served_models_own(straight, server, serve_port, tmp_path):
+    """An export records the guidance its run evaluated with; a request that leaves guidance out
+    gets that model's (each model of the endpoint its own), one that names it gets its own, and
+    `guidance_interval: null` still means every step."""
+    from sfumato.layout import ExportFolder
+    from sfumato.serve.app import ServeSettings, run_server
+    from sfumato.serve.backends import OnnxBackend, TorchBackend
+
+    plain = exported(straight)
+    recorded = json.loads(ExportFolder(plain).meta.read_text())
+    assert recorded["guidance_scale"] == 1.0, "configs/debug.yaml evaluates unguided, and the export says so"
+    guided = tmp_path / "guided-export"
+    shutil.copytree(plain, guided)
+    own = {"guidance_scale": 3.0, "guidance_interval": [0.3, 0.8]}
+    ExportFolder(guided).meta.write_text(json.dumps({**recorded, **own}))
+    for backend in (TorchBackend(guided), OnnxBackend(guided)):
+        info = backend.info()
+        assert (info.guidance_scale, info.guidance_interval) == (3.0, (0.3, 0.8)), type(backend).__name__
+    run_server(
+        ServeSettings(model=str(guided), models={"plain": str(plain)}, num_cpus=0, **COMMON),
+        port=serve_port,
+        blocking=False,
+        name="guided",
+        route_prefix="/guided",
+    )
+    body = {"seed": 3, "steps": 4, "class_label": 2, "sampler": "ddim"}
+    explicit = {"guidance_scale": 3, "guidance_interval": [0.3, 0.8]}
+    middle = _generate(server, {**body, **explicit})
+    every_step = _generate(server, {**body, "guidance_scale": 3})
+    unguided = _generate(server, body)
+    assert len({middle.content, every_step.content, unguided.content}) == 3, "the test can tell them apart"
+    cases = [
+        ({}, middle),
+        (explicit, middle),
+        ({"guidance_interval": None}, every_step),
+        ({"guidance_scale": 1}, unguided),
+        ({"model": "plain"}, unguided),
+    ]
+    for extra, expected in cases:
+        response = _generate(server, {**body, **extra}, route="/guided")
+        assert response.status_code == 200, (extra, response.text)
+        assert response.content == expected.content, extra
+    info = requests.get(f"{server}/guided/v1/model", headers=HEADERS, timeout=30).json()
+    assert (info["guidance_scale"], info["guidance_interval"]) == (3.0, [0.3, 0.8])
+
+
 def test_a_flow_model_is_served_by_both_backends_and_takes_only_flow_samplers(flow_server):
     body = {"seed": 5, "steps": 4, "class_label": "airplane", "guidance_scale": 2}
     for route, samplers in (("/flow-torch", ["flow-euler", "flow-heun"]), ("/flow-onnx", ["flow-euler"])):

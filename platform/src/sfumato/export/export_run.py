@@ -46,8 +46,12 @@ def run_export(
         "config_hash": content_hash(to_dict(cfg)),
         "parameters": parameter_count(run.denoiser),
         "sampler": e.sampler,
+        # the run's own guidance, as its evaluation drew: Serve's default for a request naming none
+        "guidance_scale": cfg.evaluate.guidance_scale,
         "time": time.time(),
     }
+    if cfg.evaluate.guidance_interval is not None:
+        meta["guidance_interval"] = list(cfg.evaluate.guidance_interval)
     if cfg.trained_sizes_px is not None:
         meta["sizes_px"] = [list(size) for size in cfg.trained_sizes_px]  # the aspect buckets: what serve offers
     lora = None

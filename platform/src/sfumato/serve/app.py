@@ -220,13 +220,22 @@ def request_model(info, settings: ServeSettings, tokens: PromptTokens | None = N
         ),
         seed=(int | None, Field(None, ge=0, le=2**31 - 1, description="None: a random seed, returned")),
         steps=(int, Field(min(30, settings.max_steps), ge=1, le=settings.max_steps)),
-        guidance_scale=(float, Field(1.0, ge=0, le=30)),
+        guidance_scale=(
+            float,
+            Field(
+                info.guidance_scale,
+                ge=0,
+                le=30,
+                description="classifier-free guidance; absent: the served model's own (its run's "
+                "evaluate.guidance_scale, as its export records it)",
+            ),
+        ),
         guidance_interval=(
             GuidanceInterval | None,
             Field(
-                None,
+                info.guidance_interval,
                 description="[lo, hi]: guide only at noise levels in it (1: pure noise; Kynkäänniemi et al. "
-                "2024), one model call at the others; null: at every step",
+                "2024), one model call at the others; null: at every step; absent: the served model's own",
             ),
         ),
         num_images=(int, Field(1, ge=1, le=settings.max_images)),
@@ -372,9 +381,12 @@ class Generator:
         return results
 
 
-def build_ingress(settings: ServeSettings, info, tokens: PromptTokens | None = None) -> type:
+def build_ingress(
+    settings: ServeSettings, info, tokens: PromptTokens | None = None, guidance: dict | None = None
+) -> type:
     """The FastAPI ingress class for this model's limits (they shape the request schema);
-    `tokens`: a text model's tokenizer, which bounds its prompts."""
+    `tokens`: a text model's tokenizer, which bounds its prompts; `guidance`: each served model's
+    own (guidance_scale, guidance_interval) by name, a request's when it names neither."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from ray.serve.exceptions import BackPressureError
@@ -439,12 +451,17 @@ def build_ingress(settings: ServeSettings, info, tokens: PromptTokens | None = N
             started = time.perf_counter()
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - settings.max_images)
             timeout_s = body.timeout_s or settings.request_timeout_s
+            scale, interval = (guidance or {}).get(body.model, (body.guidance_scale, body.guidance_interval))
+            if "guidance_scale" in body.model_fields_set:
+                scale = body.guidance_scale
+            if "guidance_interval" in body.model_fields_set:
+                interval = body.guidance_interval
             job = Job(
                 id=uuid.uuid4().hex,
                 seed=seed,
                 steps=body.steps,
-                guidance_scale=body.guidance_scale,
-                guidance_interval=body.guidance_interval,
+                guidance_scale=scale,
+                guidance_interval=interval,
                 num_images=body.num_images,
                 sampler=body.sampler,
                 width=body.width,
@@ -537,17 +554,21 @@ def build_app(args: dict):
         log.warning("output safety filter: OFF, no safety_model configured: generated images leave unchecked")
     base = load_backend(settings.model, settings.backend, settings.device, settings.lora)
     info, tokens = base.info(), base.prompt_tokens()  # limits shape the schema
+    own = (info.guidance_scale, info.guidance_interval)
+    guidance = dict.fromkeys(settings.model_names(), own)  # adapters: the base's
     for name, folder in settings.models.items():
         other = load_backend(folder, settings.backend, settings.device)
-        check_compatible(info, other.info(), name)
+        other_info = other.info()
+        check_compatible(info, other_info, name)
         check_same_tokens(tokens, other.prompt_tokens(), name)
+        guidance[name] = (other_info.guidance_scale, other_info.guidance_interval)
     generator = Generator.options(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": settings.retry_after_s},
         ray_actor_options={"num_cpus": settings.num_cpus},
     ).bind(settings.model_dump())
-    return build_ingress(settings, info, tokens).bind(generator)
+    return build_ingress(settings, info, tokens, guidance).bind(generator)
 
 
 def run_server(

@@ -74,6 +74,11 @@ class ModelInfo:
     """Sizes are multiples of this; 0: only default_size_px."""
     trained_sizes_px: tuple[tuple[int, int], ...] = ()
     """(width, height) aspect buckets the model was trained at; set: the only sizes served."""
+    guidance_scale: float = 1.0
+    """A request's guidance when it names none: the run's own (its evaluate.guidance_scale, in
+    the export's sfumato.json); 1 for unconditional models and exports that do not record it."""
+    guidance_interval: tuple[float, float] | None = None
+    """Likewise the run's evaluate.guidance_interval; None: guidance at every step."""
 
     @property
     def default_sampler(self) -> str:
@@ -153,6 +158,7 @@ class TorchBackend:
             p.default_size_px,
             multiple,
             trained,
+            *_guidance(self.meta, conditioning),
         )
 
     def prompt_tokens(self):
@@ -226,6 +232,8 @@ class OnnxBackend:
             [self.sampler.sampler_name],
             spec["sample_size"] * factor,
             0,
+            (),
+            *_guidance(self.meta, spec["conditioning"]),
         )
 
     def prompt_tokens(self):
@@ -279,6 +287,16 @@ def _meta(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _guidance(meta: dict, conditioning: str) -> tuple[float, tuple[float, float] | None]:
+    """The run's evaluation guidance (scale, interval) from its export's meta; (1, None) where the
+    model has no condition to guide by or the export predates the record."""
+    if conditioning == "none":
+        return 1.0, None
+    interval = meta.get("guidance_interval")
+    scale = float(meta.get("guidance_scale", 1.0))
+    return scale, None if interval is None else (float(interval[0]), float(interval[1]))
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
