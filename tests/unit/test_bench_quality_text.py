@@ -69,7 +69,7 @@ def test_races_run_side_by_side_merge_into_one_table_with_each_recipes_time_to_t
         }
 
     def run(name, curves):
-        recipe = {"spec": name, "cpu_s": 300.0, "steps": 300, "curves": curves}
+        recipe = {"spec": name, "cpu_s": 300.0, "steps": 0, "curves": curves}  # merging recounts pooled steps
         recipe["summary"] = summarise([c[-1] for c in curves])
         return {"scenes": 10, "seeds": [0], "wall_s": 1.0, "recipes": {name: recipe}}
 
@@ -81,7 +81,7 @@ def test_races_run_side_by_side_merge_into_one_table_with_each_recipes_time_to_t
         paths.append(tmp_path / f"{i}.json")
         paths[-1].write_text(json.dumps(r))
     out = merged([str(p) for p in paths], "unet", str(tmp_path / "merged.json"))
-    assert len(out["recipes"]["dit"]["curves"]) == 2
+    assert len(out["recipes"]["dit"]["curves"]) == 2 and out["recipes"]["dit"]["steps"] == 300
     assert out["recipes"]["dit"]["summary"]["seen"]["overall"]["mean"] == pytest.approx(0.4)
     seen, held = out["versus"]["seen"], out["versus"]["held_out"]
     assert seen["dit"] == {"target": pytest.approx(0.3), "cpu_s": 300, "share": 1.0}, "mean 0.25 at 200 < 0.3"

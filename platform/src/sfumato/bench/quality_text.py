@@ -245,9 +245,11 @@ def merged(paths: list[str], versus: str | None, out: str | None) -> dict:
     results: dict = {}
     for run in runs:
         for name, r in run["recipes"].items():
-            if name in results:  # more seeds of a recipe: their curves and finals joined
-                results[name]["curves"] += r["curves"]
-                results[name]["summary"] = summarise([c[-1] for c in results[name]["curves"]])
+            if name in results:  # more seeds of a recipe: their curves, finals and step counts joined
+                joined = results[name]
+                joined["curves"] = joined["curves"] + r["curves"]
+                joined["summary"] = summarise([c[-1] for c in joined["curves"]])
+                joined["steps"] = int(np.mean([c[-1]["steps"] for c in joined["curves"]]))
             else:
                 results[name] = dict(r)
     reference = versus or next(iter(results))
