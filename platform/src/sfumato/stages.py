@@ -454,7 +454,8 @@ def demo_structure(cfg: Config) -> dict:
 
 @stage(
     "export",
-    keys=("export",),
+    # evaluate's guidance goes into sfumato.json as Serve's default for a request naming none
+    keys=("export", "evaluate.guidance_scale", "evaluate.guidance_interval"),
     folder=_run_root,
     reads=("train",),
     enabled=lambda cfg: _training(cfg) or (None if cfg.pipeline.export else "pipeline.export is false"),
