@@ -30,6 +30,7 @@ def test_a_text_run_on_scenes_records_and_reports_its_compositional_accuracies(t
         "evaluate.domain.enabled=false",
         "evaluate.num_samples=2",
         "evaluate.steps=2",
+        "evaluate.guidance_scale=3",
         "evaluate.batch_size=8",
         "evaluate.captions=[a red circle]",
         "evaluate.compositional.prompts_per_task=2",
@@ -52,12 +53,16 @@ def test_a_text_run_on_scenes_records_and_reports_its_compositional_accuracies(t
         assert set(judged.chance[split]["tasks"]) == set(TASKS), split
         assert all(p["images"] == 2 and 0 <= p["correct"] <= 2 for p in judged.per_prompt[split])
     assert judged.held_out == ["purple star", "three squares"] and judged.segmenter["fingerprint"]
+    # A guided evaluation judges the same prompts and noise at guidance 1 too (evaluate.unguided).
+    assert {split: f["images"] for split, f in judged.unguided.items()} == {
+        split: f["images"] for split, f in judged.splits.items()
+    }
     grid = Image.open(RunFolder(run).evaluation / judged.grid)
     assert grid.height == 3 * grid.width, "a row of (up to) 2 x 2 images per task and split"
     # The record reads back as it was written, and the documents and the summary line show it.
     assert QualityRecord.from_json(record.to_json()) == record
     report = (run / "report.md").read_text()
-    assert "Compositional yardstick" in report and judged.grid in report
+    assert "Compositional yardstick" in report and judged.grid in report and "at guidance 1" in report
     assert judged.per_prompt["held_out"][0]["text"] in report
     assert "Compositional yardstick" in (run / "model_card.md").read_text()
     assert "GenEval-style seen" in stage.line and "held-out" in stage.line, stage.line

@@ -275,10 +275,23 @@ def test_evaluate_writes_metrics_report_and_cards_with_real_counts(straight, tmp
     assert sum(map(sum, domain["confusion"])) == 24 and domain["fd_domain"] < domain["noise_fd_domain"]
     assert second["domain"]["yardstick"]["fingerprint"] == domain["yardstick"]["fingerprint"]
     assert len(list((straight.data.output_dir / "domain_classifier").iterdir())) == 1, "trained once, then cached"
+    # Beside each figure what real images give: real training images at the sample's count (the
+    # FD floor), a real sample's coverage, and each sample's nearest training image with the
+    # closest pairs drawn for the report (tests/unit/test_memorisation.py checks what they tell).
+    assert 0 <= domain["fd_domain_floor"] < domain["noise_fd_domain"] and domain["floor_count"] <= 24
+    assert 0 <= domain["coverage"] <= 1 and 0 <= domain["coverage_real"] <= 1
+    m = domain["memorisation"]
+    assert 0 <= m["copies"] <= m["closer_than_real"] <= 1 and len(m["closest_pairs"]) == 8
+    assert (run_dir / "evaluation" / second["domain"]["memorisation"]["pairs_grid"]).is_file()
+    # A guided evaluation scores the same noise and classes at guidance 1 too; an unguided one once.
+    assert "domain_unguided" not in first and first["guidance_scale"] == 1
+    unguided = second["domain_unguided"]
+    assert sum(map(sum, unguided["confusion"])) == 24 and unguided["fd_domain"] == pytest.approx(domain["fd_domain"])
 
     report = (run_dir / "report.md").read_text()
     assert "FD-CLIP" in report and f"{first['fd']:.3f}" in report
     assert "Domain yardstick" in report and f"{second['domain']['fd_domain']:.4g}" in report
+    assert "### Memorisation" in report and second["domain"]["memorisation"]["pairs_grid"] in report
     manifest = pq.read_table(straight.data.output_dir / "manifest.parquet")
     rejects = pq.read_table(straight.data.output_dir / "rejects.parquet")
     card = json.loads((straight.data.output_dir / "dataset_card.json").read_text())

@@ -217,6 +217,7 @@ class CompositionalRecord(Record):
     segmenter: dict | None = None  # its fingerprint, settings and training time
     seconds: float | None = None  # generating and judging, the segmenter's training included
     chance: dict[str, dict] | None = None  # random training scenes scored against the prompts
+    unguided: dict[str, dict] | None = _optional()  # the same prompts and noise at guidance 1 (evaluate.unguided)
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ class QualityRecord(Record):
     metric: str | None = None  # FID or FD-CLIP: the name of `fd`
     fd: float | None = None
     domain: dict | None = None
+    domain_unguided: dict | None = _optional()  # the same samples at guidance 1 (evaluate.unguided)
     clip_score: float | None = None
     clip_score_model: str | None = None
     captions: str | None = None

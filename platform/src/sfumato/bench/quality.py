@@ -277,11 +277,19 @@ def race(trainer, name: str, train: Dataset, yardstick, args) -> tuple[Curve, to
         point |= {
             "class_accuracy": round(result["class_accuracy"], 4),
             "fd_domain": round(result["fd_domain"], 2),
+            # beside a real sample of the same size (sfumato.evaluate.memorisation)
+            "fd_domain_floor": round(result["fd_domain_floor"], 2),
+            "coverage": round(result["coverage"], 3),
+            "coverage_real": round(result["coverage_real"], 3),
+            "closer_than_real": round(result["memorisation"]["closer_than_real"], 3),
+            "copies": round(result["memorisation"]["copies"], 3),
         }
         print(
             f"  {train.name:8s} {name:13s} {point['cpu_s']:7.0f} CPU-s {point['steps']:5d} steps  "
             f"loss {point['loss']:.4f}  "
-            f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f}",
+            f"class accuracy {result['class_accuracy']:.3f}  FD-domain {result['fd_domain']:.1f} "
+            f"(real {point['fd_domain_floor']:.1f})  coverage {point['coverage']:.2f} "
+            f"(real {point['coverage_real']:.2f})  copies {point['copies']:.2f}",
             flush=True,
         )
         return point
@@ -307,7 +315,9 @@ def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
     train, heldout = split(data, 0.2, args.seed)
     settings = DomainConfig(seed=args.seed)
     classifier = train_classifier(train.images, train.labels, data.class_names, settings)
-    yardstick = build_yardstick(classifier, heldout.images, heldout.labels, f"bench-{data.name}", settings)
+    yardstick = build_yardstick(
+        classifier, heldout.images, heldout.labels, f"bench-{data.name}", settings, train_images=train.images
+    )
     print(
         f"{data.name}: {len(train.labels)} training images, {len(heldout.labels)} held out, "
         f"yardstick accuracy real {yardstick.real_accuracy:.3f}, noise {yardstick.noise_accuracy:.3f}",
@@ -391,12 +401,17 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _figure(point: dict, key: str, spec: str) -> str:
+    """A point's figure, or a dash in results written before it was measured."""
+    return "—" if point.get(key) is None else format(point[key], spec)
+
+
 def table(results: dict) -> str:
     reference = next((r["versus"]["reference"] for r in results.values() if "versus" in r), "plain")
     lines = [
-        f"| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | reaches {reference}'s final accuracy at | "
-        f"reaches {reference}'s final FD at |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| dataset | trainer | CPU-s | steps | class accuracy | FD-domain | coverage | copies | "
+        f"reaches {reference}'s final accuracy at | reaches {reference}'s final FD at |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset, r in results.items():
         for trainer, points in r["curves"].items():
@@ -415,11 +430,14 @@ def table(results: dict) -> str:
 
             lines.append(
                 f"| {dataset} | {trainer} | {final['cpu_s']:.0f} | {final['steps']} | {final['class_accuracy']:.3f} | "
-                f"{final['fd_domain']:.1f} | {when('class_accuracy')} | {when('fd_domain')} |"
+                f"{final['fd_domain']:.1f} | {_figure(final, 'coverage', '.2f')} | {_figure(final, 'copies', '.2f')} | "
+                f"{when('class_accuracy')} | {when('fd_domain')} |"
             )
+        final = next(iter(r["curves"].values()))[-1]
         lines.append(
-            f"| {dataset} | real held-out / noise | | | {r['real_accuracy']:.3f} / {r['noise_accuracy']:.3f} | "
-            f"0 / {r['noise_fd_domain']:.0f} | | |"
+            f"| {dataset} | real images / noise | | | {r['real_accuracy']:.3f} / {r['noise_accuracy']:.3f} | "
+            f"{_figure(final, 'fd_domain_floor', '.1f')} / {r['noise_fd_domain']:.0f} | "
+            f"{_figure(final, 'coverage_real', '.2f')} / 0 | | | |"
         )
     return "\n".join(lines)
 

@@ -88,6 +88,22 @@ class CompositionalConfig(Frozen):
     segmenter: SegmenterConfig = SegmenterConfig()
 
 
+class MemorisationConfig(Frozen):
+    """Floors, coverage and memorisation beside the domain yardstick (sfumato.evaluate.memorisation;
+    docs/evaluation.md "Floors, coverage and memorisation"): the training and held-out images are
+    read again and their features kept for the evaluation."""
+
+    enabled: bool = True
+    quantile: float = Field(0.05, gt=0, lt=0.5)
+    """A sample is closer to a training image than real images are when its nearest-training
+    distance is below this quantile of the held-out images' (a model that draws new images gets
+    about this share)."""
+    candidates: int = Field(8, ge=1, le=256)
+    """A sample's nearest training images in features, among which the closest in pixels is found."""
+    pairs_shown: int = Field(8, ge=0, le=256)
+    """The closest sample-training pairs drawn side by side for the report."""
+
+
 class EvaluateConfig(Frozen):
     """`sfumato evaluate RUN_DIR`: generated images against the training shards."""
 
@@ -121,3 +137,10 @@ class EvaluateConfig(Frozen):
     """The offline yardstick: FD-domain and class accuracy, computed whenever the data has classes."""
     compositional: CompositionalConfig = CompositionalConfig()
     """GenEval-style task accuracies of text models trained on the demo's scenes."""
+    memorisation: MemorisationConfig = MemorisationConfig()
+    """FD-domain's real floor, coverage and each sample's nearest training image (needs the domain
+    yardstick)."""
+    unguided: bool = True
+    """A guided evaluation (guidance_scale != 1) of a conditional model also scores the same
+    samples drawn at guidance 1: class accuracy and FD-domain (the domain yardstick), and the
+    compositional scores, so what guidance adds is visible."""

@@ -12,6 +12,9 @@ data.output_dir/domain_classifier/<fingerprint>/. With it:
   for, the "GAN-test" of Shmelkov et al. 2018 (How good is my GAN?), shown between its ceiling
   (real held-out images' accuracy) and its floor (Gaussian noise's, about 1/classes or the share
   of the class noise falls into).
+- with the real images at hand (`Yardstick.real`): FD-domain's floor (real training images of the
+  sample's size against the reference), coverage (a recall figure) and memorisation (each
+  sample's nearest training image), in sfumato.evaluate.memorisation.
 
 The numbers say how far a run is from its data in a space that knows only this data: they rank
 runs on the same data and fingerprint (and sample count: FD is biased upwards at small counts),
@@ -39,6 +42,7 @@ from torch import nn
 
 from sfumato.config import DomainConfig, content_hash
 from sfumato.evaluate.fid import RunningStatistics, Statistics, frechet_distance
+from sfumato.evaluate.memorisation import MemorisationCheck, RealSets, coverage, to_uint8
 from sfumato.layout import ShardFolder, atomic_write_json, commit_file, temporary_sibling
 
 log = logging.getLogger(__name__)
@@ -218,6 +222,7 @@ class Yardstick:
     noise_accuracy: float
     noise_fd_domain: float
     meta: dict  # fingerprint, where the images came from, counts
+    real: RealSets | None = None  # the real images and their features, in memory only (never saved)
 
     @property
     def class_names(self) -> list[str]:
@@ -226,6 +231,18 @@ class Yardstick:
     @property
     def real_accuracy(self) -> float:
         return self.classifier.heldout_accuracy
+
+    def with_real(self, train_images: np.ndarray, heldout_images: np.ndarray, **settings) -> Yardstick:
+        """Attach the real images this yardstick was built from (uint8 NHWC) and their features:
+        the floor, coverage and memorisation figures then come with every score."""
+        self.real = RealSets(
+            train_images,
+            self.classifier.features(to_pixels(train_images)),
+            heldout_images,
+            self.classifier.features(to_pixels(heldout_images)),
+            **settings,
+        )
+        return self
 
     def save(self, folder: Path) -> None:
         self.classifier.save(folder)
@@ -253,10 +270,12 @@ def build_yardstick(
     heldout_labels: np.ndarray,
     fingerprint: str,
     settings: DomainConfig | None = None,
+    train_images: np.ndarray | None = None,
     **meta,
 ) -> Yardstick:
     """The classifier's held-out accuracy and reference statistics from real held-out images
-    (uint8 NHWC), and its floor from `settings.noise_images` seeded noise images."""
+    (uint8 NHWC), and its floor from `settings.noise_images` seeded noise images. With the
+    classifier's `train_images`, the real sets too (Yardstick.with_real)."""
     s = settings or DomainConfig()
     name = f"domain-classifier:{fingerprint}"
     features, predicted = classifier.classify(to_pixels(heldout_images))
@@ -271,7 +290,7 @@ def build_yardstick(
     yardstick = Yardstick(classifier, reference, 0.0, 0.0, {"fingerprint": fingerprint, "features": name, **meta})
     floor = score(yardstick, noise, np.arange(s.noise_images) % len(classifier.class_names))
     yardstick.noise_accuracy, yardstick.noise_fd_domain = floor["class_accuracy"], floor["fd_domain"]
-    return yardstick
+    return yardstick if train_images is None else yardstick.with_real(train_images, heldout_images, seed=s.seed)
 
 
 def yardstick_from_arrays(
@@ -295,7 +314,9 @@ def yardstick_from_arrays(
         VERSION, digest, images.shape, class_names, s.model_dump(mode="json", exclude={"enabled"})
     )
     classifier = train_classifier(images[train], labels[train], class_names, s, device=device)
-    return build_yardstick(classifier, images[heldout], labels[heldout], fingerprint, s, source="arrays")
+    return build_yardstick(
+        classifier, images[heldout], labels[heldout], fingerprint, s, train_images=images[train], source="arrays"
+    )
 
 
 # ------------------------------------------------------------------------- from the shards
@@ -348,11 +369,17 @@ def _read_shards(shards_dir: Path, resolution_px: int, s: DomainConfig) -> tuple
 
 
 def load_or_train_yardstick(
-    shards_dir: Path, resolution_px: int, cache_dir: Path, settings: DomainConfig | None = None, device: str = "cpu"
+    shards_dir: Path,
+    resolution_px: int,
+    cache_dir: Path,
+    settings: DomainConfig | None = None,
+    device: str = "cpu",
+    real: dict | None = None,
 ) -> Yardstick:
     """The yardstick of these shards at `resolution_px`: loaded from cache_dir/<fingerprint>/ when
     that folder is complete, else trained and written there (a temp folder renamed into place,
-    so a half-written one is never read)."""
+    so a half-written one is never read). With `real` (RealSets settings: quantile, candidates),
+    its real images are attached (read from the shards again when the yardstick was cached)."""
     s = settings or DomainConfig()
     class_names = data_classes(shards_dir)
     if len(class_names) < 2:
@@ -364,7 +391,11 @@ def load_or_train_yardstick(
     folder = Path(cache_dir) / fingerprint
     if (folder / YARDSTICK).is_file():
         log.info("domain yardstick: cached %s", folder)
-        return Yardstick.load(folder, device)
+        cached = Yardstick.load(folder, device)
+        if real is None:
+            return cached
+        train, heldout = _read_shards(shards_dir, resolution_px, s)
+        return cached.with_real(train["image"], heldout["image"], seed=s.seed, **real)
     train, heldout = _read_shards(shards_dir, resolution_px, s)
     classifier = train_classifier(train["image"], train["class"], class_names, s, device=device)
     yardstick = build_yardstick(
@@ -389,17 +420,23 @@ def load_or_train_yardstick(
         len(heldout["class"]),
         folder,
     )
-    return yardstick
+    return yardstick if real is None else yardstick.with_real(train["image"], heldout["image"], seed=s.seed, **real)
 
 
 # ---------------------------------------------------------------------------------- scoring
 class DomainScorer:
-    """Generated images a batch at a time (features, not images, are kept)."""
+    """Generated images a batch at a time (features, not images, are kept; with the yardstick's
+    real sets, the few samples closest to a training image too)."""
 
-    def __init__(self, yardstick: Yardstick):
+    def __init__(self, yardstick: Yardstick, shown_pairs: int = 8, real: bool = True):
+        """`real` false: no floor, coverage or memorisation figures even when the yardstick has its
+        real sets (a second scoring of the same evaluation)."""
         self.yardstick, self.running = yardstick, RunningStatistics(yardstick.reference.features)
         classes = len(yardstick.class_names)
         self.confusion, self.conditional = np.zeros((classes, classes), np.int64), None
+        self.generated: list[np.ndarray] = []
+        check = real and yardstick.real is not None
+        self.memorisation = MemorisationCheck(yardstick.real, shown_pairs) if check else None
 
     def add(self, images, asked_labels=None) -> None:
         """float NCHW in [-1, 1]; `asked_labels`: the yardstick's class index each image was
@@ -411,12 +448,34 @@ class DomainScorer:
         self.running.add(features)
         if asked_labels is not None:
             np.add.at(self.confusion, (np.asarray(asked_labels, np.int64), predicted), 1)
+        if self.memorisation is not None:
+            self.generated.append(features)
+            self.memorisation.add(to_uint8(images), features)
+
+    def real_figures(self, count: int) -> dict:
+        """FD-domain's floor, coverage beside a real sample's, and memorisation: see
+        sfumato.evaluate.memorisation. Empty without the yardstick's real sets."""
+        real, y = self.yardstick.real, self.yardstick
+        if self.memorisation is None or count < 2:
+            return {}
+        a, b = real.subsets(count)
+        floor = RunningStatistics(y.reference.features)
+        floor.add(real.train_features[b])
+        generated = np.concatenate(self.generated)
+        return {
+            "fd_domain_floor": frechet_distance(floor.result(), y.reference),
+            "floor_count": len(b),
+            "coverage": coverage(real.heldout_features, generated[: len(a)], real.train_features[a]),
+            "coverage_real": coverage(real.heldout_features, real.train_features[b], real.train_features[a]),
+            "memorisation": self.memorisation.result(),
+        }
 
     def result(self) -> dict:
         y = self.yardstick
         stats = self.running.result()
         accuracy = float(np.trace(self.confusion) / self.confusion.sum()) if self.conditional else None
         return {
+            **self.real_figures(stats.count),
             "fd_domain": frechet_distance(stats, y.reference),
             "class_accuracy": accuracy,
             "real_accuracy": y.real_accuracy,
@@ -443,8 +502,9 @@ def score(yardstick: Yardstick, images, asked_labels=None) -> dict:
 
 
 def summary(domain: dict) -> str:
-    """One line: 'class accuracy 0.93 (real 0.99, noise 0.25), FD-domain 12.3 (noise 310)'."""
-    fd = f"FD-domain {domain['fd_domain']:.3g} (noise {domain['noise_fd_domain']:.3g})"
+    """One line: 'class accuracy 0.93 (real 0.99, noise 0.25), FD-domain 12.3 (real 1.2, noise 310)'."""
+    real = f"real {domain['fd_domain_floor']:.3g}, " if domain.get("fd_domain_floor") is not None else ""
+    fd = f"FD-domain {domain['fd_domain']:.3g} ({real}noise {domain['noise_fd_domain']:.3g})"
     if domain["class_accuracy"] is None:
         return fd
     return (

@@ -79,21 +79,28 @@ def has_domain_yardstick(cfg) -> bool:
     return cfg.evaluate.domain.enabled and len(data_classes(DataFolder(cfg.data.output_dir).shards)) >= 2
 
 
-def domain_yardstick(cfg):
+def domain_yardstick(cfg, real: bool = False):
     """The run's domain yardstick (trained on first use, then cached by fingerprint under
-    DataFolder.domain_classifier), or None when it is off or the data has fewer than 2 classes."""
+    DataFolder.domain_classifier), or None when it is off or the data has fewer than 2 classes.
+    `real` and evaluate.memorisation on: with its real images (floors, coverage, memorisation)."""
     from sfumato.evaluate.domain import load_or_train_yardstick
 
     if not has_domain_yardstick(cfg):
         return None
-    data = DataFolder(cfg.data.output_dir)
+    data, m = DataFolder(cfg.data.output_dir), cfg.evaluate.memorisation
     return load_or_train_yardstick(
         data.shards,
         cfg.train.stages[-1].resolution_px,
         data.domain_classifier,
         cfg.evaluate.domain,
         cfg.evaluate.device,
+        real={"quantile": m.quantile, "candidates": m.candidates} if real and m.enabled else None,
     )
+
+
+def unguided(cfg, conditional: bool) -> bool:
+    """Also score at guidance 1: evaluate.unguided, a conditional model, a guided evaluation."""
+    return cfg.evaluate.unguided and conditional and cfg.evaluate.guidance_scale != 1
 
 
 def scenes_source(cfg):
@@ -110,7 +117,8 @@ def has_compositional_yardstick(cfg) -> bool:
 def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> CompositionalRecord:
     """Every evaluation prompt of both splits drawn images_per_prompt times (image i of the whole
     set from noise evaluate.compositional.seed + i), judged by the segmenter; the judged images
-    as a grid under `out` (a row per task and split, the prompts in order, green right, red wrong)."""
+    as a grid under `out` (a row per task and split, the prompts in order, green right, red wrong).
+    With evaluate.unguided, the same prompts and noise at guidance 1 too (`unguided`)."""
     import torch
 
     from sfumato.data.scenes import TASKS, HeldOut, evaluation_prompts
@@ -129,9 +137,9 @@ def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> Comp
         if chosen
     }
     k, first = c.images_per_prompt, 0
-    splits, per_prompt, rows = {}, {}, []
-    for split, chosen in prompts.items():
-        asked = repeat(chosen, k)
+    splits, per_prompt, rows, at_one = {}, {}, [], {}
+
+    def draw(asked, first: int, guidance: float, interval) -> torch.Tensor:
         batches = []
         for start in range(0, len(asked), e.batch_size):
             texts = [p.text for p in asked[start : start + e.batch_size]]
@@ -141,16 +149,22 @@ def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> Comp
                     len(texts),
                     c.seed,
                     e.steps,
-                    e.guidance_scale,
+                    guidance,
                     texts,
                     first_index=first + start,
                     height=resolution_px,
                     width=resolution_px,
-                    guidance_interval=e.guidance_interval,
+                    guidance_interval=interval,
                 )
             )
+        return torch.cat(batches).cpu()
+
+    for split, chosen in prompts.items():
+        asked = repeat(chosen, k)
+        images = draw(asked, first, e.guidance_scale, e.guidance_interval)
+        if unguided(cfg, True):
+            at_one[split] = yardstick.score(draw(asked, first, 1.0, None) * 2 - 1, asked).to_json()
         first += len(asked)
-        images = torch.cat(batches).cpu()
         score = yardstick.score(images * 2 - 1, asked)
         splits[split], correct = score.to_json(), score.correct
         per_prompt[split] = [
@@ -180,6 +194,7 @@ def compositional_evaluation(cfg, pipe, out: Path, checkpoint_name: str) -> Comp
         grid=grid,
         segmenter={key: yardstick.meta.get(key) for key in ("fingerprint", "version", "settings", "train_seconds")},
         seconds=round(time.perf_counter() - started, 2),
+        unguided=at_one or None,
     )
 
 
@@ -203,7 +218,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     clip_source = e.clip_model or cfg.data.curate.clip.model
     resolution_px = cfg.train.stages[-1].resolution_px
     shards = data.shards
-    yardstick = domain_yardstick(cfg)
+    yardstick = domain_yardstick(cfg, real=True)
     compositional = has_compositional_yardstick(cfg) and run.tokenizer is not None
     if yardstick is None and not (e.inception_weights or clip_source) and not compositional:
         raise ValueError(
@@ -222,7 +237,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     conditions, captions, caption_origin = _plan(cfg, run)
     scorer, asked = None, None
     if yardstick is not None:
-        scorer = DomainScorer(yardstick)
+        scorer = DomainScorer(yardstick, e.memorisation.pairs_shown)
         if run.class_names and run.tokenizer is None:  # the model's class index -> the yardstick's
             index = {name: i for i, name in enumerate(yardstick.class_names)}
             missing = [name for name in run.class_names if name not in index]
@@ -236,21 +251,30 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     started = time.perf_counter()
     generated = RunningStatistics(extractor.name) if extractor is not None else None
     scores, grid = [], None
-    for first in range(0, e.num_samples, e.batch_size):
-        count = min(e.batch_size, e.num_samples - first)
+    at_one = (
+        DomainScorer(yardstick, real=False) if scorer is not None and unguided(cfg, conditions is not None) else None
+    )
+
+    def draw(first: int, count: int, guidance: float, interval):
         batch_conditions = None if conditions is None else conditions[first : first + count]
-        images = sample(
+        return sample(
             pipe,
             count,
             e.seed,
             e.steps,
-            e.guidance_scale,
+            guidance,
             batch_conditions,
             first_index=first,
             height=resolution_px,
             width=resolution_px,
-            guidance_interval=e.guidance_interval,
+            guidance_interval=interval,
         )
+
+    for first in range(0, e.num_samples, e.batch_size):
+        count = min(e.batch_size, e.num_samples - first)
+        images = draw(first, count, e.guidance_scale, e.guidance_interval)
+        if at_one is not None:  # the same noise and conditions at guidance 1
+            at_one.add(draw(first, count, 1.0, None) * 2 - 1, None if asked is None else asked[first : first + count])
         if grid is None:
             grid = images[:16]
         if extractor is not None:
@@ -265,6 +289,11 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     out = RunFolder(run_dir).evaluation
     out.mkdir(exist_ok=True)
     to_grid(grid).save(out / f"samples-{folder.name}.png")
+    domain = None if scorer is None else scorer.result()
+    pairs = None if scorer is None or scorer.memorisation is None else scorer.memorisation.pairs_image()
+    if pairs is not None:
+        domain["memorisation"]["pairs_grid"] = f"memorisation-{folder.name}.png"
+        pairs.save(out / domain["memorisation"]["pairs_grid"])
     judged = compositional_evaluation(cfg, pipe, out, folder.name) if compositional else None
     record = QualityRecord(
         time=time.time(),
@@ -273,7 +302,8 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
         features=None if extractor is None else extractor.name,
         metric=None if extractor is None else extractor.metric,
         fd=None if extractor is None else frechet_distance(generated.result(), reference),
-        domain=None if scorer is None else scorer.result(),
+        domain=domain,
+        domain_unguided=None if at_one is None else at_one.result(),
         clip_score=float(np.concatenate(scores).mean()) if scores else None,
         clip_score_model=clip_source if scores else None,
         captions=caption_origin,

@@ -201,24 +201,36 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
         "checkpoint",
         "step",
         "class accuracy ↑",
+        "at guidance 1",
         "real (ceiling)",
         "noise (floor)",
         "FD-domain ↓",
+        "at guidance 1",
+        "real (floor)",
         "noise FD-domain",
+        "coverage ↑ (real)",
         "samples",
         "sampler (steps)",
         "guidance",
         "seed",
     ]
+
+    def coverage(d: dict):
+        return None if d.get("coverage") is None else f"{cell(d['coverage'])} ({cell(d['coverage_real'])})"
+
     rows = [
         [
             e.checkpoint,
             e.step,
             e.domain["class_accuracy"],
+            (e.domain_unguided or {}).get("class_accuracy"),
             e.domain["real_accuracy"],
             e.domain["noise_accuracy"],
             e.domain["fd_domain"],
+            (e.domain_unguided or {}).get("fd_domain"),
+            e.domain.get("fd_domain_floor"),
             e.domain["noise_fd_domain"],
+            coverage(e.domain),
             e.num_samples,
             f"{e.sampler} ({e.steps})",
             _guidance(e),
@@ -235,7 +247,13 @@ def domain_lines(evaluations: list[dict]) -> list[str]:
         f"images: class accuracy is the share classified as the class they were asked for, against its "
         f"accuracy on {y.get('heldout_images')} held-out real images (the ceiling) and on Gaussian noise (the "
         "floor); FD-domain is the Fréchet distance to the held-out real images in its penultimate features "
-        "(the FID formula).",
+        "(the FID formula), beside real training images' own at the same count (the floor: no model "
+        "scores lower) and Gaussian noise's.",
+        "- At guidance 1: the same noise and conditions drawn unguided (evaluate.unguided), so what "
+        "guidance adds is visible. Coverage: the share of held-out real images whose nearest generated "
+        "image is closer than their nearest image of a real training sample of the same size; a model "
+        "drawing the whole data distribution scores about the real sample's own figure (in brackets, "
+        "about 0.5), one drawing a few images per class near 0.",
         "- Comparable only with other runs on the same data and yardstick fingerprint: not with published "
         "FIDs, nor across datasets.",
         "",
@@ -269,6 +287,8 @@ def compositional_lines(evaluations: list[dict]) -> list[str]:
         for split, figures in e.compositional.splits.items()
     ]
     last = measured[-1].compositional
+    for split, figures in (last.unguided or {}).items():
+        rows.append(row([f"{measured[-1].checkpoint} at guidance 1", "", SPLIT_NAMES.get(split, split)], figures))
     for split in last.splits:
         rows.append(row(["rendered scenes (ceiling)", "", SPLIT_NAMES.get(split, split)], last.real.get(split, {})))
         if last.chance:
@@ -291,6 +311,46 @@ def compositional_lines(evaluations: list[dict]) -> list[str]:
         "fingerprint; not with published GenEval scores (other objects, detector and prompts).",
         "",
     ]
+
+
+def memorisation_lines(run_dir: Path, evaluations: list[dict]) -> list[str]:
+    """The last evaluation's nearest-training-image figures and its closest pairs, side by side."""
+    measured = [e for e in (QualityRecord.from_json(e) for e in evaluations) if (e.domain or {}).get("memorisation")]
+    if not measured:
+        return []
+    m, folder = measured[-1].domain["memorisation"], RunFolder(run_dir)
+    lines = [
+        "### Memorisation",
+        "",
+        f"Each of the {measured[-1].num_samples} samples of {measured[-1].checkpoint} against its nearest training "
+        "image (in the domain yardstick's features, then the closest in pixels among the "
+        f"{m.get('candidates', 8)} nearest):",
+        "",
+    ]
+    rows = [
+        [
+            "closer to a training image than real held-out images are",
+            f"{m['closer_than_real']:.1%}",
+            f"about {m['expected']:.0%} (the held-out images' own {m['expected']:.0%} quantile)",
+        ],
+        ["of them, also as close in pixels (copies)", f"{m['copies']:.1%}", "near 0%"],
+        [
+            "median feature distance to the nearest training image",
+            cell(m["median_distance"]),
+            f"{cell(m['heldout_median_distance'])} (held-out real images')",
+        ],
+    ]
+    lines += table(["", "samples", "a model that draws new images"], rows)
+    if m.get("pairs_grid"):
+        lines += [
+            "The closest pairs in pixels (left: the sample, right: its nearest training image; pixel RMSE "
+            + ", ".join(f"{p['pixel_rmse']:.3f}" for p in m["closest_pairs"])
+            + "):",
+            "",
+            f"![closest pairs]({folder.relative(folder.evaluation / m['pairs_grid'])})",
+            "",
+        ]
+    return lines
 
 
 def compositional_grid_lines(run_dir: Path, evaluations: list[dict]) -> list[str]:
@@ -522,6 +582,7 @@ def _evaluation(run_dir: Path) -> list[str]:
     return (
         ["## Evaluation", ""]
         + evaluation_lines(evaluations)
+        + memorisation_lines(run_dir, evaluations)
         + compositional_grid_lines(run_dir, evaluations)
         + ([f"Evaluation samples: {' · '.join(links)}", ""] if links else [])
     )
