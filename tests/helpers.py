@@ -111,6 +111,10 @@ def plain_state(model, lr: float = 2e-3, condition_dropout: float = 0.1, **state
     )
 
 
+# Quality watched during training at a tiny size: every 2 steps (the logged ones), 8 samples of 2 steps.
+WATCH = "train.quality={every_steps: 2, num_samples: 8, steps: 2, batch_size: 8}"
+
+
 def run_config(tmp: Path, run: str, *overrides: str):
     """configs/debug.yaml on the CIFAR shards in `tmp`, with its run folder at tmp/run."""
     sources = [{"kind": "folder", "name": "cifar", "path": "/", "license": "research-only"}]

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 
+from helpers import WATCH  # noqa: E402
 from helpers import run_config as _cfg  # noqa: E402
 from sfumato import checkpoint as ckpt  # noqa: E402
 from sfumato.layout import RunFolder, read_jsonl  # noqa: E402
@@ -21,7 +22,7 @@ from sfumato.train.step import NonFiniteError  # noqa: E402
 
 
 def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
-    killed = _cfg(cifar_shards, "killed")
+    killed = _cfg(cifar_shards, "killed", WATCH)
     run_training(killed, hooks=[KillWorkerAt(7)])  # after the step-5 checkpoint
     assert (killed.train.output_dir / ".injected").read_text() == "7", "the failure really happened"
     attempts = [json.loads(x) for x in (killed.train.output_dir / "attempts.jsonl").read_text().splitlines()]
@@ -45,8 +46,19 @@ def test_killed_worker_resumes_to_the_same_weights(cifar_shards, straight):
     # The logged loss average continues across the restart (its state is in the checkpoint).
     killed_metrics = read_jsonl(RunFolder(killed.train.output_dir).metrics)
     assert killed_metrics[-1]["step"] == 10 and killed_metrics[-1]["loss_ema"] == metrics[-1]["loss_ema"]
-    # Steps 6 and 7, logged before the worker died and again after the resume, appear once.
+    # Steps 6 and 7, logged before the worker died and again after the resume, appear once; so
+    # does the quality watched at step 6 (train.quality: every 2 steps), with the same
+    # figures as the uninterrupted run's (the same weights, noise and classes).
     assert [m["step"] for m in killed_metrics] == [m["step"] for m in metrics]
+
+    def watched(lines):
+        return [(m["step"], m["watch_class_accuracy"], m["watch_fd_domain"]) for m in lines if "watch_fd_domain" in m]
+
+    assert [w[0] for w in watched(metrics)] == [2, 4, 6, 8, 10]
+    assert all(m["watch_samples"] == 8 for m in metrics if "watch_samples" in m)
+    assert all(0 <= accuracy <= 1 and fd > 0 for _, accuracy, fd in watched(metrics))
+    # (FD's matrix square root may differ in the last bits between calls: tests/unit/test_domain.py)
+    assert watched(killed_metrics) == pytest.approx(watched(metrics), rel=1e-6)
     assert metrics[-1]["eta_s"] == 0 and metrics[-1]["elapsed_s"] > 0
     assert (straight.train.output_dir / "samples" / "step-00000010.png").exists()
     assert len(ckpt.committed(straight.train.output_dir / "checkpoints")) == 2

@@ -113,6 +113,11 @@ def test_progress_line_reads_step_bar_loss_rate_elapsed_and_eta():
         progress_line(MetricsLine.from_json({"step": 600, "val_loss": 0.5}), 600)
         == "step 600/600 [####################] 100% | val_loss 0.5000"
     )
+    # The quality watched during training (train.quality) joins the line when it was measured.
+    watched = {"step": 600, "watch_class_accuracy": 0.9375, "watch_fd_domain": 2.345, "watch_samples": 64, "watch_s": 3}
+    assert progress_line(MetricsLine.from_json(watched), 600).endswith(
+        "| class accuracy 0.938, FD-domain 2.35 (64 samples)"
+    )
     assert duration(3723.4) == "1:02:03" and duration(59.6) == "1:00"
     assert (
         progress_text(32, 128, 4.0, "images")

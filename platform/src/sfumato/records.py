@@ -112,7 +112,25 @@ class AlignmentValidationRecord(Record):
     policy_distance: float | None = None
 
 
-PARTS = (TrainStepRecord, SourceSharesRecord, AlignmentStepRecord, ValidationRecord, AlignmentValidationRecord)
+@dataclass(frozen=True)
+class QualityWatchRecord(Record):
+    """The EMA weights' samples scored by the domain yardstick during training (train.quality,
+    sfumato.train.quality): class accuracy (class-conditional runs) and FD-domain."""
+
+    watch_class_accuracy: float | None
+    watch_fd_domain: float
+    watch_samples: int
+    watch_s: float  # seconds the check took (sampling and scoring): its cost
+
+
+PARTS = (
+    TrainStepRecord,
+    SourceSharesRecord,
+    AlignmentStepRecord,
+    ValidationRecord,
+    AlignmentValidationRecord,
+    QualityWatchRecord,
+)
 
 
 @dataclass(frozen=True)
@@ -270,3 +288,5 @@ GRAD_NORM = _name(TrainStepRecord, "grad_norm")
 SAMPLES_PER_S = _name(TrainStepRecord, "samples_per_s")
 VAL_LOSS = _name(ValidationRecord, "val_loss")  # what Ray Tune ranks trials on (sfumato.tune.space.METRIC)
 HELDOUT_REWARD_ACCURACY = _name(AlignmentValidationRecord, "heldout_reward_accuracy")  # an alignment's headline
+WATCH_CLASS_ACCURACY = _name(QualityWatchRecord, "watch_class_accuracy")
+WATCH_FD_DOMAIN = _name(QualityWatchRecord, "watch_fd_domain")

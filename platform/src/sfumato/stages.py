@@ -292,7 +292,7 @@ def dataloader(cfg: Config):
 # ------------------------------------------------------------------------------ model
 @stage(
     "tune",
-    keys=("seed", "diffusion", "train", "tune"),
+    keys=("seed", "diffusion", "train", "tune", "evaluate.domain", "evaluate.device"),
     folder=lambda cfg: _tune(cfg).root,
     reads=("shards",),
     enabled=lambda cfg: None if cfg.pipeline.tune else "pipeline.tune is false",
@@ -345,7 +345,17 @@ def _final_weights(cfg: Config) -> list[Path]:
 # data.cache: whether and in which precision the run reads its latents from the latent cache.
 @stage(
     "train",
-    keys=("seed", "diffusion", "train", "data.sources", "data.cache.enabled", "data.cache.dtype"),
+    # evaluate.domain: the yardstick train.quality scores with (the evaluation's own)
+    keys=(
+        "seed",
+        "diffusion",
+        "train",
+        "data.sources",
+        "data.cache.enabled",
+        "data.cache.dtype",
+        "evaluate.domain",
+        "evaluate.device",
+    ),
     folder=_run_root,
     reads=("shards",),
     enabled=_training,

@@ -128,6 +128,27 @@ class SampleConfig(Frozen):
     (one of the buckets' aspect_ratios, within 1%). None: square, at the stage's resolution."""
 
 
+class QualityWatchConfig(Frozen):
+    """Quality watched during training (sfumato.train.quality): every `every_steps` optimizer steps
+    and at the last, rank 0 draws `num_samples` images from the EMA weights on fixed noise and
+    fixed conditions (classes or the grid's prompts, cycled) and the domain yardstick scores them
+    (evaluate.domain: class accuracy and FD-domain; the data needs classes). The figures go to
+    metrics.jsonl, the progress line, wandb and the report's curves. Samples of a lower
+    curriculum stage are resized to the yardstick's resolution (the last stage's)."""
+
+    every_steps: int = Field(200, ge=1)
+    num_samples: int = Field(64, ge=2, le=10_000)
+    """Fewer than the evaluation's: a small FD is biased upwards, so these figures compare points of
+    one run (and runs with the same setting), not the evaluation's."""
+    steps: int = Field(10, ge=1, le=1000)
+    sampler: Sampler = "dpm-solver++"
+    guidance_scale: float = Field(1.0, ge=0, le=50)
+    guidance_interval: GuidanceInterval | None = None
+    seed: int = 0
+    """Image i from noise seed + i: every check draws from the same noise."""
+    batch_size: int = Field(64, ge=1)
+
+
 class ValidationConfig(Frozen):
     """A validation loss on images held out of training, chosen by a hash of their id: the same
     split for every run, resolution, worker count and data fraction of the same shards."""
@@ -233,6 +254,9 @@ class TrainConfig(Frozen):
     data subset."""
     validation: ValidationConfig | None = None
     """None: no validation loss (the training loss alone is logged)."""
+    quality: QualityWatchConfig | None = None
+    """Class accuracy and FD-domain of the EMA weights during training (issue 36). None: only at
+    evaluate."""
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -87,14 +87,14 @@ def domain_yardstick(cfg, real: bool = False):
 
     if not has_domain_yardstick(cfg):
         return None
-    data, m = DataFolder(cfg.data.output_dir), cfg.evaluate.memorisation
+    data, m = DataFolder(cfg.data.output_dir), cfg.evaluate.memorisation if real else None
     return load_or_train_yardstick(
         data.shards,
         cfg.train.stages[-1].resolution_px,
         data.domain_classifier,
         cfg.evaluate.domain,
         cfg.evaluate.device,
-        real={"quantile": m.quantile, "candidates": m.candidates} if real and m.enabled else None,
+        real={"quantile": m.quantile, "candidates": m.candidates} if m is not None and m.enabled else None,
     )
 
 

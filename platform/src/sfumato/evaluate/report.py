@@ -29,6 +29,8 @@ from sfumato.records import (
     LR,
     SAMPLES_PER_S,
     VAL_LOSS,
+    WATCH_CLASS_ACCURACY,
+    WATCH_FD_DOMAIN,
     AlignmentValidationRecord,
     MetricsLine,
     QualityRecord,
@@ -45,6 +47,8 @@ MAX_SAMPLES_IN_FIGURE = 6
 CURVES = [
     ("loss.png", "Loss", "loss", [LOSS, LOSS_EMA], False),
     ("val_loss.png", "Validation loss (EMA weights, held-out images)", "val loss", [VAL_LOSS], False),
+    ("watch_accuracy.png", "Class accuracy during training (EMA weights)", "accuracy", [WATCH_CLASS_ACCURACY], False),
+    ("watch_fd.png", "FD-domain during training (EMA weights)", "FD-domain", [WATCH_FD_DOMAIN], True),
     ("lr.png", "Learning rate", "lr", [LR], False),
     ("grad_norm.png", "Gradient norm", "grad norm", [GRAD_NORM], True),
     ("throughput.png", "Throughput", "samples / s", [SAMPLES_PER_S], False),
@@ -550,6 +554,9 @@ def _curves(cfg: Config, run_dir: Path, metrics: list[MetricsLine]) -> list[str]
     for filename, title, ylabel, columns, log_y in CURVES:
         if columns == [VAL_LOSS] and cfg.train.validation is None:
             continue
+        watched = columns in ([WATCH_CLASS_ACCURACY], [WATCH_FD_DOMAIN])
+        if watched and (cfg.train.quality is None or _last(metrics, columns[0]) is None):
+            continue  # not watched (train.quality), or an unconditional run's accuracy
         if plot_curve(folder.report_plots / filename, metrics, title, ylabel, columns, log_y, bounds):
             lines += [f"![{title}]({folder.relative(folder.report_plots / filename)})", ""]
         else:

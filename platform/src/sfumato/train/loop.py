@@ -132,6 +132,10 @@ def prepare_run(cfg: Config) -> None:
         _prepare_text(cfg)
     if t.vae is not None:
         _check_vae(cfg)
+    if t.quality is not None:  # its yardstick trained here once, not in a worker's time
+        from sfumato.train import quality
+
+        quality.prepare(cfg)
 
 
 def make_trainer(cfg: Config, callbacks: list | None = None, hooks: list | None = None):

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from sfumato.console import bar, duration
-from sfumato.records import VAL_LOSS, MetricsLine, TrainStepRecord, ValidationRecord
+from sfumato.records import VAL_LOSS, MetricsLine, QualityWatchRecord, TrainStepRecord, ValidationRecord
 
 
 @dataclass
@@ -98,7 +98,8 @@ class Progress:
 
 def progress_line(line: MetricsLine, total_steps: int) -> str:
     """step  40/600 [#...]   7% | 16px | loss 0.1234 (ema 0.1300) | lr 1.00e-03 | 41.3 samples/s |
-    0:25 elapsed | ETA 5:31 (and val_loss when the line has one)."""
+    0:25 elapsed | ETA 5:31 (and val_loss, and the watched class accuracy and FD-domain, when the
+    line has them)."""
     parts = [f"step {line.step:>{len(str(total_steps))}}/{total_steps} {bar(line.step / total_steps)}"]
     train, validation = line.get(TrainStepRecord), line.get(ValidationRecord)
     if train is not None:
@@ -113,4 +114,8 @@ def progress_line(line: MetricsLine, total_steps: int) -> str:
         ]
     if validation is not None:
         parts.append(f"{VAL_LOSS} {validation.val_loss:.4f}")
+    watch = line.get(QualityWatchRecord)
+    if watch is not None:
+        accuracy = "" if watch.watch_class_accuracy is None else f"class accuracy {watch.watch_class_accuracy:.3f}, "
+        parts.append(f"{accuracy}FD-domain {watch.watch_fd_domain:.3g} ({watch.watch_samples} samples)")
     return " | ".join(parts)

@@ -54,6 +54,7 @@ class Worker:
     progress: object = None  # sfumato.train.progress.Progress
     spike_guard: SpikeGuard = field(default_factory=SpikeGuard)  # train.spike_guard; its lr scale
     wandb_run: object = None
+    quality: object = None  # sfumato.train.quality.QualityWatch (rank 0, with train.quality)
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -141,6 +142,11 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, hooks: list[
     )
     if rank == 0 and t.wandb:
         worker.wandb_run = _wandb(cfg)
+    if rank == 0 and t.quality is not None:
+        from sfumato.train.quality import QualityWatch
+
+        prompts = json.loads(run.sample_prompts.read_text()) if run_model.tokenizer is not None else None
+        worker.quality = QualityWatch.build(cfg, run_model, prompts)
     return worker
 
 
@@ -259,9 +265,10 @@ def after_step(worker: Worker, stage_index: int, out: dict) -> None:
     records = log_records(worker, stage_index, out) if logged else ()
     sample_now = step % t.sample_every_steps == 0 or last
     validate_now = worker.task.validation_due(step, last, sample_now)
-    if validate_now or sample_now:
-        records += evaluate_ema(worker, stage_index, validate_now, sample_now)
-    if records or validate_now:  # every rank reports, or none (Ray Train counts the reports)
+    watch_now = t.quality is not None and (step % t.quality.every_steps == 0 or last)
+    if validate_now or sample_now or watch_now:
+        records += evaluate_ema(worker, stage_index, validate_now, sample_now, watch_now)
+    if records or validate_now or watch_now:  # every rank reports, or none (Ray Train counts the reports)
         write_metrics(worker, records)
     if logged:
         watch_loss(worker, out)
@@ -306,9 +313,12 @@ def log_records(worker: Worker, stage_index: int, out: dict) -> tuple[Record, ..
     return (step, *w.task.log_records(out, w.position))
 
 
-def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_now: bool) -> tuple[Record, ...]:
-    """Rank 0, from a copy holding the EMA weights: the task's validation records and/or the
-    sample grid. Every rank joins the EMA gather (collective under ZeRO-3) and the barrier after."""
+def evaluate_ema(
+    worker: Worker, stage_index: int, validate_now: bool, sample_now: bool, watch_now: bool = False
+) -> tuple[Record, ...]:
+    """Rank 0, from a copy holding the EMA weights: the task's validation records, the sample
+    grid and the watched quality (train.quality), each when due. Every rank joins the EMA gather
+    (collective under ZeRO-3) and the barrier after."""
     import torch.distributed as dist
 
     w = worker
@@ -320,6 +330,9 @@ def evaluate_ema(worker: Worker, stage_index: int, validate_now: bool, sample_no
             found = w.task.validate(ema_model, stage_index, w.state)
         if sample_now:
             sample_grid(w, ema_model, w.cfg.train.stages[stage_index].resolution_px)
+        if watch_now:
+            resolution_px = w.cfg.train.stages[stage_index].resolution_px
+            found = (*found, w.quality.measure(w.cfg, w.run_model, ema_model, resolution_px))
     dist.barrier()
     return found
 
