@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 from helpers import REPO  # noqa: E402
 from sfumato.bench.quality import (
     Curve,
+    PlainSettings,
     PlainTrainer,
     SfumatoTrainer,
     batches,
@@ -49,6 +50,34 @@ def test_each_trainer_steps_and_generates_the_asked_count(name):
     assert np.isfinite(loss) and loss > 0
     images = trainer.generate(np.array([0, 1, 2]), seed=0)
     assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
+def test_a_plain_loops_name_spells_its_switches_and_bad_ones_are_refused():
+    assert PlainSettings.parse("plain") == PlainSettings()  # the tutorial as written: lr 1e-4, nothing else
+    tuned = PlainSettings.parse("plain+lr3e-3+cfg+ema")
+    assert (tuned.lr, tuned.cfg, tuned.ema) == (3e-3, True, True)
+    for bad in ("plain+lrfast", "plain+minsnr", "sfumato+cfg"):
+        with pytest.raises(ValueError, match="plain"):
+            PlainSettings.parse(bad)
+
+
+def test_the_competent_plain_loop_drops_labels_guides_and_samples_from_its_ema(cifar_dir):
+    data = cifar10(cifar_dir, per_class=2)
+    trainer = PlainTrainer(10, seed=0, settings=PlainSettings.parse("plain+lr1e-3+cfg+ema"), micro_batch=8)
+    assert trainer.model.class_embedding.num_embeddings == 11, "the null class of condition dropout"
+    before = {k: v.clone() for k, v in trainer.averaged.module.state_dict().items()}
+    feed = batches(data, 8, seed=0)
+    for _ in range(3):
+        assert np.isfinite(trainer.step(next(feed)))
+    # The EMA moved, and lags the raw weights (it is what generates).
+    ema, raw = trainer.averaged.module.state_dict(), trainer.model.state_dict()
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], ema[k])]
+    assert moved and any(not torch.equal(ema[k], raw[k]) for k in moved)
+    images = trainer.generate(np.array([0, 1]), seed=0)
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    # Guidance changes the images: the same weights at guidance 1 draw others.
+    trainer.settings = PlainSettings.parse("plain+lr1e-3+cfg+ema", guidance=1.0)
+    assert not torch.equal(trainer.generate(np.array([0, 1]), seed=0), images)
 
 
 def test_time_to_target_is_the_first_score_as_good_as_the_target():

@@ -15,6 +15,11 @@ parameters), the same 32 px training images in the same batches (the pilot's 32 
   sfumato-flow  the pilot's recipe as shipped: rectified flow, logit-normal times; flow-euler,
                 25 steps, the same guidance.
 
+A plain loop with switches is the competent baseline (issue 36): `plain+lr1e-3+cfg+ema` is the
+tutorial loop at lr 1e-3, with condition dropout and the pilot's guidance at sampling (25 DDIM
+steps x 2 calls), and an EMA of its weights at the pilot's half-life: sweep its lr on a tuning
+seed, then race the best against sfumato's recipes on fresh ones.
+
 `--recipe NAME=configs/x.yaml[,key=value...]` adds a trainer (name it in `--trainers`) with any
 config's recipe and model, e.g. sfumato's DiT (`train.model=dit-xs`) with token routing or patch
 masking (`train.routing={ratio: 0.5}`, `train.masking={ratio: 0.5}`): issue 35's race.
@@ -40,7 +45,7 @@ import io
 import json
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -146,24 +151,72 @@ def to_model_range(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x0, torch.from_numpy(np.asarray(batch["class"], np.int64))
 
 
-class PlainTrainer:
-    """(a): diffusers' tutorial loop, class labels added to the UNet and nothing else."""
+@dataclass(frozen=True)
+class PlainSettings:
+    """What a plain loop adds to the tutorial's, each a switch (a trainer name spells them:
+    `plain+lr1e-3+cfg+ema`): the learning rate, condition dropout with guidance at sampling
+    (`cfg`: 10 % of labels dropped to a null class; DDIM 25 steps x 2 calls at `guidance`), an
+    EMA of the weights (`ema`: the pilot's half-life in images)."""
 
-    def __init__(self, num_classes: int, seed: int):
+    lr: float = 1e-4
+    cfg: bool = False
+    ema: bool = False
+    dropout: float = 0.1
+    guidance: float = 3.0  # configs/pilot.yaml's evaluate.guidance_scale
+    halflife_samples: float = 3000  # configs/pilot.yaml's train.ema.halflife_samples
+
+    @classmethod
+    def parse(cls, name: str, **defaults) -> PlainSettings:
+        """`plain` (the tutorial), `plain+lr3e-4`, `plain+lr1e-3+cfg+ema`, ... in any order."""
+        settings = cls(**defaults)
+        head, *parts = name.split("+")
+        if head != "plain":
+            raise ValueError(f"{name!r}: a plain trainer's name starts with 'plain'")
+        for part in parts:
+            if part in ("cfg", "ema"):
+                settings = replace(settings, **{part: True})
+            elif part.startswith("lr"):
+                try:
+                    settings = replace(settings, lr=float(part[2:]))
+                except ValueError:
+                    raise ValueError(f"{name!r}: {part!r} is not lr<number> (e.g. lr3e-4)") from None
+            else:
+                raise ValueError(f"{name!r}: unknown switch {part!r}; plain takes lr<number>, cfg, ema")
+        return settings
+
+
+class PlainTrainer:
+    """(a): diffusers' tutorial loop, class labels added to the UNet and nothing else; with
+    PlainSettings, the competent baseline: its learning rate tuned, condition dropout and
+    guidance, EMA, each a switch (sfumato's other levers are not in it)."""
+
+    def __init__(self, num_classes: int, seed: int, settings: PlainSettings | None = None, micro_batch: int = 32):
         from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
         from sfumato.models.registry import MODELS
 
+        self.settings = s = settings or PlainSettings()
         torch.manual_seed(seed)
         template = MODELS[MODEL](RESOLUTION_PX, 3, num_classes)
-        self.model = UNet2DModel.from_config({**template.config, "num_class_embeds": num_classes})
+        # with condition dropout, one more class embedding: the null class (index num_classes)
+        self.null_class = num_classes if s.cfg else None
+        self.model = UNet2DModel.from_config({**template.config, "num_class_embeds": num_classes + int(s.cfg)})
         self.scheduler = DDPMScheduler(num_train_timesteps=1000)  # linear betas, epsilon: diffusers' defaults
         self.sampler = DDIMScheduler.from_config(self.scheduler.config)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         self.generator = torch.Generator().manual_seed(seed)
+        self.averaged = None
+        if s.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            beta = 0.5 ** (micro_batch / s.halflife_samples)
+            self.averaged = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(beta))
 
     def step(self, batch: dict) -> float:
         x0, classes = to_model_range(batch)
+        if self.null_class is not None:
+            dropped = torch.rand(len(classes), generator=self.generator) < self.settings.dropout
+            classes = torch.where(dropped, self.null_class, classes)
         noise = torch.randn(x0.shape, generator=self.generator)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator)
         prediction = self.model(self.scheduler.add_noise(x0, noise, t), t, class_labels=classes).sample
@@ -171,22 +224,35 @@ class PlainTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
         return loss.item()
 
     @torch.no_grad()
     def generate(self, labels: np.ndarray, seed: int) -> torch.Tensor:
-        """float NCHW in [-1, 1]; image i starts from the noise of seed + i (as sfumato's sampler)."""
+        """float NCHW in [-1, 1]; image i starts from the noise of seed + i (as sfumato's sampler).
+        SAMPLING_CALLS network calls an image: 50 DDIM steps, or 25 guided ones of 2 calls."""
         from diffusers.utils.torch_utils import randn_tensor
 
         from sfumato.diffusion.sample import generators
 
-        self.model.eval()
+        model = self.model if self.averaged is None else self.averaged.module
+        model.eval()
         x = randn_tensor((len(labels), 3, RESOLUTION_PX, RESOLUTION_PX), generator=generators(seed, 0, len(labels)))
         classes = torch.from_numpy(np.asarray(labels, np.int64))
-        self.sampler.set_timesteps(SAMPLING_CALLS)
+        guided = self.null_class is not None
+        self.sampler.set_timesteps(SAMPLING_CALLS // 2 if guided else SAMPLING_CALLS)
         for t in self.sampler.timesteps:
-            x = self.sampler.step(self.model(x, t, class_labels=classes).sample, t, x).prev_sample
-        self.model.train()
+            if guided:
+                both = model(
+                    torch.cat([x, x]), t, class_labels=torch.cat([classes, torch.full_like(classes, self.null_class)])
+                )
+                conditional, unconditional = both.sample.chunk(2)
+                eps = unconditional + self.settings.guidance * (conditional - unconditional)
+            else:
+                eps = model(x, t, class_labels=classes).sample
+            x = self.sampler.step(eps, t, x).prev_sample
+        model.train()
         return x.clamp(-1, 1)
 
 
@@ -328,8 +394,8 @@ def run_dataset(data: Dataset, args, repo: Path, out_dir: Path) -> dict:
     estimated_steps = 10**6
     curves, grids = {}, {}
     for name in args.trainers:
-        if name == "plain":
-            trainer = PlainTrainer(len(data.class_names), args.seed)
+        if name.split("+")[0] == "plain":
+            trainer = PlainTrainer(len(data.class_names), args.seed, PlainSettings.parse(name), args.micro_batch)
         else:
             cfg = load_recipe(args.recipes_by_name[name], repo) if name in args.recipes_by_name else None
             cfg = cfg or recipe(name.removeprefix("sfumato-"), repo)
@@ -449,7 +515,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--trainers",
         default="plain,sfumato-ddpm,sfumato-flow",
-        help="which trainers race: plain, sfumato-ddpm, sfumato-flow, or a --recipe's name",
+        help="which trainers race: plain (the tutorial loop), a plain loop with switches (plain+lr1e-3+cfg+ema: "
+        "its lr, condition dropout with guidance, EMA), sfumato-ddpm, sfumato-flow, or a --recipe's name",
     )
     parser.add_argument("--quality-datasets", default="shapes,cifar10", help="shapes and/or cifar10")
     parser.add_argument("--shapes-images", type=int, default=2000, help="demo shapes drawn (the pilot's count)")
@@ -493,6 +560,15 @@ def add_arguments(parser) -> None:
     add_out_argument(parser)
 
 
+def _plain(name: str) -> bool:
+    """A plain loop's name with valid switches (PlainSettings.parse)."""
+    try:
+        PlainSettings.parse(name)
+    except ValueError:
+        return False
+    return True
+
+
 def run(args) -> dict:
     from sfumato.bench.ingest import machine
 
@@ -506,9 +582,12 @@ def run(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     args.trainers = [t.strip() for t in args.trainers.split(",")]
     args.recipes_by_name = dict(spec.split("=", 1) for spec in args.recipe or [])
-    unknown = [t for t in args.trainers if t not in TRAINERS and t not in args.recipes_by_name]
+    unknown = [t for t in args.trainers if t not in TRAINERS and t not in args.recipes_by_name and not _plain(t)]
     if unknown:
-        raise SystemExit(f"--trainers: unknown {unknown}; choose from {TRAINERS} or name a --recipe")
+        raise SystemExit(
+            f"--trainers: unknown {unknown}; choose from {TRAINERS}, a plain loop with switches "
+            "(plain+lr1e-3+cfg+ema) or name a --recipe"
+        )
     wanted = [d.strip() for d in args.quality_datasets.split(",")]
     if set(wanted) - set(DATASETS):
         raise SystemExit(f"--quality-datasets: unknown {sorted(set(wanted) - set(DATASETS))}; choose from {DATASETS}")
