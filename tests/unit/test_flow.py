@@ -116,3 +116,9 @@ def test_the_config_refuses_samplers_that_do_not_fit_the_objective(tmp_path):
         load_config(path, ["diffusion.objective=flow", "evaluate.sampler=dpm-solver++"])
     with pytest.raises(ConfigError, match="train.sample.sampler=flow-euler does not fit diffusion.objective=ddpm"):
         load_config(path, ["train.sample.sampler=flow-euler"])
+    # The quality watched during training draws with a sampler too (train.quality): the same rules.
+    watched = load_config(path, ["diffusion.objective=flow", "train.quality={every_steps: 5}"])
+    assert watched.train.quality.sampler == "flow-euler"
+    assert load_config(path, ["train.quality={every_steps: 5}"]).train.quality.sampler == "dpm-solver++"
+    with pytest.raises(ConfigError, match="train.quality.sampler=dpm-solver\\+\\+ does not fit"):
+        load_config(path, ["diffusion.objective=flow", "train.quality={every_steps: 5, sampler: dpm-solver++}"])

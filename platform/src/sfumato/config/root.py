@@ -81,6 +81,9 @@ class Config(Frozen):
                 node[sub] = dict(node.get(sub) or {})
                 node = node[sub]
             node.setdefault("sampler", "flow-euler")
+        quality = (tree.get("train") or {}).get("quality")
+        if isinstance(quality, dict):  # train.quality draws with a sampler too
+            tree["train"]["quality"] = {"sampler": "flow-euler", **quality}
         return tree
 
     @model_validator(mode="after")
@@ -89,6 +92,8 @@ class Config(Frozen):
         used = {"evaluate.sampler": self.evaluate.sampler, "export.sampler": self.export.sampler}
         if self.train is not None:
             used["train.sample.sampler"] = self.train.sample.sampler
+            if self.train.quality is not None:
+                used["train.quality.sampler"] = self.train.quality.sampler
         for key, name in used.items():
             if name.startswith("flow-") != flow:
                 fits = "flow-euler or flow-heun" if flow else "ddpm, ddim or dpm-solver++"
