@@ -20,8 +20,11 @@ from sfumato.bench.quality import (
     cifar10,
     first_reaching,  # noqa: E402
     recipe,
+    seed_table,
+    seeds,
     shapes,
     split,
+    summarise,
 )
 
 
@@ -92,3 +95,32 @@ def test_time_to_target_is_the_first_score_as_good_as_the_target():
     assert first_reaching(curve, "class_accuracy", 0.75) == 20
     assert first_reaching(curve, "fd_domain", 30.0) == 30
     assert first_reaching(curve, "class_accuracy", 0.9) is None
+
+
+def test_tuning_and_fresh_seeds_are_disjoint_by_construction():
+    from types import SimpleNamespace
+
+    def chosen(**given):
+        return seeds(SimpleNamespace(**{"seed": 0, "seeds": 1, "first_seed": None, "seed_set": None, **given}))
+
+    assert chosen() == [0] and chosen(seed=7) == [7] and chosen(seeds=3, first_seed=5) == [5, 6, 7]
+    tuning, fresh = chosen(seed_set="tuning", seeds=3), chosen(seed_set="fresh", seeds=3)
+    assert tuning == [100, 101, 102] and fresh == [200, 201, 202]
+    with pytest.raises(SystemExit, match="fresh is seeds 200-299"):
+        chosen(seed_set="fresh", first_seed=100)  # a tuning seed reported as fresh
+    with pytest.raises(SystemExit, match="tuning is seeds 100-199"):
+        chosen(seed_set="tuning", first_seed=198, seeds=3)
+
+
+def test_several_seeds_give_mean_spread_and_each_seeds_final():
+    def run(accuracy, fd, steps):
+        point = {"class_accuracy": accuracy, "fd_domain": fd, "steps": steps}
+        return {"cifar10": {"curves": {"plain": [{"class_accuracy": 0.1, "fd_domain": 99, "steps": 1}, point]}}}
+
+    summary = summarise({200: run(0.3, 8.0, 100), 201: run(0.5, 6.0, 110)})
+    accuracy = summary["cifar10"]["plain"]["class_accuracy"]
+    assert accuracy["seeds"] == [0.3, 0.5] and accuracy["mean"] == pytest.approx(0.4)
+    assert accuracy["std"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
+    assert summary["cifar10"]["plain"]["steps"]["mean"] == 105
+    text = seed_table(summary, [200, 201], "fresh")
+    assert "seeds 200-201 (fresh seeds)" in text and "0.400 ± 0.141 (0.300, 0.500)" in text

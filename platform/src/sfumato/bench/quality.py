@@ -57,6 +57,9 @@ from sfumato.bench import add_datasets_argument, add_out_argument, add_repo_argu
 from sfumato.bench.clock import on_the_clock
 
 TRAINERS = ("plain", "sfumato-ddpm", "sfumato-flow")
+# Recipes are chosen on tuning seeds and reported on fresh ones (issue 36): two disjoint ranges, so
+# a figure's seeds say which it is. `--seed-set` picks one; a seed outside it is refused.
+SEED_SETS = {"tuning": range(100, 200), "fresh": range(200, 300)}
 DATASETS = ("shapes", "cifar10")
 RESOLUTION_PX = 32
 MODEL = "unet-xs"
@@ -538,8 +541,15 @@ def add_arguments(parser) -> None:
         help="NAME=configs/x.yaml[,key=value...] (repeatable): a recipe to race (class: name it in --trainers)",
     )
     text.add_argument("--recipes", default=None, help="comma-separated recipe names to race (default: all)")
-    text.add_argument("--seeds", type=int, default=1, help="seeds per recipe: mean and spread of the finals")
-    text.add_argument("--first-seed", type=int, default=0, help="the first of the seeds")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per recipe: mean and spread of the finals")
+    parser.add_argument("--first-seed", type=int, default=None, help="the first of the seeds (default: --seed)")
+    parser.add_argument(
+        "--seed-set",
+        choices=sorted(SEED_SETS),
+        default=None,
+        help="tuning (seeds 100-199: choose recipes here) or fresh (200-299: report them here); "
+        "the first seed defaults to the set's first and a seed outside it is refused",
+    )
     text.add_argument("--prompts-per-task", type=int, default=8, help="evaluation prompts per task and split")
     text.add_argument("--images-per-prompt", type=int, default=2, help="images per prompt per score")
     text.add_argument("--sample-steps", type=int, default=25, help="sampler steps per image")
@@ -569,9 +579,52 @@ def _plain(name: str) -> bool:
     return True
 
 
+def seeds(args) -> list[int]:
+    """The race's seeds: --seeds of them from --first-seed (else the seed set's first, else
+    --seed), all inside --seed-set when one is named."""
+    first = args.first_seed
+    if first is None:
+        first = SEED_SETS[args.seed_set].start if args.seed_set else args.seed
+    chosen = list(range(first, first + args.seeds))
+    if args.seed_set and not set(chosen) <= set(SEED_SETS[args.seed_set]):
+        allowed = SEED_SETS[args.seed_set]
+        raise SystemExit(
+            f"--seed-set {args.seed_set} is seeds {allowed.start}-{allowed.stop - 1}; "
+            f"seeds {chosen[0]}-{chosen[-1]} are not all in it"
+        )
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    return chosen
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value) and the values."""
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "seeds": list(values),
+    }
+
+
+def summarise(by_seed: dict[int, dict]) -> dict:
+    """Per dataset and trainer, the final class accuracy, FD-domain and steps over seeds."""
+    first = next(iter(by_seed.values()))
+    return {
+        dataset: {
+            trainer: {
+                key: spread([by_seed[s][dataset]["curves"][trainer][-1][key] for s in by_seed])
+                for key in ("class_accuracy", "fd_domain", "steps")
+            }
+            for trainer in first[dataset]["curves"]
+        }
+        for dataset in first
+    }
+
+
 def run(args) -> dict:
     from sfumato.bench.ingest import machine
 
+    args.seed_list = seeds(args)
     if args.text:
         from sfumato.bench.quality_text import run_text
 
@@ -595,15 +648,21 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     args.micro_batch = recipe("flow", repo).train.stages[-1].micro_batch_size
     started = time.perf_counter()
-    results = {}
-    for name in wanted:
-        data = (
-            shapes(args.shapes_images, args.seed)
-            if name == "shapes"
-            else cifar10(Path(args.datasets), args.cifar_per_class)
-        )
-        results[name] = run_dataset(data, args, repo, out_dir)
-    plot(results, out_dir / "quality.png")
+    by_seed = {}
+    for seed in args.seed_list:
+        args.seed = seed
+        seed_dir = out_dir if len(args.seed_list) == 1 else out_dir / f"seed-{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        by_seed[seed] = {}
+        for name in wanted:
+            data = (
+                shapes(args.shapes_images, seed)
+                if name == "shapes"
+                else cifar10(Path(args.datasets), args.cifar_per_class)
+            )
+            by_seed[seed][name] = run_dataset(data, args, repo, seed_dir)
+        plot(by_seed[seed], seed_dir / "quality.png")
+    results = by_seed[args.seed_list[0]]
     result = {
         "machine": machine(),
         "model": {
@@ -617,7 +676,35 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(),
         "wall_s": round(time.perf_counter() - started, 1),
         "plot": str(out_dir / "quality.png"),
-        "datasets": results,
+        "seed_set": args.seed_set,
+        "seeds": args.seed_list,
+        "datasets": results,  # the first seed's (all of one seed: curves, time to target)
     }
+    text = "\n" + table(results) + f"\n\nplot: {out_dir / 'quality.png'}"
+    if len(args.seed_list) > 1:
+        result["by_seed"] = {str(s): r for s, r in by_seed.items()}
+        result["summary"] = summarise(by_seed)
+        result["plot"] = str(out_dir / f"seed-{args.seed_list[0]}" / "quality.png")
+        text = "\n" + seed_table(result["summary"], args.seed_list, args.seed_set)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
-    return publish(result, "\n" + table(results) + f"\n\nplot: {out_dir / 'quality.png'}", args.out)
+    return publish(result, text, args.out)
+
+
+def seed_table(summary: dict, seed_list: list[int], seed_set: str | None) -> str:
+    """The finals as mean ± std over seeds, with the per-seed figures."""
+    which = f" ({seed_set} seeds)" if seed_set else ""
+    lines = [
+        f"Final scores over seeds {seed_list[0]}-{seed_list[-1]}{which}: mean ± std (per seed)",
+        "",
+        "| dataset | trainer | steps | class accuracy | FD-domain |",
+        "|---|---|---:|---|---|",
+    ]
+    for dataset, trainers in summary.items():
+        for trainer, f in trainers.items():
+            acc, fd = f["class_accuracy"], f["fd_domain"]
+            lines.append(
+                f"| {dataset} | {trainer} | {f['steps']['mean']:.0f} | "
+                f"{acc['mean']:.3f} ± {acc['std']:.3f} ({', '.join(f'{v:.3f}' for v in acc['seeds'])}) | "
+                f"{fd['mean']:.1f} ± {fd['std']:.1f} ({', '.join(f'{v:.1f}' for v in fd['seeds'])}) |"
+            )
+    return "\n".join(lines)

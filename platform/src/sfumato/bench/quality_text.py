@@ -350,7 +350,7 @@ def run_text(args) -> dict:
         cfg = load_recipe(spec, repo)
         tokenizer = train_tokenizer(captions, cfg.train.text.vocab_size, cfg.train.text.max_length)
         curves = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for seed in args.seed_list:
             args.seed_noise = 10_000  # the same noise for every recipe and seed
             trainer = TextTrainer(cfg, tokenizer, seed)
             feed = batches(images, trained_on, trainer.micro_batch, seed)
@@ -371,7 +371,8 @@ def run_text(args) -> dict:
         "held_out": list(src.held_out),
         "shuffled_captions": bool(args.shuffled_captions),
         "cpu_seconds_per_recipe": args.cpu_seconds,
-        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "seed_set": args.seed_set,
+        "seeds": args.seed_list,
         "images_per_score": count,
         "sample_steps": args.sample_steps,
         "torch_threads": torch.get_num_threads(),
