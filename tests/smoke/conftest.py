@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import WATCH, debug_config, run_config, save_tiny_dinov2, save_tiny_vae
+from helpers import debug_config, run_config, save_tiny_dinov2, save_tiny_vae
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +37,10 @@ def cifar_shards(tmp_path_factory, cifar_dir, ray_local) -> Path:
 
 @pytest.fixture(scope="session")
 def straight(cifar_shards):
-    """An uninterrupted class-conditional ZeRO-2 run of configs/debug.yaml, its quality watched."""
+    """An uninterrupted class-conditional ZeRO-2 run of configs/debug.yaml."""
     from sfumato.train.loop import run_training
 
-    cfg = run_config(cifar_shards, "straight", WATCH)
+    cfg = run_config(cifar_shards, "straight")
     run_training(cfg)
     return cfg
 
