@@ -98,6 +98,16 @@ def domain_yardstick(cfg, real: bool = False):
     )
 
 
+def yardstick_classes(yardstick, model_classes: list[str], labels: list[int]) -> list[int]:
+    """The model's class indices `labels` as the yardstick's (both name the data's classes, in
+    their own order); a model class the data lacks is an error that names it."""
+    index = {name: i for i, name in enumerate(yardstick.class_names)}
+    missing = [name for name in model_classes if name not in index]
+    if missing:
+        raise ValueError(f"the model's classes {missing} are not in the data's {yardstick.class_names}")
+    return [index[model_classes[c]] for c in labels]
+
+
 def unguided(cfg, conditional: bool) -> bool:
     """Also score at guidance 1: evaluate.unguided, a conditional model, a guided evaluation."""
     return cfg.evaluate.unguided and conditional and cfg.evaluate.guidance_scale != 1
@@ -239,11 +249,7 @@ def run_evaluate(run_dir: Path, checkpoint: str | None = None, overrides: list[s
     if yardstick is not None:
         scorer = DomainScorer(yardstick, e.memorisation.pairs_shown)
         if run.class_names and run.tokenizer is None:  # the model's class index -> the yardstick's
-            index = {name: i for i, name in enumerate(yardstick.class_names)}
-            missing = [name for name in run.class_names if name not in index]
-            if missing:
-                raise ValueError(f"the model's classes {missing} are not in the data's {yardstick.class_names}")
-            asked = [index[run.class_names[c]] for c in conditions]
+            asked = yardstick_classes(yardstick, run.class_names, conditions)
     clip = None  # one CLIP model for FD-CLIP and CLIPScore when they are the same
     if captions is not None and clip_source is not None:
         same = isinstance(extractor, ClipFeatures) and extractor.clip.source == clip_source

@@ -45,18 +45,14 @@ class QualityWatch:
     def build(cls, cfg, run_model, prompts: list[str] | None) -> QualityWatch:
         """The yardstick (cached by `prepare`) and each image's condition: classes in index order,
         or the run's grid prompts (`prompts`), cycled."""
-        from sfumato.evaluate.evaluate import domain_yardstick
+        from sfumato.evaluate.evaluate import domain_yardstick, yardstick_classes
 
         yardstick, n = domain_yardstick(cfg), cfg.train.quality.num_samples
         if run_model.tokenizer is not None:
             return cls(yardstick, [prompts[i % len(prompts)] for i in range(n)], None)
         if run_model.class_names:
-            index = {name: i for i, name in enumerate(yardstick.class_names)}
-            missing = [name for name in run_model.class_names if name not in index]
-            if missing:
-                raise ValueError(f"the model's classes {missing} are not in the data's {yardstick.class_names}")
             labels = [i % len(run_model.class_names) for i in range(n)]
-            return cls(yardstick, labels, [index[run_model.class_names[c]] for c in labels])
+            return cls(yardstick, labels, yardstick_classes(yardstick, run_model.class_names, labels))
         return cls(yardstick, None, None)
 
     def measure(self, cfg, run_model, ema_model, resolution_px: int) -> QualityWatchRecord:
